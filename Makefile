@@ -1,0 +1,34 @@
+# Every target is safe to run again: the virtualenv is rebuilt only when
+# requirements.txt or pyproject.toml change.
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv run stop test bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -e . --no-deps
+	touch $@
+
+run: venv
+	$(VENV)/bin/sipcluster up
+
+stop: venv
+	$(VENV)/bin/sipcluster down
+
+test: venv
+	$(PYTHON) -m pytest -q tests
+
+bench: venv
+	$(PYTHON) -m bench
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	if [ -x $(VENV)/bin/sipcluster ]; then $(VENV)/bin/sipcluster down || true; fi
+	rm -rf $(VENV) run

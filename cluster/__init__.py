@@ -1,0 +1,1 @@
+"""sipcluster: a horizontally scalable SIP B2BUA and registrar."""

@@ -1,0 +1,490 @@
+"""Sans-IO SDP (RFC 4566) for a B2BUA that anchors media on a relay (RFC 3264).
+
+A description is kept as the lines it arrived with, each line with its own
+ending (CRLF, bare LF, or none on a last line), so ``serialise(parse(body))
+== body`` for every body left unmodified.  Typed views (origin, connection,
+codecs, direction, hold, RTCP) are computed from those lines when asked.
+The dataclasses only read; the module functions ``rewrite``,
+``set_direction`` and ``set_origin_version`` return a new description and
+change only the lines they must, so codec lines, telephone-event, ssrc and
+everything else pass through untouched and in order.
+
+Errors.  A body that cannot be understood raises
+``SipError(400, "Malformed SDP: ...")``: an INVITE carrying it is answered
+400, because the request itself is broken.  A well-formed body whose media
+the relay cannot carry (a network type other than IN, an address type other
+than IP4/IP6) makes ``rewrite`` raise ``SipError(488, ...)``: the request
+is fine, its media is not acceptable here.  Nothing else is raised for bad
+input; once ``parse`` succeeded every view succeeds.
+
+What ``parse`` checks: ``v=0`` first; exactly one ``o=`` before the first
+``m=``; every line is ``<lowercase letter>=<value>``; the lines this module
+interprets (``o=``, ``c=``, ``m=``, ``a=rtcp:``) are well-formed; every
+stream with a non-zero port has a ``c=`` at session or media level; no NUL,
+no bare CR, no empty line except trailing ones (some UAs add one).  Missing
+``s=``/``t=`` lines are tolerated, as deployed parsers do, since nothing here
+depends on them.  Malformed ``a=rtpmap``/``a=fmtp`` lines are passed through
+and ignored by the codec view: the relay does not transcode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.sip.errors import SipError
+
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+_DIRECTION_OF_LINE = {f"a={d}".encode(): d for d in DIRECTIONS}
+_HOLD_ADDRESSES = ("0.0.0.0", "::")
+_BLANK_LINES = (b"\r\n", b"\n")
+_MAX_DIGITS = 64  # numbers are 1*DIGIT; a bound keeps int() cheap on hostile input
+
+# RFC 3551 static payload types, for m= formats that come without a=rtpmap.
+_STATIC_PAYLOAD_TYPES = {
+    0: ("PCMU", 8000, None), 3: ("GSM", 8000, None), 4: ("G723", 8000, None),
+    5: ("DVI4", 8000, None), 6: ("DVI4", 16000, None), 7: ("LPC", 8000, None),
+    8: ("PCMA", 8000, None), 9: ("G722", 8000, None), 10: ("L16", 44100, 2),
+    11: ("L16", 44100, None), 12: ("QCELP", 8000, None), 13: ("CN", 8000, None),
+    14: ("MPA", 90000, None), 15: ("G728", 8000, None), 16: ("DVI4", 11025, None),
+    17: ("DVI4", 22050, None), 18: ("G729", 8000, None), 25: ("CelB", 90000, None),
+    26: ("JPEG", 90000, None), 28: ("nv", 90000, None), 31: ("H261", 90000, None),
+    32: ("MPV", 90000, None), 33: ("MP2T", 90000, None), 34: ("H263", 90000, None),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    username: str
+    sess_id: str
+    sess_version: int
+    nettype: str
+    addrtype: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    nettype: str
+    addrtype: str
+    address: str  # without a multicast /ttl suffix
+
+    @property
+    def is_hold(self) -> bool:
+        """The RFC 2543 way of putting a stream on hold (RFC 3264 section 8.4)."""
+        return self.address in _HOLD_ADDRESSES
+
+
+@dataclass(frozen=True, slots=True)
+class Rtcp:
+    """``a=rtcp:`` (RFC 3605); ``connection`` is None when no address is given."""
+
+    port: int
+    connection: Connection | None
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    pt: int
+    name: str  # "" for a dynamic payload type without a=rtpmap
+    clock: int  # 0 when unknown
+    channels: int | None
+    fmtp: bytes | None
+
+
+@dataclass
+class MediaDescription:
+    """One ``m=`` line (``lines[0]``) and the lines after it, up to the next ``m=``."""
+
+    lines: list[bytes]
+
+    @property
+    def media(self) -> str:
+        return _text(_media_fields(self.lines[0])[0])
+
+    @property
+    def port(self) -> int:
+        return _number(_media_fields(self.lines[0])[1].partition(b"/")[0], "m= port", 65535)
+
+    @property
+    def port_count(self) -> int:
+        count = _media_fields(self.lines[0])[1].partition(b"/")[2]
+        return _number(count, "m= port count", 65535) if count else 1
+
+    @property
+    def proto(self) -> str:
+        return _text(_media_fields(self.lines[0])[2])
+
+    @property
+    def formats(self) -> list[str]:
+        return [_text(fmt) for fmt in _media_fields(self.lines[0])[3:]]
+
+    @property
+    def payload_types(self) -> list[int]:
+        """The formats as RTP payload types; empty for a non-RTP proto."""
+        fields = _media_fields(self.lines[0])
+        return [int(fmt) for fmt in fields[3:]] if b"RTP/" in fields[2] else []
+
+    @property
+    def connection(self) -> Connection | None:
+        """This stream's own ``c=`` (see SessionDescription.effective_connection)."""
+        line = _first_line(self.lines, b"c=")
+        return None if line is None else _connection(line)
+
+    @property
+    def direction(self) -> str | None:
+        """This stream's own direction attribute, None when it has none."""
+        return _direction(self.lines)
+
+    @property
+    def rtcp_mux(self) -> bool:
+        return any(_content(line) == b"a=rtcp-mux" for line in self.lines)
+
+    @property
+    def rtcp(self) -> Rtcp | None:
+        line = _first_line(self.lines, b"a=rtcp:")
+        return None if line is None else _rtcp(line)
+
+    def codecs(self) -> list[Codec]:
+        """One Codec per RTP payload type, in the order of the m= line."""
+        rtpmaps: dict[int, tuple[str, int, int | None]] = {}
+        fmtps: dict[int, bytes] = {}
+        for line in self.lines:
+            if line.startswith(b"a=rtpmap:"):
+                parsed = _rtpmap(line)
+                if parsed is not None:
+                    rtpmaps.setdefault(parsed[0], parsed[1:])
+            elif line.startswith(b"a=fmtp:"):
+                pt, *params = _content(line)[7:].split(None, 1)
+                if pt.isdigit() and len(pt) <= 3:
+                    fmtps.setdefault(int(pt), params[0] if params else b"")
+        codecs = []
+        for pt in self.payload_types:
+            name, clock, channels = rtpmaps.get(pt) or _STATIC_PAYLOAD_TYPES.get(pt, ("", 0, None))
+            codecs.append(Codec(pt, name, clock, channels, fmtps.get(pt)))
+        return codecs
+
+
+@dataclass
+class SessionDescription:
+    """The session-level lines (``v=`` up to the first ``m=``) and the streams."""
+
+    lines: list[bytes]
+    media: list[MediaDescription]
+
+    @property
+    def origin(self) -> Origin:
+        fields = _origin_fields(_first_line(self.lines, b"o="))
+        username, sess_id, version, nettype, addrtype, address = map(_text, fields)
+        return Origin(username, sess_id, int(version), nettype, addrtype, address)
+
+    @property
+    def connection(self) -> Connection | None:
+        """The session-level ``c=``, None when every stream has its own."""
+        line = _first_line(self.lines, b"c=")
+        return None if line is None else _connection(line)
+
+    @property
+    def direction(self) -> str | None:
+        """The session-level direction attribute, None when there is none."""
+        return _direction(self.lines)
+
+    def effective_connection(self, index: int) -> Connection | None:
+        """The ``c=`` that applies to stream ``index`` (its own, else the session's)."""
+        return self.media[index].connection or self.connection
+
+    def effective_direction(self, index: int) -> str:
+        """Media level overrides session level; sendrecv when neither says."""
+        return self.media[index].direction or self.direction or "sendrecv"
+
+    def is_hold(self, index: int) -> bool:
+        """Stream ``index`` put on hold: sendonly/inactive, or c= 0.0.0.0 / ``::``."""
+        if self.effective_direction(index) in ("sendonly", "inactive"):
+            return True
+        connection = self.effective_connection(index)
+        return connection is not None and connection.is_hold
+
+    def codecs(self) -> list[tuple[str, list[Codec]]]:
+        """What is offered, per m= line: (media type, codecs)."""
+        return [(media.media, media.codecs()) for media in self.media]
+
+
+def parse(body: bytes) -> SessionDescription:
+    """Split an SDP body into lines, checking what this module relies on.
+
+    Raises SipError(400, "Malformed SDP: ...") and nothing else.
+    """
+    if not body.startswith(b"v=0"):
+        raise _malformed("it must start with v=0")
+    if b"\0" in body:
+        raise _malformed("NUL byte")
+    if body.count(b"\r") != body.count(b"\r\n"):
+        raise _malformed("CR without LF")
+    lines = body.splitlines(keepends=True)
+    if _content(lines[0]) != b"v=0":
+        raise _malformed("it must start with v=0")
+    session: list[bytes] = []
+    media: list[MediaDescription] = []
+    ports: list[int] = []
+    current = session
+    origins = 0
+    blank_seen = False
+    for line in lines:
+        kind = line[:2]
+        if kind == b"a=":
+            if line.startswith(b"a=rtcp:"):
+                _rtcp(line)
+        elif kind == b"m=":
+            current = []
+            media.append(MediaDescription(current))
+            ports.append(_number(_media_fields(line)[1].partition(b"/")[0], "m= port", 65535))
+        elif kind == b"c=":
+            _connection_fields(line)
+        elif kind == b"o=" and current is session:
+            _origin_fields(line)
+            origins += 1
+        elif line in _BLANK_LINES:
+            blank_seen = True
+        elif line[1:2] != b"=" or not 0x61 <= line[0] <= 0x7A:
+            raise _malformed(f"line {_content(line)[:24]!r} is not <type>=<value>")
+        if blank_seen and line not in _BLANK_LINES:
+            raise _malformed("empty line before the end")
+        current.append(line)
+    if origins != 1:
+        raise _malformed("it needs exactly one o= line before the first m=")
+    if _first_line(session, b"c=") is None:
+        for number, (stream, port) in enumerate(zip(media, ports), 1):
+            if port != 0 and _first_line(stream.lines, b"c=") is None:
+                raise _malformed(f"no c= line for m= line {number}")
+    return SessionDescription(session, media)
+
+
+def serialise(sd: SessionDescription) -> bytes:
+    return b"".join(sd.lines) + b"".join(b"".join(media.lines) for media in sd.media)
+
+
+def rewrite(
+    sd: SessionDescription,
+    *,
+    address: str,
+    ports: list[int | None],
+    rtcp_ports: list[int | None] | None = None,
+    bump_version: bool = True,
+) -> SessionDescription:
+    """Point every stream at the relay: a new description, ``sd`` is unchanged.
+
+    Every ``c=`` (session and media level) gets ``IN IP4|IP6 address`` (IP6
+    when the address has a colon), except a ``c=`` that says 0.0.0.0 or ``::``:
+    that stream was put on hold the RFC 2543 way and the far end must still
+    see a hold, so that line is kept.  Direction attributes are never touched.
+    ``ports[i]`` replaces stream i's m= port; None leaves it, and a port 0
+    (rejected or disabled) stream always stays 0.  ``a=rtcp:`` gets
+    ``rtcp_ports[i]``, else the new port + 1, and the relay address when it
+    named an address; ``a=rtcp-mux`` is kept as is.  A caller that wants
+    ``a=rtcp`` equal to the RTP port (RFC 5761 mux) passes ``rtcp_ports``.
+    When the result differs from ``sd`` and ``bump_version`` is set, the o=
+    sess-version goes up by one, as RFC 3264 section 8 requires of a changed
+    description.  Raises SipError(488) for media the relay cannot carry.
+    """
+    if len(ports) != len(sd.media) or (rtcp_ports is not None and len(rtcp_ports) != len(ports)):
+        raise ValueError("rewrite needs one port (or None) per m= line")
+    if not address or any(char.isspace() for char in address):
+        raise ValueError(f"not a relay address: {address!r}")
+    relay = Connection("IN", "IP6" if ":" in address else "IP4", address)
+    rtcp_ports = rtcp_ports or [None] * len(ports)
+    result = SessionDescription(
+        [_relay_connection(line, relay) for line in sd.lines],
+        [_relay_media(m, relay, p, r) for m, p, r in zip(sd.media, ports, rtcp_ports)],
+    )
+    if bump_version and result != sd:
+        result = set_origin_version(result, sd.origin.sess_version + 1)
+    return result
+
+
+def set_direction(sd: SessionDescription, media_index: int, direction: str) -> SessionDescription:
+    """Set stream ``media_index``'s own direction attribute (replaced, or added
+    after its last line).  The o= version is left to the caller."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"not an SDP direction: {direction!r}")
+    new_content = b"a=" + direction.encode()
+    old = sd.media[media_index].lines
+    if _direction(old) is not None:
+        lines = [_with_content(line, new_content) if _content(line) in _DIRECTION_OF_LINE else line for line in old]
+    else:
+        lines = _append_line(old, new_content)
+    media = list(sd.media)
+    media[media_index] = MediaDescription(lines)
+    return SessionDescription(list(sd.lines), media)
+
+
+def set_origin_version(sd: SessionDescription, version: int) -> SessionDescription:
+    """Put ``version`` into the o= line's sess-version, e.g. a leg's own counter."""
+    if version < 0:
+        raise ValueError(f"sess-version out of range: {version}")
+    lines = []
+    for line in sd.lines:
+        if line.startswith(b"o="):
+            fields = line[2:].split()
+            fields[2] = str(version).encode()
+            line = _with_content(line, b"o=" + b" ".join(fields))
+        lines.append(line)
+    return SessionDescription(lines, list(sd.media))
+
+
+# Line helpers.  ``line`` always includes its ending; content is the rest.
+
+
+def _malformed(what: str) -> SipError:
+    return SipError(400, f"Malformed SDP: {what}")
+
+
+def _content(line: bytes) -> bytes:
+    return line.rstrip(b"\r\n")
+
+
+def _with_content(line: bytes, content: bytes) -> bytes:
+    """A replacement line that keeps the original's line ending."""
+    return content + line[len(_content(line)):]
+
+
+def _append_line(lines: list[bytes], content: bytes) -> list[bytes]:
+    """Insert after the last non-empty line, keeping the body's line endings."""
+    position = len(lines)
+    while lines[position - 1] in _BLANK_LINES:
+        position -= 1
+    last = lines[position - 1]
+    ending = last[len(_content(last)):]
+    if not ending:  # the body ended without a line ending: keep it that way
+        ending = next((ln[len(_content(ln)):] for ln in lines if _content(ln) != ln), b"\r\n")
+        return lines[: position - 1] + [last + ending, content] + lines[position:]
+    return lines[:position] + [content + ending] + lines[position:]
+
+
+def _first_line(lines: list[bytes], prefix: bytes) -> bytes | None:
+    return next((line for line in lines if line.startswith(prefix)), None)
+
+
+def _text(field: bytes) -> str:
+    return field.decode("utf-8", "replace")
+
+
+def _number(field: bytes, what: str, maximum: int) -> int:
+    if not field.isdigit() or len(field) > _MAX_DIGITS or int(field) > maximum:
+        raise _malformed(f"bad {what} {field[:24]!r}")
+    return int(field)
+
+
+def _direction(lines: list[bytes]) -> str | None:
+    return next((_DIRECTION_OF_LINE[c] for c in map(_content, lines) if c in _DIRECTION_OF_LINE), None)
+
+
+def _origin_fields(line: bytes | None) -> list[bytes]:
+    fields = [] if line is None else line[2:].split()
+    if len(fields) != 6:
+        raise _malformed("o= needs username sess-id sess-version nettype addrtype address")
+    _number(fields[2], "o= sess-version", 10**_MAX_DIGITS)
+    return fields
+
+
+def _connection_fields(line: bytes) -> list[bytes]:
+    fields = line[2:].split()
+    if len(fields) != 3:
+        raise _malformed(f"c= needs nettype addrtype address, got {_content(line)[:40]!r}")
+    return fields
+
+
+def _connection(line: bytes) -> Connection:
+    nettype, addrtype, address = map(_text, _connection_fields(line))
+    return Connection(nettype, addrtype, address.partition("/")[0])
+
+
+def _media_fields(line: bytes) -> list[bytes]:
+    """The fields of an m= line (RFC 4566 section 5.14), checked."""
+    fields = line[2:].split()
+    if len(fields) < 4:
+        raise _malformed("m= needs media port proto and at least one format")
+    port, slash, count = fields[1].partition(b"/")
+    _number(port, "m= port", 65535)
+    if slash:
+        _number(count, "m= port count", 65535)
+    if b"RTP/" in fields[2]:
+        for fmt in fields[3:]:
+            if not (fmt.isdigit() and len(fmt) <= 3 and int(fmt) <= 127):
+                raise _malformed(f"bad RTP payload type {fmt[:24]!r}")
+    return fields
+
+
+def _rtcp(line: bytes) -> Rtcp:
+    fields = line[7:].split()
+    if len(fields) not in (1, 4):
+        raise _malformed("a=rtcp: needs a port, optionally nettype addrtype address")
+    port = _number(fields[0], "a=rtcp port", 65535)
+    if len(fields) == 1:
+        return Rtcp(port, None)
+    nettype, addrtype, address = map(_text, fields[1:])
+    return Rtcp(port, Connection(nettype, addrtype, address))
+
+
+def _rtpmap(line: bytes) -> tuple[int, str, int, int | None] | None:
+    """(pt, name, clock, channels), or None for a line the codec view ignores."""
+    fields = _content(line)[9:].split()
+    if len(fields) != 2 or not fields[0].isdigit() or len(fields[0]) > 3:
+        return None
+    name, _, rest = fields[1].partition(b"/")
+    clock, _, channels = rest.partition(b"/")
+    clock_ok = clock.isdigit() and len(clock) <= 9
+    channels_ok = channels.isdigit() and len(channels) <= 3
+    return int(fields[0]), _text(name), int(clock) if clock_ok else 0, int(channels) if channels_ok else None
+
+
+# Rewriting for the relay.
+
+
+def _relay_connection(line: bytes, relay: Connection) -> bytes:
+    if not line.startswith(b"c="):
+        return line
+    current = _connection(line)
+    if current.is_hold:
+        return line
+    _check_relayable(current)
+    return _with_content(line, f"c={relay.nettype} {relay.addrtype} {relay.address}".encode())
+
+
+def _check_relayable(connection: Connection) -> None:
+    if connection.nettype != "IN" or connection.addrtype not in ("IP4", "IP6"):
+        raise SipError(488, f"SDP network {connection.nettype} {connection.addrtype} cannot be relayed")
+
+
+def _relay_media(
+    media: MediaDescription, relay: Connection, port: int | None, rtcp_port: int | None
+) -> MediaDescription:
+    if media.port == 0:  # a rejected stream stays rejected (RFC 3264 section 6)
+        port = rtcp_port = None
+    if rtcp_port is None and port is not None:
+        rtcp_port = port + 1
+    lines = [_relay_port(media.lines[0], port)]
+    for line in media.lines[1:]:
+        if line.startswith(b"a=rtcp:"):
+            line = _relay_rtcp(line, relay, rtcp_port)
+        lines.append(_relay_connection(line, relay))
+    return MediaDescription(lines)
+
+
+def _relay_port(m_line: bytes, port: int | None) -> bytes:
+    if port is None:
+        return m_line
+    fields = _media_fields(m_line)
+    _, slash, count = fields[1].partition(b"/")
+    fields[1] = str(port).encode() + slash + count
+    return _with_content(m_line, b"m=" + b" ".join(fields))
+
+
+def _relay_rtcp(line: bytes, relay: Connection, port: int | None) -> bytes:
+    current = _rtcp(line)
+    content = f"a=rtcp:{current.port if port is None else port}"
+    if current.connection is not None:
+        connection = current.connection
+        if not connection.is_hold:
+            _check_relayable(connection)
+            connection = relay
+        content += f" {connection.nettype} {connection.addrtype} {connection.address}"
+    return _with_content(line, content.encode())

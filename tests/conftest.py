@@ -1,0 +1,142 @@
+"""Shared test helpers: free ports, a real redis-server, fixture paths.
+
+Tests under tests/integration/ are marked ``integration`` automatically.  They
+are skipped when redis-server is not installed, except in CI (env CI set),
+where a missing redis-server must fail the run instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FIXTURES = TESTS / "fixtures"
+INTEGRATION = TESTS / "integration"
+
+REDIS_SERVER = shutil.which("redis-server")
+IN_CI = bool(os.environ.get("CI"))
+NO_REDIS_REASON = (
+    "redis-server is not installed (apt-get install -y redis-server); "
+    "in CI (env CI set) this is an error, not a skip"
+)
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing was bound to a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing was bound to a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child process on 127.0.0.1, persisting nothing."""
+
+    directory: Path
+    port: int = 0
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start on ``port`` (a free one when 0) and wait until it answers PING."""
+        if REDIS_SERVER is None:
+            raise RuntimeError(NO_REDIS_REASON)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(5):  # a "free" port can be taken between probe and bind
+            port = self.port or free_tcp_port()
+            self.process = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.directory)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            if _wait_for_ping(self.process, port, timeout):
+                self.port = port
+                return self
+            self.stop()
+        raise RuntimeError(f"redis-server did not start in {self.directory}")
+
+    def stop(self) -> None:
+        """Kill the server (tests of Redis outages call this, then start() again)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+def _wait_for_ping(process: subprocess.Popen, port: int, timeout: float) -> bool:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5,
+                         socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                time.sleep(0.05)
+        return False
+    finally:
+        client.close()
+
+
+def require_redis_server() -> None:
+    """Skip when redis-server is missing on a developer machine; fail in CI."""
+    if REDIS_SERVER is not None:
+        return
+    if IN_CI:
+        pytest.fail(NO_REDIS_REASON, pytrace=False)
+    pytest.skip(NO_REDIS_REASON)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session, on a free port in a temporary folder."""
+    require_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session Redis's URL, emptied (FLUSHALL) before the test."""
+    client = redis_server.client()
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason=NO_REDIS_REASON)
+    for item in items:
+        if INTEGRATION in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.integration)
+        if REDIS_SERVER is None and not IN_CI and item.get_closest_marker("integration"):
+            item.add_marker(skip)

@@ -1,0 +1,63 @@
+"""The SIP core (cluster/sip/) must stay sans-IO: no module there may import I/O,
+clocks or randomness.  Callers pass time and random bytes in, which is what lets
+the core be tested exhaustively and deterministically."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SIP_CORE = Path(__file__).resolve().parents[2] / "cluster" / "sip"
+FORBIDDEN = frozenset({
+    "socket", "select", "selectors", "ssl", "redis", "gevent", "time", "random", "secrets",
+    "os", "threading", "asyncio", "subprocess", "datetime",
+})
+
+
+def forbidden_imports(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
+    """(line, module) for every import of a forbidden top-level module in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, name) for name in names if name.split(".")[0] in FORBIDDEN]
+    return found
+
+
+def core_modules() -> list[Path]:
+    return sorted(SIP_CORE.rglob("*.py"))
+
+
+def test_the_core_has_modules_to_check():
+    assert SIP_CORE / "__init__.py" in core_modules()
+
+
+@pytest.mark.parametrize("path", core_modules(), ids=lambda p: str(p.relative_to(SIP_CORE)))
+def test_core_module_is_sans_io(path: Path):
+    violations = forbidden_imports(path.read_text(), str(path))
+    assert not violations, "\n".join(
+        f"{path}:{line}: imports {module}; pass clocks/random bytes in from the caller instead"
+        for line, module in violations
+    )
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("import time", [(1, "time")]),
+    ("import os.path", [(1, "os.path")]),
+    ("from datetime import datetime", [(1, "datetime")]),
+    ("import json, socket as s", [(1, "socket")]),
+    ("def f():\n    import secrets\n", [(2, "secrets")]),
+    ("if True:\n    from gevent import sleep\n", [(2, "gevent")]),
+    ("from . import time", []),  # a sibling module of the core, not the stdlib's
+    ("from .errors import SipError", []),
+    ("import hashlib, base64, re", []),
+    ("import timeit", []),  # a prefix of a forbidden name is not that name
+])
+def test_checker_finds_forbidden_imports(source: str, expected: list[tuple[int, str]]):
+    assert forbidden_imports(source) == expected
