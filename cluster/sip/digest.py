@@ -1,19 +1,11 @@
 """Digest authentication for SIP (RFC 2617, RFC 7616, RFC 8760), sans-IO.
 
-A server challenges with :func:`build_challenge`, parses the client's
-Authorization / Proxy-Authorization value with :func:`parse_credentials` and
-checks it with :func:`verify` against the user's stored HA1. Clear passwords
-only pass through :func:`ha1`, which provisioning uses to compute what the
-directory stores.
-
-Nonces are stateless (:func:`make_nonce`, :func:`check_nonce`): knowing only
-the shared secret, any worker can tell a nonce another worker issued from a
-forged one, and how old it is. Replay protection by nonce count needs shared
-state, so it belongs to a :class:`NonceCounter` (the Redis store).
-
-What the caller still checks itself: that ``creds.realm`` is its realm, that
-``creds.uri`` designates the Request-URI, and that the nonce is VALID and its
-count accepted.
+Challenge with :func:`build_challenge`, parse the answer with
+:func:`parse_credentials`, check it with :func:`verify` against the stored HA1
+(clear passwords only pass through :func:`ha1`, for provisioning). The caller
+also checks the realm, that ``creds.uri`` is the Request-URI, the nonce
+(:func:`check_nonce`: stateless, any worker can authenticate and date any
+worker's nonce) and its count (:class:`NonceCounter`).
 """
 
 from __future__ import annotations
@@ -22,14 +14,15 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Protocol
+from typing import Protocol
 
 from cluster.sip.errors import SipError
 
-# Algorithm names are case-insensitive on the wire; key by upper case.
-# value: (name as we write it, hash constructor, is a -sess variant)
+# Wire names are case-insensitive: keyed by upper case.
+# value: (name as written in challenges, hash constructor, is a -sess variant)
 _ALGORITHMS: dict[str, tuple[str, Callable, bool]] = {
     "MD5": ("MD5", hashlib.md5, False),
     "MD5-SESS": ("MD5-sess", hashlib.md5, True),
@@ -42,10 +35,10 @@ _TOKEN = rb"[A-Za-z0-9.!%*_+`'~-]+"
 _SWS = rb"[ \t]*+(?:\r?\n[ \t]++)*+"  # optional whitespace, folded lines included
 _QDTEXT = rb'[^"\\\x00-\x08\x0a-\x1f\x7f]*+'
 _QUOTED = _QDTEXT + rb"(?:(?:\r?\n[ \t]|\\[\x00-\x09\x0b\x0c\x0e-\x7f])" + _QDTEXT + rb")*+"
-_SCHEME = re.compile(rb"[ \t]*(?P<scheme>" + _TOKEN + rb")(?P<space>[ \t\r\n]+)?")
+_SCHEME = re.compile(rb"[ \t]*(" + _TOKEN + rb")([ \t\r\n]+)?")
 # One auth-param and the comma (or end) after it. Every part is optional, so
-# the pattern matches at once everywhere (no backtracking), a finditer scan
-# walks the list, and the first missing group tells what is malformed.
+# the pattern matches at once wherever it starts (no backtracking), a finditer
+# scan walks the whole list, and the first missing group says what is wrong.
 _PARAM = re.compile(
     rb"(" + _SWS + rb")(" + _TOKEN + rb")?" + _SWS + rb"(=)?" + _SWS
     + rb'(?:"(' + _QUOTED + rb')(")?|(' + _TOKEN + rb"))?" + _SWS + rb"(,|\Z)?"
@@ -57,11 +50,10 @@ _REQUIRED = ("username", "realm", "nonce", "uri", "response")
 
 @dataclass(slots=True)
 class Credentials:
-    """One Authorization / Proxy-Authorization value.
+    """One Authorization / Proxy-Authorization value, unquoted and unescaped.
 
-    Values are unquoted and unescaped; ``params`` holds every parameter by
-    lower-case name. For a scheme other than Digest only ``scheme`` and
-    (when they parse) ``params`` are set.
+    ``params`` holds every parameter by lower-case name. For a scheme other
+    than Digest only ``scheme`` and (when they parse) ``params`` are set.
     """
 
     scheme: str
@@ -83,7 +75,7 @@ class Credentials:
 
     @property
     def nonce_count(self) -> int:
-        """``nc`` as a number (0 when absent, as in RFC 2069 credentials)."""
+        """``nc`` as a number; 0 when absent (RFC 2069 credentials)."""
         return int(self.nc, 16) if self.nc else 0
 
 
@@ -92,57 +84,53 @@ def parse_credentials(value: bytes) -> Credentials:
     m = _SCHEME.match(value)
     if m is None:
         raise SipError(400, "credentials do not start with an auth scheme")
-    scheme = m["scheme"].decode("ascii")
+    scheme = m[1].decode("ascii")
     if scheme.lower() != "digest":
-        return Credentials(scheme, params=_params_if_any(value, m.end()))
-    if not value[m.end():].strip():
+        try:  # other schemes may carry token68 or anything else: not our business
+            return Credentials(scheme, params=_parse_params(value, m.end()))
+        except SipError:
+            return Credentials(scheme)
+    if not value[m.end() :].strip():
         raise SipError(400, "Digest credentials have no parameters")
-    if m["space"] is None:
+    if m[2] is None:
         raise SipError(400, "no whitespace after the Digest scheme")
     return _digest_credentials(scheme, _parse_params(value, m.end()))
-
-
-def _params_if_any(value: bytes, pos: int) -> dict[str, str]:
-    # Unknown schemes may carry token68 or anything else: never an error here.
-    try:
-        return _parse_params(value, pos)
-    except SipError:
-        return {}
 
 
 def _parse_params(value: bytes, pos: int) -> dict[str, str]:
     params: dict[str, str] = {}
     for m in _PARAM.finditer(value, pos):
-        _, name_bytes, eq, quoted, close, token, sep = m.groups()
-        if name_bytes is None or eq is None or (close is None and token is None) or sep is None:
+        _, name, eq, quoted, close, token, sep = m.groups()
+        if name is None or eq is None or (close is None and token is None) or sep is None:
             _raise_malformed(value, m)
-        name = name_bytes.decode("ascii").lower()
-        if name in params:
-            raise SipError(400, f"duplicate parameter '{name}' in credentials")
-        raw = token if token is not None else _QUOTED_PAIR.sub(rb"\1", quoted) if b"\\" in quoted else quoted
+        key = name.decode("ascii").lower()
+        if key in params:
+            raise SipError(400, f"duplicate parameter '{key}' in credentials")
+        if token is None:
+            token = _QUOTED_PAIR.sub(rb"\1", quoted) if b"\\" in quoted else quoted
         try:
-            params[name] = raw.decode("utf-8")
+            params[key] = token.decode("utf-8")
         except UnicodeDecodeError:
-            raise SipError(400, f"parameter '{name}' is not valid UTF-8") from None
+            raise SipError(400, f"parameter '{key}' is not valid UTF-8") from None
         if sep != b",":
             break
     return params
 
 
 def _raise_malformed(value: bytes, m: re.Match) -> None:
-    _, name_bytes, eq, quoted, close, token, _ = m.groups()
-    at = m.end(1)
-    if name_bytes is None:
-        what = "empty parameter" if value[at:at + 1] in (b"", b",") else "expected a parameter name"
+    _, name, eq, quoted, close, token, _ = m.groups()
+    if name is None:
+        at = m.end(1)
+        what = "empty parameter" if value[at : at + 1] in (b"", b",") else "expected a name"
         raise SipError(400, f"{what} at offset {at} in credentials")
-    name = name_bytes.decode("ascii").lower()
+    key = name.decode("ascii").lower()
     if eq is None:
-        raise SipError(400, f"parameter '{name}' has no '='")
+        raise SipError(400, f"parameter '{key}' has no '='")
     if quoted is None and token is None:
-        raise SipError(400, f"parameter '{name}' has no value")
+        raise SipError(400, f"parameter '{key}' has no value")
     if close is None and token is None:
-        raise SipError(400, f"unterminated or badly escaped quoted string in '{name}'")
-    raise SipError(400, f"unexpected character after '{name}' at offset {m.end()}")
+        raise SipError(400, f"unterminated or badly escaped quoted string in '{key}'")
+    raise SipError(400, f"unexpected character after '{key}' at offset {m.end()}")
 
 
 def _digest_credentials(scheme: str, params: dict[str, str]) -> Credentials:
@@ -158,18 +146,19 @@ def _digest_credentials(scheme: str, params: dict[str, str]) -> Credentials:
         scheme, params["username"], params["realm"], params["nonce"], params["uri"],
         params["response"], params.get("algorithm", "MD5"), cnonce, nc, qop,
         params.get("opaque"), params,
-    )
+    )  # fmt: skip
 
 
-def build_challenge(realm: str, nonce: str, *, algorithm: str = "MD5", qop: str | None = "auth",
-                    opaque: str | None = None, stale: bool = False) -> bytes:
-    """The value of a WWW-Authenticate / Proxy-Authenticate header.
+def build_challenge(
+    realm: str, nonce: str, *, algorithm: str = "MD5", qop: str | None = "auth",
+    opaque: str | None = None, stale: bool = False,
+) -> bytes:  # fmt: skip
+    """A WWW-Authenticate / Proxy-Authenticate value; ``qop`` None is RFC 2069 style.
 
-    ``qop`` is "auth", "auth-int", "auth,auth-int" or None (RFC 2069 style).
-    Offer several algorithms with one header each, preferred first (RFC 8760).
+    To offer several algorithms, send one header each, preferred first (RFC 8760).
     """
-    parts = [f"Digest realm={_quote(realm)}", f"nonce={_quote(nonce)}",
-             f"algorithm={_algorithm(algorithm)[0]}"]
+    parts = [f"Digest realm={_quote(realm)}", f"nonce={_quote(nonce)}"]
+    parts.append(f"algorithm={_algorithm(algorithm)[0]}")
     if qop:
         if not set(qop.replace(" ", "").split(",")) <= _QOP_OFFERS:
             raise ValueError(f"unsupported qop {qop!r}")
@@ -182,8 +171,8 @@ def build_challenge(realm: str, nonce: str, *, algorithm: str = "MD5", qop: str 
 
 
 def _quote(text: str) -> str:
-    if any(ord(c) < 0x20 and c != "\t" or c == "\x7f" for c in text):
-        raise ValueError(f"control character in {text!r}")  # would split the header
+    if any(c < " " and c != "\t" or c == "\x7f" for c in text):
+        raise ValueError(f"control character in {text!r}")  # it would split the header
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -195,9 +184,9 @@ def _algorithm(name: str) -> tuple[str, Callable, bool]:
 
 
 def ha1_algorithm(algorithm: str) -> str | None:
-    """Which stored HA1 ("MD5" or "SHA-256") credentials of this algorithm need."""
+    """Which stored HA1, "MD5" or "SHA-256", credentials of ``algorithm`` need."""
     entry = _ALGORITHMS.get(algorithm.upper())
-    return None if entry is None else entry[0].removesuffix("-sess")
+    return entry[0].removesuffix("-sess") if entry else None
 
 
 def ha1(username: str, realm: str, password: str, algorithm: str = "MD5") -> str:
@@ -210,11 +199,8 @@ def _hex(hash_fn: Callable, text: str) -> str:
 
 
 def verify(creds: Credentials, method: str, ha1_hex: str, *, body: bytes = b"") -> bool:
-    """Whether ``creds.response`` is right for this method, HA1 and body.
-
-    False, never an error, for an unsupported scheme, algorithm or qop.
-    """
-    expected = _expected_response(creds, method, ha1_hex, body)
+    """Whether the response is right; False for unsupported scheme, algorithm or qop."""
+    expected = _expected_response(creds, method, ha1_hex.lower(), body)
     if expected is None:
         return False
     return hmac.compare_digest(expected.encode("ascii"), creds.response.lower().encode("utf-8"))
@@ -225,38 +211,37 @@ def _expected_response(creds: Credentials, method: str, ha1_hex: str, body: byte
     if entry is None or not creds.is_digest:
         return None
     _, hash_fn, sess = entry
-    secret = ha1_hex.lower()
     if sess:
         if creds.cnonce is None:
             return None
-        secret = _hex(hash_fn, f"{secret}:{creds.nonce}:{creds.cnonce}")
+        ha1_hex = _hex(hash_fn, f"{ha1_hex}:{creds.nonce}:{creds.cnonce}")
     qop = creds.qop
     if qop is None:  # RFC 2069
-        return _hex(hash_fn, f"{secret}:{creds.nonce}:{_hex(hash_fn, f'{method}:{creds.uri}')}")
+        return _hex(hash_fn, f"{ha1_hex}:{creds.nonce}:{_hex(hash_fn, f'{method}:{creds.uri}')}")
     if qop.lower() == "auth":
-        a2 = f"{method}:{creds.uri}"
+        ha2 = _hex(hash_fn, f"{method}:{creds.uri}")
     elif qop.lower() == "auth-int":
-        a2 = f"{method}:{creds.uri}:{hash_fn(body).hexdigest()}"
+        ha2 = _hex(hash_fn, f"{method}:{creds.uri}:{hash_fn(body).hexdigest()}")
     else:
         return None
-    return _hex(hash_fn, f"{secret}:{creds.nonce}:{creds.nc}:{creds.cnonce}:{qop}:{_hex(hash_fn, a2)}")
+    return _hex(hash_fn, f"{ha1_hex}:{creds.nonce}:{creds.nc}:{creds.cnonce}:{qop}:{ha2}")
 
 
 class NonceState(Enum):
     VALID = "valid"
-    STALE = "stale"  # authentic but older than its lifetime: challenge again with stale=true
+    STALE = "stale"  # authentic but too old: challenge again with stale=true
     INVALID = "invalid"  # forged or garbled
 
 
-# Nonce layout, then base64url without padding:
-#   creation time (ms, 8 bytes big-endian) | salt (>= 8 bytes) | HMAC-SHA256(secret, time|salt)
-# The MAC is truncated to 128 bits (RFC 2104 section 5): still unforgeable, shorter headers.
+# A nonce is base64url, unpadded, of: creation time in ms (8 bytes, big-endian)
+# | salt (>= 8 random bytes) | HMAC-SHA256(secret, time | salt) truncated to
+# 128 bits (RFC 2104 section 5), which keeps it unforgeable and the header short.
 _TIME_BYTES, _MIN_SALT, _MAC_BYTES = 8, 8, 16
-_NONCE_SHAPE = re.compile(r"[A-Za-z0-9_-]{43,200}")  # 43 chars = the 32 bytes of the shortest
+_NONCE_SHAPE = re.compile(r"[A-Za-z0-9_-]{43,200}")  # 43 characters: the shortest, 32 bytes
 
 
 def make_nonce(secret: bytes, now: float, salt: bytes) -> str:
-    """A nonce any holder of ``secret`` can authenticate and date; ``salt`` is random bytes."""
+    """A nonce any holder of ``secret`` can authenticate and date."""
     if len(salt) < _MIN_SALT:
         raise ValueError(f"nonce salt must be at least {_MIN_SALT} random bytes")
     signed = int(now * 1000).to_bytes(_TIME_BYTES, "big") + salt
@@ -271,12 +256,14 @@ def check_nonce(secret: bytes, nonce: str, now: float, lifetime: float) -> Nonce
         raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
     except ValueError:
         return NonceState.INVALID
-    # Several spellings decode to the same bytes; accepting them would let a
-    # replay dodge nonce-count tracking, which is keyed by the nonce text.
+    # Spare bits let several spellings decode to the same bytes; accepting them
+    # would let a replay dodge nonce-count tracking, which is keyed by the text.
     if _b64(raw) != nonce:
         return NonceState.INVALID
     signed, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-    if len(signed) < _TIME_BYTES + _MIN_SALT or not hmac.compare_digest(mac, _nonce_mac(secret, signed)):
+    if len(signed) < _TIME_BYTES + _MIN_SALT:
+        return NonceState.INVALID
+    if not hmac.compare_digest(mac, _nonce_mac(secret, signed)):
         return NonceState.INVALID
     age = now - int.from_bytes(signed[:_TIME_BYTES], "big") / 1000
     return NonceState.STALE if age > lifetime else NonceState.VALID
@@ -293,14 +280,13 @@ def _b64(raw: bytes) -> str:
 class NonceCounter(Protocol):
     """Replay protection by nonce count, shared by all workers (the Redis store).
 
-    ``accept_nc`` records ``nc`` as the highest count seen for ``nonce`` and
-    returns True, or returns False when ``nc`` is not greater than the last
-    accepted one (a replay). It must be atomic across workers (compare and set
-    in one step) and forget a nonce once its lifetime is over. Call it only
-    after :func:`verify` succeeded, so that forged requests cannot burn counts,
-    and only for new requests: a retransmission repeats its nc and must be
-    answered from its transaction before it gets here. Credentials without
-    qop carry no nc; passing 0 for them makes such a nonce single-use.
+    ``accept_nc`` records ``nc`` as the highest count of ``nonce`` and returns
+    True, or False when ``nc`` is not greater than the last accepted (a replay).
+    It is one atomic compare-and-set across workers and forgets a nonce after
+    its lifetime. Call it after :func:`verify` succeeded (forgeries must not
+    burn counts) and only for new requests: a retransmission repeats its nc and
+    is answered from its transaction first. Credentials without qop have no
+    nc; passing 0 for them makes such a nonce single-use.
     """
 
     def accept_nc(self, nonce: str, nc: int) -> bool: ...

@@ -1,30 +1,25 @@
 """Sans-IO SDP (RFC 4566) for a B2BUA that anchors media on a relay (RFC 3264).
 
-A description is kept as the lines it arrived with, each line with its own
-ending (CRLF, bare LF, or none on a last line), so ``serialise(parse(body))
-== body`` for every body left unmodified.  Typed views (origin, connection,
-codecs, direction, hold, RTCP) are computed from those lines when asked.
-The dataclasses only read; the module functions ``rewrite``,
-``set_direction`` and ``set_origin_version`` return a new description and
-change only the lines they must, so codec lines, telephone-event, ssrc and
-everything else pass through untouched and in order.
+A description keeps the lines it arrived with, each with its own ending (CRLF,
+bare LF, or none on a last line): ``serialise(parse(body)) == body`` for every
+body left unmodified.  Typed views are computed from the lines when asked.  The
+dataclasses only read; ``rewrite``, ``set_direction`` and ``set_origin_version``
+return a new description and replace only the lines they must, so codec lines,
+telephone-event, ssrc and the rest pass through untouched and in order.
 
-Errors.  A body that cannot be understood raises
-``SipError(400, "Malformed SDP: ...")``: an INVITE carrying it is answered
-400, because the request itself is broken.  A well-formed body whose media
-the relay cannot carry (a network type other than IN, an address type other
-than IP4/IP6) makes ``rewrite`` raise ``SipError(488, ...)``: the request
-is fine, its media is not acceptable here.  Nothing else is raised for bad
-input; once ``parse`` succeeded every view succeeds.
+Errors.  A body that cannot be understood raises ``SipError(400, "Malformed
+SDP: ...")``: an INVITE carrying it is answered 400, the request is broken.  A
+well-formed body whose media the relay cannot carry (network type not IN,
+address type not IP4/IP6) makes ``rewrite`` raise ``SipError(488, ...)``.
+Once ``parse`` has succeeded, every view succeeds.
 
-What ``parse`` checks: ``v=0`` first; exactly one ``o=`` before the first
-``m=``; every line is ``<lowercase letter>=<value>``; the lines this module
-interprets (``o=``, ``c=``, ``m=``, ``a=rtcp:``) are well-formed; every
-stream with a non-zero port has a ``c=`` at session or media level; no NUL,
-no bare CR, no empty line except trailing ones (some UAs add one).  Missing
-``s=``/``t=`` lines are tolerated, as deployed parsers do, since nothing here
-depends on them.  Malformed ``a=rtpmap``/``a=fmtp`` lines are passed through
-and ignored by the codec view: the relay does not transcode.
+``parse`` checks: ``v=0`` first; one ``o=`` before the first ``m=``; every line
+is ``<lowercase letter>=<value>``; the lines interpreted here (``o=``, ``c=``,
+``m=``, ``a=rtcp:``) are well-formed; each stream with a non-zero port has a
+``c=``; no NUL, no bare CR, no empty line but trailing ones (some UAs add one).
+Missing ``s=``/``t=`` lines are tolerated, as deployed parsers do; so are odd
+``a=rtpmap``/``a=fmtp`` lines, which the codec view skips: the relay does not
+transcode, it passes them on.
 """
 
 from __future__ import annotations
@@ -37,18 +32,15 @@ DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 _DIRECTION_OF_LINE = {f"a={d}".encode(): d for d in DIRECTIONS}
 _HOLD_ADDRESSES = ("0.0.0.0", "::")
 _BLANK_LINES = (b"\r\n", b"\n")
-_MAX_DIGITS = 64  # numbers are 1*DIGIT; a bound keeps int() cheap on hostile input
+_MAX_DIGITS = 64  # numbers are 1*DIGIT; the bound keeps int() cheap on hostile input
 
-# RFC 3551 static payload types, for m= formats that come without a=rtpmap.
-_STATIC_PAYLOAD_TYPES = {
-    0: ("PCMU", 8000, None), 3: ("GSM", 8000, None), 4: ("G723", 8000, None),
-    5: ("DVI4", 8000, None), 6: ("DVI4", 16000, None), 7: ("LPC", 8000, None),
-    8: ("PCMA", 8000, None), 9: ("G722", 8000, None), 10: ("L16", 44100, 2),
-    11: ("L16", 44100, None), 12: ("QCELP", 8000, None), 13: ("CN", 8000, None),
-    14: ("MPA", 90000, None), 15: ("G728", 8000, None), 16: ("DVI4", 11025, None),
-    17: ("DVI4", 22050, None), 18: ("G729", 8000, None), 25: ("CelB", 90000, None),
-    26: ("JPEG", 90000, None), 28: ("nv", 90000, None), 31: ("H261", 90000, None),
-    32: ("MPV", 90000, None), 33: ("MP2T", 90000, None), 34: ("H263", 90000, None),
+# RFC 3551 static payload types, for formats offered without a=rtpmap.
+_STATIC_ENCODINGS = {
+    0: b"PCMU/8000", 3: b"GSM/8000", 4: b"G723/8000", 5: b"DVI4/8000", 6: b"DVI4/16000",
+    7: b"LPC/8000", 8: b"PCMA/8000", 9: b"G722/8000", 10: b"L16/44100/2", 11: b"L16/44100",
+    12: b"QCELP/8000", 13: b"CN/8000", 14: b"MPA/90000", 15: b"G728/8000", 16: b"DVI4/11025",
+    17: b"DVI4/22050", 18: b"G729/8000", 25: b"CelB/90000", 26: b"JPEG/90000",
+    28: b"nv/90000", 31: b"H261/90000", 32: b"MPV/90000", 33: b"MP2T/90000", 34: b"H263/90000",
 }
 
 
@@ -70,13 +62,13 @@ class Connection:
 
     @property
     def is_hold(self) -> bool:
-        """The RFC 2543 way of putting a stream on hold (RFC 3264 section 8.4)."""
+        """The old (RFC 2543) way of putting a stream on hold, RFC 3264 section 8.4."""
         return self.address in _HOLD_ADDRESSES
 
 
 @dataclass(frozen=True, slots=True)
 class Rtcp:
-    """``a=rtcp:`` (RFC 3605); ``connection`` is None when no address is given."""
+    """``a=rtcp:`` (RFC 3605); ``connection`` is None when it names no address."""
 
     port: int
     connection: Connection | None
@@ -86,53 +78,55 @@ class Rtcp:
 class Codec:
     pt: int
     name: str  # "" for a dynamic payload type without a=rtpmap
-    clock: int  # 0 when unknown
+    clock: int  # 0 when not known
     channels: int | None
     fmtp: bytes | None
 
 
 @dataclass
 class MediaDescription:
-    """One ``m=`` line (``lines[0]``) and the lines after it, up to the next ``m=``."""
+    """An ``m=`` line (``lines[0]``) and the lines after it, up to the next ``m=``."""
 
     lines: list[bytes]
 
+    def _fields(self) -> list[bytes]:
+        return _media_fields(self.lines[0])
+
     @property
     def media(self) -> str:
-        return _text(_media_fields(self.lines[0])[0])
+        return _text(self._fields()[0])
 
     @property
     def port(self) -> int:
-        return _number(_media_fields(self.lines[0])[1].partition(b"/")[0], "m= port", 65535)
+        return int(self._fields()[1].partition(b"/")[0])
 
     @property
     def port_count(self) -> int:
-        count = _media_fields(self.lines[0])[1].partition(b"/")[2]
-        return _number(count, "m= port count", 65535) if count else 1
+        return int(self._fields()[1].partition(b"/")[2] or 1)
 
     @property
     def proto(self) -> str:
-        return _text(_media_fields(self.lines[0])[2])
+        return _text(self._fields()[2])
 
     @property
     def formats(self) -> list[str]:
-        return [_text(fmt) for fmt in _media_fields(self.lines[0])[3:]]
+        return [_text(fmt) for fmt in self._fields()[3:]]
 
     @property
     def payload_types(self) -> list[int]:
-        """The formats as RTP payload types; empty for a non-RTP proto."""
-        fields = _media_fields(self.lines[0])
+        """The formats as RTP payload types; empty for a proto that is not RTP."""
+        fields = self._fields()
         return [int(fmt) for fmt in fields[3:]] if b"RTP/" in fields[2] else []
 
     @property
     def connection(self) -> Connection | None:
-        """This stream's own ``c=`` (see SessionDescription.effective_connection)."""
+        """This stream's own ``c=``; see SessionDescription.effective_connection."""
         line = _first_line(self.lines, b"c=")
         return None if line is None else _connection(line)
 
     @property
     def direction(self) -> str | None:
-        """This stream's own direction attribute, None when it has none."""
+        """This stream's own direction attribute; see effective_direction."""
         return _direction(self.lines)
 
     @property
@@ -146,21 +140,15 @@ class MediaDescription:
 
     def codecs(self) -> list[Codec]:
         """One Codec per RTP payload type, in the order of the m= line."""
-        rtpmaps: dict[int, tuple[str, int, int | None]] = {}
-        fmtps: dict[int, bytes] = {}
-        for line in self.lines:
-            if line.startswith(b"a=rtpmap:"):
-                parsed = _rtpmap(line)
-                if parsed is not None:
-                    rtpmaps.setdefault(parsed[0], parsed[1:])
-            elif line.startswith(b"a=fmtp:"):
-                pt, *params = _content(line)[7:].split(None, 1)
-                if pt.isdigit() and len(pt) <= 3:
-                    fmtps.setdefault(int(pt), params[0] if params else b"")
+        encodings = _payload_attributes(self.lines, b"a=rtpmap:")
+        fmtps = _payload_attributes(self.lines, b"a=fmtp:")
         codecs = []
         for pt in self.payload_types:
-            name, clock, channels = rtpmaps.get(pt) or _STATIC_PAYLOAD_TYPES.get(pt, ("", 0, None))
-            codecs.append(Codec(pt, name, clock, channels, fmtps.get(pt)))
+            encoding = encodings.get(pt) or _STATIC_ENCODINGS.get(pt, b"")
+            name, _, rest = encoding.partition(b"/")
+            clock, _, channels = rest.partition(b"/")
+            codecs.append(Codec(pt, _text(name), _small_int(clock) or 0, _small_int(channels),
+                                fmtps.get(pt)))
         return codecs
 
 
@@ -179,7 +167,7 @@ class SessionDescription:
 
     @property
     def connection(self) -> Connection | None:
-        """The session-level ``c=``, None when every stream has its own."""
+        """The session-level ``c=``; None when every stream has its own."""
         line = _first_line(self.lines, b"c=")
         return None if line is None else _connection(line)
 
@@ -189,7 +177,7 @@ class SessionDescription:
         return _direction(self.lines)
 
     def effective_connection(self, index: int) -> Connection | None:
-        """The ``c=`` that applies to stream ``index`` (its own, else the session's)."""
+        """The ``c=`` that applies to stream ``index``: its own, else the session's."""
         return self.media[index].connection or self.connection
 
     def effective_direction(self, index: int) -> str:
@@ -197,7 +185,7 @@ class SessionDescription:
         return self.media[index].direction or self.direction or "sendrecv"
 
     def is_hold(self, index: int) -> bool:
-        """Stream ``index`` put on hold: sendonly/inactive, or c= 0.0.0.0 / ``::``."""
+        """Stream ``index`` is on hold: sendonly or inactive, or c= 0.0.0.0 or ``::``."""
         if self.effective_direction(index) in ("sendonly", "inactive"):
             return True
         connection = self.effective_connection(index)
@@ -224,7 +212,6 @@ def parse(body: bytes) -> SessionDescription:
         raise _malformed("it must start with v=0")
     session: list[bytes] = []
     media: list[MediaDescription] = []
-    ports: list[int] = []
     current = session
     origins = 0
     blank_seen = False
@@ -234,9 +221,9 @@ def parse(body: bytes) -> SessionDescription:
             if line.startswith(b"a=rtcp:"):
                 _rtcp(line)
         elif kind == b"m=":
+            _media_fields(line)
             current = []
             media.append(MediaDescription(current))
-            ports.append(_number(_media_fields(line)[1].partition(b"/")[0], "m= port", 65535))
         elif kind == b"c=":
             _connection_fields(line)
         elif kind == b"o=" and current is session:
@@ -252,8 +239,8 @@ def parse(body: bytes) -> SessionDescription:
     if origins != 1:
         raise _malformed("it needs exactly one o= line before the first m=")
     if _first_line(session, b"c=") is None:
-        for number, (stream, port) in enumerate(zip(media, ports), 1):
-            if port != 0 and _first_line(stream.lines, b"c=") is None:
+        for number, stream in enumerate(media, 1):
+            if stream.port != 0 and _first_line(stream.lines, b"c=") is None:
                 raise _malformed(f"no c= line for m= line {number}")
     return SessionDescription(session, media)
 
@@ -270,30 +257,32 @@ def rewrite(
     rtcp_ports: list[int | None] | None = None,
     bump_version: bool = True,
 ) -> SessionDescription:
-    """Point every stream at the relay: a new description, ``sd`` is unchanged.
+    """Point every stream at the relay; returns a new description.
 
-    Every ``c=`` (session and media level) gets ``IN IP4|IP6 address`` (IP6
-    when the address has a colon), except a ``c=`` that says 0.0.0.0 or ``::``:
-    that stream was put on hold the RFC 2543 way and the far end must still
-    see a hold, so that line is kept.  Direction attributes are never touched.
-    ``ports[i]`` replaces stream i's m= port; None leaves it, and a port 0
-    (rejected or disabled) stream always stays 0.  ``a=rtcp:`` gets
-    ``rtcp_ports[i]``, else the new port + 1, and the relay address when it
-    named an address; ``a=rtcp-mux`` is kept as is.  A caller that wants
-    ``a=rtcp`` equal to the RTP port (RFC 5761 mux) passes ``rtcp_ports``.
-    When the result differs from ``sd`` and ``bump_version`` is set, the o=
-    sess-version goes up by one, as RFC 3264 section 8 requires of a changed
-    description.  Raises SipError(488) for media the relay cannot carry.
+    Every ``c=`` (session and media level) becomes ``IN IP4|IP6 address`` (IP6
+    when the address has a colon), except one saying 0.0.0.0 or ``::``: that
+    stream was put on hold the old way and the far end must still see a hold,
+    so the line stays.  Direction attributes are never touched.  ``ports[i]``
+    replaces stream i's m= port; None leaves it, and a port 0 (rejected or
+    disabled) stream always stays 0.  ``a=rtcp:`` gets ``rtcp_ports[i]``, else
+    the new port + 1, and the relay address when it named one; ``a=rtcp-mux``
+    is kept.  A caller that wants ``a=rtcp`` equal to the RTP port (RFC 5761
+    mux) passes ``rtcp_ports``.  If the result differs from ``sd`` and
+    ``bump_version`` is set, the o= sess-version goes up by one, as RFC 3264
+    section 8 requires of a changed description.  Raises SipError(488) for
+    media the relay cannot carry, ValueError for a bad address or port list.
     """
     if len(ports) != len(sd.media) or (rtcp_ports is not None and len(rtcp_ports) != len(ports)):
         raise ValueError("rewrite needs one port (or None) per m= line")
     if not address or any(char.isspace() for char in address):
         raise ValueError(f"not a relay address: {address!r}")
+    if any(port is not None and not 0 < port < 65535 for port in [*ports, *(rtcp_ports or [])]):
+        raise ValueError("relay ports must be within 1-65534")
     relay = Connection("IN", "IP6" if ":" in address else "IP4", address)
-    rtcp_ports = rtcp_ports or [None] * len(ports)
+    streams = zip(sd.media, ports, rtcp_ports or [None] * len(ports), strict=True)
     result = SessionDescription(
         [_relay_connection(line, relay) for line in sd.lines],
-        [_relay_media(m, relay, p, r) for m, p, r in zip(sd.media, ports, rtcp_ports)],
+        [_relay_media(media, relay, port, rtcp_port) for media, port, rtcp_port in streams],
     )
     if bump_version and result != sd:
         result = set_origin_version(result, sd.origin.sess_version + 1)
@@ -301,25 +290,27 @@ def rewrite(
 
 
 def set_direction(sd: SessionDescription, media_index: int, direction: str) -> SessionDescription:
-    """Set stream ``media_index``'s own direction attribute (replaced, or added
-    after its last line).  The o= version is left to the caller."""
+    """Set stream ``media_index``'s own direction attribute: the existing one is
+    replaced, else one is added after its last line.  The o= version is left to
+    the caller (``set_origin_version``)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"not an SDP direction: {direction!r}")
-    new_content = b"a=" + direction.encode()
-    old = sd.media[media_index].lines
-    if _direction(old) is not None:
-        lines = [_with_content(line, new_content) if _content(line) in _DIRECTION_OF_LINE else line for line in old]
+    content = b"a=" + direction.encode()
+    lines = sd.media[media_index].lines
+    if _direction(lines) is None:
+        lines = _append_line(lines, content, _ending(sd.lines[0]))
     else:
-        lines = _append_line(old, new_content)
+        lines = [_with_content(ln, content) if _content(ln) in _DIRECTION_OF_LINE else ln
+                 for ln in lines]
     media = list(sd.media)
     media[media_index] = MediaDescription(lines)
     return SessionDescription(list(sd.lines), media)
 
 
 def set_origin_version(sd: SessionDescription, version: int) -> SessionDescription:
-    """Put ``version`` into the o= line's sess-version, e.g. a leg's own counter."""
+    """Put ``version`` into the o= sess-version, e.g. a leg's own counter."""
     if version < 0:
-        raise ValueError(f"sess-version out of range: {version}")
+        raise ValueError(f"sess-version cannot be negative: {version}")
     lines = []
     for line in sd.lines:
         if line.startswith(b"o="):
@@ -330,7 +321,7 @@ def set_origin_version(sd: SessionDescription, version: int) -> SessionDescripti
     return SessionDescription(lines, list(sd.media))
 
 
-# Line helpers.  ``line`` always includes its ending; content is the rest.
+# Helpers.  A ``line`` always includes its ending; its content is the rest.
 
 
 def _malformed(what: str) -> SipError:
@@ -343,20 +334,24 @@ def _content(line: bytes) -> bytes:
 
 def _with_content(line: bytes, content: bytes) -> bytes:
     """A replacement line that keeps the original's line ending."""
-    return content + line[len(_content(line)):]
+    return content + _ending(line)
 
 
-def _append_line(lines: list[bytes], content: bytes) -> list[bytes]:
-    """Insert after the last non-empty line, keeping the body's line endings."""
+def _ending(line: bytes) -> bytes:
+    return line[len(_content(line)):]
+
+
+def _append_line(lines: list[bytes], content: bytes, ending: bytes) -> list[bytes]:
+    """Insert after the last non-empty line; ``ending`` is the body's usual one."""
     position = len(lines)
     while lines[position - 1] in _BLANK_LINES:
         position -= 1
     last = lines[position - 1]
-    ending = last[len(_content(last)):]
-    if not ending:  # the body ended without a line ending: keep it that way
-        ending = next((ln[len(_content(ln)):] for ln in lines if _content(ln) != ln), b"\r\n")
-        return lines[: position - 1] + [last + ending, content] + lines[position:]
-    return lines[:position] + [content + ending] + lines[position:]
+    if _ending(last):
+        added = [last, content + _ending(last)]
+    else:  # the body ended without a line ending, and still does
+        added = [last + ending, content]
+    return lines[: position - 1] + added + lines[position:]
 
 
 def _first_line(lines: list[bytes], prefix: bytes) -> bytes | None:
@@ -373,8 +368,24 @@ def _number(field: bytes, what: str, maximum: int) -> int:
     return int(field)
 
 
+def _small_int(field: bytes) -> int | None:
+    return int(field) if field.isdigit() and len(field) <= 9 else None
+
+
 def _direction(lines: list[bytes]) -> str | None:
-    return next((_DIRECTION_OF_LINE[c] for c in map(_content, lines) if c in _DIRECTION_OF_LINE), None)
+    directions = (_DIRECTION_OF_LINE.get(_content(line)) for line in lines)
+    return next((d for d in directions if d is not None), None)
+
+
+def _payload_attributes(lines: list[bytes], prefix: bytes) -> dict[int, bytes]:
+    """``a=rtpmap:``/``a=fmtp:`` values by payload type; the first one wins."""
+    values: dict[int, bytes] = {}
+    for line in lines:
+        if line.startswith(prefix):
+            pt, _, value = _content(line)[len(prefix):].partition(b" ")
+            if pt.isdigit() and len(pt) <= 3:
+                values.setdefault(int(pt), value.strip())
+    return values
 
 
 def _origin_fields(line: bytes | None) -> list[bytes]:
@@ -401,7 +412,7 @@ def _media_fields(line: bytes) -> list[bytes]:
     """The fields of an m= line (RFC 4566 section 5.14), checked."""
     fields = line[2:].split()
     if len(fields) < 4:
-        raise _malformed("m= needs media port proto and at least one format")
+        raise _malformed("m= needs media, port, proto and at least one format")
     port, slash, count = fields[1].partition(b"/")
     _number(port, "m= port", 65535)
     if slash:
@@ -424,18 +435,6 @@ def _rtcp(line: bytes) -> Rtcp:
     return Rtcp(port, Connection(nettype, addrtype, address))
 
 
-def _rtpmap(line: bytes) -> tuple[int, str, int, int | None] | None:
-    """(pt, name, clock, channels), or None for a line the codec view ignores."""
-    fields = _content(line)[9:].split()
-    if len(fields) != 2 or not fields[0].isdigit() or len(fields[0]) > 3:
-        return None
-    name, _, rest = fields[1].partition(b"/")
-    clock, _, channels = rest.partition(b"/")
-    clock_ok = clock.isdigit() and len(clock) <= 9
-    channels_ok = channels.isdigit() and len(channels) <= 3
-    return int(fields[0]), _text(name), int(clock) if clock_ok else 0, int(channels) if channels_ok else None
-
-
 # Rewriting for the relay.
 
 
@@ -451,12 +450,12 @@ def _relay_connection(line: bytes, relay: Connection) -> bytes:
 
 def _check_relayable(connection: Connection) -> None:
     if connection.nettype != "IN" or connection.addrtype not in ("IP4", "IP6"):
-        raise SipError(488, f"SDP network {connection.nettype} {connection.addrtype} cannot be relayed")
+        raise SipError(488, f"SDP network {connection.nettype} {connection.addrtype} "
+                            "cannot be relayed")
 
 
-def _relay_media(
-    media: MediaDescription, relay: Connection, port: int | None, rtcp_port: int | None
-) -> MediaDescription:
+def _relay_media(media: MediaDescription, relay: Connection, port: int | None,
+                 rtcp_port: int | None) -> MediaDescription:
     if media.port == 0:  # a rejected stream stays rejected (RFC 3264 section 6)
         port = rtcp_port = None
     if rtcp_port is None and port is not None:
