@@ -42,6 +42,7 @@ REDIS_WAIT = 10.0
 SIP_WAIT = 30.0
 PROBE_INTERVAL = 0.5
 STOP_WAIT = 30.0
+SETTLE_WAIT = 5.0  # startsecs is 1: a healthy process leaves STARTING well within this
 LOG_TAIL_LINES = 20
 # Start order: Redis first, then the dispatcher the workers attach to.
 PRIORITY = {"redis": 10, "dispatcher": 20, "relay": 30, "worker": 40}
@@ -63,6 +64,10 @@ def render_supervisord(
 ) -> str:
     """The text of run/supervisord.conf for ``config``."""
     log_dir = Path(config.log.dir)
+    for path in (ROOT, run_dir, log_dir, Path(python)):
+        # supervisord %-expands paths, some of them twice: a % cannot be escaped reliably.
+        if "%" in str(path):
+            raise LaunchError(f"paths with a % sign are not supported: {path}")
     programs = [
         _program("dispatcher", [python, "-m", "cluster.dispatcher"], config, log_dir, env)
     ]
@@ -74,9 +79,9 @@ def render_supervisord(
     programs.append(_program("worker", [python, "-m", "workers.sip"], config, log_dir, env,
                              numprocs=config.workers.count, index_var="SIPCLUSTER_WORKER_INDEX"))
     return Template(TEMPLATE.read_text()).substitute(
-        root=_escape(str(ROOT)),
-        run_dir=_escape(str(run_dir)),
-        log_dir=_escape(str(log_dir)),
+        root=ROOT,
+        run_dir=run_dir,
+        log_dir=log_dir,
         programs="\n".join(programs),
     )
 
@@ -101,14 +106,16 @@ def _program(
     """One [program:x] section; ``numprocs`` > 0 makes a group of ``name-N`` processes."""
     environment = {"SIPCLUSTER_CONFIG": config.source, "PYTHONUNBUFFERED": "1"}
     environment.update(passed_env(env))
-    lines = [f"[program:{name}]", f"command = {_escape(shlex.join(command))}"]
+    lines = [f"[program:{name}]", f"command = {shlex.join(command)}"]
+    process_name = name
     if numprocs:
-        lines += [f"process_name = {name}-%(process_num)d", f"numprocs = {numprocs}",
+        process_name = f"{name}-%(process_num)d"
+        lines += [f"process_name = {process_name}", f"numprocs = {numprocs}",
                   "numprocs_start = 0"]
         environment[index_var] = "%(process_num)d"  # expanded by supervisord, not escaped
     lines += [
         f"environment = {_environment(environment, keep_raw=index_var)}",
-        f"directory = {_escape(str(ROOT))}",
+        f"directory = {ROOT}",
         f"priority = {PRIORITY[name]}",
         "autostart = true",
         "autorestart = true",
@@ -119,7 +126,7 @@ def _program(
         "stopasgroup = true",
         "killasgroup = true",
         "redirect_stderr = true",
-        f"stdout_logfile = {_escape(str(log_dir))}/%(process_name)s.log",
+        f"stdout_logfile = {log_dir}/{process_name}.log",
         "stdout_logfile_maxbytes = 50MB",
         "stdout_logfile_backups = 5",
         "",
@@ -241,7 +248,9 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT) -> None:
             return
         except redis.RedisError as e:
             if time.monotonic() > deadline:
-                raise LaunchError(f"Redis at {url} did not answer PING within {timeout:.0f} s: {e}")
+                raise LaunchError(
+                    f"Redis at {url} did not answer PING within {timeout:.0f} s: {e}"
+                ) from e
             time.sleep(0.2)
         finally:
             client.close()
@@ -357,6 +366,7 @@ def up(config: Config) -> int:
         answer = wait_for_sip(target)
     except LaunchError as e:
         print_log_tails(config)
+        print(supervisorctl("status").stdout.rstrip(), file=sys.stderr)
         print(f"ERROR: {e}", file=sys.stderr)
         print(f"the processes are still running: see `sipcluster status`, logs in {config.log.dir}",
               file=sys.stderr)
@@ -365,8 +375,18 @@ def up(config: Config) -> int:
     return 0 if users_ok else 1
 
 
+def settled_status(timeout: float = SETTLE_WAIT) -> str:
+    """`supervisorctl status` once no process is still STARTING (or after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = supervisorctl("status").stdout.rstrip()
+        if " STARTING " not in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.25)
+
+
 def print_summary(config: Config, target: tuple[str, int], answer: bytes) -> None:
-    print(supervisorctl("status").stdout.rstrip())
+    print(settled_status())
     print(f"SIP        udp {target[0]}:{target[1]} answers: {answer.decode(errors='replace')}")
     print(f"Redis      {config.redis.url}{' (managed)' if config.redis.managed else ''}")
     print(f"Media      {config.media.mode}")

@@ -1,0 +1,193 @@
+"""cluster.launch: the rendered supervisord configuration, the secret, the SIP probe."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from supervisor.datatypes import RestartUnconditionally
+from supervisor.options import ServerOptions
+
+from cluster import launch
+from cluster.config import ROOT, Config, load
+from conftest import free_udp_port
+
+PYTHON = "/opt/venv/bin/python"
+
+
+def render(tmp_path: Path, env: dict[str, str]) -> tuple[Config, Path]:
+    """Load a config from ``env``, render it into tmp_path and return the file."""
+    env = {"SIPCLUSTER_LOG_DIR": str(tmp_path / "log"), **env}
+    config = load(env=env, secret_file=None)
+    run_dir = tmp_path / "run"
+    for folder in (run_dir, tmp_path / "log"):
+        folder.mkdir(exist_ok=True)
+    conf = run_dir / "supervisord.conf"
+    conf.write_text(launch.render_supervisord(config, run_dir=run_dir, python=PYTHON, env=env))
+    return config, conf
+
+
+def supervisord_view(conf: Path) -> dict[str, list]:
+    """What supervisord itself makes of the file: {group: [process configs]}."""
+    options = ServerOptions()
+    try:
+        options.realize(args=["-c", str(conf)])
+    except SystemExit:
+        pytest.fail(f"supervisord rejects {conf}:\n{conf.read_text()}")
+    return {group.name: group.process_configs for group in options.process_group_configs}
+
+
+def test_three_workers_in_relay_mode(tmp_path):
+    config, conf = render(tmp_path, {"SIPCLUSTER_WORKERS_COUNT": "3",
+                                     "SIPCLUSTER_MEDIA_MODE": "relay",
+                                     "SIPCLUSTER_MEDIA_RELAYS": "2"})
+    groups = supervisord_view(conf)
+    assert set(groups) == {"redis", "dispatcher", "relay", "worker"}
+
+    workers = groups["worker"]
+    assert [p.name for p in workers] == ["worker-0", "worker-1", "worker-2"]
+    assert [p.environment["SIPCLUSTER_WORKER_INDEX"] for p in workers] == ["0", "1", "2"]
+    assert workers[0].command == f"{PYTHON} -m workers.sip"
+
+    relays = groups["relay"]
+    assert [p.name for p in relays] == ["relay-0", "relay-1"]
+    assert [p.environment["SIPCLUSTER_RELAY_INDEX"] for p in relays] == ["0", "1"]
+    assert relays[0].command == f"{PYTHON} -m workers.relay"
+
+    (dispatcher,) = groups["dispatcher"]
+    assert dispatcher.command == f"{PYTHON} -m cluster.dispatcher"
+    # Redis before the dispatcher before the relays and workers.
+    order = [groups[name][0].priority for name in ("redis", "dispatcher", "relay", "worker")]
+    assert order == sorted(order)
+
+    for process in [p for group in groups.values() for p in group]:
+        assert process.environment["SIPCLUSTER_CONFIG"] == config.source
+        assert process.autorestart is RestartUnconditionally  # autorestart = true
+        assert (process.startsecs, process.stopwaitsecs) == (1, 10)
+        assert process.stopsignal == 15
+        assert process.directory == str(ROOT)
+        assert process.stdout_logfile == str(tmp_path / "log" / f"{process.name}.log")
+        assert process.redirect_stderr is True
+
+
+def test_managed_redis_takes_its_port_from_the_url(tmp_path):
+    _, conf = render(tmp_path, {"SIPCLUSTER_REDIS_URL": "redis://127.0.0.1:6390/0"})
+    (redis,) = supervisord_view(conf)["redis"]
+    argv = redis.command.split()
+    assert argv[0].endswith("redis-server")
+    assert argv[argv.index("--port") + 1] == "6390"
+    assert argv[argv.index("--bind") + 1] == "127.0.0.1"
+    assert argv[argv.index("--appendonly") + 1] == "no"
+    assert argv[argv.index("--dir") + 1] == str(tmp_path / "run" / "redis")
+    assert "--save ''" in redis.command  # an empty argument: persist nothing
+
+
+def test_bypass_mode_and_external_redis_run_neither_relays_nor_redis(tmp_path):
+    _, conf = render(tmp_path, {"REDIS_URL": "redis://127.0.0.1:7001/0"})
+    groups = supervisord_view(conf)
+    assert set(groups) == {"dispatcher", "worker"}
+    assert [p.name for p in groups["worker"]] == ["worker-0", "worker-1"]
+
+
+def test_environment_overrides_reach_every_process(tmp_path):
+    env = {"REDIS_URL": "redis://:pa%ss@127.0.0.1:7001/0", "SIPCLUSTER_SIP_PORT": "5090"}
+    _, conf = render(tmp_path, env)
+    for group in supervisord_view(conf).values():
+        for process in group:
+            assert process.environment["REDIS_URL"] == "redis://:pa%ss@127.0.0.1:7001/0"
+            assert process.environment["SIPCLUSTER_SIP_PORT"] == "5090"
+
+
+def test_supervisord_files_live_in_the_run_folder(tmp_path):
+    _, conf = render(tmp_path, {})
+    text = conf.read_text()
+    run_dir = tmp_path / "run"
+    assert f"file = {run_dir}/supervisor.sock" in text
+    assert f"pidfile = {run_dir}/supervisord.pid" in text
+    assert f"serverurl = unix://{run_dir}/supervisor.sock" in text
+    assert f"logfile = {tmp_path}/log/supervisord.log" in text
+
+
+def test_managed_redis_must_be_local(tmp_path):
+    config = load(env={"SIPCLUSTER_REDIS_URL": "redis://192.0.2.10:6379/0"}, secret_file=None)
+    with pytest.raises(launch.LaunchError, match="REDIS_URL"):
+        launch.render_supervisord(config, run_dir=tmp_path, python=PYTHON, env={})
+
+
+def test_secret_is_generated_once_and_private(tmp_path):
+    secret_file = tmp_path / "run" / "secret"
+    launch.ensure_secret(Config(), secret_file)
+    first = secret_file.read_text()
+    assert len(first.strip()) == 64
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    launch.ensure_secret(Config(), secret_file)
+    assert secret_file.read_text() == first
+
+
+def test_probe_target_maps_a_wildcard_bind_to_loopback():
+    config = load(env={"SIPCLUSTER_SIP_BIND": "0.0.0.0", "SIPCLUSTER_SIP_PORT": "5071"},
+                  secret_file=None)
+    assert launch.probe_target(config) == ("127.0.0.1", 5071)
+    config = load(env={"SIPCLUSTER_SIP_ADVERTISED_ADDRESS": "127.0.0.2",
+                       "SIPCLUSTER_SIP_ADVERTISED_PORT": "5072"}, secret_file=None)
+    assert launch.probe_target(config) == ("127.0.0.2", 5072)
+
+
+def test_options_requests_are_fresh_each_time():
+    first = launch.options_request(("127.0.0.1", 5060), ("127.0.0.1", 40000))
+    second = launch.options_request(("127.0.0.1", 5060), ("127.0.0.1", 40000))
+    assert first.startswith(b"OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n")
+    assert first.endswith(b"Content-Length: 0\r\n\r\n")
+    assert header(first, b"Via") != header(second, b"Via")
+    assert header(first, b"Call-ID") != header(second, b"Call-ID")
+    assert b";branch=z9hG4bK" in header(first, b"Via")
+    ipv6 = launch.options_request(("::1", 5060), ("::1", 40000))
+    assert ipv6.startswith(b"OPTIONS sip:[::1]:5060 SIP/2.0\r\n")
+
+
+def header(message: bytes, name: bytes) -> bytes:
+    for line in message.split(b"\r\n"):
+        if line.startswith(name + b":"):
+            return line
+    raise AssertionError(f"no {name!r} header")
+
+
+def test_wait_for_sip_returns_the_first_response_line():
+    port = free_udp_port()
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", port))
+    seen: list[bytes] = []
+
+    def answer_the_second_request():  # the first one is "lost", so the probe must resend
+        for _ in range(2):
+            data, source = server.recvfrom(65535)
+            seen.append(data)
+        server.sendto(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", source)
+
+    responder = threading.Thread(target=answer_the_second_request, daemon=True)
+    responder.start()
+    try:
+        assert launch.wait_for_sip(("127.0.0.1", port), timeout=5) == b"SIP/2.0 200 OK"
+    finally:
+        responder.join(5)
+        server.close()
+    assert len(seen) == 2 and all(m.startswith(b"OPTIONS ") for m in seen)
+    assert header(seen[0], b"Call-ID") != header(seen[1], b"Call-ID")
+
+
+def test_wait_for_sip_gives_up(monkeypatch):
+    monkeypatch.setattr(launch, "PROBE_INTERVAL", 0.1)
+    with pytest.raises(launch.LaunchError, match="no SIP response"):
+        launch.wait_for_sip(("127.0.0.1", free_udp_port()), timeout=0.3)
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for command in ("up", "down", "status", "render"):
+        assert command in usage
