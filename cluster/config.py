@@ -154,6 +154,7 @@ class CallsConfig:
     trace: bool = True
     trace_max: int = 200
     trace_ttl: int = 3600
+    allow_from_mismatch: bool = False
 
 
 @dataclass(frozen=True)

@@ -504,3 +504,32 @@ def build_response(request: Request, status: int, reason: str | None = None, *,
     hs.append(Header("content-length", b"Content-Length", b"%d" % len(body)))
     phrase = reason if reason is not None else REASONS.get(status, "Unknown")
     return Response(status, phrase.encode("utf-8"), hs, body)
+
+
+def error_response(data: bytes, error: SipError, extra: tuple[bytes, ...] = ()) -> bytes | None:
+    """Best-effort answer to a request ``parse`` refused, or None when none can be made.
+
+    A 400 is only useful if it reaches the sender's transaction, so it needs the
+    request's Via, From, To, Call-ID and CSeq lines; they are copied as they are
+    (RFC 3261 8.2.6.2), then the ``extra`` header lines.  Responses, ACKs and
+    unreadable requests get nothing.
+    """
+    if data[:4].upper() == b"SIP/" or data[:4] == b"ACK " or not data.strip():
+        return None
+    eol = b"\r\n" if b"\r\n" in data else b"\n"
+    head = data.split(eol + eol, 1)[0]
+    copied, seen = [], set()
+    for line in head.split(eol)[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        key = COMPACT_FORMS.get(name.strip().decode("latin-1").lower(),
+                                name.strip().decode("latin-1").lower())
+        if key in ("via", "from", "to", "call-id", "cseq"):
+            copied.append(line)
+            seen.add(key)
+    if not {"via", "from", "to", "call-id", "cseq"} <= seen:
+        return None
+    reason = error.reason.encode("latin-1", "replace").replace(b"\r", b" ").replace(b"\n", b" ")
+    lines = [b"SIP/2.0 %d %s" % (error.status, reason), *copied, *extra, b"Content-Length: 0"]
+    return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -1,0 +1,476 @@
+"""The Redis store: the one module that knows every key.
+
+Key schema (values are msgpack unless said otherwise; ``{...}`` is the hash tag
+that keeps one AOR's or one call's keys in one Redis Cluster slot):
+
+  user:{<user>@<realm>}            directory entry: {"user", "realm", "ha1": {"MD5": hex,
+                                   "SHA-256": hex}, "created": epoch}.  No TTL; deleted by
+                                   ``sipctl users del``.
+  reg:{<user>@<realm>}             hash of bindings, field = binding key (``+sip.instance``
+                                   and reg-id when given, else the Contact URI), value = a
+                                   Binding record.  TTL: the latest binding's expiry + 60 s;
+                                   expired bindings are purged on every REGISTER and ignored
+                                   on every read.
+  nc:{<user>@<realm>}:<nonce>      last nonce-count accepted for that nonce (plain integer).
+                                   TTL: the nonce lifetime.  A count not above it is a replay.
+  tx:{<tag>}:<transaction key>     a server transaction's answer (raw SIP bytes; empty while the
+                                   request is being worked on), so a retransmission is answered
+                                   from here and never processed twice.  Tag: the AOR for
+                                   REGISTER, the Call-ID otherwise.  TTL: 64*T1 (Timer J).
+  call:{<call tag>}                a live call: hash {"v": version, "d": msgpack Call record with
+                                   both legs' dialogs, their transactions and the call's
+                                   progress}.  Written compare-and-set on "v" (Lua).  TTL:
+                                   6 h while the call lives (refreshed), 2 min once it ended.
+                                   The tag is a hash of the A-leg Call-ID; B-leg Call-IDs
+                                   carry it as "sc<slot>.<tag>.<n>".
+  timers:<shard>                   sorted set of due timers, score = due time (epoch s),
+                                   member "<call tag>|<timer name>|<due ms>".  A worker
+                                   claims a due entry atomically (ZREM wins); the call record
+                                   says whether the timer is still pending.  No TTL: entries
+                                   leave when they fire.
+  cdr                              Redis Stream of call detail records (XADD, capped with
+                                   MAXLEN ~ 1,000,000); read with ``sipctl cdr`` or XRANGE.
+  authfail:{<ip>}                  failed authentications from one source (plain counter).
+                                   TTL: the failure window.
+  proc:<role>:<host>:<name>        a live process's heartbeat: {"role", "host", "name", "pid",
+                                   "started", "seen", ...counters}.  TTL: a few heartbeats.
+  host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
+                                   so other hosts can send through it (invariant 12).  TTL: idem.
+
+Every function turns Redis trouble into ``StoreUnavailable`` so callers can
+answer 503 instead of crashing.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+import redis
+
+from .sip.uri import SipURI, parse_uri
+
+TX_PREFIX = "tx"
+
+
+def timer_shard(tag: str) -> int:
+    return zlib.crc32(tag.encode()) % TIMER_SHARDS
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer in time, or is gone."""
+
+
+def pack(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def aor_of(user: str, realm: str) -> str:
+    return f"{user}@{realm}"
+
+
+def user_key(aor: str) -> str:
+    return f"user:{{{aor}}}"
+
+
+def reg_key(aor: str) -> str:
+    return f"reg:{{{aor}}}"
+
+
+def nc_key(aor: str, nonce: str) -> str:
+    return f"nc:{{{aor}}}:{nonce}"
+
+
+def tx_key(tag: str, key: str) -> str:
+    return f"{TX_PREFIX}:{{{tag}}}:{key}"
+
+
+def call_key(tag: str) -> str:
+    return f"call:{{{tag}}}"
+
+
+def timer_key(shard: int) -> str:
+    return f"timers:{shard}"
+
+
+CDR_STREAM = "cdr"
+TIMER_SHARDS = 8
+
+
+def authfail_key(ip: str) -> str:
+    return f"authfail:{{{ip}}}"
+
+
+def proc_key(role: str, host: str, name: str) -> str:
+    return f"proc:{role}:{host}:{name}"
+
+
+def host_key(host: str) -> str:
+    return f"host:{host}"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Binding:
+    """One registered contact of an AOR (RFC 3261 section 10)."""
+
+    key: str
+    contact: bytes  # the Contact URI as the phone sent it
+    expires_at: float  # epoch seconds
+    call_id: str
+    cseq: int
+    source: tuple[str, int]  # where the REGISTER came from
+    host: str  # host id whose SIP socket received it (invariant 12)
+    nat: bool = False  # the REGISTER came from elsewhere than its Via said: reach it at source
+    q: float | None = None
+    instance: str | None = None
+    reg_id: int | None = None
+    user_agent: str = ""
+    transport: str = "udp"
+    registered_at: float = 0.0
+    params: dict = field(default_factory=dict)
+
+    @property
+    def destination(self) -> tuple[str, int] | None:
+        """Where requests for this contact go: the NAT's address, else the Contact's."""
+        if self.nat:
+            return self.source
+        uri = parse_uri(self.contact)
+        if not isinstance(uri, SipURI):
+            return None
+        return (uri.param("maddr") or uri.host_bare, uri.port or 5060)
+
+    def to_record(self) -> dict:
+        """Text and numbers only: the registrar's Lua script reads these records."""
+        record = asdict(self)
+        record["contact"] = self.contact.decode("latin-1")
+        record["source"] = list(self.source)
+        record["expires_at"] = int(self.expires_at * 1000)  # Lua compares integers
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> Binding:
+        record = dict(record)
+        record["contact"] = record["contact"].encode("latin-1")
+        record["source"] = tuple(record["source"])
+        record["expires_at"] = record["expires_at"] / 1000.0
+        return cls(**record)
+
+
+@dataclass
+class RegisterResult:
+    outcome: str  # "ok", "dup" (a retransmission), "replay", "stale-cseq", "too-many"
+    bindings: list[Binding] = field(default_factory=list)
+    response: bytes | None = None  # for "dup": the stored answer (None while in progress)
+
+
+# One atomic step per REGISTER (design: one Lua call per registration).
+# KEYS: reg, nc, tx.  ARGV: now_ms, nc ('' = none), nc_ttl_ms, tx_ttl_ms, max_contacts,
+# ops (msgpack: {star=bool, call_id=, cseq=, remove={key,...}}), then pairs of binding key and
+# packed binding to set.  Lua's msgpack has no binary type: records hold text only.
+_REGISTER_LUA = """
+local tx = redis.call('GET', KEYS[3])
+if tx then return {'dup', tx} end
+if ARGV[2] ~= '' then
+  local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+  if tonumber(ARGV[2]) <= last then return {'replay'} end
+end
+local now = tonumber(ARGV[1])
+local ops = cmsgpack.unpack(ARGV[6])
+-- current[key] = {b = decoded record, p = packed bytes as stored (never re-packed, so
+-- binary fields keep their msgpack type)}
+local current, count = {}, 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local b = cmsgpack.unpack(all[i + 1])
+  if b.expires_at <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    current[all[i]] = {b = b, p = all[i + 1]}
+    count = count + 1
+  end
+end
+local function stale(entry)
+  return entry.b.call_id == ops.call_id and ops.cseq <= entry.b.cseq
+end
+if ops.star then
+  for k, entry in pairs(current) do
+    if stale(entry) then return {'stale-cseq'} end
+  end
+  redis.call('DEL', KEYS[1])
+  current, count = {}, 0
+end
+for _, k in ipairs(ops.remove) do
+  if current[k] then
+    if stale(current[k]) then return {'stale-cseq'} end
+    redis.call('HDEL', KEYS[1], k)
+    current[k] = nil
+    count = count - 1
+  end
+end
+local added = 0
+for i = 7, #ARGV, 2 do
+  local k = ARGV[i]
+  if current[k] then
+    if stale(current[k]) then return {'stale-cseq'} end
+  else
+    added = added + 1
+  end
+end
+if added > 0 and count + added > tonumber(ARGV[5]) then return {'too-many'} end
+for i = 7, #ARGV, 2 do
+  local k, packed = ARGV[i], ARGV[i + 1]
+  redis.call('HSET', KEYS[1], k, packed)
+  current[k] = {b = cmsgpack.unpack(packed), p = packed}
+end
+local out, latest = {}, 0
+for k, entry in pairs(current) do
+  if entry.b.expires_at > latest then latest = entry.b.expires_at end
+  table.insert(out, entry.p)
+end
+if latest > 0 then
+  redis.call('PEXPIRE', KEYS[1], latest - now + 60000)
+end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
+redis.call('SET', KEYS[3], '', 'PX', ARGV[4])
+return {'ok', out}
+"""
+
+# Compare-and-set of a call record.  KEYS: call.  ARGV: expected version (0 = must not
+# exist), new data, ttl ms.  Returns the new version, or -1 when someone else wrote first.
+_CALL_CAS_LUA = """
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return v + 1
+"""
+
+# Claim up to ARGV[2] timers due at ARGV[1] from one shard.  KEYS: timers shard.
+_POP_TIMERS_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+
+_NC_LUA = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) <= last then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class Store:
+    def __init__(self, url: str, timeout: float = 0.25, max_connections: int = 64):
+        self.url = url
+        pool = redis.BlockingConnectionPool.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            max_connections=max_connections, timeout=timeout)
+        self.redis = redis.Redis(connection_pool=pool)
+        self._register = self.redis.register_script(_REGISTER_LUA)
+        self._nc = self.redis.register_script(_NC_LUA)
+        self._call_cas = self.redis.register_script(_CALL_CAS_LUA)
+        self._pop_timers = self.redis.register_script(_POP_TIMERS_LUA)
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        except redis.ResponseError as exc:
+            if "LOADING" in str(exc) or "MASTERDOWN" in str(exc) or "BUSY" in str(exc):
+                raise StoreUnavailable(str(exc)) from exc
+            raise
+
+    def ping(self) -> bool:
+        return bool(self._call(self.redis.ping))
+
+    # ---------------------------------------------------------------- directory
+    def put_user(self, user: str, realm: str, ha1: dict[str, str]) -> None:
+        record = {"user": user, "realm": realm, "ha1": ha1, "created": int(time.time())}
+        self._call(self.redis.set, user_key(aor_of(user, realm)), pack(record))
+
+    def put_users(self, entries: Iterable[tuple[str, str, dict[str, str]]], batch=500) -> int:
+        """Write many users with pipelining; returns how many were written."""
+        count, now = 0, int(time.time())
+        pipe = self.redis.pipeline(transaction=False)
+        for user, realm, ha1 in entries:
+            record = {"user": user, "realm": realm, "ha1": ha1, "created": now}
+            pipe.set(user_key(aor_of(user, realm)), pack(record))
+            count += 1
+            if count % batch == 0:
+                self._call(pipe.execute)
+        self._call(pipe.execute)
+        return count
+
+    def get_user(self, user: str, realm: str) -> dict | None:
+        data = self._call(self.redis.get, user_key(aor_of(user, realm)))
+        return None if data is None else unpack(data)
+
+    def delete_user(self, user: str, realm: str) -> bool:
+        aor = aor_of(user, realm)
+        return bool(self._call(self.redis.delete, user_key(aor), reg_key(aor)))
+
+    def list_users(self, realm: str | None = None) -> list[dict]:
+        users = []
+        for key in self._scan("user:*"):
+            data = self._call(self.redis.get, key)
+            if data is not None:
+                record = unpack(data)
+                if realm is None or record["realm"] == realm:
+                    users.append(record)
+        return sorted(users, key=lambda r: (r["realm"], r["user"]))
+
+    def _scan(self, pattern: str) -> Iterator[str]:
+        try:
+            for key in self.redis.scan_iter(match=pattern, count=1000):
+                yield key.decode()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    # ---------------------------------------------------------------- registrar
+    def register(self, aor: str, tx: str, *, now: float, nonce: str | None, nc: int | None,
+                 nonce_ttl: float, tx_ttl: float, max_contacts: int, call_id: str, cseq: int,
+                 set_bindings: list[Binding], remove_keys: list[str], star: bool
+                 ) -> RegisterResult:
+        ops = {"star": star, "call_id": call_id, "cseq": cseq, "remove": remove_keys}
+        keys = [reg_key(aor), nc_key(aor, nonce or "-"), tx]
+        args = [int(now * 1000), "" if nc is None else nc, int(nonce_ttl * 1000),
+                int(tx_ttl * 1000), max_contacts, pack(ops)]
+        for binding in set_bindings:
+            args += [binding.key, pack(binding.to_record())]
+        reply = self._call(self._register, keys=keys, args=args)
+        outcome = reply[0].decode()
+        if outcome == "ok":
+            bindings = [Binding.from_record(unpack(b)) for b in reply[1]]
+            return RegisterResult("ok", sorted(bindings, key=lambda b: b.registered_at))
+        if outcome == "dup":
+            return RegisterResult("dup", response=reply[1] or None)
+        return RegisterResult(outcome)
+
+    def bindings(self, aor: str, now: float | None = None) -> list[Binding]:
+        now = time.time() if now is None else now
+        raw = self._call(self.redis.hgetall, reg_key(aor))
+        found = (Binding.from_record(unpack(v)) for v in raw.values())
+        return sorted((b for b in found if b.expires_at > now), key=lambda b: b.registered_at)
+
+    def registered_aors(self) -> list[str]:
+        return sorted(key[len("reg:{"):-1] for key in self._scan("reg:*"))
+
+    def accept_nonce_count(self, aor: str, nonce: str, nc: int, ttl: float) -> bool:
+        """NonceCounter for requests outside REGISTER: False for a replayed count."""
+        return bool(self._call(self._nc, keys=[nc_key(aor, nonce)], args=[nc, int(ttl * 1000)]))
+
+    # ---------------------------------------------------------------- transactions
+    def claim_transaction(self, tx: str, ttl: float) -> tuple[bool, bytes | None]:
+        """Claim a new server transaction; (False, answer-or-None) when it exists already."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(tx, b"", nx=True, px=int(ttl * 1000))
+        pipe.get(tx)
+        created, stored = self._call(pipe.execute)
+        return (True, None) if created else (False, stored or None)
+
+    def store_answer(self, tx: str, data: bytes, ttl: float) -> None:
+        self._call(self.redis.set, tx, data, px=int(ttl * 1000))
+
+    def stored_answer(self, tx: str) -> bytes | None:
+        return self._call(self.redis.get, tx) or None
+
+    # ---------------------------------------------------------------- calls
+    def load_call(self, tag: str) -> tuple[int, dict] | None:
+        """(version, record) of a call, or None."""
+        version, data = self._call(self.redis.hmget, call_key(tag), "v", "d")
+        if data is None:
+            return None
+        return int(version), unpack(data)
+
+    def save_call(self, tag: str, version: int, record: dict, ttl: float) -> int | None:
+        """Write a call record if it is still at ``version``; the new version, or None."""
+        new = self._call(self._call_cas, keys=[call_key(tag)],
+                         args=[version, pack(record), int(ttl * 1000)])
+        return None if new < 0 else int(new)
+
+    def live_calls(self) -> list[tuple[str, dict]]:
+        found = []
+        for key in self._scan("call:*"):
+            data = self._call(self.redis.hget, key, "d")
+            if data is not None:
+                found.append((key[len("call:{"):-1], unpack(data)))
+        return found
+
+    def add_timers(self, entries: list[tuple[str, str, float]]) -> None:
+        """Arm timers: (call tag, timer name, due epoch seconds)."""
+        if not entries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for tag, name, due in entries:
+            member = f"{tag}|{name}|{int(due * 1000)}"
+            pipe.zadd(timer_key(timer_shard(tag)), {member: due})
+        self._call(pipe.execute)
+
+    def pop_due_timers(self, now: float, limit: int = 100) -> list[tuple[str, str, float]]:
+        """Claim the due timers of every shard: (call tag, timer name, due)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(TIMER_SHARDS):
+            self._pop_timers(keys=[timer_key(shard)], args=[now, limit], client=pipe)
+        claimed = []
+        for members in self._call(pipe.execute):
+            for member in members:
+                tag, _, rest = member.decode().partition("|")
+                name, _, due_ms = rest.rpartition("|")
+                claimed.append((tag, name, int(due_ms) / 1000.0))
+        return claimed
+
+    def add_cdr(self, record: dict) -> None:
+        fields = {k: ("" if v is None else str(v)) for k, v in record.items()}
+        self._call(self.redis.xadd, CDR_STREAM, fields, maxlen=1_000_000, approximate=True)
+
+    def cdrs(self, since_ms: int = 0, count: int = 10_000) -> list[dict]:
+        entries = self._call(self.redis.xrange, CDR_STREAM, min=f"{since_ms}-0", count=count)
+        return [{"id": eid.decode(), **{k.decode(): v.decode() for k, v in fields.items()}}
+                for eid, fields in entries]
+
+    # ---------------------------------------------------------------- auth throttling
+    def auth_failures(self, ip: str) -> int:
+        value = self._call(self.redis.get, authfail_key(ip))
+        return int(value or 0)
+
+    def note_auth_failure(self, ip: str, window: float) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(authfail_key(ip))
+        pipe.expire(authfail_key(ip), int(window), nx=True)
+        count, _ = self._call(pipe.execute)
+        return int(count)
+
+    # ---------------------------------------------------------------- processes
+    def heartbeat(self, role: str, host: str, name: str, info: dict, ttl: float) -> None:
+        self._call(self.redis.set, proc_key(role, host, name), pack(info), px=int(ttl * 1000))
+
+    def announce_host(self, host: str, info: dict, ttl: float) -> None:
+        self._call(self.redis.set, host_key(host), pack(info), px=int(ttl * 1000))
+
+    def host_info(self, host: str) -> dict | None:
+        data = self._call(self.redis.get, host_key(host))
+        return None if data is None else unpack(data)
+
+    def processes(self, role: str | None = None) -> list[dict]:
+        found = []
+        for key in self._scan(f"proc:{role or '*'}:*"):
+            data = self._call(self.redis.get, key)
+            if data is not None:
+                found.append(unpack(data))
+        return sorted(found, key=lambda p: (p.get("role", ""), p.get("host", ""),
+                                            p.get("name", "")))

@@ -1,0 +1,175 @@
+"""A real cluster for integration tests: supervisord, dispatcher, workers, on free ports.
+
+It renders the same supervisord configuration ``make run`` uses, into a
+temporary folder, against the test's own redis-server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import ROOT, free_tcp_port, free_udp_port
+
+from cluster.cli import ha1_hashes
+from cluster.config import load
+from cluster.launch import render_supervisord
+from cluster.store import TX_PREFIX, Store, reg_key
+
+SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
+SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
+SECRET = "integration-test-secret"
+
+
+class Cluster:
+    def __init__(self, tmp: Path, redis_url: str, *, workers: int = 2, settings: dict | None = None):
+        self.tmp = tmp
+        self.redis_url = redis_url
+        self.sip_port = free_udp_port()
+        self.run_dir = tmp / "run"
+        self.log_dir = tmp / "log"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        sections = {
+            "sip": {"bind": "127.0.0.1", "port": self.sip_port, "host_id": "test-host"},
+            "dispatcher": {"control_path": str(self.run_dir / "dispatcher.sock"),
+                           "heartbeat_interval": 0.2, "dead_after": 1.0},
+            "workers": {"count": workers},
+            "redis": {"url": redis_url, "managed": False},
+            "auth": {"secret": SECRET, "realm": "127.0.0.1"},
+            "log": {"dir": str(self.log_dir), "level": "INFO"},
+            "metrics": {"port": free_tcp_port()},
+            "media": {"mode": "bypass"},
+        }
+        for section, values in (settings or {}).items():
+            sections.setdefault(section, {}).update(values)
+        self.config_path = tmp / "cluster.toml"
+        self.config_path.write_text(_toml(sections))
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("SIPCLUSTER_") and k != "REDIS_URL"}
+        env["SIPCLUSTER_CONFIG"] = str(self.config_path)
+        self.env = env
+        self.config = load(str(self.config_path), env=env)
+        self.store = Store(redis_url, timeout=2.0)
+        self.conf = self.run_dir / "supervisord.conf"
+        self.conf.write_text(render_supervisord(
+            self.config, run_dir=self.run_dir, python=sys.executable,
+            env={"SIPCLUSTER_CONFIG": str(self.config_path)}))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.sip_port)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 20.0) -> Cluster:
+        subprocess.run([SUPERVISORD, "-c", str(self.conf)], check=True, cwd=ROOT, env=self.env)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until every worker has joined the dispatcher and OPTIONS is answered."""
+        from sipua import UA
+        deadline = time.monotonic() + timeout
+        with UA(self.address) as ua:
+            while time.monotonic() < deadline:
+                if self.joined_workers() >= self.config.workers.count:
+                    if ua.options(timeout=0.5) is not None:
+                        return
+                time.sleep(0.1)
+        raise RuntimeError("cluster did not come up:\n" + self.log_tail())
+
+    def joined_workers(self) -> int:
+        text = self.read_log("dispatcher")
+        joined = len(re.findall(r"worker \S+ joined", text))
+        left = len(re.findall(r"worker \S+ left", text))
+        return joined - left
+
+    def stop(self) -> None:
+        subprocess.run([SUPERVISORCTL, "-c", str(self.conf), "shutdown"],
+                       capture_output=True, cwd=ROOT, env=self.env)
+        pid_file = self.run_dir / "supervisord.pid"
+        deadline = time.monotonic() + 15
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def ctl(self, *args: str) -> str:
+        return subprocess.run([SUPERVISORCTL, "-c", str(self.conf), *args], capture_output=True,
+                              text=True, cwd=ROOT, env=self.env).stdout
+
+    def processes(self) -> dict[str, tuple[str, int]]:
+        """Program name -> (state, pid) as supervisorctl reports them (pid 0 when not running)."""
+        table = {}
+        for line in self.ctl("status").splitlines():
+            fields = line.split()
+            if len(fields) >= 2:
+                pid = re.search(r"\bpid (\d+)", line)
+                table[fields[0]] = (fields[1], int(pid.group(1)) if pid else 0)
+        return table
+
+    def pid_of(self, program: str) -> int:
+        return int(self.ctl("pid", program).strip())
+
+    def kill9(self, program: str) -> int:
+        pid = self.pid_of(program)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    # ---------------------------------------------------------------- data
+    def add_user(self, user: str, password: str) -> None:
+        realm = self.config.realm
+        self.store.put_user(user, realm, ha1_hashes(user, realm, password))
+
+    def clear_registrations(self) -> None:
+        """Forget bindings, nonce-counts, stored transactions and auth failures; keep users."""
+        client = self.store.redis
+        for aor in self.store.registered_aors():
+            client.delete(reg_key(aor))
+        for pattern in ("nc:*", f"{TX_PREFIX}:*", "authfail:*"):
+            for key in client.scan_iter(match=pattern, count=1000):
+                client.delete(key)
+
+    def read_log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        out = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+
+@contextmanager
+def running_cluster(tmp: Path, redis_url: str, **kwargs) -> Iterator[Cluster]:
+    """A started cluster that is shut down afterwards, also when it failed to come up."""
+    cluster = Cluster(tmp, redis_url, **kwargs)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _toml(sections: dict) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, (int, float)):
+                lines.append(f"{key} = {value}")
+            elif isinstance(value, (list, tuple)):
+                lines.append(f"{key} = [{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}]")
+            else:
+                lines.append(f'{key} = "{value}"')
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The SIP worker process: registrar, digest authentication, B2BUA."""

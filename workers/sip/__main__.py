@@ -1,0 +1,23 @@
+"""Entry point of one SIP worker process (run under supervisord)."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+
+from cluster.config import load  # noqa: E402
+from cluster.logsetup import setup_logging  # noqa: E402
+
+from .worker import Worker  # noqa: E402
+
+
+def main() -> None:
+    config = load()
+    name = f"worker-{os.environ.get('SIPCLUSTER_WORKER_INDEX', os.getpid())}"
+    setup_logging(config, name)
+    Worker(config, name).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The B2BUA shell: loads a call from Redis, feeds it one event, writes it back, acts.
+
+Every event follows the same steps (design invariant 4): load the call record
+and its version; let the pure state machine (call.py) decide; arm the timers it
+asked for (harmless if the write then loses: a timer checks the record when it
+fires); write the record compare-and-set; only then send what it decided.  A
+writer that loses the race re-reads and decides again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import gevent
+
+from cluster.envelope import affinity_key
+from cluster.logsetup import call_log
+from cluster.sip.message import Request, Response, build_response
+from cluster.sip.transaction import TimerConfig, server_key
+from cluster.sip.uri import SipURI
+from cluster.store import StoreUnavailable, aor_of, tx_key
+
+from .auth import Verdict
+from .call import Arm, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+
+log = logging.getLogger("b2bua")
+LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
+ENDED_TTL = 120.0  # kept a while after the end for retransmissions and the operator
+CAS_ATTEMPTS = 8
+TIMER_TICK = 0.02
+
+
+def call_tag(call_id: bytes) -> str:
+    """The call a Call-ID belongs to: B-legs say it ("sc<slot>.<tag>.<n>"), A-legs hash to it."""
+    if call_id[:2] == b"sc":
+        parts = call_id.split(b".")
+        if len(parts) == 3 and parts[0][2:].isdigit() and len(parts[1]) == 24:
+            return parts[1].decode()
+    return hashlib.blake2b(call_id, digest_size=12).hexdigest()
+
+
+class RandomIds(Ids):
+    def tag(self) -> str:
+        return os.urandom(8).hex()
+
+    def branch(self) -> str:
+        return "z9hG4bK" + os.urandom(10).hex()
+
+
+class B2BUA:
+    def __init__(self, worker):
+        self.worker = worker
+        self.store = worker.store
+        self.config = worker.config
+        self.ids = RandomIds()
+        cfg = worker.config
+        self.settings = Settings(
+            address=cfg.sip.effective_address, port=cfg.sip.effective_port,
+            user_agent=cfg.sip.user_agent.encode(),
+            timers=TimerConfig(t1=cfg.timers.t1, t2=cfg.timers.t2, t4=cfg.timers.t4),
+            no_answer_timeout=cfg.calls.no_answer_timeout,
+            max_duration=cfg.calls.max_duration)
+
+    def ctx(self, source: tuple[str, int] | None = None) -> Ctx:
+        return Ctx(time.time(), self.ids, self.settings, source)
+
+    # ---------------------------------------------------------------- requests
+    def on_request(self, req: Request, source) -> None:
+        tag = call_tag(req.call_id)
+        if self._with_call(tag, lambda call: call.on_request(req, source.addr, self.ctx(
+                source.addr)), req, source):
+            return
+        if req.method == "INVITE" and req.to.tag is None:
+            self._new_call(tag, req, source)
+        elif req.method == "ACK":
+            return  # the ACK of a failure we answered statelessly
+        else:
+            self.worker.reply(req, source, 481)
+
+    def on_response(self, resp: Response, source) -> None:
+        tag = call_tag(resp.call_id)
+        if not self._with_call(tag, lambda call: call.on_response(resp, source.addr, self.ctx(
+                source.addr)), None, source):
+            self.worker.counters["stray_responses"] += 1
+
+    def on_timer(self, tag: str, name: str, due: float) -> None:
+        self._with_call(tag, lambda call: call.on_timer(name, due, self.ctx()), None, None)
+
+    def hangup(self, tag: str, cause=None) -> bool:
+        from .call import ADMIN_HANGUP
+        return self._with_call(tag, lambda call: call.hangup_now(
+            cause or ADMIN_HANGUP, "system", self.ctx()), None, None)
+
+    # ---------------------------------------------------------------- a new call
+    def _new_call(self, tag: str, req: Request, source) -> None:
+        worker = self.worker
+        clog = call_log(log, req.call_id)
+        stored_key = tx_key(tag, server_key(req))
+        stored = self.store.stored_answer(stored_key)
+        if stored:
+            worker.transport.send(stored, source.addr, sock_index=source.sock_index)
+            return
+        caller = self._authenticate(req, source)
+        if caller is None:
+            return
+        worker.reply(req, source, 100)
+        callee = _callee_of(req)
+        failure = None
+        if callee is None or self.store.get_user(callee, self.config.realm) is None:
+            failure = 404
+        else:
+            bindings = self.store.bindings(aor_of(callee, self.config.realm))
+            if not bindings:
+                failure = 480
+        if failure is not None:
+            clog.info("call from %s to %s: %d", caller, callee, failure)
+            self._fail_statelessly(req, source, failure, stored_key)
+            return
+        targets = [Target(b.contact, b.destination, b.host) for b in bindings
+                   if b.destination is not None]
+        call, actions = Call.start(
+            tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
+            host=source.host, sock_index=source.sock_index, caller=caller, callee=callee,
+            targets=targets, ctx=self.ctx(source.addr))
+        call.worker = worker.name
+        if self._commit(tag, 0, call, actions, req, source):
+            worker.counters["calls"] += 1
+            clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
+        else:  # another worker created it meanwhile: this INVITE is a retransmission there
+            self._with_call(tag, lambda c: c.on_request(req, source.addr, self.ctx(
+                source.addr)), req, source)
+
+    def _authenticate(self, req: Request, source) -> str | None:
+        """The caller's user name, or None when the request was answered (407/403)."""
+        worker = self.worker
+        result = worker.auth.check(req, source.addr[0], proxy=True)
+        if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
+            worker.reply(req, source, 407, headers=worker.auth.challenge_headers(
+                proxy=True, stale=result.verdict is Verdict.STALE))
+            return None
+        if result.verdict is not Verdict.OK:
+            worker.counters["auth_failures"] += 1
+            worker.reply(req, source, 403)
+            return None
+        creds = result.credentials
+        aor = aor_of(result.username, self.config.realm)
+        if creds.nc and not self.store.accept_nonce_count(
+                aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime):
+            worker.reply(req, source, 407, headers=worker.auth.challenge_headers(proxy=True))
+            return None
+        from_user = _user_of(req.from_.uri)
+        if from_user != result.username and not self.config.calls.allow_from_mismatch:
+            worker.reply(req, source, 403, "From does not match the authenticated user")
+            return None
+        return result.username
+
+    def _fail_statelessly(self, req: Request, source, status: int, stored_key: str) -> None:
+        resp = build_response(req, status, to_tag=self.ids.tag(),
+                              headers=[(b"Server", self.settings.user_agent)])
+        data = resp.to_bytes()
+        self.worker.transport.send(data, source.addr, sock_index=source.sock_index)
+        self.store.store_answer(stored_key, data, self.worker.tx_ttl)
+        self.worker.counters[f"responses_{status // 100}xx"] += 1
+
+    # ---------------------------------------------------------------- the loop
+    def _with_call(self, tag: str, event, req: Request | None, source) -> bool:
+        """Run ``event`` on call ``tag`` until its write wins; False when there is no call."""
+        for _attempt in range(CAS_ATTEMPTS):
+            loaded = self.store.load_call(tag)
+            if loaded is None:
+                return False
+            version, record = loaded
+            call = Call.from_record(record)
+            actions = event(call)
+            call.worker = self.worker.name
+            after = call.to_record()
+            if after == record:
+                self._perform(tag, actions, req, source)
+                return True
+            if self._commit(tag, version, call, actions, req, source, after):
+                return True
+            self.worker.counters["cas_conflicts"] += 1
+            gevent.sleep(0.001)
+        raise StoreUnavailable(f"call {tag}: too many concurrent writers")
+
+    def _commit(self, tag: str, version: int, call: Call, actions: list, req, source,
+                record: dict | None = None) -> bool:
+        arms = [(tag, a.name, a.at) for a in actions if isinstance(a, Arm)]
+        self.store.add_timers(arms)
+        ttl = LIVE_TTL if call.live else ENDED_TTL
+        if self.store.save_call(tag, version, record or call.to_record(), ttl) is None:
+            return False
+        self._perform(tag, actions, req, source)
+        return True
+
+    def _perform(self, tag: str, actions: list, req: Request | None, source) -> None:
+        worker = self.worker
+        for action in actions:
+            if isinstance(action, Out):
+                worker.transport.send(action.data, action.dest, host=action.host,
+                                      sock_index=action.sock_index)
+            elif isinstance(action, Reply) and req is not None:
+                worker.reply(req, source, action.status, action.reason)
+            elif isinstance(action, Cdr):
+                worker.counters["calls_ended"] += 1
+                call_log(log, action.record["a_call_id"]).info(
+                    "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
+                    action.record["hangup_side"], action.record["duration"])
+                self.store.add_cdr(action.record)
+
+    def timer_loop(self) -> None:
+        """Fire due timers, whichever worker armed them (design invariant 10)."""
+        while True:
+            gevent.sleep(TIMER_TICK)
+            try:
+                due = self.store.pop_due_timers(time.time())
+            except StoreUnavailable:
+                gevent.sleep(0.5)
+                continue
+            for tag, name, at in due:
+                self.worker.pool.spawn(self._fire, tag, name, at)
+
+    def _fire(self, tag: str, name: str, at: float) -> None:
+        try:
+            self.on_timer(tag, name, at)
+        except StoreUnavailable as exc:
+            log.warning("timer %s of call %s lost to Redis trouble: %s", name, tag, exc)
+        except Exception:
+            log.exception("timer %s of call %s failed", name, tag)
+
+
+def _user_of(uri) -> str | None:
+    if isinstance(uri, SipURI) and uri.user is not None:
+        return uri.user_unescaped.decode("utf-8", "replace")
+    return None
+
+
+def _callee_of(req: Request) -> str | None:
+    return _user_of(req.uri)

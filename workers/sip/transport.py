@@ -1,0 +1,129 @@
+"""The worker's thin gevent transport.
+
+Datagrams arrive from the dispatcher on a loopback UDP port, wrapped with
+their source address.  Answers leave through copies of the dispatcher's SIP
+sockets (received over the control connection), so they come from the SIP
+port; requests for a phone registered through another host go to that host's
+dispatcher (its egress port), which sends them from its own SIP socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import gevent
+import msgpack
+
+from cluster import envelope
+from cluster.store import Store, StoreUnavailable
+
+log = logging.getLogger("transport")
+RECV_BUFFER = 4 * 1024 * 1024
+
+
+class Transport:
+    def __init__(self, control_path: str, name: str, host: str, heartbeat_interval: float,
+                 store: Store, on_datagram, load=lambda: 0):
+        self.control_path = control_path
+        self.name = name
+        self.host = host
+        self.heartbeat_interval = heartbeat_interval
+        self.store = store
+        self.on_datagram = on_datagram
+        self.load = load
+        self.inbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.inbound.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        self.inbound.bind(("127.0.0.1", 0))
+        self.egress = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sip_sockets: list[socket.socket] = []
+        self.control: socket.socket | None = None
+        self._hosts: dict[str, tuple[float, tuple[str, int] | None]] = {}
+        self.sent = 0
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> list[gevent.Greenlet]:
+        self._connect()
+        return [gevent.spawn(self._receive_loop), gevent.spawn(self._heartbeat_loop)]
+
+    def _connect(self) -> None:
+        """Get the SIP sockets from the dispatcher and say hello; retries until it answers."""
+        while True:
+            try:
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.connect(self.control_path)
+                payload, fds = envelope.recv_fds(conn)
+                hello = msgpack.unpackb(payload, raw=False)
+                break
+            except OSError as exc:
+                log.warning("dispatcher not reachable at %s (%s); retrying",
+                            self.control_path, exc)
+                gevent.sleep(0.5)
+        for sock in self.sip_sockets:
+            sock.close()  # our copies of the old descriptors; the dispatcher keeps its own
+        self.sip_sockets = [socket.socket(fileno=fd) for fd in fds]
+        self.control = conn
+        self.dispatcher_host = hello.get("host")
+        ip, port = self.inbound.getsockname()
+        self._send_control({"type": "hello", "name": self.name, "ip": ip, "port": port,
+                            "pid": os.getpid()})
+        log.info("connected to dispatcher %s; reading on %s:%d", self.dispatcher_host, ip, port)
+
+    def _send_control(self, message: dict) -> None:
+        self.control.sendall(msgpack.packb(message))
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            gevent.sleep(self.heartbeat_interval)
+            try:
+                self._send_control({"type": "hb", "load": self.load()})
+            except OSError:
+                log.warning("lost the dispatcher; reconnecting")
+                self._connect()
+
+    def _receive_loop(self) -> None:
+        while True:
+            data = self.inbound.recv(65600)
+            try:
+                addr, index, payload = envelope.unwrap(data)
+            except ValueError:
+                continue
+            self.on_datagram(payload, addr, index)
+
+    # ---------------------------------------------------------------- sending
+    def send(self, data: bytes, dest: tuple[str, int], *, host: str | None = None,
+             sock_index: int = 0) -> None:
+        """Send from the SIP port; through another host when the peer's NAT expects it."""
+        if host and host != self.host:
+            egress = self._egress_of(host)
+            if egress is not None:
+                self.egress.sendto(envelope.wrap(dest, sock_index, data), egress)
+                self.sent += 1
+                return
+        if ":" in dest[0]:
+            sock_index = next((i for i, s in enumerate(self.sip_sockets)
+                               if s.family == socket.AF_INET6), None)
+            if sock_index is None:
+                log.warning("no IPv6 SIP socket to reach %s", dest[0])
+                return
+        elif self.sip_sockets[sock_index].family != socket.AF_INET:
+            sock_index = 0
+        try:
+            self.sip_sockets[sock_index].sendto(data, dest)
+            self.sent += 1
+        except OSError as exc:
+            log.warning("send to %s:%d failed: %s", dest[0], dest[1], exc)
+
+    def _egress_of(self, host: str) -> tuple[str, int] | None:
+        now = time.monotonic()
+        cached = self._hosts.get(host)
+        if cached is None or cached[0] < now:
+            try:
+                info = self.store.host_info(host)
+            except StoreUnavailable:
+                info = None
+            egress = tuple(info["egress"]) if info and info.get("egress") else None
+            cached = self._hosts[host] = (now + 5.0, egress)
+        return cached[1]

@@ -1,0 +1,239 @@
+"""The SIP worker: stateless, everything it needs to carry on lives in Redis.
+
+Order of work for a datagram, cheapest first, so that overload sheds load
+instead of collapsing (every retransmission of a slow request would otherwise
+start the same Redis work again):
+
+  1. too many requests in flight here -> 503 with Retry-After, no Redis;
+  2. a retransmission of a request this worker is working on -> dropped;
+  3. parse and validate -> 400/416/420/483/505... from the parser's verdict;
+  4. the method's handler; a Redis failure anywhere -> 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+
+import gevent
+import gevent.pool
+
+from cluster.config import Config
+from cluster.sip import scan
+from cluster.sip.errors import SipError
+from cluster.sip.message import KNOWN_METHODS, Request, Response, build_response, error_response, parse
+from cluster.sip.transaction import response_dest, server_key
+from cluster.store import Store, StoreUnavailable
+
+from .auth import Authenticator
+from .b2bua import B2BUA
+from .registrar import Registrar, RegistrarSettings, Source
+from .transport import Transport
+
+log = logging.getLogger("worker")
+RETRY_AFTER = b"Retry-After: 5"
+# What this cluster answers; every other known method is 405, an unknown one 501.
+ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
+           "MESSAGE", "NOTIFY", "REFER", "PRACK")
+# Methods that belong to a call (in or out of a dialog) and go to the B2BUA.
+CALL_METHODS = frozenset(ALLOWED) - {"REGISTER", "OPTIONS"}
+SUPPORTED: tuple[str, ...] = ("timer",)
+
+
+def new_tag() -> str:
+    return os.urandom(8).hex()
+
+
+class Worker:
+    def __init__(self, config: Config, name: str):
+        self.config = config
+        self.name = name
+        self.host = config.sip.effective_host_id
+        self.store = Store(config.redis.url, timeout=config.workers.redis_timeout,
+                           max_connections=config.workers.max_inflight // 4 or 8)
+        self.counters: Counter[str] = Counter()
+        self.pool = gevent.pool.Pool(config.workers.max_inflight)
+        self.working: set[bytes] = set()  # (Call-ID, branch) of requests being handled here
+        timers = config.timers
+        self.tx_ttl = 64 * timers.t1
+        self.auth = Authenticator(
+            self.store, realm=config.realm, secret=config.auth.secret.encode(),
+            algorithms=tuple(config.auth.algorithms),
+            nonce_lifetime=config.auth.nonce_lifetime,
+            max_failures=config.auth.max_failures, failure_window=config.auth.failure_window)
+        reg = config.registrar
+        self.registrar = Registrar(self.store, self.auth, RegistrarSettings(
+            realm=config.realm, min_expires=reg.min_expires, max_expires=reg.max_expires,
+            default_expires=reg.default_expires, max_contacts=reg.max_contacts,
+            nonce_lifetime=config.auth.nonce_lifetime, tx_ttl=self.tx_ttl,
+            server=config.sip.user_agent.encode()), new_tag)
+        self.transport = Transport(
+            config.dispatcher.control_path, name, self.host,
+            config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
+            load=lambda: len(self.pool))
+        self.user_agent = config.sip.user_agent.encode()
+        self.started = time.time()
+        self.b2bua = B2BUA(self)
+
+    # ---------------------------------------------------------------- entry
+    def run(self) -> None:
+        greenlets = self.transport.start()
+        greenlets.append(gevent.spawn(self._heartbeat_loop))
+        greenlets.append(gevent.spawn(self.b2bua.timer_loop))
+        gevent.joinall(greenlets, raise_error=True)
+
+    def on_datagram(self, data: bytes, addr: tuple[str, int], sock_index: int) -> None:
+        self.counters["received"] += 1
+        if self.pool.full():
+            self._shed(data, addr, sock_index)
+            return
+        mark = self._mark(data)
+        if mark is not None:
+            if mark in self.working:
+                self.counters["retransmissions_absorbed"] += 1
+                return
+            self.working.add(mark)
+        self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index), mark)
+
+    @staticmethod
+    def _mark(data: bytes) -> bytes | None:
+        if scan.is_response(data):
+            return None
+        branch = scan.top_branch(data)
+        call_id = scan.call_id(data)
+        if branch is None or call_id is None:
+            return None
+        return call_id + b"\x00" + branch + b"\x00" + data[:3]
+
+    def _shed(self, data: bytes, addr: tuple[str, int], sock_index: int) -> None:
+        self.counters["shed"] += 1
+        answer = error_response(data, SipError(503, "Service Unavailable"), (RETRY_AFTER,))
+        if answer is not None:
+            self.transport.send(answer, addr, sock_index=sock_index)
+
+    def _handle(self, data: bytes, source: Source, mark: bytes | None) -> None:
+        try:
+            self._process(data, source)
+        except StoreUnavailable as exc:
+            self.counters["store_unavailable"] += 1
+            log.warning("store unavailable: %s", exc)
+            self._answer_raw(data, source, SipError(503, "Service Unavailable"), (RETRY_AFTER,))
+        except SipError as exc:
+            self.counters["bad_requests"] += 1
+            self._answer_raw(data, source, exc)
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.exception("internal error on a message from %s:%d", *source.addr)
+            self._answer_raw(data, source, SipError(500, "Server Internal Error"))
+        finally:
+            if mark is not None:
+                self.working.discard(mark)
+
+    def _answer_raw(self, data: bytes, source: Source, error: SipError,
+                    extra: tuple[bytes, ...] = ()) -> None:
+        answer = error_response(data, error, extra)
+        if answer is not None:
+            self.counters[f"responses_{error.status // 100}xx"] += 1
+            self.transport.send(answer, source.addr, sock_index=source.sock_index)
+
+    # ---------------------------------------------------------------- SIP
+    def _process(self, data: bytes, source: Source) -> None:
+        try:
+            msg = parse(data)
+            msg.validate()
+        except SipError as exc:
+            self.counters["parse_errors"] += 1
+            if scan.is_response(data):
+                return  # a broken response is dropped, never answered
+            raise exc
+        if isinstance(msg, Response):
+            self.on_response(msg, source)
+            return
+        try:
+            self.on_request(msg, source)
+        except _BadExtension as exc:
+            self.reply(msg, source, 420, headers=[(b"Unsupported", ", ".join(exc.options).encode())])
+        except SipError as exc:
+            self.reply(msg, source, exc.status, exc.reason)
+        except StoreUnavailable as exc:
+            self.counters["store_unavailable"] += 1
+            log.warning("store unavailable: %s", exc)
+            self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
+
+    def on_request(self, req: Request, source: Source) -> None:
+        self.counters[f"requests_{req.method}"] += 1
+        req.replace_top_via(req.via.with_received(*source.addr))
+        if req.method not in ("ACK", "CANCEL"):
+            self._check_request(req)
+        in_dialog = req.to.tag is not None
+        if req.method == "REGISTER":
+            self._register(req, source)
+        elif req.method == "OPTIONS" and not in_dialog:
+            self._options(req, source)
+        elif req.method in CALL_METHODS or in_dialog:
+            self.b2bua.on_request(req, source)
+        elif req.method in KNOWN_METHODS:
+            self.reply(req, source, 405, headers=[(b"Allow", ", ".join(ALLOWED).encode())])
+        else:
+            self.reply(req, source, 501)
+
+    def _check_request(self, req: Request) -> None:
+        """The RFC 3261 8.2 checks a UAS does before looking at the method."""
+        if req.uri.scheme not in ("sip", "sips", "tel"):
+            raise SipError(416, "Unsupported URI Scheme")
+        max_forwards = req.max_forwards
+        if max_forwards == 0 and req.method != "OPTIONS":
+            raise SipError(483, "Too Many Hops")
+        required = [v.decode("latin-1") for v in req.header_values("require") if v]
+        unsupported = [opt for opt in required if opt not in SUPPORTED]
+        if unsupported and req.method not in ("ACK", "CANCEL"):
+            self.counters["bad_extension"] += 1
+            raise _BadExtension(unsupported)
+
+    def _options(self, req: Request, source: Source) -> None:
+        self.reply(req, source, 200, headers=[
+            (b"Allow", ", ".join(ALLOWED).encode()), (b"Accept", b"application/sdp"),
+            (b"Supported", ", ".join(SUPPORTED).encode())])
+
+    def _register(self, req: Request, source: Source) -> None:
+        answer, tx = self.registrar.handle(req, source, server_key(req))
+        if answer is None:
+            self.counters["retransmissions_absorbed"] += 1
+            return
+        data = answer if isinstance(answer, bytes) else answer.to_bytes()
+        self.transport.send(data, response_dest(req, source.addr), sock_index=source.sock_index)
+        if tx is not None:
+            self.store.store_answer(tx, data, self.tx_ttl)
+
+    def on_response(self, resp: Response, source: Source) -> None:
+        self.counters[f"received_{resp.status // 100}xx"] += 1
+        self.b2bua.on_response(resp, source)
+
+    # ---------------------------------------------------------------- output
+    def reply(self, req: Request, source: Source, status: int, reason: str | None = None, *,
+              headers: list[tuple[bytes, bytes]] = ()) -> None:
+        resp = build_response(req, status, reason, to_tag=new_tag(),
+                              headers=[*headers, (b"Server", self.user_agent)])
+        self.counters[f"responses_{status // 100}xx"] += 1
+        self.transport.send(resp.to_bytes(), response_dest(req, source.addr),
+                            sock_index=source.sock_index)
+
+    # ---------------------------------------------------------------- reporting
+    def _heartbeat_loop(self) -> None:
+        while True:
+            info = {"role": "worker", "host": self.host, "name": self.name, "pid": os.getpid(),
+                    "started": self.started, "seen": time.time(), "inflight": len(self.pool),
+                    **self.counters}
+            try:
+                self.store.heartbeat("worker", self.host, self.name, info, ttl=5)
+            except StoreUnavailable:
+                pass
+            gevent.sleep(1.0)
+
+
+class _BadExtension(SipError):
+    def __init__(self, options: list[str]):
+        super().__init__(420, "Bad Extension")
+        self.options = options
