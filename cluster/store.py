@@ -28,6 +28,9 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    claims a due entry atomically (ZREM wins); the call record
                                    says whether the timer is still pending.  No TTL: entries
                                    leave when they fire.
+  trace:{<call tag>}               list of the call's SIP messages in order (msgpack each:
+                                   {"t", "dir": "in"/"out", "leg", "peer", "first", "data"}),
+                                   capped at calls.trace_max; TTL calls.trace_ttl.
   cdr                              Redis Stream of call detail records (XADD, capped with
                                    MAXLEN ~ 1,000,000); read with ``sipctl cdr`` or XRANGE.
   authfail:{<ip>}                  failed authentications from one source (plain counter).
@@ -97,6 +100,10 @@ def tx_key(tag: str, key: str) -> str:
 
 def call_key(tag: str) -> str:
     return f"call:{{{tag}}}"
+
+
+def trace_key(tag: str) -> str:
+    return f"trace:{{{tag}}}"
 
 
 def timer_key(shard: int) -> str:
@@ -433,6 +440,19 @@ class Store:
                 name, _, due_ms = rest.rpartition("|")
                 claimed.append((tag, name, int(due_ms) / 1000.0))
         return claimed
+
+    def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
+        if not entries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        key = trace_key(tag)
+        pipe.rpush(key, *(pack(e) for e in entries))
+        pipe.ltrim(key, -limit, -1)
+        pipe.expire(key, int(ttl))
+        self._call(pipe.execute)
+
+    def trace(self, tag: str) -> list[dict]:
+        return [unpack(e) for e in self._call(self.redis.lrange, trace_key(tag), 0, -1)]
 
     def add_cdr(self, record: dict) -> None:
         fields = {k: ("" if v is None else str(v)) for k, v in record.items()}

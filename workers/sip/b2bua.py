@@ -18,6 +18,7 @@ import gevent
 
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
+from cluster.sip import scan
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, server_key
 from cluster.sip.uri import SipURI
@@ -71,7 +72,7 @@ class B2BUA:
     def on_request(self, req: Request, source) -> None:
         tag = call_tag(req.call_id)
         if self._with_call(tag, lambda call: call.on_request(req, source.addr, self.ctx(
-                source.addr)), req, source):
+                source.addr)), req, source, inbound=req):
             return
         if req.method == "INVITE" and req.to.tag is None:
             self._new_call(tag, req, source)
@@ -83,7 +84,7 @@ class B2BUA:
     def on_response(self, resp: Response, source) -> None:
         tag = call_tag(resp.call_id)
         if not self._with_call(tag, lambda call: call.on_response(resp, source.addr, self.ctx(
-                source.addr)), None, source):
+                source.addr)), None, source, inbound=resp):
             self.worker.counters["stray_responses"] += 1
 
     def on_timer(self, tag: str, name: str, due: float) -> None:
@@ -124,8 +125,9 @@ class B2BUA:
         call, actions = Call.start(
             tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
             host=source.host, sock_index=source.sock_index, caller=caller, callee=callee,
-            targets=targets, ctx=self.ctx(source.addr))
+            targets=targets, ctx=self.ctx(source.addr), trying_sent=True)
         call.worker = worker.name
+        self.trace(tag, [self._entry("in", req, "a", source.addr)])
         if self._commit(tag, 0, call, actions, req, source):
             worker.counters["calls"] += 1
             clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
@@ -166,14 +168,19 @@ class B2BUA:
         self.worker.counters[f"responses_{status // 100}xx"] += 1
 
     # ---------------------------------------------------------------- the loop
-    def _with_call(self, tag: str, event, req: Request | None, source) -> bool:
+    def _with_call(self, tag: str, event, req: Request | None, source,
+                   inbound: Request | Response | None = None) -> bool:
         """Run ``event`` on call ``tag`` until its write wins; False when there is no call."""
-        for _attempt in range(CAS_ATTEMPTS):
+        for attempt in range(CAS_ATTEMPTS):
             loaded = self.store.load_call(tag)
             if loaded is None:
                 return False
             version, record = loaded
             call = Call.from_record(record)
+            if inbound is not None and attempt == 0:
+                leg = call.leg_of_call_id(inbound.call_id)
+                self.trace(tag, [self._entry("in", inbound, leg.name if leg else "?",
+                                             source.addr)])
             actions = event(call)
             call.worker = self.worker.name
             after = call.to_record()
@@ -198,10 +205,12 @@ class B2BUA:
 
     def _perform(self, tag: str, actions: list, req: Request | None, source) -> None:
         worker = self.worker
+        sent = []
         for action in actions:
             if isinstance(action, Out):
                 worker.transport.send(action.data, action.dest, host=action.host,
                                       sock_index=action.sock_index)
+                sent.append(action)
             elif isinstance(action, Reply) and req is not None:
                 worker.reply(req, source, action.status, action.reason)
             elif isinstance(action, Cdr):
@@ -210,6 +219,29 @@ class B2BUA:
                     "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
                     action.record["hangup_side"], action.record["duration"])
                 self.store.add_cdr(action.record)
+        if sent and self.config.calls.trace:
+            self.trace(tag, [self._sent_entry(tag, out) for out in sent])
+
+    # ---------------------------------------------------------------- message trace
+    def trace(self, tag: str, entries: list[dict]) -> None:
+        """Keep the call's messages for ``sipctl call`` (bounded, expiring)."""
+        calls = self.config.calls
+        if calls.trace:
+            self.store.add_trace(tag, entries, calls.trace_max, calls.trace_ttl)
+
+    @staticmethod
+    def _entry(direction: str, msg: Request | Response, leg: str, peer) -> dict:
+        data = msg.to_bytes()
+        return {"t": time.time(), "dir": direction, "leg": leg, "peer": list(peer),
+                "first": data.split(b"\r\n", 1)[0].decode("utf-8", "replace"), "data": data}
+
+    @staticmethod
+    def _sent_entry(tag: str, out: Out) -> dict:
+        call_id = scan.call_id(out.data) or b""
+        leg = "a" if not call_id.startswith(b"sc") else "b" + call_id.rsplit(b".", 1)[-1].decode()
+        return {"t": time.time(), "dir": "out", "leg": leg, "peer": list(out.dest),
+                "first": out.data.split(b"\r\n", 1)[0].decode("utf-8", "replace"),
+                "data": out.data}
 
     def timer_loop(self) -> None:
         """Fire due timers, whichever worker armed them (design invariant 10)."""

@@ -210,7 +210,8 @@ class Call:
     # ---------------------------------------------------------------- creation
     @classmethod
     def start(cls, *, tag: str, slot: int, invite: Request, source: tuple[str, int], host: str,
-              sock_index: int, caller: str, callee: str, targets: list[Target], ctx: Ctx) -> tuple[Call, list]:
+              sock_index: int, caller: str, callee: str, targets: list[Target], ctx: Ctx,
+              trying_sent: bool = False) -> tuple[Call, list]:
         """A new call: 100 Trying to the caller, an INVITE to every target."""
         a = Leg("a", invite.call_id, response_dest(invite, source), host, sock_index,
                 ctx.ids.tag(), caller)
@@ -220,8 +221,10 @@ class Call:
         ist.on_request(invite, ctx.now)
         a.invite_key = ist.key
         call.txs[ist.key] = {"leg": "a", "role": "invite", "tx": ist.to_record()}
-        out += call._respond(ist.key, build_response(invite, 100, headers=[
+        trying = call._respond(ist.key, build_response(invite, 100, headers=[
             (b"Server", ctx.cfg.user_agent)]), ctx.now)
+        if not trying_sent:  # the shell may have sent it already, before looking anything up
+            out += trying
         for index, target in enumerate(targets):
             out += call._fork(index, target, invite, ctx)
         if ctx.cfg.no_answer_timeout:
