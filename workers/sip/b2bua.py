@@ -9,12 +9,14 @@ writer that loses the race re-reads and decides again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
 
 import gevent
+import gevent.lock
 
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
@@ -57,6 +59,8 @@ class B2BUA:
         self.store = worker.store
         self.config = worker.config
         self.ids = RandomIds()
+        self.running = True
+        self._locks: dict[str, list] = {}
         cfg = worker.config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
@@ -128,12 +132,13 @@ class B2BUA:
             targets=targets, ctx=self.ctx(source.addr), trying_sent=True)
         call.worker = worker.name
         self.trace(tag, [self._entry("in", req, "a", source.addr)])
-        if self._commit(tag, 0, call, actions, req, source):
-            worker.counters["calls"] += 1
-            clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
-        else:  # another worker created it meanwhile: this INVITE is a retransmission there
-            self._with_call(tag, lambda c: c.on_request(req, source.addr, self.ctx(
-                source.addr)), req, source)
+        with self._serialized(tag):
+            if self._commit(tag, 0, call, actions, req, source):
+                worker.counters["calls"] += 1
+                clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
+            else:  # another worker created it meanwhile: this INVITE is a retransmission there
+                self._with_call_locked(tag, lambda c: c.on_request(req, source.addr, self.ctx(
+                    source.addr)), req, source, None)
 
     def _authenticate(self, req: Request, source) -> str | None:
         """The caller's user name, or None when the request was answered (407/403)."""
@@ -168,9 +173,34 @@ class B2BUA:
         self.worker.counters[f"responses_{status // 100}xx"] += 1
 
     # ---------------------------------------------------------------- the loop
+    @contextlib.contextmanager
+    def _serialized(self, tag: str):
+        """One event of a call at a time in this worker, in arrival order.
+
+        Between the write and the send a greenlet may yield; without this a 180 handled
+        just before a 200 could leave after it.  Other workers are kept in line by the
+        compare-and-set; affinity makes them rare.
+        """
+        entry = self._locks.get(tag)
+        if entry is None:
+            entry = self._locks[tag] = [gevent.lock.Semaphore(), 0]
+        entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[tag]
+
     def _with_call(self, tag: str, event, req: Request | None, source,
                    inbound: Request | Response | None = None) -> bool:
         """Run ``event`` on call ``tag`` until its write wins; False when there is no call."""
+        with self._serialized(tag):
+            return self._with_call_locked(tag, event, req, source, inbound)
+
+    def _with_call_locked(self, tag: str, event, req: Request | None, source,
+                          inbound: Request | Response | None) -> bool:
         for attempt in range(CAS_ATTEMPTS):
             loaded = self.store.load_call(tag)
             if loaded is None:
@@ -243,9 +273,13 @@ class B2BUA:
                 "first": out.data.split(b"\r\n", 1)[0].decode("utf-8", "replace"),
                 "data": out.data}
 
+    def stop(self) -> None:
+        """Claim no more timers (draining): the other workers fire them."""
+        self.running = False
+
     def timer_loop(self) -> None:
         """Fire due timers, whichever worker armed them (design invariant 10)."""
-        while True:
+        while self.running:
             gevent.sleep(TIMER_TICK)
             try:
                 due = self.store.pop_due_timers(time.time())

@@ -42,6 +42,7 @@ class Transport:
         self.control: socket.socket | None = None
         self._hosts: dict[str, tuple[float, tuple[str, int] | None]] = {}
         self.sent = 0
+        self.leaving = False
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> list[gevent.Greenlet]:
@@ -74,9 +75,17 @@ class Transport:
     def _send_control(self, message: dict) -> None:
         self.control.sendall(msgpack.packb(message))
 
+    def leave(self) -> None:
+        """Stop taking traffic: the dispatcher drops this worker when the connection closes."""
+        self.leaving = True
+        if self.control is not None:
+            self.control.close()
+
     def _heartbeat_loop(self) -> None:
-        while True:
+        while not self.leaving:
             gevent.sleep(self.heartbeat_interval)
+            if self.leaving:
+                return
             try:
                 self._send_control({"type": "hb", "load": self.load()})
             except OSError:

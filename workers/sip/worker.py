@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections import Counter
 
@@ -34,6 +35,7 @@ from .transport import Transport
 
 log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
+DRAIN_SECONDS = 5.0
 # What this cluster answers; every other known method is 405, an unknown one 501.
 ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
            "MESSAGE", "NOTIFY", "REFER", "PRACK")
@@ -82,7 +84,27 @@ class Worker:
         greenlets = self.transport.start()
         greenlets.append(gevent.spawn(self._heartbeat_loop))
         greenlets.append(gevent.spawn(self.b2bua.timer_loop))
+        gevent.signal_handler(signal.SIGTERM, self.drain)
+        gevent.signal_handler(signal.SIGINT, self.drain)
         gevent.joinall(greenlets, raise_error=True)
+
+    def drain(self) -> None:
+        """SIGTERM: leave the dispatcher, finish what is in flight, then exit.
+
+        Nothing is lost by leaving: calls and their timers live in Redis and the other
+        workers carry them on; this only avoids cutting a request in half.
+        """
+        log.info("draining: %d request(s) in flight", len(self.pool))
+        self.transport.leave()
+        self.b2bua.stop()
+        gevent.spawn(self._exit_when_idle)
+
+    def _exit_when_idle(self) -> None:
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while len(self.pool) and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        log.info("drained; exiting")
+        os._exit(0)
 
     def on_datagram(self, data: bytes, addr: tuple[str, int], sock_index: int) -> None:
         self.counters["received"] += 1
