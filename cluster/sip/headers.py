@@ -38,6 +38,9 @@ _DATE = re.compile(
 MAX_CSEQ = 2**32 - 1
 
 
+_VALUED = ("tag", "branch")  # RFC 3261 25.1: "tag" EQUAL token, "branch" EQUAL token
+
+
 def parse_params(text: bytes, start: int = 0) -> Params:
     """Parse ``;name=value`` pairs from ``text[start:]`` to its end.
 
@@ -52,8 +55,10 @@ def parse_params(text: bytes, start: int = 0) -> Params:
         if m is None:
             raise SipError(400, "Malformed header parameter")
         value = m.group(2)
-        params.append((m.group(1).decode("latin-1").lower(),
-                       None if value is None else value.decode("latin-1")))
+        name = m.group(1).decode("latin-1").lower()
+        if value is None and name in _VALUED:
+            raise SipError(400, f"Parameter {name} without a value")
+        params.append((name, None if value is None else value.decode("latin-1")))
         pos = m.end()
     return tuple(params)
 

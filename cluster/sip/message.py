@@ -62,7 +62,6 @@ REASONS = {
 
 _TOKEN = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 _VERSION = re.compile(rb"SIP/[0-9]+\.[0-9]+\Z", re.I)
-_FOLD = re.compile(rb"\r?\n[ \t]+")
 _KEYS: dict[bytes, str] = {}  # raw header name (already checked) -> canonical key; bounded
 _NONE: list = []  # shared "absent" marker; never mutated
 
@@ -158,7 +157,9 @@ class Message:
                 return
         self.add_header(name, value)
 
-    def remove_header(self, key: str) -> None:
+    def remove_header(self, name: bytes | str) -> None:
+        """Remove every line of a header, named as written (bytes) or by its key (str)."""
+        key = header_key(name) if isinstance(name, bytes) else header_key(name.encode())
         self.headers = [h for h in self.headers if h.key != key]
         self._changed()
 
@@ -279,6 +280,8 @@ class Message:
         for key in ("call-id", "from", "to", "via"):
             if key not in index:
                 raise SipError(400, f"Missing {key} header")
+        if not index["call-id"][0].value:
+            raise SipError(400, "Empty Call-ID")
         self.cseq  # noqa: B018 - parsed here: transactions and the method check need it
 
     def validate(self) -> None:
@@ -363,22 +366,23 @@ class Response(Message):
 
 def parse(data: bytes) -> Request | Response:
     """Parse one UDP datagram.  Raises SipError naming the status to answer."""
-    head_end = data.find(b"\r\n\r\n")
-    if head_end >= 0:
-        eol, body_start = b"\r\n", head_end + 4
-    else:
-        head_end = data.find(b"\n\n")
-        if head_end >= 0:
-            eol, body_start = b"\n", head_end + 2
-        else:  # no empty line: the datagram ends with the headers
-            eol = b"\r\n" if b"\r\n" in data else b"\n"
-            head_end = body_start = len(data)
-            while data.endswith(eol, 0, head_end):
-                head_end -= len(eol)
+    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        eol, head_end, body_start = b"\r\n", crlf, crlf + 4
+    elif lf >= 0:
+        eol, head_end, body_start = b"\n", lf, lf + 2
+    else:  # no empty line: the datagram ends with the headers
+        eol = b"\r\n" if b"\r\n" in data else b"\n"
+        head_end = body_start = len(data)
+        while data.endswith(eol, 0, head_end):
+            head_end -= len(eol)
     if head_end <= 0:
         raise SipError(400, "Empty message")
     head = data[:head_end]
     lines = head.split(eol)
+    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != (
+            len(lines) - 1 if eol == b"\r\n" else 0):
+        raise SipError(400, "Bare CR or LF inside a header line")
     folded = b"\n " in head or b"\n\t" in head
     headers, index = _parse_header_lines(lines, eol, folded)
     msg = _parse_start_line(lines[0], headers, eol)
@@ -396,15 +400,17 @@ def _parse_header_lines(lines: list[bytes], eol: bytes, folded: bool
     headers: list[Header] = []
     index: dict[str, list[Header]] = {}
     keys = _KEYS
+    folds: list[bytes] = []  # continuation lines of the last header, unfolded once at its end
     for i in range(1, len(lines)):
         line = lines[i]
         if folded and line[:1] in (b" ", b"\t"):  # continuation of the previous line
             if not headers:
                 raise SipError(400, "Continuation line before any header")
-            prev = headers[-1]
-            prev.raw += eol + line
-            prev.value = _FOLD.sub(b" ", prev.raw.partition(b":")[2]).strip(b" \t")
+            folds.append(line)
             continue
+        if folds:
+            _unfold(headers[-1], folds, eol)
+            folds = []
         colon = line.find(b":")
         if colon <= 0:
             raise SipError(400, "Malformed header line")
@@ -420,7 +426,16 @@ def _parse_header_lines(lines: list[bytes], eol: bytes, folded: bool
             index[key] = [header]
         else:
             same.append(header)
+    if folds:
+        _unfold(headers[-1], folds, eol)
     return headers, index
+
+
+def _unfold(header: Header, folds: list[bytes], eol: bytes) -> None:
+    """Join a header's continuation lines (RFC 3261 7.3.1: folding is one SP)."""
+    header.raw = eol.join([header.raw, *folds])
+    parts = [header.value, *(f.strip(b" \t") for f in folds)]
+    header.value = b" ".join(p for p in parts if p)
 
 
 def _parse_start_line(line: bytes, headers: list[Header], eol: bytes) -> Request | Response:
@@ -518,14 +533,17 @@ def error_response(data: bytes, error: SipError, extra: tuple[bytes, ...] = ()) 
         return None
     eol = b"\r\n" if b"\r\n" in data else b"\n"
     head = data.split(eol + eol, 1)[0]
-    copied, seen = [], set()
+    copied, seen, copying = [], set(), False
     for line in head.split(eol)[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon:
+        if line[:1] in (b" ", b"\t"):  # a folded continuation goes with its header
+            if copying:
+                copied.append(line)
             continue
-        key = COMPACT_FORMS.get(name.strip().decode("latin-1").lower(),
-                                name.strip().decode("latin-1").lower())
-        if key in ("via", "from", "to", "call-id", "cseq"):
+        name, colon, _ = line.partition(b":")
+        lower = name.strip().decode("latin-1").lower()
+        key = COMPACT_FORMS.get(lower, lower)
+        copying = bool(colon) and key in ("via", "from", "to", "call-id", "cseq")
+        if copying:
             copied.append(line)
             seen.add(key)
     if not {"via", "from", "to", "call-id", "cseq"} <= seen:
