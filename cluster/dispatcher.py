@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -101,11 +102,12 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> None:
-        for index, sock in enumerate(self.sip_sockets):
-            self.selector.register(sock, selectors.EVENT_READ, ("sip", index))
+        """SIP sockets are read by a thread each; this thread keeps the workers' links."""
         self.selector.register(self.control, selectors.EVENT_READ, ("accept", None))
         if self.egress is not None:
             self.selector.register(self.egress, selectors.EVENT_READ, ("egress", None))
+        for index, sock in enumerate(self.sip_sockets):
+            threading.Thread(target=self._sip_loop, args=(sock, index), daemon=True).start()
         threading.Thread(target=self._publish_loop, daemon=True).start()
         log.info("dispatcher %s listening on %s", self.host,
                  ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets))
@@ -113,9 +115,7 @@ class Dispatcher:
         while self.running:
             for key, _ in self.selector.select(timeout=0.25):
                 kind, arg = key.data
-                if kind == "sip":
-                    self._read_sip(key.fileobj, arg)
-                elif kind == "accept":
+                if kind == "accept":
                     self._accept()
                 elif kind == "link":
                     self._read_link(arg)
@@ -125,17 +125,28 @@ class Dispatcher:
                 self._expire_silent_workers()
                 next_check = time.monotonic() + 0.25
 
-    def _read_sip(self, sock: socket.socket, index: int) -> None:
-        for _ in range(BURST):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counters.dropped += 1
-                return
-            self.counters.received += 1
-            self._route(sock, index, data, addr)
+    def _sip_loop(self, sock: socket.socket, index: int) -> None:
+        """Wait for datagrams, then drain the socket: one poll per burst, not per datagram.
+
+        The socket stays non-blocking: workers share its file description (their copies
+        came over SCM_RIGHTS), so a blocking mode set here would also be theirs.
+        """
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        recvfrom, route, counters = sock.recvfrom, self._route, self.counters
+        while self.running:
+            if not poller.poll(250):
+                continue
+            while True:
+                try:
+                    data, addr = recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    counters.dropped += 1
+                    break
+                counters.received += 1
+                route(sock, index, data, addr)
 
     def _route(self, sock: socket.socket, index: int, data: bytes, addr: tuple) -> None:
         if len(data) <= 8 and stun.is_crlf_keepalive(data):

@@ -86,10 +86,11 @@ class Cluster:
         raise RuntimeError("cluster did not come up:\n" + self.log_tail())
 
     def joined_workers(self) -> int:
-        text = self.read_log("dispatcher")
-        joined = len(re.findall(r"worker \S+ joined", text))
-        left = len(re.findall(r"worker \S+ left", text))
-        return joined - left
+        """Workers the dispatcher routes to, from its heartbeat in Redis (any log level)."""
+        for proc in self.store.processes("dispatcher"):
+            if proc.get("host") == self.config.sip.effective_host_id:
+                return len(proc.get("workers", []))
+        return 0
 
     def stop(self) -> None:
         subprocess.run([SUPERVISORCTL, "-c", str(self.conf), "shutdown"],

@@ -18,7 +18,7 @@ from cluster.sip import digest
 from cluster.sip.message import Request
 from cluster.store import Store
 
-HA1_CACHE_SECONDS = 5.0
+HA1_CACHE_SECONDS = 30.0  # how long a password change may take to apply
 
 
 class Verdict(Enum):

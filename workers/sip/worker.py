@@ -36,6 +36,7 @@ from .transport import Transport
 log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
 DRAIN_SECONDS = 5.0
+ANSWER_BATCH_SECONDS = 0.002
 # What this cluster answers; every other known method is 405, an unknown one 501.
 ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
            "MESSAGE", "NOTIFY", "REFER", "PRACK")
@@ -78,6 +79,7 @@ class Worker:
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
+        self._answers: list[tuple[str, bytes, float]] = []
 
     # ---------------------------------------------------------------- entry
     def run(self) -> None:
@@ -227,7 +229,22 @@ class Worker:
         data = answer if isinstance(answer, bytes) else answer.to_bytes()
         self.transport.send(data, response_dest(req, source.addr), sock_index=source.sock_index)
         if tx is not None:
-            self.store.store_answer(tx, data, self.tx_ttl)
+            self.keep_answer(tx, data)
+
+    def keep_answer(self, tx: str, data: bytes) -> None:
+        """Store an answer for retransmissions, batched with others: a copy of the request
+        arriving before the batch is written finds the claim and is dropped, and the
+        client's next copy gets the stored answer."""
+        self._answers.append((tx, data, self.tx_ttl))
+        if len(self._answers) == 1:
+            gevent.spawn_later(ANSWER_BATCH_SECONDS, self._write_answers)
+
+    def _write_answers(self) -> None:
+        answers, self._answers = self._answers, []
+        try:
+            self.store.store_answers(answers)
+        except StoreUnavailable as exc:
+            log.warning("could not keep %d answer(s): %s", len(answers), exc)
 
     def on_response(self, resp: Response, source: Source) -> None:
         self.counters[f"received_{resp.status // 100}xx"] += 1

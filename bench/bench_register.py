@@ -1,0 +1,90 @@
+"""Authenticated REGISTER (401 then 200, MD5) with SIPp at increasing rates.
+
+Reports the highest rate with zero failed registrations over 30 s, the CPU
+seconds per 1,000 registrations of all cluster processes together (dispatcher,
+workers, redis-server), p50/p99 registration time (first REGISTER to the 200,
+challenge included), then an overload run at twice that rate: what share of
+the passing rate still completes, and whether full service is back within 5 s.
+Targets (issue): >= 5,000/s, <= 0.3 ms CPU per registration, p99 < 20 ms,
+>= 80 % under overload, recovery within 5 s.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, percentile, rtt_values
+
+from sipp import Sipp  # noqa: E402  (tests/integration, put on the path by cluster_run)
+
+STEP_SECONDS = 10
+CONFIRM_SECONDS = 30
+RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
+USERS = 2000
+
+
+def run_rate(bench: BenchCluster, users, rate: int, seconds: int, workdir: Path) -> dict:
+    calls = rate * seconds
+    sipp = Sipp(str(SCENARIOS / "register_bench.xml"), bench.cluster.address, workdir, calls,
+                rate=rate, users=users, timeout=seconds + 30,
+                extra=("-trace_rtt", "-rtt_freq", "1", "-l", str(max(rate, 100))))
+    before = bench.cpu()
+    started = time.monotonic()
+    result = sipp.run()
+    elapsed = time.monotonic() - started
+    cpu = cpu_delta(before, bench.cpu())
+    rtts = rtt_values(workdir)
+    done = max(result.successful, 1)
+    return {"rate": rate, "seconds": round(elapsed, 1), "ok": result.successful,
+            "failed": result.failed + (calls - result.successful - result.failed),
+            "achieved_per_s": round(result.successful / max(elapsed, 1e-9)),
+            "cpu_s_per_1000": round(cpu / done * 1000, 3),
+            "p50_ms": round(percentile(rtts, 0.50), 2), "p99_ms": round(percentile(rtts, 0.99), 2),
+            "retransmissions": result.retransmissions}
+
+
+def show(label: str, row: dict) -> None:
+    print(f"  {label:10} rate {row['rate']:>5}/s  ok {row['ok']:>7}  failed {row['failed']:>5}  "
+          f"achieved {row['achieved_per_s']:>5}/s  cpu {row['cpu_s_per_1000']:.3f} s/1000  "
+          f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  retrans {row['retransmissions']}",
+          flush=True)
+
+
+def main() -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench-register-"))
+    with BenchCluster(workers=2) as bench:
+        users = bench.add_users(10000, USERS)
+        best = None
+        for rate in RATES:
+            row = run_rate(bench, users, rate, STEP_SECONDS, work / f"step-{rate}")
+            show("step", row)
+            if row["failed"]:
+                break
+            best = rate
+        if best is None:
+            print("  no rate passed without failures")
+            return {}
+        confirmed = run_rate(bench, users, best, CONFIRM_SECONDS, work / "confirm")
+        show("30 s", confirmed)
+        overload = run_rate(bench, users, 2 * best, CONFIRM_SECONDS, work / "overload")
+        show("overload", overload)
+        time.sleep(5)
+        after = run_rate(bench, users, best // 2 or 1, 5, work / "recovery")
+        show("after +5 s", after)
+    share = overload["ok"] / (best * CONFIRM_SECONDS)
+    print(f"  highest passing rate {best}/s (30 s: {confirmed['failed']} failed); "
+          f"CPU {confirmed['cpu_s_per_1000']:.3f} s per 1,000 registrations "
+          f"({confirmed['cpu_s_per_1000']:.3f} ms each); p50 {confirmed['p50_ms']} ms, "
+          f"p99 {confirmed['p99_ms']} ms")
+    print(f"  overload at {2 * best}/s: completed {overload['ok']} = {share:.0%} of the passing "
+          f"rate's {best * CONFIRM_SECONDS}; 5 s later: {after['failed']} failed")
+    return {"register_best_rate": best, "register_cpu_ms": confirmed["cpu_s_per_1000"],
+            "register_p99_ms": confirmed["p99_ms"], "overload_share": round(share, 2),
+            "recovery_failed": after["failed"]}
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

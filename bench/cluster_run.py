@@ -1,0 +1,100 @@
+"""What the SIPp-driven benchmarks share: a real cluster, CPU accounting, percentiles.
+
+The cluster is the one the integration tests run (supervisord, dispatcher, workers)
+against a redis-server of its own, on free ports, so a benchmark never touches a
+cluster started with ``make run``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
+
+from conftest import RedisServer  # noqa: E402
+from harness import Cluster  # noqa: E402
+
+from cluster.cli import ha1_hashes  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclass
+class BenchCluster:
+    workers: int = 2
+    settings: dict = field(default_factory=dict)
+
+    def __enter__(self) -> BenchCluster:
+        self.tmp = Path(tempfile.mkdtemp(prefix="sipcluster-bench-"))
+        self.redis = RedisServer(self.tmp / "redis").start()
+        self.cluster = Cluster(self.tmp, self.redis.url, workers=self.workers,
+                               settings={"log": {"level": "WARNING"}, **self.settings})
+        self.cluster.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cluster.stop()
+        self.redis.stop()
+
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU counts: dispatcher, workers, redis-server."""
+        pids = {"redis": self.redis.process.pid}
+        for line in self.cluster.ctl("status").splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[1] == "RUNNING" and parts[2] == "pid":
+                pids[parts[0]] = int(parts[3].rstrip(","))
+        return pids
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids().items()}
+
+    def add_users(self, first: int, count: int, password: str = "1234") -> list[tuple[str, str]]:
+        realm = self.cluster.config.realm
+        users = [(str(n), password) for n in range(first, first + count)]
+        self.cluster.store.put_users((u, realm, ha1_hashes(u, realm, p)) for u, p in users)
+        return users
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> float:
+    return sum(after.get(name, 0.0) - value for name, value in before.items())
+
+
+def rtt_values(workdir: Path) -> list[float]:
+    """Response times (ms) SIPp wrote with -trace_rtt (every rtd, every call)."""
+    values = []
+    for path in workdir.glob("*_rtt.csv"):
+        for line in path.read_text(errors="replace").splitlines()[1:]:
+            parts = line.split(";")
+            if len(parts) >= 2:
+                try:
+                    values.append(float(parts[1]))
+                except ValueError:
+                    pass
+    return values
+
+
+def wait_quiet(seconds: float = 1.0) -> None:
+    time.sleep(seconds)
