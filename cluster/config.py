@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -158,6 +159,21 @@ class CallsConfig:
 
 
 @dataclass(frozen=True)
+class Route:
+    """One row of the route table (TOML ``[[routes]]``), tried in order for callees that
+    are not local users.  ``match`` is a regular expression on the Request-URI user;
+    ``uri`` the gateway target, where ``{user}`` is the dialled user and ``{1}``... are
+    the expression's groups.  ``username``/``password`` answer the gateway's 401/407.
+    Calls from ``trusted_source`` (the gateway's IP) to local users need no digest."""
+
+    match: str
+    uri: str
+    username: str = ""
+    password: str = ""
+    trusted_source: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
@@ -170,6 +186,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    routes: tuple[Route, ...] = ()
     # The file this was loaded from ("" when built in code); the launcher
     # hands it on to the processes it starts.
     source: str = field(default="", compare=False)
@@ -191,7 +208,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
-    if f.name != "source"
+    if f.name not in ("source", "routes")
 }
 # Settings that are file system paths, resolved against ROOT by load().
 PATH_KEYS = {("dispatcher", "control_path"), ("log", "dir")}
@@ -217,9 +234,10 @@ def load(
     named = path is not None or bool(env.get("SIPCLUSTER_CONFIG"))
     config_path = Path(path) if path is not None else default_path(env)
     values = _read_toml(config_path, required=named)
+    routes = _build_routes(values.pop("routes", []))
     _apply_env(values, env)
     sections = {name: _build_section(name, values.get(name, {})) for name in SECTIONS}
-    config = Config(**sections, source=str(config_path.resolve()))
+    config = Config(**sections, routes=routes, source=str(config_path.resolve()))
     config = _resolve_paths(config)
     config = _fill_secret(config, secret_file)
     validate(config)
@@ -238,6 +256,9 @@ def _read_toml(path: Path, required: bool) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: {e}") from None
     values: dict[str, dict[str, Any]] = {}
     for section, table in data.items():
+        if section == "routes":
+            values["routes"] = table  # checked by _build_routes
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section [{section}]")
         if not isinstance(table, dict):
@@ -248,6 +269,25 @@ def _read_toml(path: Path, required: bool) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"{path}: unknown setting {section}.{key}")
         values[section] = dict(table)
     return values
+
+
+def _build_routes(rows: Any) -> tuple[Route, ...]:
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError("routes must be an array of tables: [[routes]]")
+    known = {f.name for f in dataclasses.fields(Route)}
+    routes = []
+    for number, row in enumerate(rows, 1):
+        unknown = set(row) - known
+        if unknown:
+            raise ConfigError(f"routes #{number}: unknown setting(s) {', '.join(sorted(unknown))}")
+        if not isinstance(row.get("match"), str) or not isinstance(row.get("uri"), str):
+            raise ConfigError(f"routes #{number}: match and uri (strings) are required")
+        try:
+            re.compile(row["match"])
+        except re.error as e:
+            raise ConfigError(f"routes #{number}: bad match expression: {e}") from None
+        routes.append(Route(**{k: str(v) for k, v in row.items()}))
+    return tuple(routes)
 
 
 def _apply_env(values: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:

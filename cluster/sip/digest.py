@@ -290,3 +290,36 @@ class NonceCounter(Protocol):
     """
 
     def accept_nc(self, nonce: str, nc: int) -> bool: ...
+
+
+def authorization(challenge: bytes, *, method: str, uri: str, username: str, password: str,
+                  cnonce: str, nc: int = 1, body: bytes = b"") -> bytes | None:
+    """The credentials answering ``challenge`` (a WWW-/Proxy-Authenticate value), for a
+    client of ours such as a B2BUA leg towards a gateway; None for a challenge it cannot
+    answer (another scheme or algorithm).  ``cnonce`` comes from the caller's random source.
+    """
+    m = _SCHEME.match(challenge)
+    if m is None or m[1].decode("ascii").lower() != "digest":
+        return None
+    params = _parse_params(challenge, m.end())
+    if "nonce" not in params or "realm" not in params:
+        return None
+    algorithm = params.get("algorithm", "MD5")
+    entry = _ALGORITHMS.get(algorithm.upper())
+    if entry is None:
+        return None
+    qops = [q.strip() for q in params.get("qop", "").split(",") if q.strip()]
+    qop = "auth" if "auth" in qops else ("auth-int" if "auth-int" in qops else None)
+    creds = Credentials(
+        "Digest", username, params["realm"], params["nonce"], uri, "", algorithm,
+        cnonce if qop else None, f"{nc:08x}" if qop else None, qop, params.get("opaque"), {})
+    base_ha1 = _hex(entry[1], f"{username}:{creds.realm}:{password}")
+    response = _expected_response(creds, method, base_ha1, body)
+    parts = [f"username={_quote(username)}", f"realm={_quote(creds.realm)}",
+             f"nonce={_quote(creds.nonce)}", f"uri={_quote(uri)}",
+             f"response={_quote(response)}", f"algorithm={entry[0]}"]
+    if qop:
+        parts += [f"qop={qop}", f"nc={creds.nc}", f"cnonce={_quote(cnonce)}"]
+    if creds.opaque is not None:
+        parts.append(f"opaque={_quote(creds.opaque)}")
+    return ("Digest " + ", ".join(parts)).encode("utf-8")

@@ -426,3 +426,28 @@ def test_fuzz_mutated_seed_headers_raise_only_sip_error(seed, edits):
         at = position % (len(value) + 1)
         value[at:at + deleted] = inserted
     assert_only_sip_errors(bytes(value))
+
+
+def test_client_authorization_reproduces_the_seed_invite_credentials():
+    """What a B2BUA leg sends a gateway: the seed's Proxy-Authorization, byte for byte values."""
+    challenge = (b'Digest realm="192.168.31.109", nonce="5f046960-2eb0-484f-bf16-758576387c3f", '
+                 b'algorithm=MD5, qop="auth"')
+    value = digest.authorization(
+        challenge, method="INVITE", uri="sip:1009@192.168.31.109:5060;transport=UDP",
+        username="1002", password="1234", cnonce="5362af04830c3186db2b7bda9bb5585d")
+    creds = digest.parse_credentials(value)
+    assert creds.response == "8bece954ef65ba0456abe71cf1243c6c"
+    assert creds.nc == "00000001" and creds.qop == "auth"
+    assert digest.verify(creds, "INVITE", digest.ha1("1002", "192.168.31.109", "1234"))
+
+
+def test_client_authorization_answers_sha256_and_refuses_other_schemes():
+    nonce = digest.make_nonce(b"secret", 1000.0, b"saltsalt")
+    challenge = digest.build_challenge("example.org", nonce, algorithm="SHA-256", opaque="xyz")
+    value = digest.authorization(challenge, method="INVITE", uri="sip:a@b", username="u",
+                                 password="p", cnonce="c1", nc=3)
+    creds = digest.parse_credentials(value)
+    assert creds.algorithm == "SHA-256" and creds.opaque == "xyz" and creds.nc == "00000003"
+    assert digest.verify(creds, "INVITE", digest.ha1("u", "example.org", "p", "SHA-256"))
+    assert digest.authorization(b'Basic realm="x"', method="INVITE", uri="sip:a@b",
+                                username="u", password="p", cnonce="c") is None

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 
 import gevent
@@ -23,7 +24,7 @@ from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, server_key
-from cluster.sip.uri import SipURI
+from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
@@ -67,7 +68,11 @@ class B2BUA:
             user_agent=cfg.sip.user_agent.encode(),
             timers=TimerConfig(t1=cfg.timers.t1, t2=cfg.timers.t2, t4=cfg.timers.t4),
             no_answer_timeout=cfg.calls.no_answer_timeout,
-            max_duration=cfg.calls.max_duration)
+            max_duration=cfg.calls.max_duration,
+            gateway_credentials={i: (r.username, r.password) for i, r in enumerate(cfg.routes)
+                                 if r.username})
+        self.routes = [(re.compile(r.match), r) for r in cfg.routes]
+        self.trusted = {r.trusted_source for r in cfg.routes if r.trusted_source}
 
     def ctx(self, source: tuple[str, int] | None = None) -> Ctx:
         return Ctx(time.time(), self.ids, self.settings, source)
@@ -108,24 +113,17 @@ class B2BUA:
         if stored:
             worker.transport.send(stored, source.addr, sock_index=source.sock_index)
             return
-        caller = self._authenticate(req, source)
+        gateway = source.addr[0] in self.trusted
+        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source)
         if caller is None:
             return
         worker.reply(req, source, 100)
         callee = _callee_of(req)
-        failure = None
-        if callee is None or self.store.get_user(callee, self.config.realm) is None:
-            failure = 404
-        else:
-            bindings = self.store.bindings(aor_of(callee, self.config.realm))
-            if not bindings:
-                failure = 480
+        targets, failure = self._targets(callee, local_only=gateway)
         if failure is not None:
             clog.info("call from %s to %s: %d", caller, callee, failure)
             self._fail_statelessly(req, source, failure, stored_key)
             return
-        targets = [Target(b.contact, b.destination, b.host) for b in bindings
-                   if b.destination is not None]
         call, actions = Call.start(
             tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
             host=source.host, sock_index=source.sock_index, caller=caller, callee=callee,
@@ -139,6 +137,31 @@ class B2BUA:
             else:  # another worker created it meanwhile: this INVITE is a retransmission there
                 self._with_call_locked(tag, lambda c: c.on_request(req, source.addr, self.ctx(
                     source.addr)), req, source, None)
+
+    def _targets(self, callee: str | None, local_only: bool) -> tuple[list[Target], int | None]:
+        """Where to ring ``callee``: every registered contact of a local user (404 when
+        unknown, 480 when not registered), else the first matching route (not for calls
+        from a gateway: no open relay)."""
+        if callee is None:
+            return [], 404
+        if self.store.get_user(callee, self.config.realm) is not None:
+            bindings = self.store.bindings(aor_of(callee, self.config.realm))
+            targets = [Target(b.contact, b.destination, b.host) for b in bindings
+                       if b.destination is not None]
+            return targets, None if targets else 480
+        if local_only:
+            return [], 404
+        for index, (pattern, route) in enumerate(self.routes):
+            m = pattern.match(callee)
+            if m is None:
+                continue
+            uri = route.uri.format(m.group(0), *m.groups(), user=callee).encode()
+            parsed = parse_uri(uri)
+            if not isinstance(parsed, SipURI):
+                continue
+            peer = (parsed.param("maddr") or parsed.host_bare, parsed.port or 5060)
+            return [Target(uri, peer, self.worker.host, route=index)], None
+        return [], 404
 
     def _authenticate(self, req: Request, source) -> str | None:
         """The caller's user name, or None when the request was answered (407/403)."""

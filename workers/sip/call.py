@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from cluster.sip import digest
 from cluster.sip.dialog import Dialog
-from cluster.sip.message import Request, Response, build_request, build_response
+from cluster.sip.message import Request, Response, build_request, build_response, parse
 from cluster.sip.transaction import (
     Action,
     CancelTimer,
@@ -66,6 +67,9 @@ class Settings:
     max_duration: float = 0.0
     allow: bytes = b"INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER"
     supported: bytes = b"timer"
+    # Route table row -> (username, password) answering a gateway's 401/407; kept out of
+    # the call record so no password is ever written to Redis.
+    gateway_credentials: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Target:
     peer: tuple[str, int]
     host: str
     sock_index: int = 0
+    route: int = -1  # the route table row of a gateway target, -1 for a registered contact
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ class Leg:
     provisional: bool = False
     cancel_pending: bool = False
     reason_phrase: str = ""
+    route: int = -1
+    auth_tried: bool = False
 
     def to_record(self) -> dict:
         record = asdict(self)
@@ -234,7 +241,7 @@ class Call:
     def _fork(self, index: int, target: Target, invite: Request, ctx: Ctx) -> list:
         call_id = f"sc{self.slot}.{self.tag}.{index}".encode()
         leg = Leg(f"b{index}", call_id, target.peer, target.host, target.sock_index, ctx.ids.tag(),
-                  self.callee, target=target.uri)
+                  self.callee, target=target.uri, route=target.route)
         self.forks.append(leg)
         display = invite.from_.display
         from_value = (b'"' + display.replace(b'"', b"") + b'" ' if display else b"") + \
@@ -485,6 +492,10 @@ class Call:
             return out
         if status < 300:
             return self._fork_answered(leg, resp, invite_msg, ctx)
+        if status in (401, 407) and invite_msg is not None:
+            retry = self._authenticate_fork(leg, resp, invite_msg, ctx)
+            if retry is not None:
+                return retry
         leg.state = "failed"
         leg.final = status
         leg.reason_phrase = resp.reason.decode("utf-8", "replace")
@@ -521,6 +532,29 @@ class Call:
             out.append(self._arm("max-duration", ctx.now + ctx.cfg.max_duration))
         out += self._session_timer(resp, ctx.now)
         return out
+
+    def _authenticate_fork(self, leg: Leg, resp: Response, invite: Request, ctx: Ctx
+                           ) -> list | None:
+        """A gateway challenged our INVITE: send it again with credentials, once."""
+        credentials = ctx.cfg.gateway_credentials.get(leg.route)
+        if credentials is None or leg.auth_tried or self.state in ("answered", "ended"):
+            return None
+        proxy = resp.status == 407
+        challenge = resp.header("proxy-authenticate" if proxy else "www-authenticate")
+        if challenge is None:
+            return None
+        value = digest.authorization(
+            challenge, method="INVITE", uri=invite.uri_raw.decode("latin-1"),
+            username=credentials[0], password=credentials[1], cnonce=ctx.ids.tag())
+        if value is None:
+            return None
+        retry = parse(invite.to_bytes())
+        retry.set_header(b"Via", _via(ctx.cfg, ctx.ids.branch()))
+        retry.set_header(b"CSeq", b"%d INVITE" % (invite.cseq.number + 1))
+        retry.add_header(b"Proxy-Authorization" if proxy else b"Authorization", value)
+        leg.auth_tried = True
+        leg.provisional = False
+        return self._start_client(leg, retry, "invite", ctx)
 
     def _stray_2xx(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
         """A 2xx retransmitted after our INVITE transaction ended: ACK it again (RFC 6026)."""
