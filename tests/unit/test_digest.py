@@ -20,6 +20,7 @@ from cluster.sip.digest import (
     parse_credentials,
     verify,
 )
+from cluster.sip import digest
 from cluster.sip.errors import SipError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
