@@ -108,7 +108,7 @@ class Registrar:
             return self._reply(req, 400, "Out of order REGISTER (CSeq not above the last)"), None
         if outcome.outcome == "too-many":
             return self._reply(req, 403, "Too many registered contacts"), None
-        clog.debug("%s: %d binding(s) after REGISTER from %s:%d", aor, len(outcome.bindings),
+        clog.info("%s: %d binding(s) after REGISTER from %s:%d", aor, len(outcome.bindings),
                   *source.addr)
         return self._ok(req, outcome.bindings, now), tx
 
