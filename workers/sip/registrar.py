@@ -54,18 +54,19 @@ class Registrar:
         self.new_tag = new_tag
 
     def handle(self, req: Request, source: Source, server_key: str
-               ) -> tuple[Response | bytes | None, str | None]:
-        """The answer to a REGISTER, and the transaction key to store it under (or None)."""
+               ) -> tuple[Response | bytes | None, str | None, bool]:
+        """The answer to a REGISTER (None: a copy of one being worked on), the transaction
+        key it belongs under (None: not kept), and whether it is new (to be kept)."""
         user = self._user_of(req)
         result = self.auth.check(req, source.addr[0], proxy=False)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
             headers = self.auth.challenge_headers(proxy=False,
                                                   stale=result.verdict is Verdict.STALE)
-            return self._reply(req, 401, headers=headers), None
+            return self._reply(req, 401, headers=headers), None, False
         if result.verdict is not Verdict.OK:
-            return self._reply(req, 403), None
+            return self._reply(req, 403), None, False
         if result.username != user:
-            return self._reply(req, 403, "Username does not match the To user"), None
+            return self._reply(req, 403, "Username does not match the To user"), None, False
         return self._update(req, source, user, result.credentials, server_key)
 
     def _user_of(self, req: Request) -> str:
@@ -85,7 +86,7 @@ class Registrar:
             expires = self._expires_of(contact, req)
             if 0 < expires < self.settings.min_expires:
                 return self._reply(req, 423, headers=[
-                    (b"Min-Expires", b"%d" % self.settings.min_expires)]), None
+                    (b"Min-Expires", b"%d" % self.settings.min_expires)]), None, False
             binding = self._binding(req, contact, min(expires, self.settings.max_expires),
                                     now, source)
             if expires == 0:
@@ -100,17 +101,19 @@ class Registrar:
             cseq=req.cseq.number, set_bindings=set_bindings, remove_keys=remove_keys, star=star)
         clog = call_log(log, req.call_id)
         if outcome.outcome == "dup":
-            return outcome.response, None
+            return outcome.response, tx, False
         if outcome.outcome == "replay":
             clog.info("replayed nonce-count from %s:%d", *source.addr)
-            return self._reply(req, 401, headers=self.auth.challenge_headers(proxy=False)), None
+            return (self._reply(req, 401, headers=self.auth.challenge_headers(proxy=False)),
+                    None, False)
         if outcome.outcome == "stale-cseq":
-            return self._reply(req, 400, "Out of order REGISTER (CSeq not above the last)"), None
+            return (self._reply(req, 400, "Out of order REGISTER (CSeq not above the last)"),
+                    None, False)
         if outcome.outcome == "too-many":
-            return self._reply(req, 403, "Too many registered contacts"), None
+            return self._reply(req, 403, "Too many registered contacts"), None, False
         clog.info("%s: %d binding(s) after REGISTER from %s:%d", aor, len(outcome.bindings),
                   *source.addr)
-        return self._ok(req, outcome.bindings, now), tx
+        return self._ok(req, outcome.bindings, now), tx, True
 
     def _expires_of(self, contact: NameAddr, req: Request) -> int:
         value = contact.param("expires")

@@ -79,7 +79,7 @@ class Worker:
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
-        self._answers: list[tuple[str, bytes, float]] = []
+        self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
 
     # ---------------------------------------------------------------- entry
     def run(self) -> None:
@@ -222,27 +222,28 @@ class Worker:
             (b"Supported", ", ".join(SUPPORTED).encode())])
 
     def _register(self, req: Request, source: Source) -> None:
-        answer, tx = self.registrar.handle(req, source, server_key(req))
+        answer, tx, fresh = self.registrar.handle(req, source, server_key(req))
+        if answer is None and tx is not None:
+            answer = self._answers.get(tx)  # answered a moment ago, not yet in Redis
         if answer is None:
             self.counters["retransmissions_absorbed"] += 1
             return
         data = answer if isinstance(answer, bytes) else answer.to_bytes()
         self.transport.send(data, response_dest(req, source.addr), sock_index=source.sock_index)
-        if tx is not None:
+        if tx is not None and fresh:
             self.keep_answer(tx, data)
 
     def keep_answer(self, tx: str, data: bytes) -> None:
-        """Store an answer for retransmissions, batched with others: a copy of the request
-        arriving before the batch is written finds the claim and is dropped, and the
-        client's next copy gets the stored answer."""
-        self._answers.append((tx, data, self.tx_ttl))
+        """Store an answer for retransmissions, batched with others.  Until the batch is
+        written a retransmission finds the answer here (affinity brings it to this worker)."""
+        self._answers[tx] = data
         if len(self._answers) == 1:
             gevent.spawn_later(ANSWER_BATCH_SECONDS, self._write_answers)
 
     def _write_answers(self) -> None:
-        answers, self._answers = self._answers, []
+        answers, self._answers = self._answers, {}
         try:
-            self.store.store_answers(answers)
+            self.store.store_answers([(tx, data, self.tx_ttl) for tx, data in answers.items()])
         except StoreUnavailable as exc:
             log.warning("could not keep %d answer(s): %s", len(answers), exc)
 
