@@ -35,10 +35,30 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    MAXLEN ~ 1,000,000); read with ``sipctl cdr`` or XRANGE.
   authfail:{<ip>}                  failed authentications from one source (plain counter).
                                    TTL: the failure window.
+  authblock (channel)              pub/sub: "<ip> <seconds>" when a source is throttled, so
+                                   every worker refuses it at once (nothing is stored).
   proc:<role>:<host>:<name>        a live process's heartbeat: {"role", "host", "name", "pid",
                                    "started", "seen", ...counters}.  TTL: a few heartbeats.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
                                    so other hosts can send through it (invariant 12).  TTL: idem.
+  relay:nodes                      hash of RTP relays, field = relay id "<host>/relay-<n>", value
+                                   {"id", "host", "name", "pid", "control": [ip, port],
+                                   "addresses": {"4": ip, "6": ip}, "ports": [lo, hi], "sessions",
+                                   "streams", "pps", "started", "seen", ...counters}.  Readers
+                                   skip entries not seen lately.  TTL: a day, refreshed by
+                                   every heartbeat; relays HDEL entries silent for a day.
+  relay:session:{<call id>}        one relay session (both legs, ports, latched addresses,
+                                   per-stream counters): {"relay", "control", "call_id", "legs",
+                                   ...}.  TTL: the session's idle limit (its media timeout +
+                                   a grace period), refreshed while media flows and by every
+                                   command; deleted by the relay's `delete`.
+  relay:owned:{<relay id>}         sorted set of the call ids a relay serves, score = expiry
+                                   (epoch ms); read when the relay restarts.  TTL: the longest
+                                   idle limit, refreshed with every write.
+  relay:events                     Redis Stream of media events {"event": "media-timeout",
+                                   "call_id", "relay", "idle", "hold", "at"}, read by the
+                                   B2BUA with a consumer group (XREADGROUP, XACK, XAUTOCLAIM).
+                                   Capped with MAXLEN ~ 100,000.
 
 Every function turns Redis trouble into ``StoreUnavailable`` so callers can
 answer 503 instead of crashing.
@@ -111,6 +131,7 @@ def timer_key(shard: int) -> str:
 
 
 CDR_STREAM = "cdr"
+AUTHBLOCK_CHANNEL = "authblock"
 TIMER_SHARDS = 8
 
 
@@ -477,6 +498,22 @@ class Store:
         value = self._call(self.redis.get, authfail_key(ip))
         return int(value or 0)
 
+    def announce_block(self, ip: str, seconds: float) -> None:
+        self._call(self.redis.publish, AUTHBLOCK_CHANNEL, f"{ip} {seconds}")
+
+    def blocks(self):
+        """Yield (ip, seconds) as workers announce throttled sources (blocking)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(AUTHBLOCK_CHANNEL)
+            for message in pubsub.listen():
+                ip, _, seconds = message["data"].decode().partition(" ")
+                yield ip, float(seconds or 0)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        finally:
+            pubsub.close()
+
     def note_auth_failure(self, ip: str, window: float) -> int:
         pipe = self.redis.pipeline(transaction=False)
         pipe.incr(authfail_key(ip))
@@ -503,3 +540,194 @@ class Store:
                 found.append(unpack(data))
         return sorted(found, key=lambda p: (p.get("role", ""), p.get("host", ""),
                                             p.get("name", "")))
+
+
+# --------------------------------------------------------------------------- RTP relays
+# Relay ids are "<host id>/relay-<index>".  Session records are text-only msgpack: the
+# refresh script below reads their "relay" field with Lua's cmsgpack.
+
+RELAY_NODES_KEY = "relay:nodes"
+RELAY_EVENTS_KEY = "relay:events"
+RELAY_EVENTS_MAXLEN = 100_000
+RELAY_NODES_TTL = 86_400  # seconds; refreshed by every heartbeat
+
+
+def relay_session_key(call_id: str) -> str:
+    return f"relay:session:{{{call_id}}}"
+
+
+def relay_owned_key(relay_id: str) -> str:
+    return f"relay:owned:{{{relay_id}}}"
+
+
+# KEYS: session.  ARGV: relay id, packed record, ttl ms.  Rewrites the record only while this
+# relay still owns it: 1 written, 0 gone (expired or deleted by the control plane), -1 taken
+# over by another relay.
+_RELAY_REFRESH_LUA = """
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+if cmsgpack.unpack(current).relay ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
+def relay_heartbeat(store: Store, relay_id: str, info: dict, ttl: float) -> None:
+    """Announce a relay and its load: in relay:nodes for workers, proc:relay:* for operators."""
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.hset(RELAY_NODES_KEY, relay_id, pack(info))
+    pipe.expire(RELAY_NODES_KEY, RELAY_NODES_TTL)
+    pipe.set(proc_key("relay", info.get("host", ""), info.get("name", relay_id)), pack(info),
+             px=int(ttl * 1000))
+    store._call(pipe.execute)
+
+
+def relay_nodes(store: Store) -> list[dict]:
+    """Every relay ever announced (live or not): callers judge liveness by its "seen"."""
+    raw = store._call(store.redis.hgetall, RELAY_NODES_KEY)
+    return [unpack(value) for value in raw.values()]
+
+
+def relay_forget(store: Store, relay_ids: Iterable[str]) -> None:
+    ids = list(relay_ids)
+    if ids:
+        store._call(store.redis.hdel, RELAY_NODES_KEY, *ids)
+
+
+def relay_save_sessions(store: Store, relay_id: str,
+                        sessions: Iterable[tuple[str, dict, float]]) -> None:
+    """Create or overwrite session records (call id, record, ttl s): the relay owns them now."""
+    pipe = store.redis.pipeline(transaction=False)
+    now_ms, longest = int(time.time() * 1000), 0
+    for call_id, record, ttl in sessions:
+        ttl_ms = int(ttl * 1000)
+        pipe.set(relay_session_key(call_id), pack(record), px=ttl_ms)
+        pipe.zadd(relay_owned_key(relay_id), {call_id: now_ms + ttl_ms})
+        longest = max(longest, ttl_ms)
+    if longest:
+        pipe.pexpire(relay_owned_key(relay_id), longest, gt=True)
+        pipe.pexpire(relay_owned_key(relay_id), longest, nx=True)
+        store._call(pipe.execute)
+
+
+def relay_refresh_sessions(store: Store, relay_id: str,
+                           sessions: list[tuple[str, dict, float]]) -> list[int]:
+    """Rewrite records this relay still owns; per session 1, 0 (gone) or -1 (taken over)."""
+    if not sessions:
+        return []
+    script = store.redis.register_script(_RELAY_REFRESH_LUA)
+    pipe = store.redis.pipeline(transaction=False)
+    now_ms, longest = int(time.time() * 1000), 0
+    for call_id, record, ttl in sessions:
+        ttl_ms = int(ttl * 1000)
+        script(keys=[relay_session_key(call_id)], args=[relay_id, pack(record), ttl_ms],
+               client=pipe)
+        pipe.zadd(relay_owned_key(relay_id), {call_id: now_ms + ttl_ms})
+        longest = max(longest, ttl_ms)
+    pipe.pexpire(relay_owned_key(relay_id), longest, gt=True)
+    pipe.pexpire(relay_owned_key(relay_id), longest, nx=True)
+    replies = store._call(pipe.execute)
+    return [int(reply) for reply in replies[0:2 * len(sessions):2]]
+
+
+def relay_drop_sessions(store: Store, relay_id: str, call_ids: Iterable[str],
+                        delete_records: bool = True) -> None:
+    """Forget sessions: their records (unless another relay took them over) and index entries."""
+    ids = list(call_ids)
+    if not ids:
+        return
+    pipe = store.redis.pipeline(transaction=False)
+    if delete_records:
+        for call_id in ids:
+            pipe.delete(relay_session_key(call_id))
+    pipe.zrem(relay_owned_key(relay_id), *ids)
+    store._call(pipe.execute)
+
+
+def relay_session(store: Store, call_id: str) -> dict | None:
+    data = store._call(store.redis.get, relay_session_key(call_id))
+    return None if data is None else unpack(data)
+
+
+def relay_owned_sessions(store: Store, relay_id: str) -> list[dict]:
+    """The live session records a relay owns, for its restart; stale index entries go."""
+    key = relay_owned_key(relay_id)
+    store._call(store.redis.zremrangebyscore, key, "-inf", int(time.time() * 1000))
+    call_ids = [m.decode() for m in store._call(store.redis.zrange, key, 0, -1)]
+    if not call_ids:
+        return []
+    pipe = store.redis.pipeline(transaction=False)
+    for call_id in call_ids:
+        pipe.get(relay_session_key(call_id))
+    records, gone = [], []
+    for call_id, data in zip(call_ids, store._call(pipe.execute), strict=True):
+        record = None if data is None else unpack(data)
+        if record is None or record.get("relay") != relay_id:
+            gone.append(call_id)
+        else:
+            records.append(record)
+    if gone:
+        store._call(store.redis.zrem, key, *gone)
+    return records
+
+
+def relay_report_event(store: Store, event: dict,
+                       sessions: Iterable[tuple[str, dict, float]] = (),
+                       relay_id: str = "") -> str:
+    """XADD a media event (text fields) and, in the same round trip, save the session records
+    that say it was reported, so a restarted relay does not report it again."""
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.xadd(RELAY_EVENTS_KEY, {k: str(v) for k, v in event.items()},
+              maxlen=RELAY_EVENTS_MAXLEN, approximate=True)
+    script = store.redis.register_script(_RELAY_REFRESH_LUA)
+    for call_id, record, ttl in sessions:
+        script(keys=[relay_session_key(call_id)], args=[relay_id, pack(record), int(ttl * 1000)],
+               client=pipe)
+    replies = store._call(pipe.execute)
+    return replies[0].decode()
+
+
+def media_events_group(store: Store, group: str, start: str = "0") -> None:
+    """Create the consumer group (and the stream) unless it exists."""
+    try:
+        store._call(store.redis.xgroup_create, RELAY_EVENTS_KEY, group, id=start, mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def read_media_events(store: Store, group: str, consumer: str, count: int = 100,
+                      block_ms: int | None = None) -> list[tuple[str, dict]]:
+    """New events for this consumer (XREADGROUP >).  A blocking read must stay shorter than
+    the store's socket timeout."""
+    reply = store._call(store.redis.xreadgroup, group, consumer, {RELAY_EVENTS_KEY: ">"},
+                        count=count, block=block_ms)
+    return _stream_entries(reply)
+
+
+def claim_stale_media_events(store: Store, group: str, consumer: str, min_idle_ms: int,
+                             count: int = 100) -> list[tuple[str, dict]]:
+    """Take over events a dead consumer read but never acknowledged (XAUTOCLAIM)."""
+    reply = store._call(store.redis.xautoclaim, RELAY_EVENTS_KEY, group, consumer,
+                        min_idle_ms, start_id="0-0", count=count)
+    return [(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+            for entry_id, fields in reply[1] if fields is not None]
+
+
+def ack_media_events(store: Store, group: str, ids: Iterable[str]) -> int:
+    ids = list(ids)
+    if not ids:
+        return 0
+    return int(store._call(store.redis.xack, RELAY_EVENTS_KEY, group, *ids))
+
+
+def _stream_entries(reply) -> list[tuple[str, dict]]:
+    entries = []
+    for _stream, items in reply or []:
+        for entry_id, fields in items:
+            entries.append((_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
+    return entries
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

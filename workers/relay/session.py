@@ -54,6 +54,10 @@ class Side:
     latch_any: bool = False
     held: bool = False  # signalled hold with a null address: send nothing to it
     stats: StreamStats = field(default_factory=StreamStats)
+    call_id: str = ""
+    # Latched addresses read from Redis, applied when a restarted relay binds the side.
+    restored_latch: tuple | None = None
+    restored_latch_rtcp: tuple | None = None
     rtp: Endpoint | None = field(default=None, repr=False)
     rtcp: Endpoint | None = field(default=None, repr=False)
 
@@ -86,13 +90,14 @@ class Side:
                                 if self.stats.packets else None)}
 
     @classmethod
-    def from_record(cls, record: dict) -> Side:
+    def from_record(cls, record: dict, call_id: str) -> Side:
         stats = StreamStats.from_record(record.get("stats", {}))
         return cls(record["media"], record["family"], record["port"],
                    record.get("clock_rate", 8000), record.get("rtcp_mux", False),
                    _address(record.get("sdp")), _address(record.get("sdp_rtcp")),
                    record.get("latch_ip", ""), record.get("latch_any", False),
-                   record.get("held", False), stats)
+                   record.get("held", False), stats, call_id,
+                   _address(record.get("latched")), _address(record.get("latched_rtcp")))
 
     def figures(self, epoch_offset: float) -> dict:
         figures = {"media": self.media, "family": self.family, "port": self.port,
@@ -118,9 +123,9 @@ class Leg:
                 "sides": [s.to_record(epoch_offset) for s in self.sides]}
 
     @classmethod
-    def from_record(cls, record: dict) -> Leg:
-        return cls(record.get("name"), [Side.from_record(s) for s in record.get("sides", [])],
-                   record.get("hold", False))
+    def from_record(cls, record: dict, call_id: str) -> Leg:
+        sides = [Side.from_record(s, call_id) for s in record.get("sides", [])]
+        return cls(record.get("name"), sides, record.get("hold", False))
 
 
 @dataclass
@@ -181,7 +186,8 @@ class Session:
     def from_record(cls, record: dict) -> Session:
         offset = time.time() - time.monotonic()
         answered = record.get("answered_at")
-        return cls(record["call_id"], [Leg.from_record(leg) for leg in record["legs"]],
+        call_id = record["call_id"]
+        return cls(call_id, [Leg.from_record(leg, call_id) for leg in record["legs"]],
                    record.get("created", time.time()),
                    None if answered is None else answered - offset,
                    record.get("timeout_reported", False), last_command=time.monotonic())

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+
+import gevent
 from dataclasses import dataclass
 from enum import Enum
 
 from cluster.sip import digest
 from cluster.sip.message import Request
-from cluster.store import Store
+from cluster.store import Store, StoreUnavailable
 
 HA1_CACHE_SECONDS = 30.0  # how long a password change may take to apply
 
@@ -113,5 +115,18 @@ class Authenticator:
     def _note_failure(self, ip: str) -> None:
         failures = self.store.note_auth_failure(ip, self.failure_window)
         if failures >= self.max_failures:
-            self._throttled[ip] = time.monotonic() + self.failure_window
+            self.block(ip, self.failure_window)
+            self.store.announce_block(ip, self.failure_window)  # the other workers too
+
+    def block(self, ip: str, seconds: float) -> None:
+        self._throttled[ip] = time.monotonic() + seconds
+
+    def follow_blocks(self) -> None:
+        """Apply the blocks other workers announce (run in its own greenlet)."""
+        while True:
+            try:
+                for ip, seconds in self.store.blocks():
+                    self.block(ip, seconds)
+            except StoreUnavailable:
+                gevent.sleep(1.0)
 

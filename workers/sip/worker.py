@@ -86,6 +86,7 @@ class Worker:
         greenlets = self.transport.start()
         greenlets.append(gevent.spawn(self._heartbeat_loop))
         greenlets.append(gevent.spawn(self.b2bua.timer_loop))
+        greenlets.append(gevent.spawn(self.auth.follow_blocks))
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGINT, self.drain)
         gevent.joinall(greenlets, raise_error=True)

@@ -1,0 +1,59 @@
+"""Entry point of one RTP relay process (run under supervisord as relay-<index>).
+
+SIPCLUSTER_RELAY_INDEX picks the relay's slice of [media.rtp_port_min,
+media.rtp_port_max]; the first port of the slice is its control port on
+127.0.0.1, the rest are RTP/RTCP pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from cluster.config import Config, load
+from cluster.logsetup import setup_logging
+from cluster.store import Store
+
+from .ports import relay_slice
+from .relay import Relay, RelaySettings
+
+# The relay's Redis calls sit between packet batches: fail fast rather than hold packets.
+REDIS_TIMEOUT = 0.1
+
+
+def settings_for(config: Config, index: int) -> RelaySettings:
+    media = config.media
+    lo, hi = relay_slice(media.rtp_port_min, media.rtp_port_max, media.relays, index)
+    if hi - lo < 3:
+        raise ValueError("a relay's port slice needs room for its control port and one pair")
+    host = config.sip.effective_host_id
+    name = f"relay-{index}"
+    return RelaySettings(
+        relay_id=f"{host}/{name}", host=host, name=name, bind=media.bind,
+        advertised=media.advertised_address, port_lo=lo, port_hi=hi,
+        media_timeout=float(media.media_timeout),
+        media_timeout_hold=float(media.media_timeout_hold))
+
+
+def main() -> int:
+    config = load()
+    index = int(os.environ.get("SIPCLUSTER_RELAY_INDEX", "0"))
+    name = f"relay-{index}"
+    setup_logging(config, name)
+    try:
+        settings = settings_for(config, index)
+    except ValueError as exc:
+        logging.getLogger("relay").error("%s", exc)
+        return 2
+    store = Store(config.redis.url, timeout=REDIS_TIMEOUT, max_connections=4)
+    relay = Relay(settings, store)
+    signal.signal(signal.SIGTERM, relay.stop)
+    signal.signal(signal.SIGINT, relay.stop)
+    relay.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,660 @@
+"""The RTP relay process: one epoll loop over every media socket and the control socket.
+
+Per packet the loop does one recvfrom, one sendto and a few attribute
+updates: latching and anything else rare is off the hot path (``_latch``,
+``_short_packet``).  Redis work (saving sessions, heartbeats, media timeout
+events) happens between packet batches, bounded per tick, so a slow Redis
+delays packets by at most one bounded batch and a dead one not at all.
+
+Sessions live in Redis (``relay:session:{call}``) from the moment a command
+creates or changes them, and again whenever a party latches or every
+FLUSH_INTERVAL while packets flow; a relay restarted after kill -9 binds the
+same ports with the same latched addresses and counters before it takes
+commands.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+from cluster import store as st
+from cluster.relayctl import decode, encode
+from cluster.sip.rtp import clock_rate_for
+from cluster.store import Store, StoreUnavailable
+
+from .ports import PortPool
+from .session import (
+    CommandError,
+    Endpoint,
+    Leg,
+    Session,
+    Side,
+    StreamRequest,
+    socket_address,
+)
+
+log = logging.getLogger("relay")
+
+TICK = 0.05  # seconds between housekeeping passes
+FLUSH_INTERVAL = 1.0  # a session with new packets is saved at most this often
+FLUSH_BATCH = 200  # sessions saved per tick at most: bounds the time packets wait
+HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_TTL = 3.0
+TIMEOUT_CHECK_INTERVAL = 0.5
+GRACE = 60.0  # seconds a timed-out session outlives its timeout (for the B2BUA's delete)
+REDIS_BACKOFF = 1.0  # after a Redis failure, seconds without trying again
+CONTROL_BATCH = 64
+REPLY_CACHE = 4096
+MAX_EVENTS = 1024
+RECV_SIZE = 4096
+NODE_FORGET_AFTER = 86_400.0
+OTHER_FAMILY_BIND = {"127.0.0.1": "::1", "0.0.0.0": "::", "::1": "127.0.0.1", "::": "0.0.0.0"}
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    relay_id: str  # "<host>/relay-<index>"
+    host: str
+    name: str
+    bind: str
+    advertised: str
+    port_lo: int  # the relay's slice; lo (and lo + 1) are its control port
+    port_hi: int
+    media_timeout: float = 60.0
+    media_timeout_hold: float = 3600.0
+    grace: float = GRACE
+    control_host: str = "127.0.0.1"
+
+    @property
+    def control(self) -> tuple[str, int]:
+        return (self.control_host, self.port_lo)
+
+    def bind_for(self, family: int) -> str:
+        """The media bind address of a family: the configured one, or its counterpart."""
+        if _family_of(self.bind) == family:
+            return self.bind
+        other = OTHER_FAMILY_BIND.get(self.bind)
+        if other is None:
+            raise CommandError(f"this relay has no IPv{family} address (media.bind = {self.bind})")
+        return other
+
+    def advertised_for(self, family: int) -> str:
+        if self.advertised and _family_of(self.advertised) == family:
+            return self.advertised
+        address = self.bind_for(family)
+        if address in ("0.0.0.0", "::"):
+            raise CommandError(f"no advertised IPv{family} address (set media.advertised_address)")
+        return address
+
+
+def _family_of(address: str) -> int:
+    return 6 if ":" in address else 4
+
+
+class Relay:
+    def __init__(self, settings: RelaySettings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.pool = PortPool(settings.port_lo + 2, settings.port_hi)
+        self.sessions: dict[str, Session] = {}
+        self.endpoints: dict[int, Endpoint] = {}
+        self.epoll = select.epoll()
+        self.control = self._bind_control()
+        self.counters: Counter[str] = Counter()
+        self.replies: OrderedDict[bytes, bytes] = OrderedDict()
+        self.urgent: set[str] = set()  # sessions to save at the next tick (latching)
+        self.forwarded = 0
+        self.started = time.time()
+        self.stopping = False
+        self._redis_down_until = 0.0
+        self._next_heartbeat = 0.0
+        self._next_timeout_check = 0.0
+        self._next_prune = 0.0
+        self._pps = 0.0
+        self._pps_mark = (time.monotonic(), 0)
+
+    # ---------------------------------------------------------------- setup
+    def _bind_control(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind(self.settings.control)
+        sock.setblocking(False)
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
+        return sock
+
+    def restore(self) -> int:
+        """Bind the sessions this relay had before a restart; returns how many."""
+        try:
+            records = st.relay_owned_sessions(self.store, self.settings.relay_id)
+        except StoreUnavailable as exc:
+            log.warning("cannot read my sessions from Redis: %s", exc)
+            return 0
+        restored = 0
+        for record in records:
+            try:
+                session = Session.from_record(record)
+                self._bind_session(session)
+            except (CommandError, OSError, KeyError, ValueError, TypeError) as exc:
+                log.warning("call-id=%s cannot restore session: %s", record.get("call_id"), exc)
+                continue
+            self.sessions[session.call_id] = session
+            restored += 1
+        if restored:
+            log.info("restored %d sessions", restored)
+        return restored
+
+    def _bind_session(self, session: Session) -> None:
+        bound: list[Side] = []
+        try:
+            for side in session.sides():
+                self.pool.reserve(side.port)
+                bound.append(side)
+                self._open(side)
+                side.rtp.source = side.restored_latch
+                side.rtcp.source = side.restored_latch_rtcp
+                side.refresh_remotes()
+        except (OSError, ValueError):
+            for side in bound:
+                self._close_side(side)
+            raise
+        for index in range(max(len(leg.sides) for leg in session.legs)):
+            self._wire(session, index)
+        # The restored record's figures include its latching: keep them on the sides.
+        session.flushed_packets = session.packets()
+        session.last_flush = time.monotonic()
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> None:
+        restored = self.restore()
+        self.counters["restored"] += restored
+        self._heartbeat(time.monotonic())
+        log.info("relay %s: control %s:%d, media %s ports %d-%d", self.settings.relay_id,
+                 *self.settings.control, self.settings.bind, self.settings.port_lo + 2,
+                 self.settings.port_hi)
+        poll = self.epoll.poll
+        get = self.endpoints.get
+        mono = time.monotonic
+        latch = self._latch
+        short = self._short_packet
+        forwarded = 0
+        next_tick = mono() + TICK
+        while not self.stopping:
+            timeout = next_tick - mono()
+            events = poll(timeout if timeout > 0 else 0, MAX_EVENTS)
+            for fd, _ in events:
+                e = get(fd)
+                if e is None:
+                    self._on_control()
+                    continue
+                try:
+                    data, src = e.recvfrom(RECV_SIZE)
+                except OSError:
+                    continue
+                if src != e.source and not latch(e, src):
+                    continue
+                if len(data) < 12:
+                    short(e, data)
+                    continue
+                stats = e.stats
+                if stats is not None and not 191 < data[1] < 224:
+                    stats.update(data, mono())
+                    out = e.out
+                else:
+                    e.rtcp_packets += 1
+                    out = e.rtcp_out
+                dest = out.remote
+                if dest is not None:
+                    try:
+                        out.sendto(data, dest)
+                        forwarded += 1
+                    except OSError:
+                        out.send_errors += 1
+            now = mono()
+            if now >= next_tick:
+                self.forwarded += forwarded
+                forwarded = 0
+                self._housekeeping(now)
+                next_tick = now + TICK
+        self.forwarded += forwarded
+        self._save_all()
+
+    def stop(self, *_args) -> None:
+        self.stopping = True
+
+    def _latch(self, e: Endpoint, src: tuple) -> bool:
+        """A packet from an address other than the latched one: latch on it, or drop it."""
+        side = e.side
+        if e.source is None and (side.latch_any or src[0] == side.latch_ip):
+            e.source = src
+            side.refresh_remotes()
+            self.urgent.add(side.call_id)
+            self.counters["latched"] += 1
+            return True
+        e.dropped += 1
+        return False
+
+    def _short_packet(self, e: Endpoint, data: bytes) -> None:
+        # RTCP can be 8 bytes (an empty receiver report); shorter, or RTP under 12, is junk.
+        if len(data) >= 8 and 191 < data[1] < 224:
+            e.rtcp_packets += 1
+            out = e.rtcp_out
+            if out.remote is not None:
+                try:
+                    out.sendto(data, out.remote)
+                    self.forwarded += 1
+                except OSError:
+                    out.send_errors += 1
+            return
+        e.dropped += 1
+
+    # ---------------------------------------------------------------- control
+    def _on_control(self) -> None:
+        batch = []
+        for _ in range(CONTROL_BATCH):
+            try:
+                batch.append(self.control.recvfrom(65535))
+            except OSError:
+                break
+        answers: list[tuple[tuple, bytes, bytes | None]] = []
+        to_save: set[str] = set()
+        to_drop: list[str] = []
+        for data, address in batch:
+            try:
+                message = decode(data)
+            except ValueError:
+                self.counters["control_malformed"] += 1
+                continue
+            request_id = message["id"]
+            key = request_id if isinstance(request_id, bytes) else str(request_id).encode()
+            cached = self.replies.get(key)
+            if cached is not None:
+                self.counters["control_retransmitted"] += 1
+                answers.append((address, cached, None))
+                continue
+            reply = self._command(message, to_save, to_drop)
+            reply["id"] = request_id
+            answers.append((address, encode(reply), key))
+        self._persist(to_save, to_drop)
+        for address, data, key in answers:
+            if key is not None:
+                self.replies[key] = data
+                if len(self.replies) > REPLY_CACHE:
+                    self.replies.popitem(last=False)
+            try:
+                self.control.sendto(data, address)
+            except OSError as exc:
+                log.warning("cannot answer %s: %s", address, exc)
+
+    def _command(self, message: dict, to_save: set[str], to_drop: list[str]) -> dict:
+        command = message.get("cmd")
+        try:
+            if command == "ping":
+                reply = {"ok": True, "relay": self.settings.relay_id,
+                         "sessions": len(self.sessions)}
+            elif command in ("offer", "answer"):
+                reply = self._offer_answer(message, command == "answer")
+                to_save.add(message["call_id"])
+            elif command == "delete":
+                reply = self._delete(_call_id(message))
+                if reply["found"]:
+                    to_drop.append(_call_id(message))
+            elif command == "query":
+                reply = self._query(_call_id(message))
+            else:
+                raise CommandError(f"no command {command!r}")
+        except CommandError as exc:
+            self.counters[f"cmd_{command}_error"] += 1
+            return {"ok": False, "error": str(exc)}
+        self.counters[f"cmd_{command}_ok"] += 1
+        return reply
+
+    def _offer_answer(self, message: dict, is_answer: bool) -> dict:
+        call_id = _call_id(message)
+        leg_name = message.get("leg")
+        if not isinstance(leg_name, str) or not leg_name:
+            raise CommandError("a leg name is needed")
+        raw_streams = message.get("streams")
+        if not isinstance(raw_streams, list) or not raw_streams:
+            raise CommandError("streams must be a non-empty list")
+        streams = [StreamRequest.parse(raw) for raw in raw_streams]
+        session = self.sessions.get(call_id)
+        created = session is None
+        if session is None:
+            if is_answer:
+                raise CommandError(f"no session for call {call_id}")
+            session = Session(call_id, [Leg(leg_name), Leg(None)], time.time())
+            self.sessions[call_id] = session
+            self.counters["sessions_created"] += 1
+        leg, other = session.leg_named(leg_name, create=True)
+        other_family = message.get("other_family")
+        if other_family not in (None, 4, 6):
+            raise CommandError(f"bad other_family {other_family!r}")
+        try:
+            self._update_leg(session, leg, other, streams, other_family,
+                             bool(message.get("latch_any", False)))
+        except CommandError:
+            if created:
+                self._close_session(session)
+            raise
+        leg.hold = bool(message.get("hold", False)) or all(s.null for s in streams)
+        session.last_command = time.monotonic()
+        if is_answer and session.answered_at is None:
+            session.answered_at = session.last_command
+        session.timeout_reported = False  # renegotiated: a live call again
+        return {"ok": True, "relay": self.settings.relay_id,
+                "streams": [self._facing(side, leg.sides[i] if i < len(leg.sides) else None)
+                            for i, side in enumerate(other.sides[:len(streams)])]}
+
+    def _update_leg(self, session: Session, leg: Leg, other: Leg, streams: list[StreamRequest],
+                    other_family: int | None, latch_any: bool) -> None:
+        for index, request in enumerate(streams):
+            if index < len(leg.sides):
+                side = leg.sides[index]
+                if side.family != request.family:
+                    raise CommandError(f"m-line {index}: IPv{request.family} address for a "
+                                       f"leg on IPv{side.family}")
+            else:
+                side = self._new_side(session, request.media, request.family)
+                leg.sides.append(side)
+            if index >= len(other.sides):
+                family = other_family or request.family
+                other.sides.append(self._new_side(session, request.media, family))
+            _apply_sdp(side, request, latch_any)
+            if other.sides[index].sdp is None:
+                other.sides[index].rtcp_mux = request.rtcp_mux  # offer what this party offered
+            self._wire(session, index)
+
+    def _new_side(self, session: Session, media: str, family: int) -> Side:
+        for _ in range(len(self.pool)):
+            try:
+                port = self.pool.take()
+            except IndexError:
+                break
+            side = Side(media, family, port, clock_rate_for(None, media), call_id=session.call_id)
+            try:
+                self._open(side)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    self.pool.release(port)
+                    raise CommandError(f"cannot bind IPv{family} media ports: {exc}") from None
+                self.pool.skip(port)  # someone else holds it; try it again much later
+                continue
+            return side
+        self.counters["ports_exhausted"] += 1
+        raise CommandError("no free relay ports")
+
+    def _open(self, side: Side) -> None:
+        family = socket.AF_INET6 if side.family == 6 else socket.AF_INET
+        bind = self.settings.bind_for(side.family)
+        socks = []
+        try:
+            for port in (side.port, side.port + 1):
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                socks.append(sock)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setblocking(False)
+                sock.bind((bind, port))
+        except OSError:
+            for sock in socks:
+                sock.close()
+            raise
+        side.rtp = Endpoint(socks[0], side, side.stats)
+        side.rtcp = Endpoint(socks[1], side, None)
+        for endpoint in (side.rtp, side.rtcp):
+            fd = endpoint.sock.fileno()
+            self.endpoints[fd] = endpoint
+            self.epoll.register(fd, select.EPOLLIN)
+
+    def _wire(self, session: Session, index: int) -> None:
+        first, second = session.legs
+        if index >= len(first.sides) or index >= len(second.sides):
+            return
+        for this, that in ((first.sides[index], second.sides[index]),
+                           (second.sides[index], first.sides[index])):
+            this.rtp.out = that.rtp
+            this.rtp.rtcp_out = that.rtcp_target
+            this.rtcp.out = that.rtcp_target
+            this.rtcp.rtcp_out = that.rtcp_target
+            this.refresh_remotes()
+
+    def _facing(self, side: Side, peer: Side | None) -> dict:
+        mux = side.rtcp_mux if side.sdp is not None else bool(peer and peer.rtcp_mux)
+        return {"media": side.media, "address": self.settings.advertised_for(side.family),
+                "port": side.port, "rtcp_port": side.port + 1, "rtcp_mux": mux,
+                "family": side.family}
+
+    def _delete(self, call_id: str) -> dict:
+        session = self.sessions.get(call_id)
+        if session is None:
+            return {"ok": True, "found": False}
+        figures = session.figures()
+        self._close_session(session)
+        self.counters["sessions_deleted"] += 1
+        return {"ok": True, "found": True, **figures}
+
+    def _query(self, call_id: str) -> dict:
+        session = self.sessions.get(call_id)
+        if session is None:
+            return {"ok": True, "found": False}
+        return {"ok": True, "found": True, "relay": self.settings.relay_id, **session.figures()}
+
+    def _close_session(self, session: Session) -> None:
+        for side in session.sides():
+            self._close_side(side)
+        self.sessions.pop(session.call_id, None)
+        self.urgent.discard(session.call_id)
+
+    def _close_side(self, side: Side) -> None:
+        for endpoint in (side.rtp, side.rtcp):
+            if endpoint is None:
+                continue
+            fd = endpoint.sock.fileno()
+            if fd >= 0:
+                self.endpoints.pop(fd, None)
+                try:
+                    self.epoll.unregister(fd)
+                except OSError:
+                    pass
+            endpoint.sock.close()
+        side.rtp = side.rtcp = None
+        self.pool.release(side.port)
+
+    # ---------------------------------------------------------------- Redis
+    def _redis_ok(self) -> bool:
+        return time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, exc: Exception) -> None:
+        if self._redis_ok():
+            log.warning("Redis unavailable: %s", exc)
+        self.counters["redis_errors"] += 1
+        self._redis_down_until = time.monotonic() + REDIS_BACKOFF
+
+    def _record(self, session: Session) -> tuple[str, dict, float]:
+        now = time.monotonic()
+        limit = self._idle_limit(session)
+        left = limit - (now - self._last_activity(session))
+        return (session.call_id,
+                session.to_record(self.settings.relay_id, self.settings.control),
+                max(1.0, left))
+
+    def _persist(self, to_save: set[str], to_drop: list[str]) -> None:
+        """Save what commands changed before answering them (the answer promises it)."""
+        sessions = [self.sessions[c] for c in to_save if c in self.sessions]
+        if not sessions and not to_drop:
+            return
+        if not self._redis_ok():
+            self.urgent.update(s.call_id for s in sessions)
+            return
+        try:
+            st.relay_save_sessions(self.store, self.settings.relay_id,
+                                   [self._record(s) for s in sessions])
+            st.relay_drop_sessions(self.store, self.settings.relay_id, to_drop)
+        except StoreUnavailable as exc:
+            self._redis_failed(exc)
+            self.urgent.update(s.call_id for s in sessions)
+            return
+        now = time.monotonic()
+        for session in sessions:
+            session.flushed_packets = session.packets()
+            session.last_flush = now
+
+    def _flush(self, now: float) -> None:
+        """Save latching changes at once and counters every FLUSH_INTERVAL, a batch a tick."""
+        due = [s for call_id in self.urgent if (s := self.sessions.get(call_id))]
+        for session in self.sessions.values():
+            if len(due) >= FLUSH_BATCH:
+                break
+            if (session.call_id not in self.urgent
+                    and now - session.last_flush >= FLUSH_INTERVAL
+                    and session.packets() != session.flushed_packets):
+                due.append(session)
+        if not due:
+            return
+        due = due[:FLUSH_BATCH]
+        try:
+            results = st.relay_refresh_sessions(self.store, self.settings.relay_id,
+                                                [self._record(s) for s in due])
+        except StoreUnavailable as exc:
+            self._redis_failed(exc)
+            return
+        for session, result in zip(due, results, strict=True):
+            self.urgent.discard(session.call_id)
+            session.flushed_packets = session.packets()
+            session.last_flush = now
+            if result <= 0:
+                # Deleted by a client that gave up on us, expired, or taken over: let go.
+                log.info("call-id=%s session record %s: dropping it", session.call_id,
+                         "taken over" if result < 0 else "gone")
+                self.counters["sessions_orphaned"] += 1
+                self._close_session(session)
+                st_drop = [session.call_id]
+                try:
+                    st.relay_drop_sessions(self.store, self.settings.relay_id, st_drop,
+                                           delete_records=False)
+                except StoreUnavailable as exc:
+                    self._redis_failed(exc)
+
+    def _save_all(self) -> None:
+        sessions = list(self.sessions.values())
+        try:
+            st.relay_refresh_sessions(self.store, self.settings.relay_id,
+                                      [self._record(s) for s in sessions])
+        except StoreUnavailable as exc:
+            log.warning("cannot save sessions on the way out: %s", exc)
+
+    # ---------------------------------------------------------------- timers
+    def _idle_limit(self, session: Session) -> float:
+        return self._media_timeout(session) + self.settings.grace
+
+    def _media_timeout(self, session: Session) -> float:
+        s = self.settings
+        return s.media_timeout_hold if session.hold else s.media_timeout
+
+    def _last_activity(self, session: Session) -> float:
+        return max(session.last_media(), session.last_command)
+
+    def _housekeeping(self, now: float) -> None:
+        if self._redis_ok():
+            self._flush(now)
+        if now >= self._next_timeout_check:
+            self._next_timeout_check = now + TIMEOUT_CHECK_INTERVAL
+            self._check_timeouts(now)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_INTERVAL
+            self._heartbeat(now)
+
+    def _check_timeouts(self, now: float) -> None:
+        for session in list(self.sessions.values()):
+            idle = now - self._last_activity(session)
+            if idle > self._idle_limit(session):
+                log.info("call-id=%s idle %.0f s: session expired", session.call_id, idle)
+                self.counters["sessions_expired"] += 1
+                self._close_session(session)  # its Redis record expires by its own TTL
+                continue
+            if session.answered_at is None or session.timeout_reported:
+                continue
+            silent = now - max(session.last_media(), session.answered_at)
+            if silent > self._media_timeout(session) and self._redis_ok():
+                self._report_timeout(session, silent)
+
+    def _report_timeout(self, session: Session, silent: float) -> None:
+        session.timeout_reported = True
+        event = {"event": "media-timeout", "call_id": session.call_id,
+                 "relay": self.settings.relay_id, "idle": round(silent, 1),
+                 "hold": int(session.hold), "at": round(time.time(), 3)}
+        try:
+            st.relay_report_event(self.store, event, [self._record(session)],
+                                  self.settings.relay_id)
+        except StoreUnavailable as exc:
+            session.timeout_reported = False  # try again at the next check
+            self._redis_failed(exc)
+            return
+        self.counters["media_timeouts"] += 1
+        log.info("call-id=%s no RTP for %.1f s: media timeout reported", session.call_id, silent)
+
+    def _heartbeat(self, now: float) -> None:
+        mark_time, mark_count = self._pps_mark
+        if now > mark_time:
+            self._pps = (self.forwarded - mark_count) / (now - mark_time)
+        self._pps_mark = (now, self.forwarded)
+        if not self._redis_ok():
+            return
+        s = self.settings
+        info = {"id": s.relay_id, "role": "relay", "host": s.host, "name": s.name,
+                "pid": os.getpid(), "control": list(s.control),
+                "addresses": {str(f): a for f in (4, 6) if (a := _try_advertised(s, f))},
+                "ports": [s.port_lo + 2, s.port_hi], "free_pairs": len(self.pool),
+                "sessions": len(self.sessions),
+                "streams": sum(len(leg.sides) for x in self.sessions.values() for leg in x.legs),
+                "pps": round(self._pps, 1), "forwarded": self.forwarded,
+                "started": self.started, "seen": time.time(), **self.counters}
+        try:
+            st.relay_heartbeat(self.store, s.relay_id, info, HEARTBEAT_TTL)
+            if now >= self._next_prune:
+                self._next_prune = now + 60.0
+                stale = [n["id"] for n in st.relay_nodes(self.store)
+                         if time.time() - n.get("seen", 0) > NODE_FORGET_AFTER]
+                st.relay_forget(self.store, stale)
+        except StoreUnavailable as exc:
+            self._redis_failed(exc)
+
+
+def _call_id(message: dict) -> str:
+    call_id = message.get("call_id")
+    if not isinstance(call_id, str) or not call_id or len(call_id) > 256:
+        raise CommandError("a call_id is needed")
+    return call_id
+
+
+def _apply_sdp(side: Side, request: StreamRequest, latch_any: bool) -> None:
+    """New SDP for a side.  Hold keeps the latching; a new address re-latches."""
+    side.latch_any = latch_any
+    side.rtcp_mux = request.rtcp_mux
+    side.clock_rate = side.stats.clock_rate = request.clock_rate
+    if request.null:
+        side.held = True
+        side.refresh_remotes()
+        return
+    side.held = False
+    sdp = socket_address(request.ip, request.port)
+    sdp_rtcp = socket_address(request.ip, request.rtcp_port)
+    if sdp != side.sdp or sdp_rtcp != side.sdp_rtcp or request.latch_ip != side.latch_ip:
+        side.sdp, side.sdp_rtcp, side.latch_ip = sdp, sdp_rtcp, request.latch_ip
+        for endpoint in (side.rtp, side.rtcp):
+            endpoint.source = None  # signalling says the party moved: latch again
+    side.refresh_remotes()
+
+
+def _try_advertised(settings: RelaySettings, family: int) -> str | None:
+    try:
+        return settings.advertised_for(family)
+    except CommandError:
+        return None
