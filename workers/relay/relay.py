@@ -43,8 +43,8 @@ from .session import (
 log = logging.getLogger("relay")
 
 TICK = 0.05  # seconds between housekeeping passes
-FLUSH_INTERVAL = 1.0  # a session with new packets is saved at most this often
-FLUSH_BATCH = 200  # sessions saved per tick at most: bounds the time packets wait
+FLUSH_INTERVAL = 2.0  # a session with new packets is saved at most this often
+FLUSH_BATCH = 25  # sessions saved per tick at most: bounds the time packets wait
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TTL = 3.0
 TIMEOUT_CHECK_INTERVAL = 0.5

@@ -83,7 +83,7 @@ class B2BUA:
         if self._with_call(tag, lambda call: call.on_request(req, source.addr, self.ctx(
                 source.addr)), req, source, inbound=req):
             return
-        if req.method == "INVITE" and req.to.tag is None:
+        if req.method in ("INVITE", "MESSAGE") and req.to.tag is None:
             self._new_call(tag, req, source)
         elif req.method == "ACK":
             return  # the ACK of a failure we answered statelessly
@@ -117,7 +117,8 @@ class B2BUA:
         caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source)
         if caller is None:
             return
-        worker.reply(req, source, 100)
+        if req.method == "INVITE":
+            worker.reply(req, source, 100)
         callee = _callee_of(req)
         targets, failure = self._targets(callee, local_only=gateway)
         if failure is not None:

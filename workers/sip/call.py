@@ -179,6 +179,7 @@ class Call:
     hangup: dict = field(default_factory=dict)  # cause, q850, side, status
     worker: str = ""
     session_interval: int = 0
+    method: str = "INVITE"  # or MESSAGE: a page relayed to the callee's contacts
 
     # ---------------------------------------------------------------- records
     def to_record(self) -> dict:
@@ -193,6 +194,10 @@ class Call:
         record["a"] = Leg.from_record(record["a"])
         record["forks"] = [Leg.from_record(r) for r in record["forks"]]
         return cls(**record)
+
+    @property
+    def is_call(self) -> bool:
+        return self.method == "INVITE"
 
     @property
     def live(self) -> bool:
@@ -222,7 +227,8 @@ class Call:
         """A new call: 100 Trying to the caller, an INVITE to every target."""
         a = Leg("a", invite.call_id, response_dest(invite, source), host, sock_index,
                 ctx.ids.tag(), caller)
-        call = cls(tag, slot, caller, callee, a, created=ctx.now, a_offer=bool(invite.body))
+        call = cls(tag, slot, caller, callee, a, created=ctx.now, a_offer=bool(invite.body),
+                   method=invite.method)
         out: list = []
         ist = server_transaction(invite, a.peer, ctx.cfg.timers)
         ist.on_request(invite, ctx.now)
@@ -230,11 +236,11 @@ class Call:
         call.txs[ist.key] = {"leg": "a", "role": "invite", "tx": ist.to_record()}
         trying = call._respond(ist.key, build_response(invite, 100, headers=[
             (b"Server", ctx.cfg.user_agent)]), ctx.now)
-        if not trying_sent:  # the shell may have sent it already, before looking anything up
+        if not trying_sent and invite.method == "INVITE":  # the shell may have sent it already
             out += trying
         for index, target in enumerate(targets):
             out += call._fork(index, target, invite, ctx)
-        if ctx.cfg.no_answer_timeout:
+        if ctx.cfg.no_answer_timeout and invite.method == "INVITE":
             out.append(call._arm("no-answer", ctx.now + ctx.cfg.no_answer_timeout))
         return call, out
 
@@ -248,15 +254,17 @@ class Call:
             b"<sip:%s@%s>;tag=%s" % (self.caller.encode(), ctx.cfg.address.encode(),
                                      leg.local_tag.encode())
         max_forwards = min(70, (invite.max_forwards or 70) - 1)
+        method = invite.method
         headers = [
             (b"Via", _via(ctx.cfg, ctx.ids.branch())), (b"Max-Forwards", b"%d" % max_forwards),
             (b"From", from_value),
             (b"To", b"<sip:%s@%s>" % (self.callee.encode(), ctx.cfg.address.encode())),
-            (b"Call-ID", call_id), (b"CSeq", b"1 INVITE"),
-            (b"Contact", _contact(self.caller, ctx.cfg)), (b"Allow", ctx.cfg.allow),
-            (b"Supported", ctx.cfg.supported), (b"User-Agent", ctx.cfg.user_agent)]
-        headers += _carried(invite)
-        request = build_request("INVITE", target.uri, headers, invite.body)
+            (b"Call-ID", call_id), (b"CSeq", b"1 %s" % method.encode())]
+        if method == "INVITE":
+            headers += [(b"Contact", _contact(self.caller, ctx.cfg)), (b"Allow", ctx.cfg.allow),
+                        (b"Supported", ctx.cfg.supported)]
+        headers += [(b"User-Agent", ctx.cfg.user_agent), *_carried(invite)]
+        request = build_request(method, target.uri, headers, invite.body)
         return self._start_client(leg, request, "invite", ctx)
 
     # ---------------------------------------------------------------- transactions
@@ -473,6 +481,8 @@ class Call:
 
     def _fork_response(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
         status = resp.status
+        if resp.cseq.method == "MESSAGE":
+            return self._message_response(leg, resp, ctx)
         if status == 100:  # RFC 3261 9.1: from now on a CANCEL may be sent
             leg.provisional = True
             return self._send_cancel(leg, ctx) if leg.cancel_pending else []
@@ -532,6 +542,22 @@ class Call:
             out.append(self._arm("max-duration", ctx.now + ctx.cfg.max_duration))
         out += self._session_timer(resp, ctx.now)
         return out
+
+    def _message_response(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
+        """An out-of-dialog MESSAGE (RFC 3428): the first 2xx of any contact is the answer."""
+        if resp.status < 200 or self.state == "ended":
+            return []
+        leg.final = resp.status
+        leg.reason_phrase = resp.reason.decode("utf-8", "replace")
+        if resp.status >= 300:
+            leg.state = "failed"
+            return self._maybe_all_failed(ctx)
+        leg.state = "answered"
+        invite = self._tx(self.a.invite_key)
+        answer = build_response(invite.request_msg, resp.status, leg.reason_phrase,
+                                to_tag=self.a.local_tag, headers=[(b"Server", ctx.cfg.user_agent)])
+        return self._respond(self.a.invite_key, answer, ctx.now) + self._end(
+            NORMAL_CLEARING, "callee", ctx.now, status=resp.status)
 
     def _authenticate_fork(self, leg: Leg, resp: Response, invite: Request, ctx: Ctx
                            ) -> list | None:
@@ -692,6 +718,8 @@ class Call:
         self.ended = now
         self.timers.clear()
         self.hangup = {"cause": cause[0], "q850": cause[1], "side": side, "status": status}
+        if not self.is_call:
+            return []  # a MESSAGE is no call: no CDR
         b = self.b
         record = {
             "caller": self.caller, "callee": self.callee, "a_call_id": self.a.call_id.decode(
