@@ -11,6 +11,8 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    Binding record.  TTL: the latest binding's expiry + 60 s;
                                    expired bindings are purged on every REGISTER and ignored
                                    on every read.
+  ping:{<user>@<realm>}            hash: binding key hash -> OPTIONS pings sent and not answered
+                                   (registrar.ping_interval > 0).  TTL: 10 ping intervals.
   nc:{<user>@<realm>}:<nonce>      last nonce-count accepted for that nonce (plain integer).
                                    TTL: the nonce lifetime.  A count not above it is a replay.
   tx:{<tag>}:<transaction key>     a server transaction's answer (raw SIP bytes; empty while the
@@ -108,6 +110,10 @@ def user_key(aor: str) -> str:
 
 def reg_key(aor: str) -> str:
     return f"reg:{{{aor}}}"
+
+
+def ping_key(aor: str) -> str:
+    return f"ping:{{{aor}}}"
 
 
 def nc_key(aor: str, nonce: str) -> str:
@@ -293,6 +299,15 @@ if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """
 
+# Remove a binding only if it is still the one the caller looked at (a REGISTER may have
+# refreshed it meanwhile).  KEYS: reg.  ARGV: binding key, the packed record read.
+_DROP_BINDING_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 _NC_LUA = """
 local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if tonumber(ARGV[1]) <= last then return 0 end
@@ -313,6 +328,7 @@ class Store:
         self._register = self.redis.register_script(_REGISTER_LUA)
         self._nc = self.redis.register_script(_NC_LUA)
         self._call_cas = self.redis.register_script(_CALL_CAS_LUA)
+        self._drop_binding = self.redis.register_script(_DROP_BINDING_LUA)
         self._pop_timers = self.redis.register_script(_POP_TIMERS_LUA)
 
     def _call(self, fn, *args, **kwargs):
@@ -396,6 +412,25 @@ class Store:
         raw = self._call(self.redis.hgetall, reg_key(aor))
         found = (Binding.from_record(unpack(v)) for v in raw.values())
         return sorted((b for b in found if b.expires_at > now), key=lambda b: b.registered_at)
+
+    def raw_bindings(self, aor: str) -> dict[str, bytes]:
+        """Binding key -> packed record, for callers that may drop a binding later."""
+        raw = self._call(self.redis.hgetall, reg_key(aor))
+        return {k.decode(): v for k, v in raw.items()}
+
+    def drop_binding(self, aor: str, key: str, packed: bytes) -> bool:
+        return bool(self._call(self._drop_binding, keys=[reg_key(aor)], args=[key, packed]))
+
+    def count_ping(self, aor: str, field: str, ttl: float) -> int:
+        """One more unanswered ping of a binding; returns how many are unanswered."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(ping_key(aor), field, 1)
+        pipe.expire(ping_key(aor), int(ttl))
+        count, _ = self._call(pipe.execute)
+        return int(count)
+
+    def ping_answered(self, aor: str, field: str) -> None:
+        self._call(self.redis.hdel, ping_key(aor), field)
 
     def registered_aors(self) -> list[str]:
         return sorted(key[len("reg:{"):-1] for key in self._scan("reg:*"))
@@ -572,6 +607,13 @@ return 1
 """
 
 
+def _relay_refresh_script(store: Store):
+    script = getattr(store, "_relay_refresh", None)
+    if script is None:
+        script = store._relay_refresh = store.redis.register_script(_RELAY_REFRESH_LUA)
+    return script
+
+
 def relay_heartbeat(store: Store, relay_id: str, info: dict, ttl: float) -> None:
     """Announce a relay and its load: in relay:nodes for workers, proc:relay:* for operators."""
     pipe = store.redis.pipeline(transaction=False)
@@ -615,7 +657,7 @@ def relay_refresh_sessions(store: Store, relay_id: str,
     """Rewrite records this relay still owns; per session 1, 0 (gone) or -1 (taken over)."""
     if not sessions:
         return []
-    script = store.redis.register_script(_RELAY_REFRESH_LUA)
+    script = _relay_refresh_script(store)
     pipe = store.redis.pipeline(transaction=False)
     now_ms, longest = int(time.time() * 1000), 0
     for call_id, record, ttl in sessions:
@@ -679,7 +721,7 @@ def relay_report_event(store: Store, event: dict,
     pipe = store.redis.pipeline(transaction=False)
     pipe.xadd(RELAY_EVENTS_KEY, {k: str(v) for k, v in event.items()},
               maxlen=RELAY_EVENTS_MAXLEN, approximate=True)
-    script = store.redis.register_script(_RELAY_REFRESH_LUA)
+    script = _relay_refresh_script(store)
     for call_id, record, ttl in sessions:
         script(keys=[relay_session_key(call_id)], args=[relay_id, pack(record), int(ttl * 1000)],
                client=pipe)

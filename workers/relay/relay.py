@@ -43,11 +43,13 @@ from .session import (
 log = logging.getLogger("relay")
 
 TICK = 0.05  # seconds between housekeeping passes
-FLUSH_INTERVAL = 2.0  # a session with new packets is saved at most this often
-FLUSH_BATCH = 25  # sessions saved per tick at most: bounds the time packets wait
+# Housekeeping visits every session once per VISIT_PERIOD, a slice per tick, so no tick
+# holds packets back for long: it saves new figures (at most every FLUSH_INTERVAL) and
+# checks the media timeout and the idle limit.
+VISIT_PERIOD = 1.0
+FLUSH_INTERVAL = 2.0
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TTL = 3.0
-TIMEOUT_CHECK_INTERVAL = 0.5
 GRACE = 60.0  # seconds a timed-out session outlives its timeout (for the B2BUA's delete)
 REDIS_BACKOFF = 1.0  # after a Redis failure, seconds without trying again
 CONTROL_BATCH = 64
@@ -115,7 +117,7 @@ class Relay:
         self.stopping = False
         self._redis_down_until = 0.0
         self._next_heartbeat = 0.0
-        self._next_timeout_check = 0.0
+        self._rotation: list[str] = []  # call ids still to visit in this period
         self._next_prune = 0.0
         self._pps = 0.0
         self._pps_mark = (time.monotonic(), 0)
@@ -166,8 +168,6 @@ class Relay:
             raise
         for index in range(max(len(leg.sides) for leg in session.legs)):
             self._wire(session, index)
-        # The restored record's figures include its latching: keep them on the sides.
-        session.flushed_packets = session.packets()
         session.last_flush = time.monotonic()
 
     # ---------------------------------------------------------------- the loop
@@ -503,31 +503,19 @@ class Relay:
             return
         now = time.monotonic()
         for session in sessions:
-            session.flushed_packets = session.packets()
             session.last_flush = now
 
-    def _flush(self, now: float) -> None:
-        """Save latching changes at once and counters every FLUSH_INTERVAL, a batch a tick."""
-        due = [s for call_id in self.urgent if (s := self.sessions.get(call_id))]
-        for session in self.sessions.values():
-            if len(due) >= FLUSH_BATCH:
-                break
-            if (session.call_id not in self.urgent
-                    and now - session.last_flush >= FLUSH_INTERVAL
-                    and session.packets() != session.flushed_packets):
-                due.append(session)
-        if not due:
-            return
-        due = due[:FLUSH_BATCH]
+    def _flush(self, sessions: list[Session], now: float) -> None:
+        """Save sessions (latching changes, new figures); let go of those no longer ours."""
         try:
             results = st.relay_refresh_sessions(self.store, self.settings.relay_id,
-                                                [self._record(s) for s in due])
+                                                [self._record(s) for s in sessions])
         except StoreUnavailable as exc:
             self._redis_failed(exc)
             return
-        for session, result in zip(due, results, strict=True):
+        gone = []
+        for session, result in zip(sessions, results, strict=True):
             self.urgent.discard(session.call_id)
-            session.flushed_packets = session.packets()
             session.last_flush = now
             if result <= 0:
                 # Deleted by a client that gave up on us, expired, or taken over: let go.
@@ -535,12 +523,12 @@ class Relay:
                          "taken over" if result < 0 else "gone")
                 self.counters["sessions_orphaned"] += 1
                 self._close_session(session)
-                st_drop = [session.call_id]
-                try:
-                    st.relay_drop_sessions(self.store, self.settings.relay_id, st_drop,
-                                           delete_records=False)
-                except StoreUnavailable as exc:
-                    self._redis_failed(exc)
+                gone.append(session.call_id)
+        try:
+            st.relay_drop_sessions(self.store, self.settings.relay_id, gone,
+                                   delete_records=False)
+        except StoreUnavailable as exc:
+            self._redis_failed(exc)
 
     def _save_all(self) -> None:
         sessions = list(self.sessions.values())
@@ -562,28 +550,41 @@ class Relay:
         return max(session.last_media(), session.last_command)
 
     def _housekeeping(self, now: float) -> None:
-        if self._redis_ok():
-            self._flush(now)
-        if now >= self._next_timeout_check:
-            self._next_timeout_check = now + TIMEOUT_CHECK_INTERVAL
-            self._check_timeouts(now)
+        due = [s for call_id in self.urgent if (s := self.sessions.get(call_id))]
+        for session in self._visit_slice():
+            if self._check_timers(session, now):
+                continue
+            if (session.call_id not in self.urgent and now - session.last_flush >= FLUSH_INTERVAL
+                    and session.last_media() > session.last_flush):
+                due.append(session)
+        if due and self._redis_ok():
+            self._flush(due, now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL
             self._heartbeat(now)
 
-    def _check_timeouts(self, now: float) -> None:
-        for session in list(self.sessions.values()):
-            idle = now - self._last_activity(session)
-            if idle > self._idle_limit(session):
-                log.info("call-id=%s idle %.0f s: session expired", session.call_id, idle)
-                self.counters["sessions_expired"] += 1
-                self._close_session(session)  # its Redis record expires by its own TTL
-                continue
-            if session.answered_at is None or session.timeout_reported:
-                continue
-            silent = now - max(session.last_media(), session.answered_at)
-            if silent > self._media_timeout(session) and self._redis_ok():
-                self._report_timeout(session, silent)
+    def _visit_slice(self) -> list[Session]:
+        if not self._rotation:
+            self._rotation = list(self.sessions)
+        count = max(1, int(len(self.sessions) * TICK / VISIT_PERIOD) + 1)
+        chosen, self._rotation = self._rotation[:count], self._rotation[count:]
+        return [s for call_id in chosen if (s := self.sessions.get(call_id))]
+
+    def _check_timers(self, session: Session, now: float) -> bool:
+        """Expire an idle session or report its media timeout; True when it is gone."""
+        last_media = session.last_media()
+        idle = now - max(last_media, session.last_command)
+        if idle > self._idle_limit(session):
+            log.info("call-id=%s idle %.0f s: session expired", session.call_id, idle)
+            self.counters["sessions_expired"] += 1
+            self._close_session(session)  # its Redis record expires by its own TTL
+            return True
+        if session.answered_at is None or session.timeout_reported:
+            return False
+        silent = now - max(last_media, session.answered_at)
+        if silent > self._media_timeout(session) and self._redis_ok():
+            self._report_timeout(session, silent)
+        return False
 
     def _report_timeout(self, session: Session, silent: float) -> None:
         session.timeout_reported = True

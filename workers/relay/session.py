@@ -136,7 +136,6 @@ class Session:
     answered_at: float | None = None  # monotonic; the media timeout runs from here
     timeout_reported: bool = False
     last_command: float = 0.0  # monotonic
-    flushed_packets: int = -1  # packet total at the last save: unchanged -> no refresh
     last_flush: float = 0.0  # monotonic
 
     @property
@@ -154,12 +153,14 @@ class Session:
             if side.rtcp is not None:
                 yield side.rtcp
 
-    def packets(self) -> int:
-        return sum(side.stats.packets + _sum(side, "rtcp_packets") for side in self.sides())
-
     def last_media(self) -> float:
         """Monotonic time of the last RTP packet on any leg (0 when none came)."""
-        return max((side.stats.last_time for side in self.sides()), default=0.0)
+        last = 0.0
+        for leg in self.legs:
+            for side in leg.sides:
+                if side.stats.last_time > last:
+                    last = side.stats.last_time
+        return last
 
     def leg_named(self, name: str, create: bool) -> tuple[Leg, Leg]:
         """(that leg, the other one); the first command naming a second leg names it."""

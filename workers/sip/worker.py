@@ -30,6 +30,7 @@ from cluster.store import Store, StoreUnavailable
 
 from .auth import Authenticator
 from .b2bua import B2BUA
+from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
 from .transport import Transport
 
@@ -79,6 +80,8 @@ class Worker:
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
+        self.pinger = Pinger(self, int(os.environ.get("SIPCLUSTER_WORKER_INDEX", "0")),
+                             config.workers.count)
         self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
 
     # ---------------------------------------------------------------- entry
@@ -87,6 +90,7 @@ class Worker:
         greenlets.append(gevent.spawn(self._heartbeat_loop))
         greenlets.append(gevent.spawn(self.b2bua.timer_loop))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
+        greenlets.append(gevent.spawn(self.pinger.loop))
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGINT, self.drain)
         gevent.joinall(greenlets, raise_error=True)
@@ -250,7 +254,10 @@ class Worker:
 
     def on_response(self, resp: Response, source: Source) -> None:
         self.counters[f"received_{resp.status // 100}xx"] += 1
-        self.b2bua.on_response(resp, source)
+        if is_ping(resp.call_id):
+            self.pinger.on_response(resp)
+        else:
+            self.b2bua.on_response(resp, source)
 
     # ---------------------------------------------------------------- output
     def reply(self, req: Request, source: Source, status: int, reason: str | None = None, *,

@@ -1,0 +1,93 @@
+"""OPTIONS pings to registered contacts (registrar.ping_interval > 0).
+
+They keep NAT bindings open and find phones that went away without
+unregistering: a contact that leaves ``MAX_UNANSWERED`` pings in a row
+unanswered is dropped.  Each host pings the contacts that registered through
+it (their NAT only lets in what comes from that host), and the host's workers
+share the AORs by hash.  The AOR and the binding travel in the ping's Call-ID,
+so whichever worker gets the answer can note it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import zlib
+
+import gevent
+
+from cluster.sip.message import Response, build_request
+from cluster.store import Binding, StoreUnavailable, unpack
+
+log = logging.getLogger("pinger")
+MAX_UNANSWERED = 3
+PREFIX = b"ping."
+
+
+def _field(key: str) -> str:
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+class Pinger:
+    def __init__(self, worker, index: int, count: int):
+        self.worker = worker
+        self.store = worker.store
+        self.interval = worker.config.registrar.ping_interval
+        self.index, self.count = index, max(count, 1)
+
+    def loop(self) -> None:
+        while self.interval > 0:
+            gevent.sleep(self.interval)
+            try:
+                self.ping_all()
+            except StoreUnavailable as exc:
+                log.warning("pings skipped: %s", exc)
+
+    def ping_all(self) -> None:
+        for aor in self.store.registered_aors():
+            if zlib.crc32(aor.encode()) % self.count == self.index:
+                self._ping_aor(aor)
+
+    def _ping_aor(self, aor: str) -> None:
+        for key, packed in self.store.raw_bindings(aor).items():
+            binding = Binding.from_record(unpack(packed))
+            if binding.host != self.worker.host or binding.destination is None:
+                continue
+            field = _field(key)
+            unanswered = self.store.count_ping(aor, field, 10 * self.interval)
+            if unanswered > MAX_UNANSWERED:
+                if self.store.drop_binding(aor, key, packed):
+                    log.info("%s: dropped %s after %d unanswered pings", aor,
+                             binding.contact.decode("latin-1"), MAX_UNANSWERED)
+                    self.store.ping_answered(aor, field)
+                continue
+            self._send(aor, field, binding)
+
+    def _send(self, aor: str, field: str, binding: Binding) -> None:
+        cfg = self.worker.config
+        host, port = cfg.sip.effective_address, cfg.sip.effective_port
+        token = base64.urlsafe_b64encode(aor.encode()).decode().rstrip("=")
+        call_id = PREFIX + f"{token}.{field}.{os.urandom(4).hex()}".encode()
+        request = build_request("OPTIONS", binding.contact, [
+            (b"Via", b"SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport" % (
+                host.encode(), port, os.urandom(8).hex().encode())),
+            (b"Max-Forwards", b"70"),
+            (b"From", b"<sip:ping@%s>;tag=%s" % (host.encode(), os.urandom(4).hex().encode())),
+            (b"To", b"<" + binding.contact + b">"), (b"Call-ID", call_id),
+            (b"CSeq", b"1 OPTIONS"), (b"User-Agent", cfg.sip.user_agent.encode())])
+        self.worker.transport.send(request.to_bytes(), binding.destination, host=binding.host)
+
+    def on_response(self, resp: Response) -> None:
+        """Any answer, even an error, shows the phone is there."""
+        try:
+            token, field, _ = resp.call_id[len(PREFIX):].decode().split(".")
+            aor = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return
+        self.store.ping_answered(aor, field)
+
+
+def is_ping(call_id: bytes) -> bool:
+    return call_id.startswith(PREFIX)
