@@ -26,15 +26,22 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    The tag is a hash of the A-leg Call-ID; B-leg Call-IDs
                                    carry it as "sc<slot>.<tag>.<n>".
   timers:<shard>                   sorted set of due timers, score = due time (epoch s),
-                                   member "<call tag>|<timer name>|<due ms>".  A worker
+                                   member "<call tag>|<timer name>|<due time>".  A worker
                                    claims a due entry atomically (ZREM wins); the call record
                                    says whether the timer is still pending.  No TTL: entries
                                    leave when they fire.
   trace:{<call tag>}               list of the call's SIP messages in order (msgpack each:
                                    {"t", "dir": "in"/"out", "leg", "peer", "first", "data"}),
-                                   capped at calls.trace_max; TTL calls.trace_ttl.
+                                   capped at calls.trace_max; TTL calls.trace_ttl, extended
+                                   by every write and never shortened.  An attempt that is no
+                                   call yet (INVITE, 407, ACK) is kept 64*T1 until the call
+                                   exists.  ``sipctl call <Call-ID>`` draws it as a ladder.
   cdr                              Redis Stream of call detail records (XADD, capped with
                                    MAXLEN ~ 1,000,000); read with ``sipctl cdr`` or XRANGE.
+  hangup                           Redis Stream of operator hangup requests {"tag", "call_id",
+                                   "by", "at"} (``sipctl hangup``), read by the workers with
+                                   the consumer group "workers" (XREADGROUP, XACK, XAUTOCLAIM)
+                                   so one live worker ends the call.  MAXLEN ~ 10,000.
   authfail:{<ip>}                  failed authentications from one source (plain counter).
                                    TTL: the failure window.
   authblock (channel)              pub/sub: "<ip> <seconds>" when a source is throttled, so
@@ -55,8 +62,8 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    a grace period), refreshed while media flows and by every
                                    command; deleted by the relay's `delete`.
   relay:owned:{<relay id>}         sorted set of the call ids a relay serves, score = expiry
-                                   (epoch ms); read when the relay restarts.  TTL: the longest
-                                   idle limit, refreshed with every write.
+                                   (epoch ms); read when the relay restarts.  TTL: a day (or
+                                   the longest idle limit), refreshed with every write.
   relay:events                     Redis Stream of media events {"event": "media-timeout",
                                    "call_id", "relay", "idle", "hold", "at"}, read by the
                                    B2BUA with a consumer group (XREADGROUP, XACK, XAUTOCLAIM).
@@ -79,6 +86,18 @@ import redis
 from .sip.uri import SipURI, parse_uri
 
 TX_PREFIX = "tx"
+
+
+def timer_member(tag: str, name: str, due: float) -> str:
+    """A timer's entry: the due time written exactly (repr), as the call compares it."""
+    return f"{tag}|{name}|{due!r}"
+
+
+def parse_timer_member(member: bytes | str) -> tuple[str, str, float]:
+    text = member.decode() if isinstance(member, bytes) else member
+    tag, _, rest = text.partition("|")
+    name, _, due = rest.rpartition("|")
+    return tag, name, float(due)
 
 
 def timer_shard(tag: str) -> int:
@@ -489,8 +508,7 @@ class Store:
             return
         pipe = self.redis.pipeline(transaction=False)
         for tag, name, due in entries:
-            member = f"{tag}|{name}|{int(due * 1000)}"
-            pipe.zadd(timer_key(timer_shard(tag)), {member: due})
+            pipe.zadd(timer_key(timer_shard(tag)), {timer_member(tag, name, due): due})
         self._call(pipe.execute)
 
     def pop_due_timers(self, now: float, limit: int = 100) -> list[tuple[str, str, float]]:
@@ -498,13 +516,7 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(TIMER_SHARDS):
             self._pop_timers(keys=[timer_key(shard)], args=[now, limit], client=pipe)
-        claimed = []
-        for members in self._call(pipe.execute):
-            for member in members:
-                tag, _, rest = member.decode().partition("|")
-                name, _, due_ms = rest.rpartition("|")
-                claimed.append((tag, name, int(due_ms) / 1000.0))
-        return claimed
+        return [parse_timer_member(m) for members in self._call(pipe.execute) for m in members]
 
     def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
         if not entries:
@@ -513,7 +525,10 @@ class Store:
         key = trace_key(tag)
         pipe.rpush(key, *(pack(e) for e in entries))
         pipe.ltrim(key, -limit, -1)
-        pipe.expire(key, int(ttl))
+        # Extend, never shorten: a short-lived entry (an attempt's challenge) written after
+        # the call's own must not cut the call's trace short.
+        pipe.expire(key, int(ttl), nx=True)
+        pipe.expire(key, int(ttl), gt=True)
         self._call(pipe.execute)
 
     def trace(self, tag: str) -> list[dict]:
@@ -585,6 +600,7 @@ RELAY_NODES_KEY = "relay:nodes"
 RELAY_EVENTS_KEY = "relay:events"
 RELAY_EVENTS_MAXLEN = 100_000
 RELAY_NODES_TTL = 86_400  # seconds; refreshed by every heartbeat
+RELAY_OWNED_TTL_MIN = 86_400  # seconds: the owned index outlives the sessions written into it
 
 
 def relay_session_key(call_id: str) -> str:
@@ -637,8 +653,10 @@ def relay_forget(store: Store, relay_ids: Iterable[str]) -> None:
 
 
 def relay_save_sessions(store: Store, relay_id: str,
-                        sessions: Iterable[tuple[str, dict, float]]) -> None:
-    """Create or overwrite session records (call id, record, ttl s): the relay owns them now."""
+                        sessions: Iterable[tuple[str, dict, float]],
+                        drop: Iterable[str] = ()) -> None:
+    """Create or overwrite session records (call id, record, ttl s): the relay owns them now.
+    ``drop``: call ids whose sessions ended, deleted in the same round trip."""
     pipe = store.redis.pipeline(transaction=False)
     now_ms, longest = int(time.time() * 1000), 0
     for call_id, record, ttl in sessions:
@@ -647,8 +665,14 @@ def relay_save_sessions(store: Store, relay_id: str,
         pipe.zadd(relay_owned_key(relay_id), {call_id: now_ms + ttl_ms})
         longest = max(longest, ttl_ms)
     if longest:
-        pipe.pexpire(relay_owned_key(relay_id), longest, gt=True)
-        pipe.pexpire(relay_owned_key(relay_id), longest, nx=True)
+        # The index lives as long as the longest-lived session written through it lately.
+        pipe.pexpire(relay_owned_key(relay_id), max(longest, RELAY_OWNED_TTL_MIN * 1000))
+    ended = list(drop)
+    for call_id in ended:
+        pipe.delete(relay_session_key(call_id))
+    if ended:
+        pipe.zrem(relay_owned_key(relay_id), *ended)
+    if longest or ended:
         store._call(pipe.execute)
 
 
@@ -666,8 +690,7 @@ def relay_refresh_sessions(store: Store, relay_id: str,
                client=pipe)
         pipe.zadd(relay_owned_key(relay_id), {call_id: now_ms + ttl_ms})
         longest = max(longest, ttl_ms)
-    pipe.pexpire(relay_owned_key(relay_id), longest, gt=True)
-    pipe.pexpire(relay_owned_key(relay_id), longest, nx=True)
+    pipe.pexpire(relay_owned_key(relay_id), max(longest, RELAY_OWNED_TTL_MIN * 1000))
     replies = store._call(pipe.execute)
     return [int(reply) for reply in replies[0:2 * len(sessions):2]]
 
@@ -731,11 +754,14 @@ def relay_report_event(store: Store, event: dict,
 
 def media_events_group(store: Store, group: str, start: str = "0") -> None:
     """Create the consumer group (and the stream) unless it exists."""
-    try:
-        store._call(store.redis.xgroup_create, RELAY_EVENTS_KEY, group, id=start, mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    def create() -> None:
+        try:
+            store.redis.xgroup_create(RELAY_EVENTS_KEY, group, id=start, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):  # (Store._call would take BUSY... for overload)
+                raise
+
+    store._call(create)
 
 
 def read_media_events(store: Store, group: str, consumer: str, count: int = 100,
@@ -773,3 +799,128 @@ def _stream_entries(reply) -> list[tuple[str, dict]]:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------- operators
+# What sipctl and the metrics endpoint use beyond the readers above: hangup requests that
+# one live worker carries out (a stream read through a consumer group, so exactly one
+# worker acts and a dead worker's unacknowledged requests are claimed by another), and
+# cluster-wide readings done with pipelines so a listing costs few round trips.
+
+HANGUP_STREAM = "hangup"
+HANGUP_GROUP = "workers"
+HANGUP_MAXLEN = 10_000
+PIPELINE_BATCH = 500
+
+
+def post_hangup(store: Store, tag: str, call_id: str, by: str, at: float | None = None) -> str:
+    """Ask the workers to end call ``tag`` (BYE on both legs); the request's stream id."""
+    fields = {"tag": tag, "call_id": call_id, "by": by,
+              "at": f"{time.time() if at is None else at:.3f}"}
+    return _text(store._call(store.redis.xadd, HANGUP_STREAM, fields, maxlen=HANGUP_MAXLEN,
+                             approximate=True))
+
+
+def hangup_group(store: Store) -> None:
+    """Create the workers' consumer group (and the stream) unless it exists.  It starts at
+    the stream's beginning, so requests posted before any worker ran are not lost."""
+    def create() -> None:
+        try:
+            store.redis.xgroup_create(HANGUP_STREAM, HANGUP_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):  # (Store._call would take BUSY... for overload)
+                raise
+
+    store._call(create)
+
+
+def read_hangups(store: Store, consumer: str, count: int = 10,
+                 block_ms: int | None = None) -> list[tuple[str, dict]]:
+    """New hangup requests for this consumer.  A blocking read must stay shorter than the
+    store's socket timeout."""
+    reply = store._call(store.redis.xreadgroup, HANGUP_GROUP, consumer, {HANGUP_STREAM: ">"},
+                        count=count, block=block_ms)
+    return _stream_entries(reply)
+
+
+def claim_stale_hangups(store: Store, consumer: str, min_idle_ms: int,
+                        count: int = 10) -> list[tuple[str, dict]]:
+    """Requests a consumer read but never acknowledged (it died): take them over."""
+    reply = store._call(store.redis.xautoclaim, HANGUP_STREAM, HANGUP_GROUP, consumer,
+                        min_idle_ms, start_id="0-0", count=count)
+    return [(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+            for entry_id, fields in reply[1] if fields is not None]
+
+
+def ack_hangups(store: Store, ids: Iterable[str]) -> int:
+    ids = list(ids)
+    if not ids:
+        return 0
+    return int(store._call(store.redis.xack, HANGUP_STREAM, HANGUP_GROUP, *ids))
+
+
+def pending_hangups(store: Store) -> int:
+    """Requests read by a worker and not yet carried out (XPENDING)."""
+    try:
+        summary = store._call(store.redis.xpending, HANGUP_STREAM, HANGUP_GROUP)
+    except redis.ResponseError:  # no stream or no group yet
+        return 0
+    return int(summary.get("pending", 0))
+
+
+def _batches(keys: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for key in keys:
+        batch.append(key)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def call_records(store: Store) -> list[tuple[str, dict]]:
+    """(tag, record) of every call in Redis: live ones and those ended lately."""
+    found = []
+    for keys in _batches(store._scan("call:*"), PIPELINE_BATCH):
+        pipe = store.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "d")
+        for key, data in zip(keys, store._call(pipe.execute), strict=True):
+            if data is not None:
+                found.append((key[len("call:{"):-1], unpack(data)))
+    return found
+
+
+def registration_counts(store: Store, now: float | None = None) -> tuple[int, int]:
+    """(AORs with a live binding, live bindings) over the whole directory."""
+    now_ms = (time.time() if now is None else now) * 1000
+    aors = contacts = 0
+    for keys in _batches(store._scan("reg:*"), PIPELINE_BATCH):
+        pipe = store.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hvals(key)
+        for values in store._call(pipe.execute):
+            live = sum(1 for value in values if unpack(value).get("expires_at", 0) > now_ms)
+            aors += bool(live)
+            contacts += live
+    return aors, contacts
+
+
+def trace_heads(store: Store, tags: list[str], count: int) -> dict[str, list[dict]]:
+    """The first ``count`` trace entries of each call (the offer and answer are there)."""
+    heads: dict[str, list[dict]] = {}
+    for batch in _batches(tags, PIPELINE_BATCH):
+        pipe = store.redis.pipeline(transaction=False)
+        for tag in batch:
+            pipe.lrange(trace_key(tag), 0, count - 1)
+        for tag, entries in zip(batch, store._call(pipe.execute), strict=True):
+            heads[tag] = [unpack(e) for e in entries]
+    return heads
+
+
+def cdrs_after(store: Store, after: str, count: int = 1000) -> list[dict]:
+    """CDRs with a stream id above ``after`` ("<ms>-<n>"), oldest first."""
+    entries = store._call(store.redis.xrange, CDR_STREAM, min=f"({after}", count=count)
+    return [{"id": _text(eid), **{_text(k): _text(v) for k, v in fields.items()}}
+            for eid, fields in entries]

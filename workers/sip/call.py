@@ -14,7 +14,7 @@ on the same worker, and the tag finds the call record.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from cluster.sip import digest
 from cluster.sip.dialog import Dialog
@@ -44,11 +44,13 @@ NO_ANSWER = ("NO_ANSWER", 19)
 RECOVERY_ON_TIMER_EXPIRE = ("RECOVERY_ON_TIMER_EXPIRE", 102)
 MEDIA_TIMEOUT = ("MEDIA_TIMEOUT", 102)
 ADMIN_HANGUP = ("NORMAL_CLEARING", 16)
+COMPLETED_ELSEWHERE = ("Call completed elsewhere", 200)
 # SIP status of the failed call -> Q.850 cause (RFC 3398 section 8.2.6.1, abridged).
 STATUS_CAUSES = {404: ("UNALLOCATED_NUMBER", 1), 408: ("RECOVERY_ON_TIMER_EXPIRE", 102),
                  480: ("NO_USER_RESPONSE", 18), 486: ("USER_BUSY", 17),
                  487: ("ORIGINATOR_CANCEL", 487), 603: ("CALL_REJECTED", 21),
                  600: ("USER_BUSY", 17)}
+WAIT_ONLY = frozenset({"D", "I", "J", "K", "M"})  # timers whose firing only ends a transaction
 RELAYED_METHODS = ("INVITE", "UPDATE", "INFO", "MESSAGE", "NOTIFY", "REFER", "PRACK")
 # Headers a relayed request or response carries over to the other leg (plus the body).
 RELAYED_HEADERS = ("content-type", "content-disposition", "event", "subscription-state",
@@ -146,9 +148,13 @@ class Leg:
     reason_phrase: str = ""
     route: int = -1
     auth_tried: bool = False
+    cancel_reason: list | None = None  # the Reason a CANCEL held back for a 1xx will carry
+    last_ack: bytes = b""  # our ACK for this leg's 2xx, sent again for a repeated 2xx
 
     def to_record(self) -> dict:
-        record = asdict(self)
+        # Shallow on purpose: every field is a plain value or an already plain record
+        # (dataclasses.asdict deep-copies, and was the costliest step of a call event).
+        record = {f.name: getattr(self, f.name) for f in _LEG_FIELDS}
         record["peer"] = list(self.peer)
         return record
 
@@ -180,19 +186,49 @@ class Call:
     worker: str = ""
     session_interval: int = 0
     method: str = "INVITE"  # or MESSAGE: a page relayed to the callee's contacts
+    bye_caller_after_ack: list | None = None  # a BYE for the caller held until its ACK
 
     # ---------------------------------------------------------------- records
     def to_record(self) -> dict:
-        record = asdict(self)
+        record = {f.name: getattr(self, f.name) for f in _CALL_FIELDS}
         record["a"] = self.a.to_record()
         record["forks"] = [leg.to_record() for leg in self.forks]
+        record["txs"] = {key: dict(entry) for key, entry in self.txs.items()}
+        record["timers"] = dict(self.timers)
+        record["pending_ack"] = dict(self.pending_ack)
+        record["hangup"] = dict(self.hangup)
         return record
+
+    def timer_entries(self) -> dict[str, float]:
+        """Every timer the call is waiting for: name -> due.  The shell arms and disarms
+        timers in Redis from the difference between two of these, so a cancelled timer
+        is removed instead of firing for nothing.  Timers that would only end a finished
+        transaction (D, I, J, K, M) are left out: such a transaction is dropped when the
+        call is next touched after its time (``prune``), or with the record."""
+        entries = dict(self.timers)
+        for key, entry in self.txs.items():
+            for name, due in entry["tx"]["timers"].items():
+                if name not in WAIT_ONLY:
+                    entries[f"tx|{key}|{name}"] = due
+        return entries
+
+    def prune(self, now: float) -> None:
+        """Drop transactions that only waited for a wait-only timer that is now past."""
+        for key, entry in list(self.txs.items()):
+            timers = entry["tx"]["timers"]
+            if timers and all(n in WAIT_ONLY and due <= now for n, due in timers.items()):
+                del self.txs[key]
 
     @classmethod
     def from_record(cls, record: dict) -> Call:
+        """A call that shares nothing mutable with ``record``, so the shell can compare
+        the record before and after an event."""
         record = dict(record)
         record["a"] = Leg.from_record(record["a"])
         record["forks"] = [Leg.from_record(r) for r in record["forks"]]
+        record["txs"] = {key: dict(entry) for key, entry in record["txs"].items()}
+        for name in ("timers", "pending_ack", "hangup"):
+            record[name] = dict(record[name])
         return cls(**record)
 
     @property
@@ -368,12 +404,26 @@ class Call:
         return self._acked(leg, req, ctx)
 
     def _acked(self, leg: Leg, req: Request, ctx: Ctx) -> list:
-        """Our 2xx was ACKed: pass on a delayed ACK (with the answer SDP) to the other leg."""
+        """Our 2xx was ACKed: pass on a delayed ACK (with the answer SDP) to the other leg,
+        and a BYE for the caller that waited for this ACK."""
+        out = self._held_bye(ctx) if leg is self.a else []
         pending = self.pending_ack.pop(leg.name, None)
         if pending is None:
-            return []
+            return out
         other = self.leg(pending["leg"])
-        return self._send_ack(other, pending["cseq"], req.body, req.content_type, ctx)
+        return self._send_ack(other, pending["cseq"], req.body, req.content_type, ctx) + out
+
+    def _held_bye(self, ctx: Ctx) -> list:
+        cause = self.bye_caller_after_ack
+        if cause is None:
+            return []
+        self.bye_caller_after_ack = None
+        return self._send_bye(self.a, tuple(cause), ctx)
+
+    def _caller_unacked(self) -> bool:
+        entry = self.txs.get(self.a.invite_key)
+        return (entry is not None and entry["tx"]["state"] == "Accepted"
+                and not entry["tx"].get("acked"))
 
     def _send_ack(self, leg: Leg, cseq: int, body: bytes, content_type: bytes | None,
                   ctx: Ctx) -> list:
@@ -383,7 +433,8 @@ class Call:
             contact=_contact_uri(self, leg, ctx.cfg), body=body,
             content_type=content_type if body else None, cseq=cseq)
         leg.dialog = dialog.to_record()
-        return [Out(ack.to_bytes(), leg.peer, leg.host, leg.sock_index)]
+        leg.last_ack = ack.to_bytes()
+        return [Out(leg.last_ack, leg.peer, leg.host, leg.sock_index)]
 
     def _cancel(self, leg: Leg, req: Request, ctx: Ctx) -> list:
         """CANCEL of the caller's INVITE: 200, 487, CANCEL to every fork (RFC 3261 9.2)."""
@@ -404,7 +455,12 @@ class Call:
         if self.state == "answered":
             other = self.other(leg)
             out += self._end(NORMAL_CLEARING, side, ctx.now, status=200)
-            out += self._send_bye(other, NORMAL_CLEARING, ctx)
+            if other is self.a and self._caller_unacked():
+                # RFC 3261 15: no BYE before the ACK of our 2xx; it goes with the ACK,
+                # or when the 2xx is given up on (Timer L).
+                self.bye_caller_after_ack = list(NORMAL_CLEARING)
+            else:
+                out += self._send_bye(other, NORMAL_CLEARING, ctx)
         elif leg.name == "a" and self.state != "ended":
             invite = self._tx(self.a.invite_key)
             if invite is not None:
@@ -485,7 +541,7 @@ class Call:
             return self._message_response(leg, resp, ctx)
         if status == 100:  # RFC 3261 9.1: from now on a CANCEL may be sent
             leg.provisional = True
-            return self._send_cancel(leg, ctx) if leg.cancel_pending else []
+            return self._send_cancel(leg, ctx, _held(leg)) if leg.cancel_pending else []
         invite = self._tx(leg.invite_key)
         invite_msg = invite.request_msg if invite is not None else None
         if status < 200:
@@ -495,7 +551,7 @@ class Call:
             leg.state = "early"
             out = []
             if leg.cancel_pending:
-                out += self._send_cancel(leg, ctx)
+                out += self._send_cancel(leg, ctx, _held(leg))
             if self.state in ("trying", "ringing", "early"):
                 self.state = "early" if resp.body else "ringing"
                 out += self._to_caller(resp, ctx)
@@ -521,6 +577,10 @@ class Call:
         dialog.confirm()
         leg.dialog = dialog.to_record()
         leg.final = resp.status
+        if self.b is leg:  # the winner's 2xx again: our ACK got lost (RFC 3261 13.2.2.4)
+            if "a" in self.pending_ack or not leg.last_ack:
+                return []  # that ACK still waits for the caller's answer
+            return [Out(leg.last_ack, leg.peer, leg.host, leg.sock_index)]
         if self.winner >= 0 or self.state == "ended":
             # Too late: another fork won, or the caller gave up.  ACK, then BYE (RFC 3261 16.7).
             leg.state = "answered"
@@ -537,7 +597,7 @@ class Call:
         else:  # the answer comes in the caller's ACK
             self.pending_ack["a"] = {"leg": leg.name, "cseq": resp.cseq.number}
         out += self._to_caller(resp, ctx)
-        out += self._cancel_forks(ctx, reason=None)
+        out += self._cancel_forks(ctx, reason=COMPLETED_ELSEWHERE)
         if ctx.cfg.max_duration:
             out.append(self._arm("max-duration", ctx.now + ctx.cfg.max_duration))
         out += self._session_timer(resp, ctx.now)
@@ -666,6 +726,7 @@ class Call:
                 out += self._send_cancel(leg, ctx, reason)
             else:  # RFC 3261 9.1: no CANCEL before a provisional response
                 leg.cancel_pending = True
+                leg.cancel_reason = list(reason) if reason else None
             leg.state = "failed" if leg.final else "cancelling"
         return out
 
@@ -775,7 +836,8 @@ class Call:
             if isinstance(action, TimedOut):
                 out += self._timed_out(entry, leg, ctx)
             elif isinstance(action, NoAck) and entry["role"] == "invite":
-                out += self.hangup_now(RECOVERY_ON_TIMER_EXPIRE, "system", ctx)
+                out += self._held_bye(ctx) + self.hangup_now(RECOVERY_ON_TIMER_EXPIRE,
+                                                             "system", ctx)
         return [a for a in out if not isinstance(a, (Deliver, TimedOut, NoAck))]
 
     def _timed_out(self, entry: dict, leg: Leg, ctx: Ctx) -> list:
@@ -794,6 +856,10 @@ class Call:
         return []
 
 
+_LEG_FIELDS = fields(Leg)
+_CALL_FIELDS = fields(Call)
+
+
 @dataclass(frozen=True)
 class Reply:
     """An answer the shell sends statelessly to the request at hand (no transaction)."""
@@ -803,7 +869,8 @@ class Reply:
 
 
 def best_final(finals: list[tuple[int, str]]) -> tuple[int, str]:
-    """RFC 3261 16.7 step 6: a 6xx wins; else the lowest class, first come; 408 -> 480."""
+    """RFC 3261 16.7 step 6: a 6xx wins; else the lowest class, first come, a real answer
+    before a timeout (408); only timeouts in that class -> 480."""
     finals = [(s, r) for s, r in finals if s >= 300]
     if not finals:
         return 480, "Temporarily Unavailable"
@@ -811,10 +878,11 @@ def best_final(finals: list[tuple[int, str]]) -> tuple[int, str]:
     if six:
         return six[0]
     lowest = min(s // 100 for s, _ in finals)
-    status, reason = next(f for f in finals if f[0] // 100 == lowest)
-    if status == 408:  # every contact timed out: the user is not reachable now
+    in_class = [f for f in finals if f[0] // 100 == lowest]
+    answered = [f for f in in_class if f[0] != 408]  # in its class, a timeout says least
+    if not answered:  # the contacts of that class all timed out: not reachable now
         return 480, "Temporarily Unavailable"
-    return status, reason
+    return answered[0]
 
 
 def _ack_received(tx, now: float):
@@ -837,7 +905,13 @@ def _contact_uri(call: Call, leg: Leg, cfg: Settings) -> bytes:
 
 
 def _reason(cause: tuple[str, int]) -> bytes:
+    if tuple(cause) == COMPLETED_ELSEWHERE:  # RFC 3326: the phone shows no missed call
+        return b'SIP;cause=200;text="Call completed elsewhere"'
     return b'Q.850;cause=%d;text="%s"' % (cause[1], cause[0].encode())
+
+
+def _held(leg: Leg) -> tuple[str, int] | None:
+    return tuple(leg.cancel_reason) if leg.cancel_reason else None
 
 
 def _carried(msg: Request | Response) -> list[tuple[bytes, bytes]]:
