@@ -364,9 +364,6 @@ def test_bye_from_the_callee_in_the_seed_shape(rig):
     assert done.outs == [] and done.cdrs == []
 
 
-@pytest.mark.xfail(strict=True, reason="the callee's BYE is passed on to the caller before the "
-                   "caller ACKed our 200 (RFC 3261 15: not before the ACK or the transaction's "
-                   "timeout), and the 200 is still retransmitted after that BYE")
 def test_a_bye_from_the_callee_waits_for_the_callers_ack(rig):
     flow = begin(rig)
     flow.caller.learn(flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP)).one(
