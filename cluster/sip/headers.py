@@ -38,10 +38,12 @@ _DATE = re.compile(
 MAX_CSEQ = 2**32 - 1
 
 
-_VALUED = ("tag", "branch")  # RFC 3261 25.1: "tag" EQUAL token, "branch" EQUAL token
+# RFC 3261 25.1: "tag" EQUAL token in From/To, "branch" EQUAL token in Via.
+_NAME_ADDR_VALUED = ("tag",)
+_VIA_VALUED = ("branch",)
 
 
-def parse_params(text: bytes, start: int = 0) -> Params:
+def parse_params(text: bytes, start: int = 0, valued: tuple[str, ...] = ()) -> Params:
     """Parse ``;name=value`` pairs from ``text[start:]`` to its end.
 
     Names are lower-cased (parameter names are case-insensitive); values keep
@@ -56,7 +58,7 @@ def parse_params(text: bytes, start: int = 0) -> Params:
             raise SipError(400, "Malformed header parameter")
         value = m.group(2)
         name = m.group(1).decode("latin-1").lower()
-        if value is None and name in _VALUED:
+        if value is None and name in valued:
             raise SipError(400, f"Parameter {name} without a value")
         params.append((name, None if value is None else value.decode("latin-1")))
         pos = m.end()
@@ -179,7 +181,7 @@ def parse_name_addr(value: bytes) -> NameAddr:
     if b"?" in uri_raw or b"," in uri_raw:
         raise SipError(400, "A URI with headers or commas must be enclosed in <>")
     uri = parse_uri(uri_raw)
-    params = parse_params(text, semi) if semi >= 0 else ()
+    params = parse_params(text, semi, _NAME_ADDR_VALUED) if semi >= 0 else ()
     return NameAddr(uri, None, params, value)
 
 
@@ -188,7 +190,7 @@ def _parse_bracketed(text: bytes, display: bytes | None, raw: bytes) -> NameAddr
     if gt < 0:
         raise SipError(400, "Missing >")
     uri = parse_uri(text[1:gt])
-    params = parse_params(text, gt + 1)
+    params = parse_params(text, gt + 1, _NAME_ADDR_VALUED)
     return NameAddr(uri, display, params, raw)
 
 
@@ -260,7 +262,7 @@ def parse_via(value: bytes) -> Via:
         raise SipError(400, "Malformed Via protocol")
     if port is not None and not 0 < int(port) < 65536:
         raise SipError(400, "Malformed Via port")
-    params = parse_params(value, m.end()) if m.end() < len(value) else ()
+    params = parse_params(value, m.end(), _VIA_VALUED) if m.end() < len(value) else ()
     return Via(transport.decode().upper(), host.decode().lower(),
                int(port) if port else None, params,
                f"{name.decode().upper()}/{version.decode()}", value)
