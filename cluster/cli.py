@@ -5,8 +5,18 @@
   sipctl users list [--json]
   sipctl users import FILE                CSV lines "user,password" (header line optional)
   sipctl users demo                       the demo directory: 1000-1019, password 1234
-  sipctl regs [AOR] [--json]              registered contacts
-  sipctl cluster [--json]                 live dispatchers and workers
+  sipctl regs [AOR] [--json]              registered contacts, with the time left
+  sipctl calls [--all] [--json]           live calls: parties, state, age, worker, both legs
+  sipctl call ID [--full] [--json]        one call (either leg's Call-ID, or its tag): both
+                                          legs' dialogs, media, and the SIP ladder
+  sipctl hangup ID [--wait S]             end a call: a live worker sends BYE on both legs
+  sipctl cluster [--json]                 live dispatchers, workers and relays
+  sipctl stats [--json]                   calls per second, calls, registrations, counters
+  sipctl cdr [--since T] [--format table|csv|json]
+                                          call detail records (T: epoch, ISO time, or an age
+                                          such as 30s, 15m, 2h, 1d)
+
+Counters are those of the processes alive now, since each one started.
 """
 
 from __future__ import annotations
@@ -14,12 +24,28 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
+import socket
 import sys
 import time
+from datetime import datetime
 
+from . import ladder
 from .config import Config, load
-from .sip import digest
-from .store import Store, StoreUnavailable, aor_of
+from .sip import digest, sdp
+from .sip.errors import SipError
+from .store import (
+    Store,
+    StoreUnavailable,
+    aor_of,
+    call_records,
+    cdrs_after,
+    post_hangup,
+    registration_counts,
+    relay_nodes,
+    relay_session,
+    trace_heads,
+)
 
 DEMO_USERS = [str(n) for n in range(1000, 1020)]
 DEMO_PASSWORD = "1234"
@@ -37,9 +63,10 @@ def _print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
         print("(none)")
         return
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+        print("  ".join(str(row.get(c, "")).ljust(w)
+                        for c, w in zip(columns, widths, strict=True)).rstrip())
 
 
 # --------------------------------------------------------------------------- users
@@ -102,10 +129,243 @@ def cmd_regs(args, config: Config, store: Store) -> int:
             rows.append({"aor": aor, "contact": b.contact.decode("latin-1"),
                          "source": f"{b.source[0]}:{b.source[1]}", "transport": b.transport,
                          "host": b.host, "user_agent": b.user_agent,
-                         "expires_in": int(b.expires_at - now), "instance": b.instance or ""})
+                         "expires_in": int(b.expires_at - now),
+                         "expires_at": round(b.expires_at, 3), "nat": b.nat,
+                         "instance": b.instance or ""})
     _print_rows(rows, ["aor", "contact", "source", "transport", "expires_in", "user_agent"],
                 args.json)
     return 0
+
+
+# --------------------------------------------------------------------------- calls
+CALL_STATES = ("trying", "ringing", "early", "answered")
+TRACE_HEAD = 24  # trace entries read per call for its codec: the offer/answer are early
+
+
+def cmd_calls(args, config: Config, store: Store) -> int:
+    now = time.time()
+    records = [(tag, r) for tag, r in call_records(store)
+               if r.get("method", "INVITE") == "INVITE" and (args.all or r["state"] != "ended")]
+    records.sort(key=lambda item: item[1].get("created", 0))
+    heads = trace_heads(store, [tag for tag, _ in records], TRACE_HEAD)
+    with_relays = bool(relay_nodes(store))
+    rows = []
+    for tag, record in records:
+        row = call_summary(tag, record, now)
+        row["codec"] = codec_of(heads.get(tag, []))
+        row["relay"] = _relay_of(store, tag, record)[0] if with_relays else ""
+        rows.append(row)
+    _print_rows(rows, ["caller", "callee", "state", "age", "worker", "relay", "codec",
+                       "a_call_id", "b_call_id"], args.json)
+    return 0
+
+
+def call_summary(tag: str, record: dict, now: float) -> dict:
+    """A call record as an operator reads it (what ``calls`` lists)."""
+    forks = record.get("forks", [])
+    winner = record.get("winner", -1)
+    b_legs = [forks[winner]] if 0 <= winner < len(forks) else forks
+    return {"call": tag, "caller": record.get("caller", ""), "callee": record.get("callee", ""),
+            "state": record.get("state", ""),
+            "age": round(now - record.get("created", now), 1),
+            "worker": record.get("worker", ""),
+            "a_call_id": _text(record["a"]["call_id"]),
+            "b_call_id": ",".join(_text(leg["call_id"]) for leg in b_legs),
+            "legs": [leg_summary(record["a"])] + [leg_summary(leg) for leg in forks],
+            "created": record.get("created"), "answered": record.get("answered") or None,
+            "ended": record.get("ended") or None, "hangup": record.get("hangup") or None}
+
+
+def leg_summary(leg: dict) -> dict:
+    dialog = leg.get("dialog") or {}
+    peer = leg.get("peer") or ["", 0]
+    return {"name": leg["name"], "call_id": _text(leg["call_id"]), "state": leg.get("state", ""),
+            "peer": f"{peer[0]}:{peer[1]}", "user": leg.get("user", ""),
+            "target": _text(leg.get("target", b"")), "final": leg.get("final") or None,
+            "dialog": {"state": dialog.get("state", ""), "local_tag": dialog.get("local_tag", ""),
+                       "remote_tag": dialog.get("remote_tag", ""),
+                       "local_cseq": dialog.get("local_seq"),
+                       "remote_cseq": dialog.get("remote_seq"),
+                       "remote_target": _text(dialog.get("remote_target", b""))}
+            if dialog else None}
+
+
+def codec_of(entries: list[dict]) -> str:
+    """The call's audio codec: the first format of the answer the caller got, else of the
+    caller's offer (RFC 3264: the answer's first format is the one in use)."""
+    offer = answer = None
+    for entry in entries:
+        data = entry.get("data") or b""
+        if entry.get("leg") != "a" or not isinstance(data, bytes):
+            continue
+        body = data.partition(b"\r\n\r\n")[2]
+        if not body.strip():
+            continue
+        if entry.get("dir") == "out" and data.startswith(b"SIP/2.0 "):
+            answer = body
+        elif entry.get("dir") == "in" and offer is None:
+            offer = body
+    for body in (answer, offer):
+        codec = _first_audio_codec(body)
+        if codec:
+            return codec
+    return ""
+
+
+def _first_audio_codec(body: bytes | None) -> str:
+    if not body:
+        return ""
+    try:
+        description = sdp.parse(body)
+    except SipError:
+        return ""
+    for media, codecs in description.codecs():
+        if media == "audio" and codecs:
+            codec = codecs[0]
+            name = codec.name or str(codec.pt)
+            return f"{name}/{codec.clock}" if codec.clock else name
+    return ""
+
+
+def _relay_of(store: Store, tag: str, record: dict) -> tuple[str, dict | None]:
+    """(relay id, session record) of a call's media, if a relay carries it."""
+    for key in (tag, _text(record["a"]["call_id"])):
+        session = relay_session(store, key)
+        if session is not None:
+            return str(session.get("relay", "")), session
+    return "", None
+
+
+def resolve_call(store: Store, ident: str) -> tuple[str, dict | None]:
+    """(tag, record or None) of the call ``ident`` names: a call tag, or either leg's
+    Call-ID.  The record is None when only a trace is left (or nothing)."""
+    from workers.sip.b2bua import call_tag  # the one mapping of Call-IDs to calls
+
+    candidates = [ident] if re.fullmatch(r"[0-9a-f]{24}", ident) else []
+    candidates.append(call_tag(ident.encode("utf-8", "surrogateescape")))
+    for tag in candidates:
+        loaded = store.load_call(tag)
+        if loaded is not None:
+            return tag, loaded[1]
+    for tag in candidates:
+        if store.trace(tag):
+            return tag, None
+    return candidates[-1], None
+
+
+def cmd_call(args, config: Config, store: Store) -> int:
+    tag, record = resolve_call(store, args.id)
+    entries = store.trace(tag)
+    if record is None and not entries:
+        print(f"sipctl: no call {args.id} (calls are kept 2 minutes after they end, their "
+              f"traces calls.trace_ttl = {config.calls.trace_ttl} s)", file=sys.stderr)
+        return 1
+    now = time.time()
+    summary = call_summary(tag, record, now) if record else {"call": tag}
+    relay_id, session = _relay_of(store, tag, record) if record else ("", None)
+    if args.json:
+        summary["relay"] = relay_id
+        summary["media"] = session
+        summary["codec"] = codec_of(entries)
+        summary["ladder"] = [a.to_json() | ({"message": a.data.decode("utf-8", "replace")}
+                                            if args.full else {}) for a in ladder.arrows(entries)]
+        print(json.dumps(summary, indent=2, default=_json_default))
+        return 0
+    if record:
+        _print_call(summary, codec_of(entries), relay_id, session)
+    else:
+        print(f"call {tag}: no call record left (ended, or an attempt that never became a call)")
+    print()
+    print(ladder.draw(entries, caller=summary.get("caller", ""),
+                      callee=summary.get("callee", ""), full=args.full))
+    if len(entries) >= config.calls.trace_max:
+        print(f"(the trace keeps the last {config.calls.trace_max} messages: calls.trace_max)")
+    return 0
+
+
+def _print_call(summary: dict, codec: str, relay_id: str, session: dict | None) -> None:
+    print(f"call {summary['call']}: {summary['caller']} -> {summary['callee']}, "
+          f"{summary['state']}, age {summary['age']} s, last worker {summary['worker']}")
+    times = [f"created {_clock(summary['created'])}"]
+    if summary["answered"]:
+        times.append(f"answered {_clock(summary['answered'])}")
+    if summary["ended"]:
+        hangup = summary["hangup"] or {}
+        times.append(f"ended {_clock(summary['ended'])}: {hangup.get('cause', '?')} "
+                     f"({hangup.get('side', '?')} side, SIP {hangup.get('status', '?')})")
+    print(", ".join(times))
+    if codec or relay_id:
+        print(f"media: codec {codec or '?'}" + (f", relay {relay_id}" if relay_id else
+                                                  ", not relayed"))
+    print()
+    rows = []
+    for leg in summary["legs"]:
+        dialog = leg["dialog"] or {}
+        rows.append({"leg": leg["name"], "state": leg["state"], "peer": leg["peer"],
+                     "dialog": dialog.get("state", "-"),
+                     "cseq": f"{_dash(dialog.get('local_cseq'))}/"
+                             f"{_dash(dialog.get('remote_cseq'))}",
+                     "local_tag": dialog.get("local_tag", ""),
+                     "remote_tag": dialog.get("remote_tag", ""), "call_id": leg["call_id"]})
+    _print_rows(rows, ["leg", "state", "peer", "dialog", "cseq", "local_tag", "remote_tag",
+                       "call_id"], False)
+    if session:
+        print()
+        _print_media(session)
+
+
+def _print_media(session: dict) -> None:
+    rows = []
+    for leg in session.get("legs", []):
+        for side in leg.get("sides", []):
+            stats = side.get("stats", {})
+            latched = side.get("latched")
+            rows.append({"leg": leg.get("name") or "?", "media": side.get("media", ""),
+                         "relay_port": side.get("port", ""),
+                         "latched": f"{latched[0]}:{latched[1]}" if latched else "-",
+                         "packets": stats.get("packets", 0), "bytes": stats.get("bytes", 0),
+                         "lost": stats.get("lost", 0),
+                         "jitter_ms": round(stats.get("jitter_ms", 0.0), 2),
+                         "hold": "yes" if leg.get("hold") else ""})
+    _print_rows(rows, ["leg", "media", "relay_port", "latched", "packets", "bytes", "lost",
+                       "jitter_ms", "hold"], False)
+
+
+def cmd_hangup(args, config: Config, store: Store) -> int:
+    tag, record = resolve_call(store, args.id)
+    if record is None or record.get("state") == "ended":
+        print(f"sipctl: no live call {args.id}", file=sys.stderr)
+        return 1
+    if not store.processes("worker"):
+        print("sipctl: no live worker: the request waits until one starts (for a minute)",
+              file=sys.stderr)
+    post_hangup(store, tag, _text(record["a"]["call_id"]), f"sipctl@{socket.gethostname()}")
+    if args.wait <= 0:
+        print(f"call {tag}: hangup requested")
+        return 0
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        loaded = store.load_call(tag)
+        if loaded is None or loaded[1].get("state") == "ended":
+            hangup = (loaded[1].get("hangup") if loaded else None) or {}
+            print(f"call {tag}: ended ({hangup.get('cause', 'gone')}, "
+                  f"{hangup.get('side', '?')} side)")
+            return 0
+        time.sleep(0.05)
+    print(f"sipctl: call {tag} still up after {args.wait:g} s; the request stays queued for "
+          "a live worker", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------- processes
+LOAD_FIELDS = {"worker": ("inflight",), "relay": ("sessions", "streams", "pps"),
+               "dispatcher": ()}
+MAIN_COUNTERS = {
+    "worker": ("received", "calls", "calls_ended", "parse_errors", "retransmissions_absorbed",
+               "shed", "store_unavailable"),
+    "dispatcher": ("received", "forwarded", "dropped", "keepalives"),
+    "relay": ("forwarded", "sessions_created", "sessions_deleted", "media_timeouts"),
+}
 
 
 def cmd_cluster(args, config: Config, store: Store) -> int:
@@ -113,11 +373,223 @@ def cmd_cluster(args, config: Config, store: Store) -> int:
     rows = []
     for proc in store.processes():
         row = dict(proc)
+        role = proc.get("role", "")
         row["age"] = round(now - proc.get("seen", now), 1)
         row["uptime"] = int(now - proc.get("started", now))
+        if role == "dispatcher":
+            row["load"] = f"workers={len(proc.get('workers', []))}"
+        else:
+            row["load"] = " ".join(f"{k}={proc[k]}" for k in LOAD_FIELDS.get(role, ())
+                                   if k in proc)
+        row["counters"] = " ".join(f"{k}={proc[k]}" for k in MAIN_COUNTERS.get(role, ())
+                                   if proc.get(k))
         rows.append(row)
-    _print_rows(rows, ["role", "host", "name", "pid", "age", "uptime", "received"], args.json)
+    _print_rows(rows, ["role", "host", "name", "pid", "age", "uptime", "load", "counters"],
+                args.json)
     return 0
+
+
+# --------------------------------------------------------------------------- stats
+def gather_stats(store: Store, now: float | None = None) -> dict:
+    """The cluster's figures: shared state (calls, registrations) and the counters of the
+    processes alive now (each since it started)."""
+    now = time.time() if now is None else now
+    processes = store.processes()
+    by_role: dict[str, list[dict]] = {}
+    for proc in processes:
+        by_role.setdefault(proc.get("role", "?"), []).append(proc)
+    workers = _sum_counters(by_role.get("worker", []))
+    calls = [r for _tag, r in call_records(store) if r.get("method", "INVITE") == "INVITE"]
+    states = {state: 0 for state in (*CALL_STATES, "ended")}
+    for record in calls:
+        states[record["state"]] = states.get(record["state"], 0) + 1
+    created = sum(1 for r in calls if r.get("created", 0) >= now - 60)
+    aors, contacts = registration_counts(store, now)
+    auth = _with_prefix(workers, "auth_")
+    stats = {
+        "processes": {role: len(procs) for role, procs in sorted(by_role.items())},
+        "calls_per_second": round(created / 60, 3),
+        "calls_created_last_minute": created,
+        "active_calls": sum(states[s] for s in CALL_STATES),
+        "calls_by_state": states,
+        "registrations": {"aors": aors, "contacts": contacts},
+        "calls_set_up": workers.get("calls", 0), "calls_ended": workers.get("calls_ended", 0),
+        "requests_received": _with_prefix(workers, "requests_"),
+        "requests_sent": _with_prefix(workers, "sent_"),
+        "responses_sent": _with_prefix(workers, "responses_"),
+        "responses_received": _with_prefix(workers, "received_"),
+        "auth_failures": {"total": sum(auth.values()), **auth},
+        "parse_errors": workers.get("parse_errors", 0),
+        "retransmissions_absorbed": workers.get("retransmissions_absorbed", 0),
+        "operator_hangups": workers.get("operator_hangups", 0),
+        "shed_503": workers.get("shed", 0),
+        "store_unavailable": workers.get("store_unavailable", 0),
+        "dispatcher": {k: v for k, v in _sum_counters(by_role.get("dispatcher", [])).items()
+                       if k in ("received", "forwarded", "dropped", "keepalives", "stun")},
+    }
+    relays = by_role.get("relay", [])
+    if relays:
+        sums = _sum_counters(relays)
+        stats["relays"] = {
+            "relays": len(relays), "sessions": sums.get("sessions", 0),
+            "streams": sums.get("streams", 0), "packets_per_second": round(sum(
+                float(r.get("pps", 0)) for r in relays), 1),
+            "packets_forwarded": sums.get("forwarded", 0),
+            "media_timeouts": sums.get("media_timeouts", 0),
+            "port_pairs_free": sums.get("free_pairs", 0)}
+    return stats
+
+
+def _sum_counters(processes: list[dict]) -> dict[str, int]:
+    sums: dict[str, int] = {}
+    for proc in processes:
+        for key, value in proc.items():
+            if isinstance(value, int) and not isinstance(value, bool) and key not in (
+                    "pid", "started", "seen"):
+                sums[key] = sums.get(key, 0) + value
+    return sums
+
+
+def _with_prefix(counters: dict[str, int], prefix: str) -> dict[str, int]:
+    return {k[len(prefix):]: v for k, v in sorted(counters.items()) if k.startswith(prefix)}
+
+
+def cmd_stats(args, config: Config, store: Store) -> int:
+    stats = gather_stats(store)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    states = stats["calls_by_state"]
+    lines = [
+        ("processes", _pairs(stats["processes"])),
+        ("calls per second", f"{stats['calls_per_second']} (last minute: "
+                             f"{stats['calls_created_last_minute']} calls)"),
+        ("active calls", f"{stats['active_calls']} ("
+                         + _pairs({s: states[s] for s in CALL_STATES}) + ")"),
+        ("registrations", f"{stats['registrations']['aors']} AOR(s), "
+                          f"{stats['registrations']['contacts']} contact(s)"),
+        ("calls set up / ended", f"{stats['calls_set_up']} / {stats['calls_ended']}"),
+        ("requests received", _pairs(stats["requests_received"])),
+        ("requests sent", _pairs(stats["requests_sent"])),
+        ("responses sent", _pairs(stats["responses_sent"])),
+        ("responses received", _pairs(stats["responses_received"])),
+        ("auth failures", f"{stats['auth_failures']['total']}"
+                          + _bracket({k: v for k, v in stats["auth_failures"].items()
+                                      if k != "total"})),
+        ("parse errors", str(stats["parse_errors"])),
+        ("retransmissions", f"{stats['retransmissions_absorbed']} absorbed"),
+        ("shed (503) / Redis trouble", f"{stats['shed_503']} / {stats['store_unavailable']}"),
+        ("dispatchers", _pairs(stats["dispatcher"])),
+    ]
+    if "relays" in stats:
+        lines.append(("relays", _pairs(stats["relays"])))
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        print(f"{name.ljust(width)}  {value or '-'}")
+    print("(counters: the live processes', since each started)")
+    return 0
+
+
+def _pairs(values: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in values.items())
+
+
+def _bracket(values: dict) -> str:
+    return f" ({_pairs(values)})" if values else ""
+
+
+# --------------------------------------------------------------------------- CDRs
+CDR_FIELDS = ["id", "caller", "callee", "start", "answer", "end", "duration", "hangup_cause",
+              "q850", "hangup_side", "sip_status", "a_call_id", "b_call_id"]
+CDR_NUMBERS = {"start": float, "answer": float, "end": float, "duration": float, "q850": int,
+               "sip_status": int}
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+CDR_PAGE = 1000
+
+
+def parse_since(text: str, now: float) -> float:
+    """Epoch seconds from "1700000000", "2026-11-25T10:00[:00]" (local time) or an age
+    such as "90s", "15m", "2h", "1d"."""
+    text = text.strip()
+    age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if age:
+        return now - float(age.group(1)) * AGE_UNITS[age.group(2)]
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise SystemExit(f"sipctl: --since {text!r}: give epoch seconds, an ISO time or an "
+                         "age such as 15m") from None
+
+
+def read_cdrs(store: Store, since: float = 0.0) -> list[dict]:
+    records = store.cdrs(int(since * 1000), count=CDR_PAGE)
+    page = records
+    while len(page) == CDR_PAGE:
+        page = cdrs_after(store, page[-1]["id"], CDR_PAGE)
+        records += page
+    return records
+
+
+def typed_cdr(record: dict) -> dict:
+    """A CDR with numbers as numbers and empty fields as null (the stream keeps text)."""
+    typed: dict = {}
+    for key, value in record.items():
+        if value == "":
+            typed[key] = None
+        elif key in CDR_NUMBERS:
+            try:
+                typed[key] = CDR_NUMBERS[key](value)
+            except ValueError:
+                typed[key] = value
+        else:
+            typed[key] = value
+    return typed
+
+
+def cmd_cdr(args, config: Config, store: Store) -> int:
+    since = parse_since(args.since, time.time()) if args.since else 0.0
+    records = read_cdrs(store, since)
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
+        print(json.dumps([typed_cdr(r) for r in records], indent=2))
+        return 0
+    fields = CDR_FIELDS + sorted({k for r in records for k in r} - set(CDR_FIELDS))
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+        return 0
+    rows = [{**r, "start": _clock(float(r["start"])) if r.get("start") else ""} for r in records]
+    _print_rows(rows, ["start", "caller", "callee", "duration", "hangup_cause", "hangup_side",
+                       "sip_status", "a_call_id"], False)
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _clock(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _json_default(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
 
 
 # --------------------------------------------------------------------------- main
@@ -146,12 +618,35 @@ def build_parser() -> argparse.ArgumentParser:
     regs.add_argument("aor", nargs="?")
     regs.add_argument("--json", action="store_true")
 
+    calls = sub.add_parser("calls", help="live calls")
+    calls.add_argument("--all", action="store_true", help="also calls ended lately")
+    calls.add_argument("--json", action="store_true")
+
+    call = sub.add_parser("call", help="one call: legs, media and the SIP ladder")
+    call.add_argument("id", help="either leg's Call-ID, or the call's tag")
+    call.add_argument("--full", action="store_true", help="print every message")
+    call.add_argument("--json", action="store_true")
+
+    hangup = sub.add_parser("hangup", help="end a call (BYE on both legs)")
+    hangup.add_argument("id", help="either leg's Call-ID, or the call's tag")
+    hangup.add_argument("--wait", type=float, default=5.0,
+                        help="seconds to wait for the call to end (0: do not wait)")
+
     cluster = sub.add_parser("cluster", help="live processes")
     cluster.add_argument("--json", action="store_true")
+
+    stats = sub.add_parser("stats", help="the cluster's figures")
+    stats.add_argument("--json", action="store_true")
+
+    cdr = sub.add_parser("cdr", help="call detail records")
+    cdr.add_argument("--since", help="epoch seconds, ISO time, or an age (30s, 15m, 2h, 1d)")
+    cdr.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    cdr.add_argument("--json", action="store_true", help="the same as --format json")
     return parser
 
 
-COMMANDS = {"users": cmd_users, "regs": cmd_regs, "cluster": cmd_cluster}
+COMMANDS = {"users": cmd_users, "regs": cmd_regs, "calls": cmd_calls, "call": cmd_call,
+            "hangup": cmd_hangup, "cluster": cmd_cluster, "stats": cmd_stats, "cdr": cmd_cdr}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoreUnavailable as exc:
         print(f"sipctl: Redis at {config.redis.url} is not answering: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `sipctl cdr | head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ class MediaConfig:
     relays: int = 2
     bind: str = "127.0.0.1"
     advertised_address: str = ""
+    media_timeout: float = 60.0
+    media_timeout_hold: float = 3600.0
 
     @property
     def effective_address(self) -> str:
@@ -456,6 +458,8 @@ def _validate_media(media: MediaConfig) -> None:
         "media: need 1024 <= rtp_port_min < rtp_port_max <= 65535",
     )
     _require(media.relays >= 1, "media.relays must be at least 1")
+    _require(0 < media.media_timeout <= media.media_timeout_hold,
+             "media: need 0 < media_timeout <= media_timeout_hold")
     # Each relay owns an even-aligned slice with room for at least one RTP/RTCP pair.
     span = media.rtp_port_max - media.rtp_port_min + 1
     _require(span // media.relays >= 2,

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import envelope
+from . import envelope, metrics
 from .config import Config, load
-from .logsetup import setup_logging
 from .envelope import SLOTS, affinity_key
+from .logsetup import setup_logging
 from .sip import scan, stun
 from .store import Store, StoreUnavailable
 
@@ -109,6 +109,7 @@ class Dispatcher:
         for index, sock in enumerate(self.sip_sockets):
             threading.Thread(target=self._sip_loop, args=(sock, index), daemon=True).start()
         threading.Thread(target=self._publish_loop, daemon=True).start()
+        metrics.start(self.config, self.host)  # this host's Prometheus endpoint
         log.info("dispatcher %s listening on %s", self.host,
                  ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets))
         next_check = time.monotonic()

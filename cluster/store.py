@@ -88,6 +88,10 @@ from .sip.uri import SipURI, parse_uri
 TX_PREFIX = "tx"
 
 
+def _evalsha(pipe, script, keys: list, args: list) -> None:
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
 def timer_member(tag: str, name: str, due: float) -> str:
     """A timer's entry: the due time written exactly (repr), as the call compares it."""
     return f"{tag}|{name}|{due!r}"
@@ -157,7 +161,7 @@ def timer_key(shard: int) -> str:
 
 CDR_STREAM = "cdr"
 AUTHBLOCK_CHANNEL = "authblock"
-TIMER_SHARDS = 8
+TIMER_SHARDS = 4
 
 
 def authfail_key(ip: str) -> str:
@@ -488,11 +492,30 @@ class Store:
             return None
         return int(version), unpack(data)
 
-    def save_call(self, tag: str, version: int, record: dict, ttl: float) -> int | None:
-        """Write a call record if it is still at ``version``; the new version, or None."""
-        new = self._call(self._call_cas, keys=[call_key(tag)],
-                         args=[version, pack(record), int(ttl * 1000)])
+    def save_call(self, tag: str, version: int, record: dict, ttl: float,
+                  arm: list[tuple[str, str, float]] = ()) -> int | None:
+        """Write a call record if it is still at ``version``; the new version, or None.
+
+        ``arm``: timers (tag, name, due) to add first, in the same round trip (their keys
+        are in other slots, so not in the same script: arming first is the safe order).
+        """
+        def build(pipe):
+            for timer_tag, name, due in arm:
+                pipe.zadd(timer_key(timer_shard(timer_tag)),
+                          {timer_member(timer_tag, name, due): due})
+            _evalsha(pipe, self._call_cas, [call_key(tag)],
+                     [version, pack(record), int(ttl * 1000)])
+        new = self._pipelined(build)[-1]
         return None if new < 0 else int(new)
+
+    def call_version(self, tag: str) -> int:
+        return int(self._call(self.redis.hget, call_key(tag), "v") or 0)
+
+    def remove_timers(self, entries: list[tuple[str, str, float]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for tag, name, due in entries:
+            pipe.zrem(timer_key(timer_shard(tag)), timer_member(tag, name, due))
+        self._call(pipe.execute)
 
     def live_calls(self) -> list[tuple[str, dict]]:
         found = []
@@ -513,10 +536,26 @@ class Store:
 
     def pop_due_timers(self, now: float, limit: int = 100) -> list[tuple[str, str, float]]:
         """Claim the due timers of every shard: (call tag, timer name, due)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for shard in range(TIMER_SHARDS):
-            self._pop_timers(keys=[timer_key(shard)], args=[now, limit], client=pipe)
-        return [parse_timer_member(m) for members in self._call(pipe.execute) for m in members]
+        def build(pipe):
+            for shard in range(TIMER_SHARDS):
+                _evalsha(pipe, self._pop_timers, [timer_key(shard)], [now, limit])
+        return [parse_timer_member(m) for members in self._pipelined(build) for m in members]
+
+    def _pipelined(self, build) -> list:
+        """Run the pipeline ``build`` fills.  Scripts go in as plain EVALSHA: redis-py
+        would ask SCRIPT EXISTS before every pipeline holding a Script, an extra round
+        trip each time; after a Redis restart (NOSCRIPT) the scripts are loaded again."""
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return self._call(pipe.execute)
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in (self._call_cas, self._pop_timers):
+                    self._call(self.redis.script_load, script.script)
+        return []
 
     def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
         if not entries:
@@ -611,13 +650,15 @@ def relay_owned_key(relay_id: str) -> str:
     return f"relay:owned:{{{relay_id}}}"
 
 
-# KEYS: session.  ARGV: relay id, packed record, ttl ms.  Rewrites the record only while this
-# relay still owns it: 1 written, 0 gone (expired or deleted by the control plane), -1 taken
-# over by another relay.
+# KEYS: session.  ARGV: relay id, packed record, ttl ms, record version.  Rewrites the record
+# only while this relay still owns it and the stored one is not newer: 1 written (or newer
+# kept), 0 gone (expired or deleted by the control plane), -1 taken over by another relay.
 _RELAY_REFRESH_LUA = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
-if cmsgpack.unpack(current).relay ~= ARGV[1] then return -1 end
+local stored = cmsgpack.unpack(current)
+if stored.relay ~= ARGV[1] then return -1 end
+if (tonumber(stored.version) or 0) > (tonumber(ARGV[4]) or 0) then return 1 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
@@ -686,8 +727,8 @@ def relay_refresh_sessions(store: Store, relay_id: str,
     now_ms, longest = int(time.time() * 1000), 0
     for call_id, record, ttl in sessions:
         ttl_ms = int(ttl * 1000)
-        script(keys=[relay_session_key(call_id)], args=[relay_id, pack(record), ttl_ms],
-               client=pipe)
+        script(keys=[relay_session_key(call_id)],
+               args=[relay_id, pack(record), ttl_ms, record.get("version", 0)], client=pipe)
         pipe.zadd(relay_owned_key(relay_id), {call_id: now_ms + ttl_ms})
         longest = max(longest, ttl_ms)
     pipe.pexpire(relay_owned_key(relay_id), max(longest, RELAY_OWNED_TTL_MIN * 1000))
@@ -746,7 +787,8 @@ def relay_report_event(store: Store, event: dict,
               maxlen=RELAY_EVENTS_MAXLEN, approximate=True)
     script = _relay_refresh_script(store)
     for call_id, record, ttl in sessions:
-        script(keys=[relay_session_key(call_id)], args=[relay_id, pack(record), int(ttl * 1000)],
+        script(keys=[relay_session_key(call_id)],
+               args=[relay_id, pack(record), int(ttl * 1000), record.get("version", 0)],
                client=pipe)
     replies = store._call(pipe.execute)
     return replies[0].decode()

@@ -2,9 +2,10 @@
 
 Per packet the loop does one recvfrom, one sendto and a few attribute
 updates: latching and anything else rare is off the hot path (``_latch``,
-``_short_packet``).  Redis work (saving sessions, heartbeats, media timeout
-events) happens between packet batches, bounded per tick, so a slow Redis
-delays packets by at most one bounded batch and a dead one not at all.
+``_short_packet``).  Redis round trips (saving sessions, heartbeats, media
+timeout events) run on a writer thread, in order, so a slow or busy Redis never
+holds packets back; the loop only builds the records, a bounded batch a tick.
+Commands save their session themselves before they are answered.
 
 Sessions live in Redis (``relay:session:{call}``) from the moment a command
 creates or changes them, and again whenever a party latches or every
@@ -18,8 +19,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import select
 import socket
+import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ TICK = 0.05  # seconds between housekeeping passes
 # checks the media timeout and the idle limit.
 VISIT_PERIOD = 1.0
 FLUSH_INTERVAL = 2.0
+FLUSH_BATCH = 40  # sessions saved per tick at most: bounds how long packets wait
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TTL = 3.0
 GRACE = 60.0  # seconds a timed-out session outlives its timeout (for the B2BUA's delete)
@@ -118,6 +122,10 @@ class Relay:
         self._redis_down_until = 0.0
         self._next_heartbeat = 0.0
         self._rotation: list[str] = []  # call ids still to visit in this period
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # for the Redis writer thread
+        self.followups: queue.SimpleQueue = queue.SimpleQueue()  # its results, for the loop
+        self.writer = threading.Thread(target=self._redis_writer, name="redis-writer",
+                                       daemon=True)
         self._next_prune = 0.0
         self._pps = 0.0
         self._pps_mark = (time.monotonic(), 0)
@@ -174,6 +182,7 @@ class Relay:
     def run(self) -> None:
         restored = self.restore()
         self.counters["restored"] += restored
+        self.writer.start()
         self._heartbeat(time.monotonic())
         log.info("relay %s: control %s:%d, media %s ports %d-%d", self.settings.relay_id,
                  *self.settings.control, self.settings.bind, self.settings.port_lo + 2,
@@ -188,42 +197,52 @@ class Relay:
         while not self.stopping:
             timeout = next_tick - mono()
             events = poll(timeout if timeout > 0 else 0, MAX_EVENTS)
-            for fd, _ in events:
-                e = get(fd)
-                if e is None:
-                    self._on_control()
-                    continue
-                try:
-                    data, src = e.recvfrom(RECV_SIZE)
-                except OSError:
-                    continue
-                if src != e.source and not latch(e, src):
-                    continue
-                if len(data) < 12:
-                    short(e, data)
-                    continue
-                stats = e.stats
-                if stats is not None and not 191 < data[1] < 224:
-                    stats.update(data, mono())
-                    out = e.out
-                else:
-                    e.rtcp_packets += 1
-                    out = e.rtcp_out
-                dest = out.remote
-                if dest is not None:
+            try:
+                for fd, _ in events:
+                    e = get(fd)
+                    if e is None:
+                        self._on_control()
+                        continue
                     try:
-                        out.sendto(data, dest)
-                        forwarded += 1
+                        data, src = e.recvfrom(RECV_SIZE)
                     except OSError:
-                        out.send_errors += 1
+                        continue
+                    if src != e.source and not latch(e, src):
+                        continue
+                    if len(data) < 12:
+                        short(e, data)
+                        continue
+                    stats = e.stats
+                    if stats is not None and not 191 < data[1] < 224:
+                        stats.update(data, mono())
+                        out = e.out
+                    else:
+                        e.rtcp_packets += 1
+                        out = e.rtcp_out
+                    dest = out.remote
+                    if dest is not None:
+                        try:
+                            out.sendto(data, dest)
+                            forwarded += 1
+                        except OSError:
+                            out.send_errors += 1
+            except Exception:  # a bug must not stop the media of every other call
+                log.exception("packet handling failed")
+                self.counters["loop_errors"] += 1
             now = mono()
             if now >= next_tick:
                 self.forwarded += forwarded
                 forwarded = 0
-                self._housekeeping(now)
+                try:
+                    self._housekeeping(now)
+                except Exception:
+                    log.exception("housekeeping failed")
+                    self.counters["loop_errors"] += 1
                 next_tick = now + TICK
         self.forwarded += forwarded
         self._save_all()
+        self.jobs.put(None)
+        self.writer.join(timeout=5.0)
 
     def stop(self, *_args) -> None:
         self.stopping = True
@@ -281,12 +300,15 @@ class Relay:
             reply = self._command(message, to_save, to_drop)
             reply["id"] = request_id
             answers.append((address, encode(reply), key))
-        self._persist(to_save, to_drop)
-        for address, data, key in answers:
+        for _address, data, key in answers:
             if key is not None:
                 self.replies[key] = data
                 if len(self.replies) > REPLY_CACHE:
                     self.replies.popitem(last=False)
+        self._persist(to_save, to_drop, lambda: self._send_answers(answers))
+
+    def _send_answers(self, answers: list[tuple[tuple, bytes, bytes | None]]) -> None:
+        for address, data, _key in answers:
             try:
                 self.control.sendto(data, address)
             except OSError as exc:
@@ -479,68 +501,94 @@ class Relay:
 
     def _record(self, session: Session) -> tuple[str, dict, float]:
         now = time.monotonic()
+        session.version += 1
         limit = self._idle_limit(session)
         left = limit - (now - self._last_activity(session))
+        # Redis keeps the record a little longer than the relay keeps the session, so a
+        # live session's record never expires between two saves.
         return (session.call_id,
                 session.to_record(self.settings.relay_id, self.settings.control),
-                max(1.0, left))
+                max(0.0, left) + FLUSH_INTERVAL + VISIT_PERIOD)
 
-    def _persist(self, to_save: set[str], to_drop: list[str]) -> None:
-        """Save what commands changed before answering them (the answer promises it)."""
+    # ---------------------------------------------------------------- the writer thread
+    def _redis_writer(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                job()
+            except StoreUnavailable as exc:
+                self._redis_failed(exc)
+            except Exception:
+                log.exception("Redis job failed")
+
+    def _run_followups(self) -> None:
+        while True:
+            try:
+                followup = self.followups.get_nowait()
+            except queue.Empty:
+                return
+            followup()
+
+    def _persist(self, to_save: set[str], to_drop: list[str], answer) -> None:
+        """Save what commands changed, then answer them (the answer promises it).
+
+        Done here rather than on the writer thread: handing every command to a thread
+        and back costs more than the round trip.  Records carry a version, so an older
+        record the writer thread still has queued never overwrites this one."""
         sessions = [self.sessions[c] for c in to_save if c in self.sessions]
-        if not sessions and not to_drop:
-            return
-        if not self._redis_ok():
+        if (sessions or to_drop) and self._redis_ok():
+            try:
+                st.relay_save_sessions(self.store, self.settings.relay_id,
+                                       [self._record(s) for s in sessions], drop=to_drop)
+                now = time.monotonic()
+                for session in sessions:
+                    session.last_flush = now
+            except StoreUnavailable as exc:
+                self._redis_failed(exc)
+                self.urgent.update(s.call_id for s in sessions)
+        else:
             self.urgent.update(s.call_id for s in sessions)
-            return
-        try:
-            st.relay_save_sessions(self.store, self.settings.relay_id,
-                                   [self._record(s) for s in sessions])
-            st.relay_drop_sessions(self.store, self.settings.relay_id, to_drop)
-        except StoreUnavailable as exc:
-            self._redis_failed(exc)
-            self.urgent.update(s.call_id for s in sessions)
-            return
-        now = time.monotonic()
-        for session in sessions:
-            session.last_flush = now
+        answer()
 
     def _flush(self, sessions: list[Session], now: float) -> None:
         """Save sessions (latching changes, new figures); let go of those no longer ours."""
-        try:
-            results = st.relay_refresh_sessions(self.store, self.settings.relay_id,
-                                                [self._record(s) for s in sessions])
-        except StoreUnavailable as exc:
-            self._redis_failed(exc)
-            return
-        gone = []
-        for session, result in zip(sessions, results, strict=True):
+        records = [self._record(s) for s in sessions]
+        for session in sessions:
             self.urgent.discard(session.call_id)
             session.last_flush = now
-            if result <= 0:
-                # Deleted by a client that gave up on us, expired, or taken over: let go.
-                log.info("call-id=%s session record %s: dropping it", session.call_id,
-                         "taken over" if result < 0 else "gone")
-                self.counters["sessions_orphaned"] += 1
-                self._close_session(session)
-                gone.append(session.call_id)
-        try:
-            st.relay_drop_sessions(self.store, self.settings.relay_id, gone,
-                                   delete_records=False)
-        except StoreUnavailable as exc:
-            self._redis_failed(exc)
+        relay_id = self.settings.relay_id
+
+        def job() -> None:
+            results = st.relay_refresh_sessions(self.store, relay_id, records)
+            gone = [(record[0], result) for record, result in zip(records, results, strict=True)
+                    if result <= 0]
+            if gone:
+                self.followups.put(lambda: self._let_go(gone))
+                st.relay_drop_sessions(self.store, relay_id, [c for c, _ in gone],
+                                       delete_records=False)
+
+        self.jobs.put(job)
+
+    def _let_go(self, gone: list[tuple[str, int]]) -> None:
+        # Deleted by a client that gave up on us, expired, or taken over by another relay.
+        for call_id, result in gone:
+            session = self.sessions.get(call_id)
+            if session is None:
+                continue
+            log.info("call-id=%s session record %s: dropping it", call_id,
+                     "taken over" if result < 0 else "gone")
+            self.counters["sessions_orphaned"] += 1
+            self._close_session(session)
 
     def _save_all(self) -> None:
-        sessions = list(self.sessions.values())
-        try:
-            st.relay_refresh_sessions(self.store, self.settings.relay_id,
-                                      [self._record(s) for s in sessions])
-        except StoreUnavailable as exc:
-            log.warning("cannot save sessions on the way out: %s", exc)
+        records = [self._record(s) for s in self.sessions.values()]
+        self.jobs.put(lambda: st.relay_refresh_sessions(self.store, self.settings.relay_id,
+                                                        records))
 
     # ---------------------------------------------------------------- timers
     def _idle_limit(self, session: Session) -> float:
-        return self._media_timeout(session) + self.settings.grace
+        # The B2BUA gets as long as the timeout itself (at most `grace`) to hang up and delete.
+        timeout = self._media_timeout(session)
+        return timeout + min(self.settings.grace, self.settings.media_timeout)
 
     def _media_timeout(self, session: Session) -> float:
         s = self.settings
@@ -550,6 +598,7 @@ class Relay:
         return max(session.last_media(), session.last_command)
 
     def _housekeeping(self, now: float) -> None:
+        self._run_followups()
         due = [s for call_id in self.urgent if (s := self.sessions.get(call_id))]
         for session in self._visit_slice():
             if self._check_timers(session, now):
@@ -558,7 +607,7 @@ class Relay:
                     and session.last_media() > session.last_flush):
                 due.append(session)
         if due and self._redis_ok():
-            self._flush(due, now)
+            self._flush(due[:FLUSH_BATCH], now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL
             self._heartbeat(now)
@@ -577,7 +626,10 @@ class Relay:
         if idle > self._idle_limit(session):
             log.info("call-id=%s idle %.0f s: session expired", session.call_id, idle)
             self.counters["sessions_expired"] += 1
-            self._close_session(session)  # its Redis record expires by its own TTL
+            self._close_session(session)
+            call_id, relay_id = session.call_id, self.settings.relay_id
+            # (if Redis is away, the record's own TTL ends it)
+            self.jobs.put(lambda: st.relay_drop_sessions(self.store, relay_id, [call_id]))
             return True
         if session.answered_at is None or session.timeout_reported:
             return False
@@ -591,15 +643,18 @@ class Relay:
         event = {"event": "media-timeout", "call_id": session.call_id,
                  "relay": self.settings.relay_id, "idle": round(silent, 1),
                  "hold": int(session.hold), "at": round(time.time(), 3)}
-        try:
-            st.relay_report_event(self.store, event, [self._record(session)],
-                                  self.settings.relay_id)
-        except StoreUnavailable as exc:
-            session.timeout_reported = False  # try again at the next check
-            self._redis_failed(exc)
-            return
-        self.counters["media_timeouts"] += 1
-        log.info("call-id=%s no RTP for %.1f s: media timeout reported", session.call_id, silent)
+        record = self._record(session)
+
+        def job() -> None:
+            try:
+                st.relay_report_event(self.store, event, [record], self.settings.relay_id)
+            except StoreUnavailable:
+                self.followups.put(lambda: setattr(session, "timeout_reported", False))
+                raise
+            self.counters["media_timeouts"] += 1
+
+        self.jobs.put(job)
+        log.info("call-id=%s no RTP for %.1f s: media timeout", session.call_id, silent)
 
     def _heartbeat(self, now: float) -> None:
         mark_time, mark_count = self._pps_mark
@@ -617,15 +672,18 @@ class Relay:
                 "streams": sum(len(leg.sides) for x in self.sessions.values() for leg in x.legs),
                 "pps": round(self._pps, 1), "forwarded": self.forwarded,
                 "started": self.started, "seen": time.time(), **self.counters}
-        try:
+        prune = now >= self._next_prune
+        if prune:
+            self._next_prune = now + 60.0
+
+        def job() -> None:
             st.relay_heartbeat(self.store, s.relay_id, info, HEARTBEAT_TTL)
-            if now >= self._next_prune:
-                self._next_prune = now + 60.0
+            if prune:
                 stale = [n["id"] for n in st.relay_nodes(self.store)
                          if time.time() - n.get("seen", 0) > NODE_FORGET_AFTER]
                 st.relay_forget(self.store, stale)
-        except StoreUnavailable as exc:
-            self._redis_failed(exc)
+
+        self.jobs.put(job)
 
 
 def _call_id(message: dict) -> str:

@@ -9,7 +9,7 @@ m-line, to B's latched address, or to its SDP address until B has sent.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -137,6 +137,7 @@ class Session:
     timeout_reported: bool = False
     last_command: float = 0.0  # monotonic
     last_flush: float = 0.0  # monotonic
+    version: int = 0  # of the last record built: Redis never takes an older one
 
     @property
     def hold(self) -> bool:
@@ -178,7 +179,7 @@ class Session:
         now_mono, now = time.monotonic(), time.time()
         offset = now - now_mono
         return {"relay": relay_id, "control": list(control), "call_id": self.call_id,
-                "created": self.created, "updated": now,
+                "version": self.version, "created": self.created, "updated": now,
                 "answered_at": None if self.answered_at is None else self.answered_at + offset,
                 "timeout_reported": self.timeout_reported,
                 "legs": [leg.to_record(offset) for leg in self.legs]}
@@ -191,7 +192,8 @@ class Session:
         return cls(call_id, [Leg.from_record(leg, call_id) for leg in record["legs"]],
                    record.get("created", time.time()),
                    None if answered is None else answered - offset,
-                   record.get("timeout_reported", False), last_command=time.monotonic())
+                   record.get("timeout_reported", False), last_command=time.monotonic(),
+                   version=record.get("version", 0))
 
     def figures(self) -> dict:
         offset = time.time() - time.monotonic()
@@ -224,16 +226,17 @@ def socket_address(ip: str, port: int) -> tuple:
 
 def normalise_ip(text: str) -> tuple[str, int]:
     """(canonical text, family) of an IP address; CommandError for anything else."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise CommandError(f"not an IP address: {text!r}") from None
-    return address.compressed, address.version
+    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        try:
+            return socket.inet_ntop(family, socket.inet_pton(family, text)), version
+        except (OSError, ValueError):
+            continue
+    raise CommandError(f"not an IP address: {text!r}")
 
 
 def is_null_address(ip: str) -> bool:
-    """c=0.0.0.0 (or ::): RFC 2543 hold, the party wants nothing sent to it."""
-    return ipaddress.ip_address(ip).is_unspecified
+    """c=0.0.0.0 (or ::): RFC 2543 hold, the party wants nothing sent to it (canonical text)."""
+    return ip in ("0.0.0.0", "::")
 
 
 @dataclass(frozen=True)

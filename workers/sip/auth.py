@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import time
-
-import gevent
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
+
+import gevent
 
 from cluster.sip import digest
 from cluster.sip.message import Request
@@ -40,7 +41,8 @@ class AuthResult:
 
 class Authenticator:
     def __init__(self, store: Store, *, realm: str, secret: bytes, algorithms: tuple[str, ...],
-                 nonce_lifetime: float, max_failures: int, failure_window: float):
+                 nonce_lifetime: float, max_failures: int, failure_window: float,
+                 counters: Counter | None = None):
         self.store = store
         self.realm = realm
         self.secret = secret
@@ -50,6 +52,7 @@ class Authenticator:
         self.failure_window = failure_window
         self._ha1: dict[str, tuple[float, dict | None]] = {}
         self._throttled: dict[str, float] = {}
+        self.counters = Counter() if counters is None else counters  # auth_<outcome> failures
         # Unknown users are checked against this, so they cost what a real user costs.
         self._decoy = {alg: digest.ha1("-", realm, os.urandom(16).hex(), alg)
                        for alg in ("MD5", "SHA-256")}
@@ -66,6 +69,7 @@ class Authenticator:
         if creds is None:
             return AuthResult(Verdict.CHALLENGE)
         if self._is_throttled(source_ip):
+            self.counters["auth_throttled"] += 1
             return AuthResult(Verdict.THROTTLED, creds.username, creds)
         state = digest.check_nonce(self.secret, creds.nonce, time.time(), self.nonce_lifetime)
         if state is digest.NonceState.INVALID:
@@ -77,6 +81,7 @@ class Authenticator:
             return AuthResult(Verdict.CHALLENGE, creds.username, creds)
         ha1 = self._ha1_of(creds.username, algorithm)
         if not digest.verify(creds, req.method, ha1, body=req.body):
+            self.counters["auth_forbidden"] += 1
             self._note_failure(source_ip)
             return AuthResult(Verdict.FORBIDDEN, creds.username, creds)
         return AuthResult(Verdict.OK, creds.username, creds)

@@ -9,6 +9,7 @@ writer that loses the race re-reads and decides again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -23,18 +24,20 @@ from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.message import Request, Response, build_response
-from cluster.sip.transaction import TimerConfig, server_key
+from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .call import Arm, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+from .call import Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
 ENDED_TTL = 120.0  # kept a while after the end for retransmissions and the operator
 CAS_ATTEMPTS = 8
-TIMER_TICK = 0.02
+TIMER_TICK = 0.05  # timers fire within this of their due time (T1 is 500 ms)
+RECORD_CACHE = 20_000  # call records remembered per worker
+DISARM_BATCH_SECONDS = 0.005
 
 
 def call_tag(call_id: bytes) -> str:
@@ -62,6 +65,9 @@ class B2BUA:
         self.ids = RandomIds()
         self.running = True
         self._locks: dict[str, list] = {}
+        self._records: collections.OrderedDict[str, tuple[int, dict]] = collections.OrderedDict()
+        self._disarm: list[tuple[str, str, float]] = []
+        self._disarm_pending = False
         cfg = worker.config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
@@ -85,8 +91,9 @@ class B2BUA:
             return
         if req.method in ("INVITE", "MESSAGE") and req.to.tag is None:
             self._new_call(tag, req, source)
-        elif req.method == "ACK":
-            return  # the ACK of a failure we answered statelessly
+        elif req.method == "ACK":  # the ACK of a challenge or failure answered statelessly
+            self.trace(tag, [self._entry("in", req, _leg_name(req.call_id), source.addr)],
+                       brief=True)
         else:
             self.worker.reply(req, source, 481)
 
@@ -99,10 +106,10 @@ class B2BUA:
     def on_timer(self, tag: str, name: str, due: float) -> None:
         self._with_call(tag, lambda call: call.on_timer(name, due, self.ctx()), None, None)
 
-    def hangup(self, tag: str, cause=None) -> bool:
+    def hangup(self, tag: str, cause=None, side: str = "system") -> bool:
         from .call import ADMIN_HANGUP
         return self._with_call(tag, lambda call: call.hangup_now(
-            cause or ADMIN_HANGUP, "system", self.ctx()), None, None)
+            cause or ADMIN_HANGUP, side, self.ctx()), None, None)
 
     # ---------------------------------------------------------------- a new call
     def _new_call(self, tag: str, req: Request, source) -> None:
@@ -113,12 +120,17 @@ class B2BUA:
         if stored:
             worker.transport.send(stored, source.addr, sock_index=source.sock_index)
             return
+        # Traced with the first answer, in one write; kept briefly until the call exists,
+        # so unauthenticated INVITEs cost little memory.
+        arrived = [self._entry("in", req, "a", source.addr)]
         gateway = source.addr[0] in self.trusted
-        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source)
+        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source, arrived)
         if caller is None:
             return
         if req.method == "INVITE":
-            worker.reply(req, source, 100)
+            self._reply(req, source, 100, prior=arrived)
+        else:
+            self.trace(tag, arrived)
         callee = _callee_of(req)
         targets, failure = self._targets(callee, local_only=gateway)
         if failure is not None:
@@ -130,7 +142,6 @@ class B2BUA:
             host=source.host, sock_index=source.sock_index, caller=caller, callee=callee,
             targets=targets, ctx=self.ctx(source.addr), trying_sent=True)
         call.worker = worker.name
-        self.trace(tag, [self._entry("in", req, "a", source.addr)])
         with self._serialized(tag):
             if self._commit(tag, 0, call, actions, req, source):
                 worker.counters["calls"] += 1
@@ -164,27 +175,28 @@ class B2BUA:
             return [Target(uri, peer, self.worker.host, route=index)], None
         return [], 404
 
-    def _authenticate(self, req: Request, source) -> str | None:
+    def _authenticate(self, req: Request, source, arrived: list[dict]) -> str | None:
         """The caller's user name, or None when the request was answered (407/403)."""
         worker = self.worker
         result = worker.auth.check(req, source.addr[0], proxy=True)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
-            worker.reply(req, source, 407, headers=worker.auth.challenge_headers(
-                proxy=True, stale=result.verdict is Verdict.STALE))
+            self._reply(req, source, 407, headers=worker.auth.challenge_headers(
+                proxy=True, stale=result.verdict is Verdict.STALE), prior=arrived, brief=True)
             return None
         if result.verdict is not Verdict.OK:
-            worker.counters["auth_failures"] += 1
-            worker.reply(req, source, 403)
+            self._reply(req, source, 403, prior=arrived, brief=True)
             return None
         creds = result.credentials
         aor = aor_of(result.username, self.config.realm)
         if creds.nc and not self.store.accept_nonce_count(
                 aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime):
-            worker.reply(req, source, 407, headers=worker.auth.challenge_headers(proxy=True))
+            self._reply(req, source, 407, headers=worker.auth.challenge_headers(proxy=True),
+                        prior=arrived, brief=True)
             return None
         from_user = _user_of(req.from_.uri)
         if from_user != result.username and not self.config.calls.allow_from_mismatch:
-            worker.reply(req, source, 403, "From does not match the authenticated user")
+            self._reply(req, source, 403, "From does not match the authenticated user",
+                        prior=arrived, brief=True)
             return None
         return result.username
 
@@ -193,8 +205,8 @@ class B2BUA:
                               headers=[(b"Server", self.settings.user_agent)])
         data = resp.to_bytes()
         self.worker.transport.send(data, source.addr, sock_index=source.sock_index)
+        self.trace(call_tag(req.call_id), [_raw_entry("out", data, "a", source.addr)])
         self.store.store_answer(stored_key, data, self.worker.tx_ttl)
-        self.worker.counters[f"responses_{status // 100}xx"] += 1
 
     # ---------------------------------------------------------------- the loop
     @contextlib.contextmanager
@@ -226,36 +238,78 @@ class B2BUA:
     def _with_call_locked(self, tag: str, event, req: Request | None, source,
                           inbound: Request | Response | None) -> bool:
         for attempt in range(CAS_ATTEMPTS):
-            loaded = self.store.load_call(tag)
-            if loaded is None:
-                return False
-            version, record = loaded
+            cached = self._records.get(tag) if attempt == 0 else None
+            if cached is None:
+                loaded = self.store.load_call(tag)
+                if loaded is None:
+                    self._records.pop(tag, None)
+                    return False
+                cached = loaded
+                self._remember(tag, *loaded)
+                fresh = True
+            else:
+                fresh = False
+            version, record = cached
             call = Call.from_record(record)
-            if inbound is not None and attempt == 0:
+            if inbound is not None and attempt == 0 and self.config.calls.trace:
                 leg = call.leg_of_call_id(inbound.call_id)
                 self.trace(tag, [self._entry("in", inbound, leg.name if leg else "?",
                                              source.addr)])
+            timers = call.timer_entries()
+            call.prune(time.time())
             actions = event(call)
             call.worker = self.worker.name
             after = call.to_record()
             if after == record:
-                self._perform(tag, actions, req, source)
-                return True
-            if self._commit(tag, version, call, actions, req, source, after):
+                if fresh or self.store.call_version(tag) == version:
+                    self._perform(tag, actions, req, source)
+                    return True
+                continue  # the remembered record is out of date: load it and decide again
+            if self._commit(tag, version, call, actions, req, source, after, timers):
                 return True
             self.worker.counters["cas_conflicts"] += 1
             gevent.sleep(0.001)
         raise StoreUnavailable(f"call {tag}: too many concurrent writers")
 
     def _commit(self, tag: str, version: int, call: Call, actions: list, req, source,
-                record: dict | None = None) -> bool:
-        arms = [(tag, a.name, a.at) for a in actions if isinstance(a, Arm)]
-        self.store.add_timers(arms)
+                record: dict | None = None, timers_before: dict | None = None) -> bool:
+        """Write the call (compare-and-set) with the timers it now waits for armed first:
+        a timer armed for a write that then loses fires, finds nothing to do, and is gone.
+        Timers it no longer waits for are disarmed after the write, in batches."""
+        record = record or call.to_record()
+        timers = call.timer_entries()
+        before = timers_before or {}
+        arm = [(tag, name, due) for name, due in timers.items() if before.get(name) != due]
         ttl = LIVE_TTL if call.live else ENDED_TTL
-        if self.store.save_call(tag, version, record or call.to_record(), ttl) is None:
+        version = self.store.save_call(tag, version, record, ttl, arm=arm)
+        if version is None:
+            self._records.pop(tag, None)
             return False
+        self._remember(tag, version, record)
+        self._disarm.extend((tag, name, due) for name, due in before.items()
+                            if timers.get(name) != due)
+        if self._disarm and not self._disarm_pending:
+            self._disarm_pending = True
+            gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
         self._perform(tag, actions, req, source)
         return True
+
+    def _remember(self, tag: str, version: int, record: dict) -> None:
+        """Keep the call's last record: with affinity the next event of the call comes here
+        too, and the compare-and-set of its write proves the record still current."""
+        records = self._records
+        records[tag] = (version, record)
+        records.move_to_end(tag)
+        if len(records) > RECORD_CACHE:
+            records.popitem(last=False)
+
+    def _write_disarm(self) -> None:
+        entries, self._disarm = self._disarm, []
+        self._disarm_pending = False
+        try:
+            self.store.remove_timers(entries)
+        except StoreUnavailable:
+            pass  # a timer left armed fires, finds nothing to do, and is gone
 
     def _perform(self, tag: str, actions: list, req: Request | None, source) -> None:
         worker = self.worker
@@ -266,7 +320,7 @@ class B2BUA:
                                       sock_index=action.sock_index)
                 sent.append(action)
             elif isinstance(action, Reply) and req is not None:
-                worker.reply(req, source, action.status, action.reason)
+                self._reply(req, source, action.status, action.reason)
             elif isinstance(action, Cdr):
                 worker.counters["calls_ended"] += 1
                 call_log(log, action.record["a_call_id"]).info(
@@ -277,25 +331,28 @@ class B2BUA:
             self.trace(tag, [self._sent_entry(tag, out) for out in sent])
 
     # ---------------------------------------------------------------- message trace
-    def trace(self, tag: str, entries: list[dict]) -> None:
-        """Keep the call's messages for ``sipctl call`` (bounded, expiring)."""
+    def trace(self, tag: str, entries: list[dict], brief: bool = False) -> None:
+        """Keep the call's messages for ``sipctl call`` (bounded, expiring); ``brief``
+        entries of an attempt that is no call yet live only as long as a transaction."""
         calls = self.config.calls
         if calls.trace:
-            self.store.add_trace(tag, entries, calls.trace_max, calls.trace_ttl)
+            ttl = self.worker.tx_ttl if brief else calls.trace_ttl
+            self.store.add_trace(tag, entries, calls.trace_max, ttl)
+
+    def _reply(self, req: Request, source, status: int, reason: str | None = None, *,
+               headers=(), prior: list[dict] = (), brief: bool = False) -> None:
+        """Answer ``req`` outside any transaction, and trace the answer (after ``prior``)."""
+        data = self.worker.reply(req, source, status, reason, headers=headers)
+        sent = _raw_entry("out", data, _leg_name(req.call_id), response_dest(req, source.addr))
+        self.trace(call_tag(req.call_id), [*prior, sent], brief=brief)
 
     @staticmethod
     def _entry(direction: str, msg: Request | Response, leg: str, peer) -> dict:
-        data = msg.to_bytes()
-        return {"t": time.time(), "dir": direction, "leg": leg, "peer": list(peer),
-                "first": data.split(b"\r\n", 1)[0].decode("utf-8", "replace"), "data": data}
+        return _raw_entry(direction, msg.to_bytes(), leg, peer)
 
     @staticmethod
     def _sent_entry(tag: str, out: Out) -> dict:
-        call_id = scan.call_id(out.data) or b""
-        leg = "a" if not call_id.startswith(b"sc") else "b" + call_id.rsplit(b".", 1)[-1].decode()
-        return {"t": time.time(), "dir": "out", "leg": leg, "peer": list(out.dest),
-                "first": out.data.split(b"\r\n", 1)[0].decode("utf-8", "replace"),
-                "data": out.data}
+        return _raw_entry("out", out.data, _leg_name(scan.call_id(out.data) or b""), out.dest)
 
     def stop(self) -> None:
         """Claim no more timers (draining): the other workers fire them."""
@@ -317,9 +374,32 @@ class B2BUA:
         try:
             self.on_timer(tag, name, at)
         except StoreUnavailable as exc:
-            log.warning("timer %s of call %s lost to Redis trouble: %s", name, tag, exc)
+            self._call_log(tag).warning("timer %s of call %s lost to Redis trouble: %s",
+                                        name, tag, exc)
         except Exception:
-            log.exception("timer %s of call %s failed", name, tag)
+            self._call_log(tag).exception("timer %s of call %s failed", name, tag)
+
+    def _call_log(self, tag: str):
+        """A logger for call ``tag`` with its A-leg Call-ID, when Redis can still tell it."""
+        try:
+            loaded = self.store.load_call(tag)
+        except StoreUnavailable:
+            loaded = None
+        return call_log(log, loaded[1]["a"]["call_id"] if loaded else "unknown")
+
+
+def _leg_name(call_id: bytes) -> str:
+    """"a" for the caller's Call-ID, "b<n>" for fork n's ("sc<slot>.<tag>.<n>")."""
+    parts = call_id.split(b".")
+    if len(parts) == 3 and call_tag(call_id) == parts[1].decode("latin-1"):
+        return "b" + parts[2].decode("latin-1")
+    return "a"
+
+
+def _raw_entry(direction: str, data: bytes, leg: str, peer) -> dict:
+    """One message of a call's trace (see cluster/store.py, trace:{tag})."""
+    return {"t": time.time(), "dir": direction, "leg": leg, "peer": list(peer),
+            "first": data.split(b"\r\n", 1)[0].decode("utf-8", "replace"), "data": data}
 
 
 def _user_of(uri) -> str | None:

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 
 import gevent
 import msgpack
@@ -26,7 +27,7 @@ RECV_BUFFER = 4 * 1024 * 1024
 
 class Transport:
     def __init__(self, control_path: str, name: str, host: str, heartbeat_interval: float,
-                 store: Store, on_datagram, load=lambda: 0):
+                 store: Store, on_datagram, load=lambda: 0, counters: Counter | None = None):
         self.control_path = control_path
         self.name = name
         self.host = host
@@ -42,6 +43,8 @@ class Transport:
         self.control: socket.socket | None = None
         self._hosts: dict[str, tuple[float, tuple[str, int] | None]] = {}
         self.sent = 0
+        # What leaves, for the heartbeat: responses_<N>xx by class, sent_<METHOD> requests.
+        self.counters = Counter() if counters is None else counters
         self.leaving = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -109,7 +112,7 @@ class Transport:
             egress = self._egress_of(host)
             if egress is not None:
                 self.egress.sendto(envelope.wrap(dest, sock_index, data), egress)
-                self.sent += 1
+                self._count(data)
                 return
         if ":" in dest[0]:
             sock_index = next((i for i, s in enumerate(self.sip_sockets)
@@ -121,9 +124,16 @@ class Transport:
             sock_index = 0
         try:
             self.sip_sockets[sock_index].sendto(data, dest)
-            self.sent += 1
+            self._count(data)
         except OSError as exc:
             log.warning("send to %s:%d failed: %s", dest[0], dest[1], exc)
+
+    def _count(self, data: bytes) -> None:
+        self.sent += 1
+        if data.startswith(b"SIP/2.0 "):
+            self.counters[f"responses_{data[8:9].decode('latin-1')}xx"] += 1
+        else:
+            self.counters["sent_" + data[:data.find(b" ")].decode("latin-1")] += 1
 
     def _egress_of(self, host: str) -> tuple[str, int] | None:
         now = time.monotonic()

@@ -22,14 +22,23 @@ import gevent
 import gevent.pool
 
 from cluster.config import Config
+from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.errors import SipError
-from cluster.sip.message import KNOWN_METHODS, Request, Response, build_response, error_response, parse
+from cluster.sip.message import (
+    KNOWN_METHODS,
+    Request,
+    Response,
+    build_response,
+    error_response,
+    parse,
+)
 from cluster.sip.transaction import response_dest, server_key
 from cluster.store import Store, StoreUnavailable
 
 from .auth import Authenticator
 from .b2bua import B2BUA
+from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
 from .transport import Transport
@@ -66,7 +75,8 @@ class Worker:
             self.store, realm=config.realm, secret=config.auth.secret.encode(),
             algorithms=tuple(config.auth.algorithms),
             nonce_lifetime=config.auth.nonce_lifetime,
-            max_failures=config.auth.max_failures, failure_window=config.auth.failure_window)
+            max_failures=config.auth.max_failures, failure_window=config.auth.failure_window,
+            counters=self.counters)
         reg = config.registrar
         self.registrar = Registrar(self.store, self.auth, RegistrarSettings(
             realm=config.realm, min_expires=reg.min_expires, max_expires=reg.max_expires,
@@ -76,7 +86,7 @@ class Worker:
         self.transport = Transport(
             config.dispatcher.control_path, name, self.host,
             config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
-            load=lambda: len(self.pool))
+            load=lambda: len(self.pool), counters=self.counters)
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
@@ -89,6 +99,7 @@ class Worker:
         greenlets = self.transport.start()
         greenlets.append(gevent.spawn(self._heartbeat_loop))
         greenlets.append(gevent.spawn(self.b2bua.timer_loop))
+        greenlets.append(gevent.spawn(hangup_loop, self))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
         gevent.signal_handler(signal.SIGTERM, self.drain)
@@ -147,14 +158,15 @@ class Worker:
             self._process(data, source)
         except StoreUnavailable as exc:
             self.counters["store_unavailable"] += 1
-            log.warning("store unavailable: %s", exc)
+            call_log(log, scan.call_id(data) or b"-").warning("store unavailable: %s", exc)
             self._answer_raw(data, source, SipError(503, "Service Unavailable"), (RETRY_AFTER,))
         except SipError as exc:
             self.counters["bad_requests"] += 1
             self._answer_raw(data, source, exc)
         except Exception:
             self.counters["internal_errors"] += 1
-            log.exception("internal error on a message from %s:%d", *source.addr)
+            call_log(log, scan.call_id(data) or b"-").exception(
+                "internal error on a message from %s:%d", *source.addr)
             self._answer_raw(data, source, SipError(500, "Server Internal Error"))
         finally:
             if mark is not None:
@@ -164,7 +176,6 @@ class Worker:
                     extra: tuple[bytes, ...] = ()) -> None:
         answer = error_response(data, error, extra)
         if answer is not None:
-            self.counters[f"responses_{error.status // 100}xx"] += 1
             self.transport.send(answer, source.addr, sock_index=source.sock_index)
 
     # ---------------------------------------------------------------- SIP
@@ -188,7 +199,7 @@ class Worker:
             self.reply(msg, source, exc.status, exc.reason)
         except StoreUnavailable as exc:
             self.counters["store_unavailable"] += 1
-            log.warning("store unavailable: %s", exc)
+            call_log(log, msg.call_id).warning("store unavailable: %s", exc)
             self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
 
     def on_request(self, req: Request, source: Source) -> None:
@@ -261,12 +272,13 @@ class Worker:
 
     # ---------------------------------------------------------------- output
     def reply(self, req: Request, source: Source, status: int, reason: str | None = None, *,
-              headers: list[tuple[bytes, bytes]] = ()) -> None:
+              headers: list[tuple[bytes, bytes]] = ()) -> bytes:
+        """Answer ``req`` outside any transaction; the bytes sent."""
         resp = build_response(req, status, reason, to_tag=new_tag(),
                               headers=[*headers, (b"Server", self.user_agent)])
-        self.counters[f"responses_{status // 100}xx"] += 1
-        self.transport.send(resp.to_bytes(), response_dest(req, source.addr),
-                            sock_index=source.sock_index)
+        data = resp.to_bytes()
+        self.transport.send(data, response_dest(req, source.addr), sock_index=source.sock_index)
+        return data
 
     # ---------------------------------------------------------------- reporting
     def _heartbeat_loop(self) -> None:

@@ -1,0 +1,89 @@
+"""Calls per second: SIPp UAC with digest on every call -> cluster -> registered SIPp UAS.
+
+Zero hold time: INVITE, 407, ACK, INVITE with credentials, 100, 180, 200, ACK, BYE,
+200.  Reports, per rate step, the calls that failed, the CPU milliseconds per call
+of all cluster processes together (dispatcher, workers, redis-server) and the
+p50/p99 time from the authenticated INVITE to the 180; then the highest rate
+with zero failed calls over 30 s.  Targets (issue): >= 1,000 calls/s, <= 1.5 ms CPU
+per call, p99 INVITE-to-180 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, percentile, rtt_values
+
+from conftest import free_udp_port  # noqa: E402  (tests/, put on the path by cluster_run)
+from sipp import Sipp  # noqa: E402
+from sipua import UA  # noqa: E402
+
+STEP_SECONDS = 10
+CONFIRM_SECONDS = 30
+RATES = (50, 100, 200, 300, 400, 500, 700, 1000)
+CALLERS = 500
+
+
+def run_rate(bench: BenchCluster, callers, rate: int, seconds: int, workdir: Path) -> dict:
+    calls = rate * seconds
+    uas_port = free_udp_port()
+    with UA(bench.cluster.address, user="1009") as ua:  # the callee's contact: the SIPp UAS
+        ua.register("1234", contacts=[f"<sip:1009@127.0.0.1:{uas_port}>"])
+    uas = Sipp(str(SCENARIOS / "call_uas.xml"), bench.cluster.address, workdir / "uas", calls,
+               rate=rate, timeout=seconds + 40, port=uas_port).start()
+    time.sleep(0.3)
+    uac = Sipp(str(SCENARIOS / "call_uac.xml"), bench.cluster.address, workdir / "uac", calls,
+               rate=rate, users=callers, timeout=seconds + 30,
+               extra=("-trace_rtt", "-rtt_freq", "1", "-l", str(max(4 * rate, 100))))
+    before = bench.cpu()
+    started = time.monotonic()
+    result = uac.run()
+    elapsed = time.monotonic() - started
+    cpu = cpu_delta(before, bench.cpu())
+    uas.stop()
+    rtts = rtt_values(workdir / "uac")
+    done = max(result.successful, 1)
+    return {"rate": rate, "seconds": round(elapsed, 1), "ok": result.successful,
+            "failed": result.failed + (calls - result.successful - result.failed),
+            "achieved_per_s": round(result.successful / max(elapsed, 1e-9)),
+            "cpu_ms_per_call": round(cpu / done * 1000, 3),
+            "p50_ms": round(percentile(rtts, 0.50), 2), "p99_ms": round(percentile(rtts, 0.99), 2),
+            "retransmissions": result.retransmissions}
+
+
+def show(label: str, row: dict) -> None:
+    print(f"  {label:10} rate {row['rate']:>5}/s  ok {row['ok']:>6}  failed {row['failed']:>5}  "
+          f"achieved {row['achieved_per_s']:>5}/s  cpu {row['cpu_ms_per_call']:.2f} ms/call  "
+          f"INVITE->180 p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms  "
+          f"retrans {row['retransmissions']}", flush=True)
+
+
+def main() -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench-calls-"))
+    with BenchCluster(workers=2, settings={"calls": {"trace": False}}) as bench:
+        callers = bench.add_users(20000, CALLERS)
+        bench.add_users(1009, 1)
+        best = None
+        for rate in RATES:
+            row = run_rate(bench, callers, rate, STEP_SECONDS, work / f"step-{rate}")
+            show("step", row)
+            if row["failed"]:
+                break
+            best = rate
+        if best is None:
+            print("  no rate passed without failures")
+            return {}
+        confirmed = run_rate(bench, callers, best, CONFIRM_SECONDS, work / "confirm")
+        show("30 s", confirmed)
+    print(f"  highest passing rate {best} calls/s (30 s: {confirmed['failed']} failed); CPU "
+          f"{confirmed['cpu_ms_per_call']:.2f} ms per call; INVITE->180 p50 "
+          f"{confirmed['p50_ms']} ms, p99 {confirmed['p99_ms']} ms")
+    return {"calls_best_rate": best, "calls_cpu_ms": confirmed["cpu_ms_per_call"],
+            "calls_p99_ms": confirmed["p99_ms"]}
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,85 @@
+"""Operator requests the workers carry out: `sipctl hangup` posts to the ``hangup``
+stream in Redis, and one live worker (whichever the consumer group hands the
+request to) ends the call with a BYE on both legs.
+
+A request is acknowledged once the call is ended or found gone, so a worker
+that dies in between leaves it pending and another one claims it after
+``CLAIM_AFTER`` seconds.  Requests older than ``MAX_AGE`` (posted while no
+worker ran) are dropped: an operator who asked a minute ago has moved on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import gevent
+import redis
+
+from cluster.logsetup import call_log
+from cluster.store import (
+    StoreUnavailable,
+    ack_hangups,
+    claim_stale_hangups,
+    hangup_group,
+    read_hangups,
+)
+
+log = logging.getLogger("operator")
+BLOCK_SECONDS = 0.1  # a blocking read; kept well under the workers' Redis timeout
+CLAIM_AFTER = 5.0  # seconds a request may stay read but unacknowledged before others take it
+MAX_AGE = 60.0
+SIDE = "operator"  # the CDR's hangup side
+
+
+def hangup_loop(worker) -> None:
+    """Read hangup requests and carry them out (run in its own greenlet)."""
+    consumer = f"{worker.host}/{worker.name}"
+    timeout = worker.config.workers.redis_timeout
+    block_ms = max(1, int(min(BLOCK_SECONDS, timeout / 2) * 1000))
+    grouped, next_claim = False, 0.0
+    while worker.b2bua.running:
+        try:
+            if not grouped:
+                hangup_group(worker.store)
+                grouped = True
+            requests = read_hangups(worker.store, consumer, block_ms=block_ms)
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + CLAIM_AFTER
+                requests += claim_stale_hangups(worker.store, consumer, int(CLAIM_AFTER * 1000))
+        except StoreUnavailable:
+            gevent.sleep(1.0)
+            continue
+        except redis.ResponseError as exc:  # the stream or its group was deleted: make anew
+            log.warning("hangup requests: %s", exc)
+            grouped = False
+            gevent.sleep(1.0)
+            continue
+        for entry_id, request in requests:
+            worker.pool.spawn(carry_out, worker, entry_id, request)
+        if not requests:
+            gevent.sleep(0.05)  # the blocking read returned at once (Redis trouble ahead?)
+
+
+def carry_out(worker, entry_id: str, request: dict) -> None:
+    tag, call_id = request.get("tag", ""), request.get("call_id", "") or "-"
+    clog = call_log(log, call_id)
+    try:
+        age = time.time() - float(request.get("at") or 0)
+        if age > MAX_AGE:
+            clog.info("call %s: hangup request from %s dropped, %.0f s old", tag,
+                      request.get("by", "?"), age)
+        elif worker.b2bua.hangup(tag, side=SIDE):
+            worker.counters["operator_hangups"] += 1
+            clog.info("call %s: hung up at the request of %s", tag, request.get("by", "?"))
+        else:
+            clog.info("call %s: hangup requested by %s, but the call is gone", tag,
+                      request.get("by", "?"))
+        ack_hangups(worker.store, [entry_id])
+    except StoreUnavailable as exc:  # left pending: claimed again after CLAIM_AFTER
+        clog.warning("call %s: hangup request not carried out yet: %s", tag, exc)
+    except Exception:
+        clog.exception("call %s: hangup request %s failed", tag, entry_id)
+        with contextlib.suppress(StoreUnavailable):
+            ack_hangups(worker.store, [entry_id])  # a request that fails would fail again
