@@ -123,7 +123,7 @@ class TimersConfig:
 
 @dataclass(frozen=True)
 class MediaConfig:
-    mode: str = "bypass"
+    mode: str = "relay"
     rtp_port_min: int = 20000
     rtp_port_max: int = 29999
     relays: int = 2

@@ -29,7 +29,7 @@ def test_empty_file_gives_the_defaults(tmp_path):
     assert config.redis == cfg.RedisConfig(url="redis://127.0.0.1:6379/0", managed=True)
     assert config.auth.algorithms == ("MD5",)
     assert config.timers == cfg.TimersConfig(t1=0.5, t2=4.0, t4=5.0)
-    assert config.media.mode == "bypass"
+    assert config.media.mode == "relay"  # the relays carry media by default
     assert config.calls.trace is True
     assert config.source == str((tmp_path / "cluster.toml").resolve())
 

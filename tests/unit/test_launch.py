@@ -86,7 +86,8 @@ def test_managed_redis_takes_its_port_from_the_url(tmp_path):
 
 
 def test_bypass_mode_and_external_redis_run_neither_relays_nor_redis(tmp_path):
-    _, conf = render(tmp_path, {"REDIS_URL": "redis://127.0.0.1:7001/0"})
+    _, conf = render(tmp_path, {"REDIS_URL": "redis://127.0.0.1:7001/0",
+                                "SIPCLUSTER_MEDIA_MODE": "bypass"})
     groups = supervisord_view(conf)
     assert set(groups) == {"dispatcher", "worker"}
     assert [p.name for p in groups["worker"]] == ["worker-0", "worker-1"]

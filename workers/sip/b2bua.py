@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -29,7 +30,8 @@ from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .call import Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+from .media import media_for
+from .call import MEDIA_TIMEOUT, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -63,6 +65,7 @@ class B2BUA:
         self.store = worker.store
         self.config = worker.config
         self.ids = RandomIds()
+        self.media = media_for(worker.config, worker.store, worker.host)
         self.running = True
         self._locks: dict[str, list] = {}
         self._records: collections.OrderedDict[str, tuple[int, dict]] = collections.OrderedDict()
@@ -81,7 +84,7 @@ class B2BUA:
         self.trusted = {r.trusted_source for r in cfg.routes if r.trusted_source}
 
     def ctx(self, source: tuple[str, int] | None = None) -> Ctx:
-        return Ctx(time.time(), self.ids, self.settings, source)
+        return Ctx(time.time(), self.ids, self.settings, source, self.media)
 
     # ---------------------------------------------------------------- requests
     def on_request(self, req: Request, source) -> None:
@@ -102,6 +105,11 @@ class B2BUA:
         if not self._with_call(tag, lambda call: call.on_response(resp, source.addr, self.ctx(
                 source.addr)), None, source, inbound=resp):
             self.worker.counters["stray_responses"] += 1
+
+    def media_timeout(self, tag: str) -> None:
+        """No RTP either way for media.media_timeout (a relay said so): hang up both legs."""
+        call_log(log, tag).info("media timeout: hanging up call %s", tag)
+        self.hangup(tag, MEDIA_TIMEOUT)
 
     def on_timer(self, tag: str, name: str, due: float) -> None:
         self._with_call(tag, lambda call: call.on_timer(name, due, self.ctx()), None, None)
@@ -322,6 +330,9 @@ class B2BUA:
             elif isinstance(action, Reply) and req is not None:
                 self._reply(req, source, action.status, action.reason)
             elif isinstance(action, Cdr):
+                figures = self.media.end(tag)
+                if figures:
+                    action.record["media"] = json.dumps(_media_summary(figures))
                 worker.counters["calls_ended"] += 1
                 call_log(log, action.record["a_call_id"]).info(
                     "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
@@ -400,6 +411,19 @@ def _raw_entry(direction: str, data: bytes, leg: str, peer) -> dict:
     """One message of a call's trace (see cluster/store.py, trace:{tag})."""
     return {"t": time.time(), "dir": direction, "leg": leg, "peer": list(peer),
             "first": data.split(b"\r\n", 1)[0].decode("utf-8", "replace"), "data": data}
+
+
+def _media_summary(figures: dict) -> dict:
+    """Per leg, what the relay received from that leg's phone: for the CDR."""
+    summary = {}
+    for leg in figures.get("legs", []):
+        streams = leg.get("streams", [])
+        summary[leg.get("name", "?")] = {
+            "packets": sum(s.get("packets", 0) for s in streams),
+            "bytes": sum(s.get("bytes", 0) for s in streams),
+            "lost": sum(s.get("lost", 0) for s in streams),
+            "jitter_ms": max((s.get("jitter_ms", 0.0) for s in streams), default=0.0)}
+    return summary
 
 
 def _user_of(uri) -> str | None:

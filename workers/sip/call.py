@@ -83,6 +83,17 @@ class Ctx:
     ids: Ids
     cfg: Settings
     source: tuple[str, int] | None = None
+    media: object = field(default_factory=lambda: _PASS_THROUGH)
+
+
+class _PassThrough:
+    """Bypass media: SDP goes from leg to leg unchanged (the shell passes a relay)."""
+
+    def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
+        return body
+
+
+_PASS_THROUGH = _PassThrough()
 
 
 class Ids:
@@ -274,13 +285,14 @@ class Call:
             (b"Server", ctx.cfg.user_agent)]), ctx.now)
         if not trying_sent and invite.method == "INVITE":  # the shell may have sent it already
             out += trying
+        offer = call._sdp(ctx, a, invite.body, invite.content_type, offer=True)
         for index, target in enumerate(targets):
-            out += call._fork(index, target, invite, ctx)
+            out += call._fork(index, target, invite, offer, ctx)
         if ctx.cfg.no_answer_timeout and invite.method == "INVITE":
             out.append(call._arm("no-answer", ctx.now + ctx.cfg.no_answer_timeout))
         return call, out
 
-    def _fork(self, index: int, target: Target, invite: Request, ctx: Ctx) -> list:
+    def _fork(self, index: int, target: Target, invite: Request, body: bytes, ctx: Ctx) -> list:
         call_id = f"sc{self.slot}.{self.tag}.{index}".encode()
         leg = Leg(f"b{index}", call_id, target.peer, target.host, target.sock_index, ctx.ids.tag(),
                   self.callee, target=target.uri, route=target.route)
@@ -300,7 +312,7 @@ class Call:
             headers += [(b"Contact", _contact(self.caller, ctx.cfg)), (b"Allow", ctx.cfg.allow),
                         (b"Supported", ctx.cfg.supported)]
         headers += [(b"User-Agent", ctx.cfg.user_agent), *_carried(invite)]
-        request = build_request(method, target.uri, headers, invite.body)
+        request = build_request(method, target.uri, headers, body)
         return self._start_client(leg, request, "invite", ctx)
 
     # ---------------------------------------------------------------- transactions
@@ -411,7 +423,8 @@ class Call:
         if pending is None:
             return out
         other = self.leg(pending["leg"])
-        return self._send_ack(other, pending["cseq"], req.body, req.content_type, ctx) + out
+        answer = self._sdp(ctx, leg, req.body, req.content_type, offer=False)
+        return self._send_ack(other, pending["cseq"], answer, req.content_type, ctx) + out
 
     def _held_bye(self, ctx: Ctx) -> list:
         cause = self.bye_caller_after_ack
@@ -493,7 +506,7 @@ class Call:
         request, _ = dialog.create_request(
             req.method, branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
             contact=_contact_uri(self, other, ctx.cfg), headers=tuple(_carried(req)),
-            body=req.body, content_type=None)
+            body=self._sdp(ctx, leg, req.body, req.content_type, offer=True), content_type=None)
         other.dialog = dialog.to_record()
         out = self._start_client(other, request, "relay", ctx, server=stx.key)
         if req.method == "INVITE":
@@ -554,7 +567,7 @@ class Call:
                 out += self._send_cancel(leg, ctx, _held(leg))
             if self.state in ("trying", "ringing", "early"):
                 self.state = "early" if resp.body else "ringing"
-                out += self._to_caller(resp, ctx)
+                out += self._to_caller(leg, resp, ctx)
             return out
         if status < 300:
             return self._fork_answered(leg, resp, invite_msg, ctx)
@@ -596,7 +609,7 @@ class Call:
             out += self._send_ack(leg, resp.cseq.number, b"", None, ctx)
         else:  # the answer comes in the caller's ACK
             self.pending_ack["a"] = {"leg": leg.name, "cseq": resp.cseq.number}
-        out += self._to_caller(resp, ctx)
+        out += self._to_caller(leg, resp, ctx)
         out += self._cancel_forks(ctx, reason=COMPLETED_ELSEWHERE)
         if ctx.cfg.max_duration:
             out.append(self._arm("max-duration", ctx.now + ctx.cfg.max_duration))
@@ -682,20 +695,23 @@ class Call:
         headers = [*_carried(resp), (b"Server", ctx.cfg.user_agent)]
         if resp.status < 300 and request.method == "INVITE":
             headers.append((b"Contact", _contact(self._user_for(requester), ctx.cfg)))
+        body = self._sdp(ctx, leg, resp.body, resp.content_type, offer=not request.body)
         answer = build_response(request, resp.status, resp.reason.decode("utf-8", "replace"),
-                                headers=headers, body=resp.body)
+                                headers=headers, body=body)
         return out + self._respond(entry["server"], answer, ctx.now)
 
     # ---------------------------------------------------------------- towards the caller
-    def _to_caller(self, resp: Response, ctx: Ctx) -> list:
+    def _to_caller(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
+        """A callee's 18x or 2xx goes on to the caller, with its SDP through the media."""
         invite = self._tx(self.a.invite_key)
         if invite is None:
             return []
+        body = self._sdp(ctx, leg, resp.body, resp.content_type, offer=not self.a_offer)
         request = invite.request_msg
         headers = [(b"Contact", _contact(self.callee, ctx.cfg)), (b"Allow", ctx.cfg.allow),
                    (b"Supported", ctx.cfg.supported), (b"Server", ctx.cfg.user_agent), *_carried(resp)]
         answer = build_response(request, resp.status, resp.reason.decode("utf-8", "replace"),
-                                to_tag=self.a.local_tag, headers=headers, body=resp.body)
+                                to_tag=self.a.local_tag, headers=headers, body=body)
         if self.a.dialog is None:
             dialog = Dialog.from_uas(request, self.a.local_tag, _contact_uri(self, self.a, ctx.cfg))
             self.a.dialog = dialog.to_record()
@@ -766,6 +782,14 @@ class Call:
             return []
         self.session_interval = int(interval)
         return [self._arm("session", now + self.session_interval)]
+
+    def _sdp(self, ctx: Ctx, leg: Leg, body: bytes, content_type: bytes | None, *,
+             offer: bool) -> bytes:
+        """An SDP body from ``leg`` on its way to the other leg: through the media relay
+        (or unchanged in bypass mode).  Other bodies pass as they are."""
+        if not body or content_type != b"application/sdp":
+            return body
+        return ctx.media.rewrite(self.tag, leg.name, body, offer=offer, peer_ip=leg.peer[0])
 
     def _user_for(self, leg: Leg) -> str:
         """The user our Contact shows to ``leg``: the party on the other side."""

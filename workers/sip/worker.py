@@ -39,6 +39,7 @@ from cluster.store import Store, StoreUnavailable
 from .auth import Authenticator
 from .b2bua import B2BUA
 from .operator import hangup_loop
+from .media import follow_media_timeouts
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
 from .transport import Transport
@@ -102,6 +103,8 @@ class Worker:
         greenlets.append(gevent.spawn(hangup_loop, self))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
+        if self.config.media.mode == "relay":
+            greenlets.append(gevent.spawn(follow_media_timeouts, self))
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGINT, self.drain)
         gevent.joinall(greenlets, raise_error=True)

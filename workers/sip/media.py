@@ -1,0 +1,108 @@
+"""Where a call's SDP goes: straight through (bypass) or through an RTP relay.
+
+The call state machine hands every SDP body that crosses from one leg to the
+other to ``rewrite``; it learns nothing of relays.  In relay mode the body is
+announced to the call's relay session (``offer`` for an offer, ``answer`` for an
+answer: each tells where that party receives media and returns where the other
+party must send) and comes back pointing at the relay.  ``end`` deletes the
+session when the call ends, for any reason, and returns its final figures.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+
+from cluster import relayctl
+from cluster import store as store_module
+from cluster.relayctl import RelayClient, RelayError, StreamSpec
+from cluster.sip import sdp
+from cluster.sip.errors import SipError
+
+log = logging.getLogger("media")
+EVENTS_GROUP = "b2bua"
+
+
+class Bypass:
+    """Media goes end to end: SDP passes unchanged."""
+
+    mode = "bypass"
+
+    def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
+        return body
+
+    def end(self, tag: str) -> dict | None:
+        return None
+
+
+class Relayed:
+    """Every stream through a relay; the relay latches on the phone's SIP source IP."""
+
+    mode = "relay"
+
+    def __init__(self, store, host: str):
+        self.client = RelayClient(store, host=host)
+
+    def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
+        described = sdp.parse(body)
+        specs = [self._spec(described, i, peer_ip) for i in range(len(described.media))]
+        hold = any(described.is_hold(i) for i in range(len(described.media)))
+        command = self.client.offer if offer else self.client.answer
+        try:
+            result = command(tag, "a" if leg == "a" else "b", specs, hold=hold)
+        except RelayError as exc:
+            raise SipError(503, f"Media relay unavailable: {exc}") from exc
+        ports = [s.port if spec.port else None for s, spec in zip(result.streams, specs)]
+        rtcp = [s.port if s.rtcp_mux else s.rtcp_port for s in result.streams]
+        rewritten = sdp.rewrite(described, address=result.streams[0].address, ports=ports,
+                                rtcp_ports=rtcp)
+        return sdp.serialise(rewritten)
+
+    @staticmethod
+    def _spec(described: sdp.SessionDescription, index: int, peer_ip: str) -> StreamSpec:
+        media = described.media[index]
+        connection = described.effective_connection(index)
+        address = connection.address if connection else peer_ip
+        rtcp = media.rtcp
+        return StreamSpec(media=media.media, addr=address, port=media.port,
+                          rtcp_port=rtcp.port if rtcp else None, rtcp_mux=media.rtcp_mux,
+                          latch_ip=peer_ip)
+
+    def end(self, tag: str) -> dict | None:
+        try:
+            return self.client.delete(tag)
+        except RelayError as exc:  # the session's hard TTL frees it anyway
+            log.warning("call %s: relay delete failed: %s", tag, exc)
+            return None
+
+
+def media_for(config, store, host: str):
+    return Relayed(store, host) if config.media.mode == "relay" else Bypass()
+
+
+def follow_media_timeouts(worker) -> None:
+    """Hang up calls whose media stopped, once each: the relays' events are read from a
+    stream by a consumer group, so an event nobody read yet waits, and one a dead worker
+    read but did not finish is claimed by another (design: reliable, not pub/sub)."""
+    store, name = worker.store, worker.name
+    while True:
+        try:
+            store_module.media_events_group(store, EVENTS_GROUP)
+            break
+        except store_module.StoreUnavailable:
+            gevent.sleep(1.0)
+    while True:
+        try:
+            events = store_module.claim_stale_media_events(store, EVENTS_GROUP, name, 30_000)
+            events += store_module.read_media_events(store, EVENTS_GROUP, name, block_ms=100)
+        except store_module.StoreUnavailable:
+            gevent.sleep(1.0)
+            continue
+        for event_id, event in events:
+            if event.get("event") == "media-timeout":
+                worker.b2bua.media_timeout(event["call_id"])
+            store_module.ack_media_events(store, EVENTS_GROUP, [event_id])
+
+
+__all__ = ["Bypass", "Relayed", "media_for", "follow_media_timeouts", "relayctl"]
