@@ -1,0 +1,132 @@
+"""The relay control codec, command checking and session records (no sockets, no Redis)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.relayctl import StreamSpec, address_family, decode, encode, new_request_id
+from cluster.sip.rtp import StreamStats
+from cluster.store import pack
+from workers.relay.relay import RelaySettings
+from workers.relay.session import (
+    CommandError,
+    Leg,
+    Session,
+    Side,
+    StreamRequest,
+    socket_address,
+)
+
+
+def test_codec_round_trip_keeps_bytes_and_text_apart():
+    request_id = new_request_id()
+    message = {"id": request_id, "cmd": "offer", "call_id": "abc@host", "leg": "a",
+               "streams": [StreamSpec("audio", "10.0.0.1", 4000).to_message()]}
+    decoded = decode(encode(message))
+    assert decoded == message
+    assert isinstance(decoded["id"], bytes) and len(decoded["id"]) == 8
+    assert decoded["streams"][0] == {"media": "audio", "addr": "10.0.0.1", "port": 4000,
+                                     "rtcp_mux": False}
+
+
+def test_request_ids_are_unique():
+    assert len({new_request_id() for _ in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize("data", [
+    b"\xc1",  # never valid msgpack
+    pack([1, 2]),  # not a map
+    pack({"cmd": "offer"}),  # no id
+    pack({"id": True, "cmd": "ping"}),
+    pack({"id": b"x" * 65, "cmd": "ping"}),
+    pack({"id": b"1", "cmd": "reboot"}),
+])
+def test_decode_rejects_what_is_not_a_control_message(data):
+    with pytest.raises(ValueError):
+        decode(data)
+
+
+def test_oversized_message_is_refused():
+    with pytest.raises(ValueError):
+        encode({"id": b"1", "cmd": "ping", "pad": b"x" * 70_000})
+
+
+def test_stream_request_defaults():
+    request = StreamRequest.parse({"media": "audio", "addr": "192.0.2.1", "port": 4000})
+    assert (request.family, request.rtcp_port, request.rtcp_mux) == (4, 4001, False)
+    assert request.clock_rate == 8000 and request.latch_ip == "192.0.2.1"
+    assert not request.null
+    video = StreamRequest.parse({"media": "video", "addr": "2001:DB8::0:1", "port": 5000,
+                                 "rtcp_mux": True})
+    assert (video.family, video.ip, video.clock_rate) == (6, "2001:db8::1", 90000)
+
+
+def test_stream_request_hold_forms():
+    assert StreamRequest.parse({"addr": "0.0.0.0", "port": 4000}).null
+    assert StreamRequest.parse({"addr": "::", "port": 4000}).null
+    assert StreamRequest.parse({"addr": "192.0.2.1", "port": 0}).null
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ({"addr": "example.com", "port": 4000}, "not an IP"),
+    ({"addr": "192.0.2.1", "port": 70000}, "bad port"),
+    ({"addr": "192.0.2.1", "port": "4000"}, "bad port"),
+    ({"addr": "192.0.2.1", "port": 4000, "family": 6}, "family"),
+    ({"addr": "192.0.2.1", "port": 4000, "latch_ip": "::1"}, "families"),
+    ({"addr": "192.0.2.1", "port": 4000, "clock_rate": -1}, "clock_rate"),
+    ("192.0.2.1:4000", "map"),
+])
+def test_stream_request_rejects(raw, reason):
+    with pytest.raises(CommandError, match=reason):
+        StreamRequest.parse(raw)
+
+
+def test_address_helpers():
+    assert address_family("::1") == 6 and address_family("127.0.0.1") == 4
+    assert socket_address("::1", 5) == ("::1", 5, 0, 0)
+    assert socket_address("127.0.0.1", 5) == ("127.0.0.1", 5)
+
+
+def test_session_record_round_trip_keeps_latching_and_figures():
+    stats = StreamStats(8000)
+    stats.packets, stats.bytes, stats.next_seq = 10, 1720, 11
+    side = Side("audio", 4, 30002, sdp=("192.0.2.1", 4000), sdp_rtcp=("192.0.2.1", 4001),
+                latch_ip="192.0.2.1", stats=stats, call_id="c1")
+    other = Side("audio", 6, 30004, sdp=("2001:db8::1", 5000, 0, 0),
+                 sdp_rtcp=("2001:db8::1", 5001, 0, 0), latch_ip="2001:db8::1", call_id="c1")
+    session = Session("c1", [Leg("a", [side]), Leg("b", [other], hold=True)], created=1.0,
+                      answered_at=100.0)
+    record = session.to_record("h/relay-0", ("127.0.0.1", 30000))
+    record["legs"][0]["sides"][0]["latched"] = ["192.0.2.1", 40000]
+    restored = Session.from_record(record)
+    first, second = restored.legs[0].sides[0], restored.legs[1].sides[0]
+    assert restored.call_id == "c1" and restored.hold
+    assert first.restored_latch == ("192.0.2.1", 40000)
+    assert first.stats.packets == 10 and first.stats.bytes == 1720
+    assert second.sdp == ("2001:db8::1", 5000, 0, 0) and second.family == 6
+    assert restored.answered_at == pytest.approx(100.0, abs=0.01)
+    assert restored.legs[1].name == "b" and first.call_id == "c1"
+
+
+def test_legs_are_named_by_the_first_commands():
+    session = Session("c", [Leg("a"), Leg(None)], created=0.0)
+    assert session.leg_named("a", create=False)[0].name == "a"
+    with pytest.raises(CommandError):
+        session.leg_named("b", create=False)
+    leg, other = session.leg_named("b", create=True)
+    assert (leg.name, other.name) == ("b", "a")
+    with pytest.raises(CommandError):
+        session.leg_named("c", create=True)
+
+
+def test_bind_and_advertised_addresses_per_family():
+    settings = RelaySettings("h/relay-0", "h", "relay-0", bind="127.0.0.1", advertised="",
+                             port_lo=30000, port_hi=30099)
+    assert settings.bind_for(4) == "127.0.0.1" and settings.bind_for(6) == "::1"
+    assert settings.advertised_for(6) == "::1"
+    public = RelaySettings("h/relay-0", "h", "relay-0", bind="0.0.0.0",
+                           advertised="203.0.113.5", port_lo=30000, port_hi=30099)
+    assert public.advertised_for(4) == "203.0.113.5"
+    with pytest.raises(CommandError):
+        public.advertised_for(6)  # bound to :: but nothing to advertise
+    assert public.control == ("127.0.0.1", 30000)
