@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, percentile, rtt_values
-
-from conftest import free_udp_port  # noqa: E402  (tests/, put on the path by cluster_run)
 from sipp import Sipp  # noqa: E402
 from sipua import UA  # noqa: E402
+
+from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, percentile, rtt_values
+from conftest import free_udp_port  # noqa: E402  (tests/, put on the path by cluster_run)
 
 STEP_SECONDS = 10
 CONFIRM_SECONDS = 30

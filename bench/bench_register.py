@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, percentile, rtt_values
-
 from sipp import Sipp  # noqa: E402  (tests/integration, put on the path by cluster_run)
+
+from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, percentile, rtt_values
 
 STEP_SECONDS = 10
 CONFIRM_SECONDS = 30

@@ -17,10 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
 
-from conftest import RedisServer  # noqa: E402
 from harness import Cluster  # noqa: E402
 
 from cluster.cli import ha1_hashes  # noqa: E402
+from conftest import RedisServer  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"

@@ -238,7 +238,8 @@ class Message:
 
     @property
     def routes(self) -> list[NameAddr]:
-        return self._view("route", lambda: [parse_name_addr(v) for v in self.header_values("route")])
+        return self._view("route", lambda: [
+            parse_name_addr(v) for v in self.header_values("route")])
 
     @property
     def record_routes(self) -> list[NameAddr]:

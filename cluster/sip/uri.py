@@ -87,7 +87,8 @@ class SipURI:
         if self.port is not None:
             out.append(b":%d" % self.port)
         for key, value in self.params:
-            out.append(b";" + key.encode() + (b"" if value is None else b"=" + value.encode("latin-1")))
+            tail = b"" if value is None else b"=" + value.encode("latin-1")
+            out.append(b";" + key.encode() + tail)
         if self.headers is not None:
             out += [b"?", self.headers]
         return b"".join(out)

@@ -37,7 +37,8 @@ def answer_pings(ua: UA, stop: threading.Event, seen: list) -> None:
             continue
         seen.append(data)
         lines = data.decode().split("\r\n")
-        copied = [line for line in lines if line.split(":")[0] in ("Via", "From", "Call-ID", "CSeq")]
+        copied = [line for line in lines
+                  if line.split(":")[0] in ("Via", "From", "Call-ID", "CSeq")]
         to = next(line for line in lines if line.startswith("To:")) + ";tag=pong"
         ua.sock.sendto("\r\n".join(["SIP/2.0 200 OK", *copied, to, "Content-Length: 0", "", ""])
                        .encode(), addr)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.sip import digest
 from cluster.sip.digest import (
     Credentials,
     NonceCounter,
@@ -20,7 +21,6 @@ from cluster.sip.digest import (
     parse_credentials,
     verify,
 )
-from cluster.sip import digest
 from cluster.sip.errors import SipError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -580,7 +580,8 @@ class Call:
         leg.reason_phrase = resp.reason.decode("utf-8", "replace")
         return self._maybe_all_failed(ctx)
 
-    def _fork_answered(self, leg: Leg, resp: Response, invite_msg: Request | None, ctx: Ctx) -> list:
+    def _fork_answered(self, leg: Leg, resp: Response, invite_msg: Request | None,
+                       ctx: Ctx) -> list:
         if leg.dialog is None or Dialog.from_record(leg.dialog).remote_tag != resp.to.tag:
             if invite_msg is None:
                 return []
@@ -709,7 +710,8 @@ class Call:
         body = self._sdp(ctx, leg, resp.body, resp.content_type, offer=not self.a_offer)
         request = invite.request_msg
         headers = [(b"Contact", _contact(self.callee, ctx.cfg)), (b"Allow", ctx.cfg.allow),
-                   (b"Supported", ctx.cfg.supported), (b"Server", ctx.cfg.user_agent), *_carried(resp)]
+                   (b"Supported", ctx.cfg.supported), (b"Server", ctx.cfg.user_agent),
+                   *_carried(resp)]
         answer = build_response(request, resp.status, resp.reason.decode("utf-8", "replace"),
                                 to_tag=self.a.local_tag, headers=headers, body=body)
         if self.a.dialog is None:
@@ -766,7 +768,8 @@ class Call:
             return []
         dialog = Dialog.from_record(leg.dialog)
         bye, _ = dialog.create_request(
-            "BYE", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port, contact=b"",
+            "BYE", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
+            contact=b"",
             headers=((b"Reason", _reason(cause)), (b"User-Agent", ctx.cfg.user_agent)))
         leg.dialog = dialog.to_record()
         leg.state = "ended"

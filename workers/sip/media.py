@@ -53,7 +53,8 @@ class Relayed:
             result = command(tag, "a" if leg == "a" else "b", specs, hold=hold)
         except RelayError as exc:
             raise SipError(503, f"Media relay unavailable: {exc}") from exc
-        ports = [s.port if spec.port else None for s, spec in zip(result.streams, specs)]
+        ports = [stream.port if spec.port else None
+                 for stream, spec in zip(result.streams, specs, strict=True)]
         rtcp = [s.port if s.rtcp_mux else s.rtcp_port for s in result.streams]
         rewritten = sdp.rewrite(described, address=result.streams[0].address, ports=ports,
                                 rtcp_ports=rtcp)

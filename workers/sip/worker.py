@@ -38,8 +38,8 @@ from cluster.store import Store, StoreUnavailable
 
 from .auth import Authenticator
 from .b2bua import B2BUA
-from .operator import hangup_loop
 from .media import follow_media_timeouts
+from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
 from .transport import Transport
@@ -197,7 +197,8 @@ class Worker:
         try:
             self.on_request(msg, source)
         except _BadExtension as exc:
-            self.reply(msg, source, 420, headers=[(b"Unsupported", ", ".join(exc.options).encode())])
+            unsupported = ", ".join(exc.options).encode()
+            self.reply(msg, source, 420, headers=[(b"Unsupported", unsupported)])
         except SipError as exc:
             self.reply(msg, source, exc.status, exc.reason)
         except StoreUnavailable as exc:
