@@ -34,6 +34,7 @@ from . import ladder
 from .config import Config, load
 from .sip import digest, sdp
 from .sip.errors import SipError
+from .sip.rtp import StreamStats
 from .store import (
     Store,
     StoreUnavailable,
@@ -266,6 +267,8 @@ def cmd_call(args, config: Config, store: Store) -> int:
     if args.json:
         summary["relay"] = relay_id
         summary["media"] = session
+        for side in (s for leg in (session or {}).get("legs", []) for s in leg.get("sides", [])):
+            side["figures"] = stream_figures(side)
         summary["codec"] = codec_of(entries)
         summary["ladder"] = [a.to_json() | ({"message": a.data.decode("utf-8", "replace")}
                                             if args.full else {}) for a in ladder.arrows(entries)]
@@ -295,8 +298,8 @@ def _print_call(summary: dict, codec: str, relay_id: str, session: dict | None) 
                      f"({hangup.get('side', '?')} side, SIP {hangup.get('status', '?')})")
     print(", ".join(times))
     if codec or relay_id:
-        print(f"media: codec {codec or '?'}" + (f", relay {relay_id}" if relay_id else
-                                                  ", not relayed"))
+        print(f"media: codec {codec or '?'}, "
+              + (f"relay {relay_id}" if relay_id else "no relay session"))
     print()
     rows = []
     for leg in summary["legs"]:
@@ -314,18 +317,22 @@ def _print_call(summary: dict, codec: str, relay_id: str, session: dict | None) 
         _print_media(session)
 
 
+def stream_figures(side: dict) -> dict:
+    """What the relay measured of the RTP one party sent (packets, lost, jitter...)."""
+    return StreamStats.from_record(side.get("stats", {})).figures()
+
+
 def _print_media(session: dict) -> None:
     rows = []
     for leg in session.get("legs", []):
         for side in leg.get("sides", []):
-            stats = side.get("stats", {})
+            figures = stream_figures(side)
             latched = side.get("latched")
             rows.append({"leg": leg.get("name") or "?", "media": side.get("media", ""),
                          "relay_port": side.get("port", ""),
                          "latched": f"{latched[0]}:{latched[1]}" if latched else "-",
-                         "packets": stats.get("packets", 0), "bytes": stats.get("bytes", 0),
-                         "lost": stats.get("lost", 0),
-                         "jitter_ms": round(stats.get("jitter_ms", 0.0), 2),
+                         "packets": figures["packets"], "bytes": figures["bytes"],
+                         "lost": figures["lost"], "jitter_ms": round(figures["jitter_ms"], 2),
                          "hold": "yes" if leg.get("hold") else ""})
     _print_rows(rows, ["leg", "media", "relay_port", "latched", "packets", "bytes", "lost",
                        "jitter_ms", "hold"], False)
@@ -501,8 +508,8 @@ def _bracket(values: dict) -> str:
 # --------------------------------------------------------------------------- CDRs
 CDR_FIELDS = ["id", "caller", "callee", "start", "answer", "end", "duration", "hangup_cause",
               "q850", "hangup_side", "sip_status", "a_call_id", "b_call_id"]
-CDR_NUMBERS = {"start": float, "answer": float, "end": float, "duration": float, "q850": int,
-               "sip_status": int}
+CDR_TYPES = {"start": float, "answer": float, "end": float, "duration": float, "q850": int,
+               "sip_status": int, "media": json.loads}  # media: the relay's figures (JSON)
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 CDR_PAGE = 1000
 
@@ -533,14 +540,15 @@ def read_cdrs(store: Store, since: float = 0.0) -> list[dict]:
 
 
 def typed_cdr(record: dict) -> dict:
-    """A CDR with numbers as numbers and empty fields as null (the stream keeps text)."""
+    """A CDR with numbers as numbers, the relay figures as an object and empty fields as
+    null (the stream keeps text)."""
     typed: dict = {}
     for key, value in record.items():
         if value == "":
             typed[key] = None
-        elif key in CDR_NUMBERS:
+        elif key in CDR_TYPES:
             try:
-                typed[key] = CDR_NUMBERS[key](value)
+                typed[key] = CDR_TYPES[key](value)
             except ValueError:
                 typed[key] = value
         else:

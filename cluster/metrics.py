@@ -130,7 +130,7 @@ def add_process(out: Exposition, proc: dict, now: float) -> None:
               "host": str(proc.get("host", ""))}
     out.add(PREFIX + "up", "gauge", "A process whose heartbeat is in Redis.", labels, 1)
     out.add(PREFIX + "heartbeat_age_seconds", "gauge", "Seconds since the last heartbeat.",
-            labels, max(0.0, now - float(proc.get("seen", now))))
+            labels, round(max(0.0, now - float(proc.get("seen", now))), 3))
     if "started" in proc:
         out.add(PREFIX + "process_start_time_seconds", "gauge",
                 "When the process started (epoch seconds).", labels, float(proc["started"]))

@@ -901,15 +901,6 @@ def ack_hangups(store: Store, ids: Iterable[str]) -> int:
     return int(store._call(store.redis.xack, HANGUP_STREAM, HANGUP_GROUP, *ids))
 
 
-def pending_hangups(store: Store) -> int:
-    """Requests read by a worker and not yet carried out (XPENDING)."""
-    try:
-        summary = store._call(store.redis.xpending, HANGUP_STREAM, HANGUP_GROUP)
-    except redis.ResponseError:  # no stream or no group yet
-        return 0
-    return int(summary.get("pending", 0))
-
-
 def _batches(keys: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for key in keys:

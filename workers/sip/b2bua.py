@@ -30,8 +30,8 @@ from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .media import media_for
 from .call import MEDIA_TIMEOUT, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+from .media import media_for
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -108,7 +108,7 @@ class B2BUA:
 
     def media_timeout(self, tag: str) -> None:
         """No RTP either way for media.media_timeout (a relay said so): hang up both legs."""
-        call_log(log, tag).info("media timeout: hanging up call %s", tag)
+        self._call_log(tag).info("media timeout: hanging up call %s", tag)
         self.hangup(tag, MEDIA_TIMEOUT)
 
     def on_timer(self, tag: str, name: str, due: float) -> None:

@@ -59,7 +59,7 @@ def hangup_loop(worker) -> None:
         for entry_id, request in requests:
             worker.pool.spawn(carry_out, worker, entry_id, request)
         if not requests:
-            gevent.sleep(0.05)  # the blocking read returned at once (Redis trouble ahead?)
+            gevent.sleep(0.05)  # never spin, should a read come back empty at once
 
 
 def carry_out(worker, entry_id: str, request: dict) -> None:

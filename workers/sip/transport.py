@@ -19,6 +19,8 @@ import gevent
 import msgpack
 
 from cluster import envelope
+from cluster.logsetup import call_log
+from cluster.sip import scan
 from cluster.store import Store, StoreUnavailable
 
 log = logging.getLogger("transport")
@@ -118,7 +120,8 @@ class Transport:
             sock_index = next((i for i, s in enumerate(self.sip_sockets)
                                if s.family == socket.AF_INET6), None)
             if sock_index is None:
-                log.warning("no IPv6 SIP socket to reach %s", dest[0])
+                call_log(log, scan.call_id(data) or b"-").warning(
+                    "no IPv6 SIP socket to reach %s", dest[0])
                 return
         elif self.sip_sockets[sock_index].family != socket.AF_INET:
             sock_index = 0
@@ -126,7 +129,8 @@ class Transport:
             self.sip_sockets[sock_index].sendto(data, dest)
             self._count(data)
         except OSError as exc:
-            log.warning("send to %s:%d failed: %s", dest[0], dest[1], exc)
+            call_log(log, scan.call_id(data) or b"-").warning(
+                "send to %s:%d failed: %s", dest[0], dest[1], exc)
 
     def _count(self, data: bytes) -> None:
         self.sent += 1

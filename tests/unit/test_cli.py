@@ -1,0 +1,306 @@
+"""sipctl's own logic (cluster/cli.py), without Redis: reading call records, codecs from
+traces, CDR formats and times, the figures of `sipctl stats`, and the worker that carries
+out `sipctl hangup`.  The commands against a running cluster are in
+tests/integration/test_operator.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from datetime import datetime
+from types import SimpleNamespace
+
+import pytest
+from callkit import START, TAG, Rig, roundtrip
+
+from cluster import cli
+from cluster.sip.rtp import StreamStats
+from cluster.store import StoreUnavailable
+from conftest import FIXTURES
+from workers.sip import operator
+from workers.sip.b2bua import call_tag
+
+SEED = FIXTURES / "seed"
+NOW = 1_800_000_000.0
+
+
+def seed(name: str) -> bytes:
+    return (SEED / f"{name}.sip").read_bytes()
+
+
+def entry(name: str, direction: str, leg: str) -> dict:
+    return {"t": 0.0, "dir": direction, "leg": leg, "peer": ["192.0.2.1", 5060],
+            "first": "", "data": seed(name)}
+
+
+# --------------------------------------------------------------------------- calls
+def forked_call() -> dict:
+    rig = Rig(restore=False)
+    rig.start(forks=2)
+    return roundtrip(rig.call.to_record())
+
+
+def test_a_ringing_call_lists_every_fork():
+    record = forked_call()
+    summary = cli.call_summary(TAG, record, START + 12.34)
+    assert (summary["call"], summary["caller"], summary["callee"], summary["state"]) == (
+        TAG, "1002", "1009", "trying")
+    assert summary["age"] == 12.3
+    forks = [f"sc7.{TAG}.0", f"sc7.{TAG}.1"]
+    assert summary["a_call_id"] == record["a"]["call_id"].decode()
+    assert summary["b_call_id"] == ",".join(forks)
+    assert [leg["name"] for leg in summary["legs"]] == ["a", "b0", "b1"]
+    assert [leg["call_id"] for leg in summary["legs"][1:]] == forks
+    assert summary["legs"][1]["peer"] == "192.168.31.50:60119"
+    assert summary["legs"][0]["dialog"] is None  # no dialog before a To tag
+    json.dumps(summary)  # every value is JSON
+
+
+def test_an_answered_call_lists_the_answering_fork_only():
+    record = forked_call()
+    record.update(state="answered", winner=1, answered=START + 3)
+    record["forks"][1]["dialog"] = {"state": "confirmed", "local_tag": "x", "remote_tag": "y",
+                                    "local_seq": 1, "remote_seq": None,
+                                    "remote_target": b"sip:1009@192.168.31.51:5062"}
+    summary = cli.call_summary(TAG, record, START + 5)
+    assert summary["b_call_id"] == f"sc7.{TAG}.1"
+    assert summary["answered"] == START + 3
+    assert summary["legs"][2]["dialog"] == {
+        "state": "confirmed", "local_tag": "x", "remote_tag": "y", "local_cseq": 1,
+        "remote_cseq": None, "remote_target": "sip:1009@192.168.31.51:5062"}
+
+
+def test_the_codec_is_the_first_format_of_the_answer_the_caller_got():
+    trace = [entry("04-invite", "in", "a"), entry("06-invite", "out", "b0"),
+             entry("10-200", "in", "b0"), entry("12-200", "out", "a")]
+    assert cli.codec_of(trace) == "PCMA/8000"
+
+
+def test_before_the_answer_the_codec_is_the_callers_first_offer():
+    # Zoiper's offer: m=audio 62715 RTP/AVP 3 101 ... (3 is GSM, a static payload type)
+    assert cli.codec_of([entry("04-invite", "in", "a")]) == "GSM/8000"
+    assert cli.codec_of([entry("03-ack", "in", "a")]) == ""
+    assert cli.codec_of([]) == ""
+
+
+def test_a_broken_sdp_gives_no_codec():
+    broken = seed("12-200").replace(b"v=0", b"v=9")
+    assert cli.codec_of([{"dir": "out", "leg": "a", "data": broken}]) == ""
+
+
+def test_stream_figures_come_from_the_relays_raw_counters():
+    stats = StreamStats()
+    stats.packets, stats.bytes, stats.clock_rate, stats.jitter = 150, 25800, 8000, 16.0
+    figures = cli.stream_figures({"stats": stats.to_record()})
+    assert (figures["packets"], figures["bytes"], figures["jitter_ms"]) == (150, 25800, 2.0)
+
+
+class FakeStore:
+    def __init__(self, calls: dict[str, dict], traces: dict[str, list] | None = None):
+        self.calls = calls
+        self.traces = traces or {}
+
+    def load_call(self, tag):
+        return (1, self.calls[tag]) if tag in self.calls else None
+
+    def trace(self, tag):
+        return self.traces.get(tag, [])
+
+
+def test_a_call_is_found_by_either_legs_call_id_or_its_tag():
+    a_call_id = "cqBcUqknj-sTLjz_cI-GKw.."
+    tag = call_tag(a_call_id.encode())
+    store = FakeStore({tag: {"state": "answered"}})
+    assert cli.resolve_call(store, a_call_id) == (tag, {"state": "answered"})
+    assert cli.resolve_call(store, f"sc12.{tag}.0") == (tag, {"state": "answered"})
+    assert cli.resolve_call(store, tag) == (tag, {"state": "answered"})
+
+
+def test_a_call_that_left_only_its_trace_is_found_without_a_record():
+    tag = call_tag(b"gone@example")
+    assert cli.resolve_call(FakeStore({}, {tag: [{"dir": "in"}]}), "gone@example") == (tag,
+                                                                                       None)
+    assert cli.resolve_call(FakeStore({}), "nothing@example") == (
+        call_tag(b"nothing@example"), None)
+
+
+# --------------------------------------------------------------------------- CDRs
+CDR = {"id": "1795607051659-0", "caller": "1002", "callee": "1009", "a_call_id": "a@x",
+       "b_call_id": "sc1.t.0", "start": "1795607048.585", "answer": "1795607048.594",
+       "end": "1795607051.658", "duration": "3.064", "hangup_cause": "NORMAL_CLEARING",
+       "q850": "16", "hangup_side": "operator", "sip_status": "200"}
+
+
+def test_cdrs_in_json_have_numbers_and_nulls():
+    typed = cli.typed_cdr(dict(CDR, answer=""))
+    assert typed["duration"] == 3.064 and typed["q850"] == 16 and typed["sip_status"] == 200
+    assert typed["start"] == 1795607048.585 and typed["answer"] is None
+    assert typed["caller"] == "1002" and typed["id"] == CDR["id"]
+
+
+def test_the_relay_figures_of_a_cdr_become_an_object():
+    media = '{"a": {"packets": 150, "bytes": 25800, "lost": 0, "jitter_ms": 0.4}}'
+    assert cli.typed_cdr(dict(CDR, media=media))["media"] == {
+        "a": {"packets": 150, "bytes": 25800, "lost": 0, "jitter_ms": 0.4}}
+    assert cli.typed_cdr(dict(CDR, media="not json"))["media"] == "not json"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1795600000", 1795600000.0),
+    ("1795600000.5", 1795600000.5),
+    ("90s", NOW - 90), ("15m", NOW - 900), ("2h", NOW - 7200), ("1d", NOW - 86400),
+    ("2026-11-25T10:00:00", datetime(2026, 11, 25, 10, 0).timestamp()),
+    ("2026-11-25 10:00", datetime(2026, 11, 25, 10, 0).timestamp()),
+])
+def test_since(text, expected):
+    assert cli.parse_since(text, NOW) == pytest.approx(expected)
+
+
+def test_a_since_that_means_nothing_is_an_error():
+    with pytest.raises(SystemExit, match="--since"):
+        cli.parse_since("yesterday", NOW)
+
+
+@pytest.fixture
+def cdr_output(monkeypatch, capsys):
+    seen = {}
+
+    def fake_read(store, since):
+        seen["since"] = since
+        return [CDR]
+
+    monkeypatch.setattr(cli, "read_cdrs", fake_read)
+
+    def run(*argv: str) -> str:
+        args = cli.build_parser().parse_args(["cdr", *argv])
+        assert cli.cmd_cdr(args, SimpleNamespace(), None) == 0
+        return capsys.readouterr().out
+
+    run.seen = seen
+    return run
+
+
+def test_cdr_formats(cdr_output):
+    assert json.loads(cdr_output("--format", "json")) == [cli.typed_cdr(CDR)]
+    assert json.loads(cdr_output("--json")) == [cli.typed_cdr(CDR)]
+    rows = list(csv.DictReader(io.StringIO(cdr_output("--format", "csv"))))
+    assert rows == [CDR]
+    assert list(rows[0])[:3] == ["id", "caller", "callee"]
+    table = cdr_output().splitlines()
+    assert table[0].split()[:3] == ["START", "CALLER", "CALLEE"]
+    assert "NORMAL_CLEARING" in table[1] and "operator" in table[1]
+
+
+def test_cdr_since_is_passed_on(cdr_output):
+    cdr_output("--since", "1795600000")
+    assert cdr_output.seen["since"] == 1795600000.0
+
+
+def test_cdrs_are_read_page_after_page(monkeypatch):
+    pages = {None: [{"id": f"1-{i}"} for i in range(cli.CDR_PAGE)],
+             f"1-{cli.CDR_PAGE - 1}": [{"id": "2-0"}]}
+    store = SimpleNamespace(cdrs=lambda since_ms, count: pages[None])
+    monkeypatch.setattr(cli, "cdrs_after", lambda store, after, count: pages[after])
+    records = cli.read_cdrs(store, 0.0)
+    assert len(records) == cli.CDR_PAGE + 1 and records[-1] == {"id": "2-0"}
+
+
+# --------------------------------------------------------------------------- stats
+def test_stats_add_up_the_live_processes_and_the_shared_state(monkeypatch):
+    processes = [
+        {"role": "worker", "pid": 1, "seen": NOW, "started": NOW - 9, "requests_INVITE": 3,
+         "responses_2xx": 4, "received_1xx": 1, "auth_forbidden": 2, "calls": 2,
+         "parse_errors": 1, "inflight": 1},
+        {"role": "worker", "pid": 2, "seen": NOW, "started": NOW - 9, "requests_INVITE": 1,
+         "responses_2xx": 1, "auth_throttled": 5, "calls_ended": 1,
+         "retransmissions_absorbed": 7},
+        {"role": "dispatcher", "pid": 3, "received": 10, "forwarded": 9, "dropped": 1,
+         "workers": ["w0", "w1"]},
+        {"role": "relay", "pid": 4, "sessions": 1, "streams": 2, "pps": 50.0,
+         "forwarded": 500, "media_timeouts": 1, "free_pairs": 10},
+    ]
+    calls = [("t1", {"state": "answered", "created": NOW - 10}),
+             ("t2", {"state": "ringing", "created": NOW - 70}),
+             ("t3", {"state": "ended", "created": NOW - 30}),
+             ("t4", {"state": "ended", "created": NOW - 5, "method": "MESSAGE"})]
+    monkeypatch.setattr(cli, "call_records", lambda store: calls)
+    monkeypatch.setattr(cli, "registration_counts", lambda store, now: (3, 4))
+    store = SimpleNamespace(processes=lambda: processes)
+    stats = cli.gather_stats(store, NOW)
+    assert stats["processes"] == {"dispatcher": 1, "relay": 1, "worker": 2}
+    assert stats["calls_created_last_minute"] == 2 and stats["calls_per_second"] == 0.033
+    assert stats["active_calls"] == 2
+    assert stats["calls_by_state"] == {"trying": 0, "ringing": 1, "early": 0, "answered": 1,
+                                       "ended": 1}
+    assert stats["registrations"] == {"aors": 3, "contacts": 4}
+    assert stats["requests_received"] == {"INVITE": 4}
+    assert stats["responses_sent"] == {"2xx": 5}
+    assert stats["responses_received"] == {"1xx": 1}
+    assert stats["auth_failures"] == {"total": 7, "forbidden": 2, "throttled": 5}
+    assert (stats["calls_set_up"], stats["calls_ended"]) == (2, 1)
+    assert (stats["parse_errors"], stats["retransmissions_absorbed"]) == (1, 7)
+    assert stats["dispatcher"] == {"received": 10, "forwarded": 9, "dropped": 1}
+    assert stats["relays"] == {"relays": 1, "sessions": 1, "streams": 2,
+                               "packets_per_second": 50.0, "packets_forwarded": 500,
+                               "media_timeouts": 1, "port_pairs_free": 10}
+
+
+# --------------------------------------------------------------------------- commands
+@pytest.mark.parametrize("command", [["regs"], ["calls"], ["call", "x"], ["cluster"],
+                                     ["stats"], ["cdr"], ["users", "list"]])
+def test_every_listing_has_a_json_form(command):
+    args = cli.build_parser().parse_args([*command, "--json"])
+    assert args.json is True
+
+
+def test_hangup_waits_five_seconds_unless_told():
+    parser = cli.build_parser()
+    assert parser.parse_args(["hangup", "abc@x"]).wait == 5.0
+    assert parser.parse_args(["hangup", "abc@x", "--wait", "0"]).wait == 0.0
+
+
+# --------------------------------------------------------------------------- hangup requests
+# The other half of `sipctl hangup`: the worker that reads the request (workers/sip/operator).
+class FakeB2BUA:
+    def __init__(self, outcome):
+        self.outcome = outcome
+        self.asked: list[tuple[str, str]] = []
+
+    def hangup(self, tag, side="system"):
+        self.asked.append((tag, side))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def carried_out(monkeypatch, outcome, age: float = 1.0):
+    acked = []
+    monkeypatch.setattr(operator, "ack_hangups", lambda store, ids: acked.extend(ids))
+    worker = SimpleNamespace(b2bua=FakeB2BUA(outcome), counters=Counter(), store=None)
+    request = {"tag": TAG, "call_id": "a@x", "by": "sipctl@ops",
+               "at": f"{operator.time.time() - age:.3f}"}
+    operator.carry_out(worker, "1-0", request)
+    return worker, acked
+
+
+def test_a_worker_ends_the_call_as_the_operator_and_acknowledges(monkeypatch):
+    worker, acked = carried_out(monkeypatch, True)
+    assert worker.b2bua.asked == [(TAG, "operator")]
+    assert acked == ["1-0"] and worker.counters["operator_hangups"] == 1
+
+
+def test_a_request_for_a_call_already_gone_is_acknowledged(monkeypatch):
+    worker, acked = carried_out(monkeypatch, False)
+    assert acked == ["1-0"] and worker.counters["operator_hangups"] == 0
+
+
+def test_a_stale_request_is_dropped(monkeypatch):
+    worker, acked = carried_out(monkeypatch, True, age=operator.MAX_AGE + 5)
+    assert worker.b2bua.asked == [] and acked == ["1-0"]
+
+
+def test_redis_trouble_leaves_the_request_pending_for_another_try(monkeypatch):
+    worker, acked = carried_out(monkeypatch, StoreUnavailable("gone"))
+    assert worker.b2bua.asked == [(TAG, "operator")] and acked == []
