@@ -522,13 +522,14 @@ def build_response(request: Request, status: int, reason: str | None = None, *,
     return Response(status, phrase.encode("utf-8"), hs, body)
 
 
-def error_response(data: bytes, error: SipError, extra: tuple[bytes, ...] = ()) -> bytes | None:
+def error_response(data: bytes, error: SipError, extra: tuple[bytes, ...] = (),
+                   to_tag: str | None = None) -> bytes | None:
     """Best-effort answer to a request ``parse`` refused, or None when none can be made.
 
     A 400 is only useful if it reaches the sender's transaction, so it needs the
     request's Via, From, To, Call-ID and CSeq lines; they are copied as they are
-    (RFC 3261 8.2.6.2), then the ``extra`` header lines.  Responses, ACKs and
-    unreadable requests get nothing.
+    (RFC 3261 8.2.6.2; ``to_tag`` is added to a To without one), then the ``extra``
+    header lines.  Responses, ACKs and unreadable requests get nothing.
     """
     if data[:4].upper() == b"SIP/" or data[:4] == b"ACK " or not data.strip():
         return None
@@ -545,6 +546,8 @@ def error_response(data: bytes, error: SipError, extra: tuple[bytes, ...] = ()) 
         key = COMPACT_FORMS.get(lower, lower)
         copying = bool(colon) and key in ("via", "from", "to", "call-id", "cseq")
         if copying:
+            if key == "to" and to_tag and b";tag=" not in line.lower().replace(b" ", b""):
+                line += b";tag=" + to_tag.encode()  # RFC 3261 8.2.6.2 (unless folded on)
             copied.append(line)
             seen.add(key)
     if not {"via", "from", "to", "call-id", "cseq"} <= seen:

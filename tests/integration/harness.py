@@ -16,12 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import ROOT, free_tcp_port, free_udp_port
-
 from cluster.cli import ha1_hashes
 from cluster.config import load
 from cluster.launch import render_supervisord
 from cluster.store import TX_PREFIX, Store, reg_key
+from conftest import ROOT, free_tcp_port, free_udp_port
 
 SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
@@ -29,7 +28,8 @@ SECRET = "integration-test-secret"
 
 
 class Cluster:
-    def __init__(self, tmp: Path, redis_url: str, *, workers: int = 2, settings: dict | None = None):
+    def __init__(self, tmp: Path, redis_url: str, *, workers: int = 2,
+                 settings: dict | None = None):
         self.tmp = tmp
         self.redis_url = redis_url
         self.sip_port = free_udp_port()
@@ -169,7 +169,8 @@ def _toml(sections: dict) -> str:
             elif isinstance(value, (int, float)):
                 lines.append(f"{key} = {value}")
             elif isinstance(value, (list, tuple)):
-                lines.append(f"{key} = [{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}]")
+                items = ", ".join(repr(str(v)).replace("'", '"') for v in value)
+                lines.append(f"{key} = [{items}]")
             else:
                 lines.append(f'{key} = "{value}"')
         lines.append("")

@@ -142,18 +142,23 @@ class UA:
         return self.receive()
 
     def authorization(self, challenge: Reply, method: str, uri: str, password: str,
-                      algorithm: str | None = None, nc: int = 1) -> str:
+                      algorithm: str | None = None, nc: int = 1, qop: bool = True) -> str:
+        """Credentials for ``challenge``; ``qop=False`` answers the RFC 2069 way (no qop,
+        cnonce or nonce-count), as old clients do."""
         offers = [challenge_params(v) for v in challenge.all("WWW-Authenticate")]
         if algorithm is not None:
             offers = [o for o in offers if o.get("algorithm", "MD5").upper() == algorithm]
         params = offers[0]
         alg = params.get("algorithm", "MD5").upper()
         realm, nonce = params["realm"], params["nonce"]
-        cnonce = os.urandom(8).hex()
         user = self.auth_user or self.user
         ha1 = _h(alg, f"{user}:{realm}:{password}")
         ha2 = _h(alg, f"{method}:{uri}")
+        head = (f'Digest username="{user}", realm="{realm}", nonce="{nonce}", '
+                f'uri="{uri}", ')
+        if not qop:
+            return head + f'response="{_h(alg, f"{ha1}:{nonce}:{ha2}")}", algorithm={alg}'
+        cnonce = os.urandom(8).hex()
         response = _h(alg, f"{ha1}:{nonce}:{nc:08x}:{cnonce}:auth:{ha2}")
-        return (f'Digest username="{user}", realm="{realm}", nonce="{nonce}", '
-                f'uri="{uri}", response="{response}", algorithm={alg}, cnonce="{cnonce}", '
-                f"nc={nc:08x}, qop=auth")
+        return head + (f'response="{response}", algorithm={alg}, cnonce="{cnonce}", '
+                       f"nc={nc:08x}, qop=auth")

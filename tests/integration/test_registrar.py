@@ -221,6 +221,23 @@ def test_replayed_nonce_count_is_rejected(ua, cluster):
     assert contact_uris(cluster.store.bindings(AOR)) == sorted([uri(ua), uri(ua, 1)])
 
 
+def test_replayed_credentials_without_qop_are_rejected(ua, cluster):
+    challenge = ua.register(None)
+    auth = ua.authorization(challenge, "REGISTER", f"sip:{ua.domain}", PASSWORD,
+                            algorithm="MD5", qop=False)
+    answers = []
+    for contact in (uri(ua), "sip:1002@192.0.2.66:5060"):  # the owner, then an intruder
+        before = cluster.store.bindings(AOR)
+        ua.send(ua.request("REGISTER", f"sip:{ua.domain}", [
+            f"Contact: <{contact}>", "Expires: 3600", f"Authorization: {auth}"]))
+        ua.cseq += 1
+        answers.append(ua.receive())
+    assert answers[0].status in (200, 401)  # whether qop-less answers are taken at all
+    assert answers[1].status == 401, answers[1].raw.decode()
+    assert cluster.store.bindings(AOR) == before
+    assert "192.0.2.66" not in str(contact_uris(cluster.store.bindings(AOR)))
+
+
 def test_stale_nonce_gets_401_with_stale_true(ua, cluster):
     challenge = ua.register(None)
     time.sleep(NONCE_LIFETIME + 0.6)
@@ -380,6 +397,25 @@ def test_retransmitted_register_gets_the_stored_200_and_is_not_processed_again(u
     assert again is not None and again.raw == first.raw  # same To-tag, same Date
     assert cluster.store.bindings(AOR) == before
     assert processed_count(cluster, ua.call_id, at_least=1) == 1
+
+
+def test_retransmitted_register_gets_the_same_401(ua):
+    first = ua.register(None)
+    assert first.status == 401
+    ua.send(ua.last_sent)  # T1 passed without the 401 arriving: the phone sends it again
+    again = ua.receive()
+    assert again is not None and again.raw == first.raw, again.raw.decode()
+
+
+def test_retransmitted_wrong_password_counts_as_one_failure(ua, cluster):
+    assert cluster.store.auth_failures("127.0.0.1") == 0
+    first = ua.register("not-the-password")
+    assert first.status == 403
+    for _ in range(3):
+        ua.send(ua.last_sent)  # the very same bytes
+        assert ua.receive() is not None
+    assert cluster.store.auth_failures("127.0.0.1") == 1
+    assert cluster.store.bindings(AOR) == []
 
 
 def test_binding_records_source_address_and_host(ua, cluster):

@@ -72,18 +72,19 @@ class Authenticator:
             self.counters["auth_throttled"] += 1
             return AuthResult(Verdict.THROTTLED, creds.username, creds)
         state = digest.check_nonce(self.secret, creds.nonce, time.time(), self.nonce_lifetime)
-        if state is digest.NonceState.INVALID:
-            return AuthResult(Verdict.CHALLENGE, creds.username, creds)
-        if state is digest.NonceState.STALE:
-            return AuthResult(Verdict.STALE, creds.username, creds)
         algorithm = digest.ha1_algorithm(creds.algorithm)
-        if algorithm is None or algorithm not in self.algorithms:
+        if (state is digest.NonceState.INVALID or algorithm is None
+                or algorithm not in self.algorithms or creds.qop is None):
+            # Our challenges always ask for qop=auth: credentials without it carry no
+            # nonce-count, so they could be replayed for the nonce's lifetime.
             return AuthResult(Verdict.CHALLENGE, creds.username, creds)
         ha1 = self._ha1_of(creds.username, algorithm)
         if not digest.verify(creds, req.method, ha1, body=req.body):
             self.counters["auth_forbidden"] += 1
             self._note_failure(source_ip)
             return AuthResult(Verdict.FORBIDDEN, creds.username, creds)
+        if state is digest.NonceState.STALE:  # RFC 7616 3.3: stale only for a right digest
+            return AuthResult(Verdict.STALE, creds.username, creds)
         return AuthResult(Verdict.OK, creds.username, creds)
 
     def _credentials(self, req: Request, proxy: bool) -> digest.Credentials | None:

@@ -53,10 +53,11 @@ class Registrar:
         self.settings = settings
         self.new_tag = new_tag
 
-    def handle(self, req: Request, source: Source, server_key: str
-               ) -> tuple[Response | bytes | None, str | None, bool]:
-        """The answer to a REGISTER (None: a copy of one being worked on), the transaction
-        key it belongs under (None: not kept), and whether it is new (to be kept)."""
+    def handle(self, req: Request, source: Source, server_key: str,
+               pending: dict[str, bytes]) -> tuple[Response | bytes, str | None, bool]:
+        """The answer to a REGISTER, the transaction key it belongs under (None: not kept),
+        and whether it is new (to be kept).  ``pending``: this worker's answers not yet
+        written to Redis."""
         user = self._user_of(req)
         result = self.auth.check(req, source.addr[0], proxy=False)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
@@ -67,7 +68,7 @@ class Registrar:
             return self._reply(req, 403), None, False
         if result.username != user:
             return self._reply(req, 403, "Username does not match the To user"), None, False
-        return self._update(req, source, user, result.credentials, server_key)
+        return self._update(req, source, user, result.credentials, server_key, pending)
 
     def _user_of(self, req: Request) -> str:
         to_uri = req.to.uri
@@ -75,7 +76,8 @@ class Registrar:
             raise SipError(400, "To must be a SIP or SIPS address of record")
         return to_uri.user_unescaped.decode("utf-8", "replace")
 
-    def _update(self, req: Request, source: Source, user: str, creds, server_key: str):
+    def _update(self, req: Request, source: Source, user: str, creds, server_key: str,
+                pending: dict[str, bytes]):
         now = time.time()
         aor = aor_of(user, self.settings.realm)
         star = req.contact_star
@@ -101,7 +103,12 @@ class Registrar:
             cseq=req.cseq.number, set_bindings=set_bindings, remove_keys=remove_keys, star=star)
         clog = call_log(log, req.call_id)
         if outcome.outcome == "dup":
-            return outcome.response, tx, False
+            if outcome.response or tx in pending:
+                return outcome.response or pending[tx], tx, False
+            # The first copy was registered by a worker that died before it kept its answer
+            # (retransmissions of a live worker's request never get here: affinity and its
+            # in-flight set absorb them).  The bindings it wrote are the answer.
+            return self._ok(req, self.store.bindings(aor, now), now), tx, True
         if outcome.outcome == "replay":
             clog.info("replayed nonce-count from %s:%d", *source.addr)
             return (self._reply(req, 401, headers=self.auth.challenge_headers(proxy=False)),

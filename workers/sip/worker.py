@@ -12,6 +12,7 @@ start the same Redis work again):
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ from .transport import Transport
 log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
 DRAIN_SECONDS = 5.0
+RECENT_ANSWERS = 50_000  # stateless answers remembered for retransmissions
 ANSWER_BATCH_SECONDS = 0.002
 # What this cluster answers; every other known method is 405, an unknown one 501.
 ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
@@ -94,6 +96,8 @@ class Worker:
         self.pinger = Pinger(self, int(os.environ.get("SIPCLUSTER_WORKER_INDEX", "0")),
                              config.workers.count)
         self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
+        self._recent: collections.OrderedDict[bytes, tuple[float, bytes, tuple]] = (
+            collections.OrderedDict())
 
     # ---------------------------------------------------------------- entry
     def run(self) -> None:
@@ -137,8 +141,25 @@ class Worker:
             if mark in self.working:
                 self.counters["retransmissions_absorbed"] += 1
                 return
+            answered = self._recent.get(mark)
+            if answered is not None and answered[0] > time.monotonic():
+                self.counters["retransmissions_answered"] += 1
+                self.transport.send(answered[1], answered[2], sock_index=sock_index)
+                return
             self.working.add(mark)
         self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index), mark)
+
+    def remember_answer(self, req: Request, data: bytes, dest: tuple[str, int]) -> None:
+        """A final answer sent outside any transaction (a 401, 403, 404...): a copy of the
+        request gets the same bytes again, not a new challenge or a second failure count
+        (affinity brings the copies to this worker).  Kept for Timer J (64*T1)."""
+        if req.method == "ACK":
+            return
+        mark = _request_mark(req.call_id, (req.via.branch or "").encode(), req.method)
+        recent, now = self._recent, time.monotonic()
+        recent[mark] = (now + self.tx_ttl, data, dest)
+        while recent and (len(recent) > RECENT_ANSWERS or next(iter(recent.values()))[0] < now):
+            recent.popitem(last=False)
 
     @staticmethod
     def _mark(data: bytes) -> bytes | None:
@@ -148,11 +169,12 @@ class Worker:
         call_id = scan.call_id(data)
         if branch is None or call_id is None:
             return None
-        return call_id + b"\x00" + branch + b"\x00" + data[:3]
+        return _request_mark(call_id, branch, data.split(b" ", 1)[0].decode("latin-1"))
 
     def _shed(self, data: bytes, addr: tuple[str, int], sock_index: int) -> None:
         self.counters["shed"] += 1
-        answer = error_response(data, SipError(503, "Service Unavailable"), (RETRY_AFTER,))
+        answer = error_response(data, SipError(503, "Service Unavailable"), (RETRY_AFTER,),
+                                to_tag=new_tag())
         if answer is not None:
             self.transport.send(answer, addr, sock_index=sock_index)
 
@@ -177,7 +199,7 @@ class Worker:
 
     def _answer_raw(self, data: bytes, source: Source, error: SipError,
                     extra: tuple[bytes, ...] = ()) -> None:
-        answer = error_response(data, error, extra)
+        answer = error_response(data, error, extra, to_tag=new_tag())
         if answer is not None:
             self.transport.send(answer, source.addr, sock_index=source.sock_index)
 
@@ -242,14 +264,11 @@ class Worker:
             (b"Supported", ", ".join(SUPPORTED).encode())])
 
     def _register(self, req: Request, source: Source) -> None:
-        answer, tx, fresh = self.registrar.handle(req, source, server_key(req))
-        if answer is None and tx is not None:
-            answer = self._answers.get(tx)  # answered a moment ago, not yet in Redis
-        if answer is None:
-            self.counters["retransmissions_absorbed"] += 1
-            return
+        answer, tx, fresh = self.registrar.handle(req, source, server_key(req), self._answers)
         data = answer if isinstance(answer, bytes) else answer.to_bytes()
-        self.transport.send(data, response_dest(req, source.addr), sock_index=source.sock_index)
+        dest = response_dest(req, source.addr)
+        self.transport.send(data, dest, sock_index=source.sock_index)
+        self.remember_answer(req, data, dest)
         if tx is not None and fresh:
             self.keep_answer(tx, data)
 
@@ -281,7 +300,10 @@ class Worker:
         resp = build_response(req, status, reason, to_tag=new_tag(),
                               headers=[*headers, (b"Server", self.user_agent)])
         data = resp.to_bytes()
-        self.transport.send(data, response_dest(req, source.addr), sock_index=source.sock_index)
+        dest = response_dest(req, source.addr)
+        self.transport.send(data, dest, sock_index=source.sock_index)
+        if status >= 200:
+            self.remember_answer(req, data, dest)
         return data
 
     # ---------------------------------------------------------------- reporting
@@ -295,6 +317,11 @@ class Worker:
             except StoreUnavailable:
                 pass
             gevent.sleep(1.0)
+
+
+def _request_mark(call_id: bytes, branch: bytes, method: str) -> bytes:
+    """What identifies a request and its retransmissions here: Call-ID, branch, method."""
+    return b"\x00".join((call_id, branch, method.encode("latin-1")))
 
 
 class _BadExtension(SipError):
