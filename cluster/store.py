@@ -78,7 +78,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import msgpack
 import redis
@@ -211,7 +211,8 @@ class Binding:
 
     def to_record(self) -> dict:
         """Text and numbers only: the registrar's Lua script reads these records."""
-        record = asdict(self)
+        record = {f.name: getattr(self, f.name) for f in _BINDING_FIELDS}  # asdict deep-copies
+        record["params"] = dict(self.params)
         record["contact"] = self.contact.decode("latin-1")
         record["source"] = list(self.source)
         record["expires_at"] = int(self.expires_at * 1000)  # Lua compares integers
@@ -224,6 +225,9 @@ class Binding:
         record["source"] = tuple(record["source"])
         record["expires_at"] = record["expires_at"] / 1000.0
         return cls(**record)
+
+
+_BINDING_FIELDS = fields(Binding)
 
 
 @dataclass
@@ -834,8 +838,8 @@ def ack_media_events(store: Store, group: str, ids: Iterable[str]) -> int:
 def _stream_entries(reply) -> list[tuple[str, dict]]:
     entries = []
     for _stream, items in reply or []:
-        for entry_id, fields in items:
-            entries.append((_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
+        for entry_id, values in items:
+            entries.append((_text(entry_id), {_text(k): _text(v) for k, v in values.items()}))
     return entries
 
 

@@ -248,9 +248,14 @@ class Relay:
         self.stopping = True
 
     def _latch(self, e: Endpoint, src: tuple) -> bool:
-        """A packet from an address other than the latched one: latch on it, or drop it."""
+        """A packet from an address other than the latched one: latch on it, or drop it.
+
+        Before signalling named the party (a callee may send RTP as its 200 OK leaves,
+        before the answer reaches the relay) the first packet latches, as rtpengine does;
+        after that only the signalled IP may."""
         side = e.side
-        if e.source is None and (side.latch_any or src[0] == side.latch_ip):
+        if e.source is None and (side.latch_any or not side.latch_ip
+                                 or src[0] == side.latch_ip):
             e.source = src
             side.refresh_remotes()
             self.urgent.add(side.call_id)

@@ -135,10 +135,7 @@ class B2BUA:
         caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source, arrived)
         if caller is None:
             return
-        if req.method == "INVITE":
-            self._reply(req, source, 100, prior=arrived)
-        else:
-            self.trace(tag, arrived)
+        self.trace(tag, arrived)
         callee = _callee_of(req)
         targets, failure = self._targets(callee, local_only=gateway)
         if failure is not None:
@@ -148,7 +145,9 @@ class B2BUA:
         call, actions = Call.start(
             tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
             host=source.host, sock_index=source.sock_index, caller=caller, callee=callee,
-            targets=targets, ctx=self.ctx(source.addr), trying_sent=True)
+            targets=targets, ctx=self.ctx(source.addr))
+        # Its 100 Trying leaves only once the call is written: after a 100 the caller stops
+        # repeating the INVITE, so a worker dying before the write must not have sent it.
         call.worker = worker.name
         with self._serialized(tag):
             if self._commit(tag, 0, call, actions, req, source):
@@ -348,7 +347,10 @@ class B2BUA:
         calls = self.config.calls
         if calls.trace:
             ttl = self.worker.tx_ttl if brief else calls.trace_ttl
-            self.store.add_trace(tag, entries, calls.trace_max, ttl)
+            try:
+                self.store.add_trace(tag, entries, calls.trace_max, ttl)
+            except StoreUnavailable:  # the trace is for people; a call never waits on it
+                self.worker.counters["trace_lost"] += 1
 
     def _reply(self, req: Request, source, status: int, reason: str | None = None, *,
                headers=(), prior: list[dict] = (), brief: bool = False) -> None:

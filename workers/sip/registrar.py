@@ -31,6 +31,7 @@ class Source:
     addr: tuple[str, int]
     host: str
     sock_index: int = 0
+    answered: bool = False  # a final answer went out: Redis trouble after it must not add a 503
 
 
 @dataclass

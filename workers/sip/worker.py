@@ -184,7 +184,9 @@ class Worker:
         except StoreUnavailable as exc:
             self.counters["store_unavailable"] += 1
             call_log(log, scan.call_id(data) or b"-").warning("store unavailable: %s", exc)
-            self._answer_raw(data, source, SipError(503, "Service Unavailable"), (RETRY_AFTER,))
+            if not source.answered:
+                self._answer_raw(data, source, SipError(503, "Service Unavailable"),
+                                 (RETRY_AFTER,))
         except SipError as exc:
             self.counters["bad_requests"] += 1
             self._answer_raw(data, source, exc)
@@ -226,7 +228,8 @@ class Worker:
         except StoreUnavailable as exc:
             self.counters["store_unavailable"] += 1
             call_log(log, msg.call_id).warning("store unavailable: %s", exc)
-            self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
+            if not source.answered:
+                self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
 
     def on_request(self, req: Request, source: Source) -> None:
         self.counters[f"requests_{req.method}"] += 1
@@ -303,6 +306,7 @@ class Worker:
         dest = response_dest(req, source.addr)
         self.transport.send(data, dest, sock_index=source.sock_index)
         if status >= 200:
+            source.answered = True
             self.remember_answer(req, data, dest)
         return data
 

@@ -1,0 +1,299 @@
+"""The operator's view of a running cluster: sipctl (as a subprocess, reading Redis) and the
+host's Prometheus endpoint, during and after a SIPp call that stays up until the operator
+hangs it up.
+
+The call: SIPp registers the callee (1009) from the port its SIPp callee then answers on;
+a SIPp caller (1002) calls it through the cluster (INVITE, 407, ACK, INVITE with digest,
+100, 180, 200, ACK), its media anchored on the cluster's one RTP relay, and both sides wait
+for a BYE.  The test follows it with ``sipctl calls``/``call``, ends it with ``sipctl
+hangup``, and checks the CDR, the registration listing and the metrics counters against
+what the test itself caused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from calls_helpers import (
+    PASSWORD,
+    SipMessage,
+    callee,
+    caller,
+    start_listening,
+    wait_for,
+)
+from harness import running_cluster
+from sipp import SIPP, Sipp
+from sipua import UA
+
+pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
+
+DB = 11  # this module's Redis database on the session's redis-server
+SIPCTL = str(Path(sys.executable).parent / "sipctl")
+CALLER, CALLEE = "1002", "1009"
+HOLD = 2.0  # seconds the call stays answered before the operator hangs it up
+RELAY = "test-host/relay-0"
+SETTINGS = {"media": {"mode": "relay", "relays": 1, "rtp_port_min": 37000,
+                      "rtp_port_max": 37199}}
+LADDER_ROW = re.compile(r"^\+\d+\.\d+\s*\|(.*)\|(.*)\|(.*)$")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, redis_server):
+    redis_server.client(db=DB).flushdb()
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
+    with running_cluster(tmp_path_factory.mktemp("operator"), url, workers=2,
+                         settings=SETTINGS) as running:
+        for user in (CALLER, CALLEE):
+            running.add_user(user, PASSWORD)
+        yield running
+
+
+def sipctl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([SIPCTL, "--config", str(cluster.config_path), *args],
+                          capture_output=True, text=True, env=cluster.env, timeout=30)
+    if check:
+        assert done.returncode == 0, f"sipctl {' '.join(args)}: {done.stderr}{done.stdout}"
+    return done
+
+
+def sipctl_json(cluster, *args: str):
+    return json.loads(sipctl(cluster, *args, "--json").stdout)
+
+
+# ------------------------------------------------------------------ metrics
+def scrape(cluster) -> dict[tuple[str, frozenset], float]:
+    url = f"http://127.0.0.1:{cluster.config.metrics.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
+        assert match, f"not a Prometheus sample line: {line!r}"
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def total(samples, name: str, **labels: str) -> float:
+    """The sum of a family's samples over every process, restricted to ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+# What the test's own traffic must add to the counters (nothing else talks to this
+# cluster).  Workers: requests received are the SIPp registration (2), a REGISTER with a
+# wrong password (2), the caller's INVITE twice and ACK twice; sent, the B-leg INVITE and
+# ACK and a BYE each way; responses sent, 401 twice, 407 and 403, 100 and 180 to the caller,
+# 200 to the registration and to the caller; received, the callee's 180 and 200 and both
+# 200s to the BYEs.  The relay: one session, offered, answered and deleted.
+EXPECTED_DELTAS = {
+    ("worker", "sipcluster_sip_requests_received_total", ("method", "REGISTER")): 4,
+    ("worker", "sipcluster_sip_requests_received_total", ("method", "INVITE")): 2,
+    ("worker", "sipcluster_sip_requests_received_total", ("method", "ACK")): 2,
+    ("worker", "sipcluster_sip_requests_received_total", ("method", "BYE")): 0,
+    ("worker", "sipcluster_sip_requests_sent_total", ("method", "INVITE")): 1,
+    ("worker", "sipcluster_sip_requests_sent_total", ("method", "ACK")): 1,
+    ("worker", "sipcluster_sip_requests_sent_total", ("method", "BYE")): 2,
+    ("worker", "sipcluster_sip_responses_sent_total", ("class", "1xx")): 2,
+    ("worker", "sipcluster_sip_responses_sent_total", ("class", "2xx")): 2,
+    ("worker", "sipcluster_sip_responses_sent_total", ("class", "4xx")): 4,
+    ("worker", "sipcluster_sip_responses_received_total", ("class", "1xx")): 1,
+    ("worker", "sipcluster_sip_responses_received_total", ("class", "2xx")): 3,
+    ("worker", "sipcluster_auth_failures_total", ("outcome", "forbidden")): 1,
+    ("worker", "sipcluster_calls_total", ()): 1,
+    ("worker", "sipcluster_calls_ended_total", ()): 1,
+    ("worker", "sipcluster_operator_hangups_total", ()): 1,
+    ("worker", "sipcluster_parse_errors_total", ()): 1,
+    ("relay", "sipcluster_relay_commands_total", ("command", "offer", "result", "ok")): 1,
+    ("relay", "sipcluster_relay_commands_total", ("command", "answer", "result", "ok")): 1,
+    ("relay", "sipcluster_relay_commands_total", ("command", "delete", "result", "ok")): 1,
+    ("relay", "sipcluster_sessions_created_total", ()): 1,
+    ("relay", "sipcluster_sessions_deleted_total", ()): 1,
+}
+
+
+def deltas(before, after) -> dict[tuple, float]:
+    found = {}
+    for key in EXPECTED_DELTAS:
+        role, name, pairs = key
+        labels = dict(zip(pairs[::2], pairs[1::2], strict=True), role=role)
+        found[key] = total(after, name, **labels) - total(before, name, **labels)
+    return found
+
+
+# ------------------------------------------------------------------ ladders
+def ladder_arrows(text: str) -> dict[str, list[tuple[str, str]]]:
+    """Per side ("caller", "callee"): (direction seen from the cluster, first word of the
+    label), in order, retransmissions left out."""
+    sides: dict[str, list[tuple[str, str]]] = {"caller": [], "callee": []}
+    for line in text.splitlines():
+        row = LADDER_ROW.match(line)
+        if row is None or "retransmission" in row.group(3):
+            continue
+        left, right = row.group(1), row.group(2)
+        lane, side = (left, "caller") if left.strip() else (right, "callee")
+        rightwards = lane.endswith(">")
+        assert rightwards != lane.startswith("<"), f"an arrow has one head: {line!r}"
+        to_cluster = rightwards if side == "caller" else not rightwards
+        sides[side].append(("in" if to_cluster else "out", lane.strip("<>- ").split()[0]))
+    return sides
+
+
+def sipp_arrows(messages: list[SipMessage]) -> list[tuple[str, str]]:
+    """What the cluster saw of one SIPp instance: its sent messages arrived ("in")."""
+    seen, arrows = set(), []
+    for msg in messages:
+        if (msg.direction, msg.text) in seen:
+            continue  # SIPp's own retransmission
+        seen.add((msg.direction, msg.text))
+        word = str(msg.status) if msg.is_response else msg.method
+        arrows.append(("in" if msg.direction == "sent" else "out", word))
+    return arrows
+
+
+def call_id_of(messages: list[SipMessage], direction: str, method: str) -> str:
+    return next(m.header("Call-ID") for m in messages
+                if m.direction == direction and not m.is_response and m.method == method)
+
+
+# ------------------------------------------------------------------ the tests
+def test_unknown_calls_are_refused_with_an_error(cluster):
+    for command in ("call", "hangup"):
+        done = sipctl(cluster, command, "no-such-call@nowhere", check=False)
+        assert done.returncode == 1
+        assert "no" in done.stderr and "call" in done.stderr
+
+
+def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path):
+    started = time.time()
+    before = scrape(cluster)
+
+    # The callee registers with SIPp, from the port its SIPp callee answers on.
+    uas = callee(cluster, tmp_path / "uas", scenario="call_uas.xml", timeout=30)
+    registration = Sipp("register_md5.xml", cluster.address, tmp_path / "register", calls=1,
+                        users=[(CALLEE, PASSWORD)], timeout=10, port=uas.sipp.port).run()
+    assert registration.returncode == 0, registration.summary()
+    regs = sipctl_json(cluster, "regs", CALLEE)
+    assert [r["contact"] for r in regs] == [f"sip:{CALLEE}@127.0.0.1:{uas.port}"]
+    assert 3590 <= regs[0]["expires_in"] <= 3600
+    assert regs[0]["source"] == f"127.0.0.1:{uas.port}" and regs[0]["user_agent"] == "sipp"
+
+    # A wrong password and a broken datagram, for the failure counters.
+    with UA(cluster.address, user=CALLER) as ua:
+        assert ua.register("wrong-password").status == 403
+        ua.send(b"SIP/2.0 200 OK\r\nCall-ID: broken@operator\r\n\r\n")
+
+    start_listening(uas)
+    uac = caller(cluster, tmp_path / "uac", CALLER, CALLEE, scenario="call_uac_wait_bye.xml",
+                 timeout=30)
+    uac.sipp.start()
+    try:
+        # During the call: listed with both legs, answered.
+        def answered():
+            listed = [c for c in sipctl_json(cluster, "calls") if c["caller"] == CALLER]
+            return listed if listed and listed[0]["state"] == "answered" else None
+        listed = wait_for(answered, timeout=10, step=0.2)
+        assert listed, sipctl(cluster, "calls").stdout + cluster.log_tail()
+        call = listed[0]
+        a_call_id = call_id_of(uac.messages, "sent", "INVITE")
+        b_call_id = call_id_of(uas.messages, "received", "INVITE")
+        assert call["callee"] == CALLEE and call["a_call_id"] == a_call_id
+        assert call["b_call_id"] == b_call_id and call["worker"].startswith("worker-")
+        assert [(leg["name"], leg["call_id"], leg["state"]) for leg in call["legs"]] == [
+            ("a", a_call_id, "answered"), ("b0", b_call_id, "answered")]
+        assert [leg["dialog"]["state"] for leg in call["legs"]] == ["confirmed", "confirmed"]
+        assert (call["codec"], call["relay"]) == ("PCMU/8000", RELAY)
+        media = sipctl_json(cluster, "call", a_call_id)["media"]
+        assert media["relay"] == RELAY
+        assert sorted(leg["name"] for leg in media["legs"]) == ["a", "b"]
+        sides = [side for leg in media["legs"] for side in leg["sides"]]
+        assert all(side["port"] in range(37000, 37200) for side in sides)
+        assert [side["figures"]["packets"] for side in sides] == [0, 0]  # SIPp sends no RTP
+        shown = sipctl(cluster, "call", a_call_id).stdout
+        assert f"relay {RELAY}" in shown and "PACKETS" in shown
+
+        # The ladder so far matches both SIPp logs, whichever leg names the call.
+        assert wait_for(lambda: any(m.method == "ACK" for m in uas.messages), timeout=5)
+        during = wait_for(lambda: _matching_ladder(cluster, b_call_id, uac, uas), timeout=5)
+        assert during, _ladder_report(cluster, b_call_id, uac, uas)
+
+        # The operator hangs up after HOLD seconds: both SIPp sides get a BYE and answer it.
+        time.sleep(max(0.0, call["answered"] + HOLD - time.time()))
+        hung_up_at = time.time()
+        done = sipctl(cluster, "hangup", a_call_id)
+        assert "ended" in done.stdout
+        uac.result = uac.sipp.wait()
+        uas.result = uas.sipp.wait()
+    finally:
+        uac.sipp.stop()
+        uas.sipp.stop()
+    assert uac.ok and uas.ok, uac.report() + "\n" + uas.report()
+    for party in (uac, uas):
+        byes = [m for m in party.messages if m.direction == "received" and m.method == "BYE"]
+        assert len(byes) == 1 and "NORMAL_CLEARING" in byes[0].header("Reason")
+
+    # After the call: the whole ladder matches, the call is no longer listed as live.
+    after_call = wait_for(lambda: _matching_ladder(cluster, a_call_id, uac, uas), timeout=5)
+    assert after_call, _ladder_report(cluster, a_call_id, uac, uas)
+    assert ("out", "BYE") in after_call["caller"] and ("in", "200") in after_call["callee"]
+    assert not [c for c in sipctl_json(cluster, "calls") if c["caller"] == CALLER]
+
+    # The CDR: answered when the callee's 200 came, ended by the operator HOLD s later.
+    cdrs = [c for c in json.loads(sipctl(cluster, "cdr", "--since", f"{started:.3f}",
+                                         "--format", "json").stdout)
+            if c["a_call_id"] == a_call_id]
+    assert len(cdrs) == 1, cdrs
+    cdr = cdrs[0]
+    assert (cdr["caller"], cdr["callee"], cdr["b_call_id"]) == (CALLER, CALLEE, b_call_id)
+    assert (cdr["hangup_side"], cdr["hangup_cause"], cdr["sip_status"]) == (
+        "operator", "NORMAL_CLEARING", 200)
+    assert cdr["answer"] == pytest.approx(call["answered"], abs=0.002)
+    assert cdr["duration"] == pytest.approx(cdr["end"] - cdr["answer"], abs=0.002)
+    assert HOLD <= cdr["duration"] <= hung_up_at - call["answered"] + 1.0
+    csv_lines = sipctl(cluster, "cdr", "--since", f"{started:.3f}", "--format", "csv").stdout
+    assert csv_lines.splitlines()[0].startswith("id,caller,callee,")
+    assert any(a_call_id in line for line in csv_lines.splitlines()[1:])
+
+    # The metrics endpoint: the workers' counters moved by exactly what this test did.
+    moved = wait_for(lambda: (found := deltas(before, scrape(cluster))) == EXPECTED_DELTAS
+                     and found, timeout=5, step=0.2)
+    assert moved == EXPECTED_DELTAS, deltas(before, scrape(cluster))
+    after = scrape(cluster)
+    assert total(after, "sipcluster_up", role="worker") == 2
+    assert total(after, "sipcluster_up", role="dispatcher") == 1
+    assert total(after, "sipcluster_up", role="relay") == 1
+    assert wait_for(lambda: total(scrape(cluster), "sipcluster_registered_contacts") == 1,
+                    timeout=8, step=0.5)
+
+    # sipctl stats and cluster agree with the endpoint.
+    stats = sipctl_json(cluster, "stats")
+    assert stats["registrations"] == {"aors": 1, "contacts": 1}
+    assert stats["active_calls"] == 0 and stats["calls_by_state"]["ended"] == 1
+    assert stats["auth_failures"]["forbidden"] >= 1 and stats["parse_errors"] >= 1
+    processes = sipctl_json(cluster, "cluster")
+    assert sorted(p["role"] for p in processes) == ["dispatcher", "relay", "worker", "worker"]
+    assert all(p["age"] < 3 for p in processes)
+
+
+def _matching_ladder(cluster, call_id: str, uac, uas):
+    """The ladder's arrows per side when they equal the SIPp logs' messages, else None."""
+    arrows = ladder_arrows(sipctl(cluster, "call", call_id).stdout)
+    wanted = {"caller": sipp_arrows(uac.messages), "callee": sipp_arrows(uas.messages)}
+    return arrows if arrows == wanted else None
+
+
+def _ladder_report(cluster, call_id: str, uac, uas) -> str:
+    return (sipctl(cluster, "call", call_id, check=False).stdout
+            + f"\nUAC: {sipp_arrows(uac.messages)}\nUAS: {sipp_arrows(uas.messages)}\n"
+            + cluster.log_tail())
