@@ -133,9 +133,10 @@ class Message:
         return bool(self._lines(key))
 
     # ---------------------------------------------------------------- changes
-    def _changed(self) -> None:
+    def _changed(self, key: str) -> None:
+        """Header ``key`` (or the Request-URI, "ruri") changed: only its view is stale."""
         self._head = None
-        self._cache.clear()
+        self._cache.pop(key, None)
         self._index = None
 
     def add_header(self, name: bytes, value: bytes, first: bool = False) -> None:
@@ -144,7 +145,7 @@ class Message:
             self.headers.insert(0, header)
         else:
             self.headers.append(header)
-        self._changed()
+        self._changed(header.key)
 
     def set_header(self, name: bytes, value: bytes) -> None:
         """Replace every line of a header by one, where the first one stood."""
@@ -153,7 +154,7 @@ class Message:
             if h.key == key:
                 self.headers[i] = Header(key, name, value)
                 self.headers[i + 1:] = [x for x in self.headers[i + 1:] if x.key != key]
-                self._changed()
+                self._changed(key)
                 return
         self.add_header(name, value)
 
@@ -161,7 +162,7 @@ class Message:
         """Remove every line of a header, named as written (bytes) or by its key (str)."""
         key = header_key(name) if isinstance(name, bytes) else header_key(name.encode())
         self.headers = [h for h in self.headers if h.key != key]
-        self._changed()
+        self._changed(key)
 
     def set_body(self, body: bytes, content_type: bytes | None = None) -> None:
         self.body = body
@@ -178,7 +179,7 @@ class Message:
                 values = split_values(h.value)
                 values[0] = bytes(via)
                 self.headers[i] = Header("via", h.name, b", ".join(values))
-                self._changed()
+                self._changed("via")
                 return
 
     # ---------------------------------------------------------------- typed views
@@ -336,7 +337,7 @@ class Request(Message):
 
     def set_uri(self, uri_raw: bytes) -> None:
         self.uri_raw = uri_raw
-        self._changed()
+        self._changed("ruri")
 
     def start_line(self) -> bytes:
         return b"%s %s %s" % (self.method.encode("latin-1"), self.uri_raw, self.version)
