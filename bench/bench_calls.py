@@ -18,7 +18,7 @@ from pathlib import Path
 from sipp import Sipp  # noqa: E402
 from sipua import UA  # noqa: E402
 
-from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, percentile, rtt_values
+from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, rtt_values, step_figures
 from conftest import free_udp_port  # noqa: E402  (tests/, put on the path by cluster_run)
 
 STEP_SECONDS = 10
@@ -45,18 +45,12 @@ def run_rate(bench: BenchCluster, callers, rate: int, seconds: int, workdir: Pat
     cpu = cpu_delta(before, bench.cpu())
     uas.stop()
     rtts = rtt_values(workdir / "uac")
-    done = max(result.successful, 1)
-    return {"rate": rate, "seconds": round(elapsed, 1), "ok": result.successful,
-            "failed": result.failed + (calls - result.successful - result.failed),
-            "achieved_per_s": round(result.successful / max(elapsed, 1e-9)),
-            "cpu_ms_per_call": round(cpu / done * 1000, 3),
-            "p50_ms": round(percentile(rtts, 0.50), 2), "p99_ms": round(percentile(rtts, 0.99), 2),
-            "retransmissions": result.retransmissions}
+    return step_figures(rate, calls, result, elapsed, cpu, rtts)
 
 
 def show(label: str, row: dict) -> None:
     print(f"  {label:10} rate {row['rate']:>5}/s  ok {row['ok']:>6}  failed {row['failed']:>5}  "
-          f"achieved {row['achieved_per_s']:>5}/s  cpu {row['cpu_ms_per_call']:.2f} ms/call  "
+          f"achieved {row['achieved_per_s']:>5}/s  cpu {row['cpu_ms']:.2f} ms/call  "
           f"INVITE->180 p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms  "
           f"retrans {row['retransmissions']}", flush=True)
 
@@ -79,9 +73,9 @@ def main() -> dict:
         confirmed = run_rate(bench, callers, best, CONFIRM_SECONDS, work / "confirm")
         show("30 s", confirmed)
     print(f"  highest passing rate {best} calls/s (30 s: {confirmed['failed']} failed); CPU "
-          f"{confirmed['cpu_ms_per_call']:.2f} ms per call; INVITE->180 p50 "
+          f"{confirmed['cpu_ms']:.2f} ms per call; INVITE->180 p50 "
           f"{confirmed['p50_ms']} ms, p99 {confirmed['p99_ms']} ms")
-    return {"calls_best_rate": best, "calls_cpu_ms": confirmed["cpu_ms_per_call"],
+    return {"calls_best_rate": best, "calls_cpu_ms": confirmed["cpu_ms"],
             "calls_p99_ms": confirmed["p99_ms"]}
 
 

@@ -98,3 +98,16 @@ def rtt_values(workdir: Path) -> list[float]:
 
 def wait_quiet(seconds: float = 1.0) -> None:
     time.sleep(seconds)
+
+
+def step_figures(rate: int, calls: int, result, elapsed: float, cpu: float,
+                 rtts: list[float]) -> dict:
+    """One rate step of a SIPp run: what passed, what it cost, how fast it was answered.
+    ``cpu_ms``: CPU milliseconds of all cluster processes per successful SIPp call."""
+    done = max(result.successful, 1)
+    return {"rate": rate, "seconds": round(elapsed, 1), "ok": result.successful,
+            "failed": calls - result.successful,
+            "achieved_per_s": round(result.successful / max(elapsed, 1e-9)),
+            "cpu_ms": round(cpu / done * 1000, 3),
+            "p50_ms": round(percentile(rtts, 0.50), 2), "p99_ms": round(percentile(rtts, 0.99), 2),
+            "retransmissions": result.retransmissions}
