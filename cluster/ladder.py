@@ -47,10 +47,12 @@ class Arrow:
 
 
 def arrows(entries: list[dict]) -> list[Arrow]:
-    """The trace entries as arrows, in trace order."""
+    """The trace entries as arrows, in time order: two workers can append to one call's
+    trace (a hang-up carried out on one, the answer arriving at the other), so the list
+    order may lag the wire order by the time one write takes."""
     seen: set[tuple[str, str, bytes]] = set()
     out = []
-    for entry in entries:
+    for entry in sorted(entries, key=lambda e: float(e.get("t", 0.0))):
         data = _bytes(entry.get("data", b""))
         leg = str(entry.get("leg", "?"))
         direction = str(entry.get("dir", "in"))
