@@ -15,11 +15,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from sipp import Sipp  # noqa: E402
-from sipua import UA  # noqa: E402
-
-from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, rtt_values, step_figures
-from conftest import free_udp_port  # noqa: E402  (tests/, put on the path by cluster_run)
+from bench.cluster_run import (
+    SCENARIOS,
+    UA,
+    BenchCluster,
+    Sipp,
+    cpu_delta,
+    free_udp_port,
+    rtt_values,
+    step_figures,
+)
 
 STEP_SECONDS = 10
 CONFIRM_SECONDS = 30

@@ -16,9 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from sipp import Sipp  # noqa: E402  (tests/integration, put on the path by cluster_run)
-
-from bench.cluster_run import SCENARIOS, BenchCluster, cpu_delta, rtt_values, step_figures
+from bench.cluster_run import (
+    SCENARIOS,
+    BenchCluster,
+    Sipp,
+    cpu_delta,
+    rtt_values,
+    step_figures,
+)
 
 STEP_SECONDS = 10
 CONFIRM_SECONDS = 30

@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
 
 from harness import Cluster  # noqa: E402
+from sipp import Sipp  # noqa: E402, F401  (the SIPp runner, for the benchmarks)
+from sipua import UA  # noqa: E402, F401
 
 from cluster.cli import ha1_hashes  # noqa: E402
-from conftest import RedisServer  # noqa: E402
+from conftest import RedisServer, free_udp_port  # noqa: E402, F401
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
