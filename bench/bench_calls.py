@@ -24,11 +24,12 @@ from bench.cluster_run import (
     free_udp_port,
     rtt_values,
     step_figures,
+    sustained_rate,
 )
 
 STEP_SECONDS = 10
 CONFIRM_SECONDS = 30
-RATES = (50, 100, 200, 300, 400, 500, 700, 1000)
+RATES = (25, 50, 75, 100, 150, 200, 300, 500, 1000)
 CALLERS = 500
 
 
@@ -65,18 +66,12 @@ def main() -> dict:
     with BenchCluster(workers=2, settings={"calls": {"trace": False}}) as bench:
         callers = bench.add_users(20000, CALLERS)
         bench.add_users(1009, 1)
-        best = None
-        for rate in RATES:
-            row = run_rate(bench, callers, rate, STEP_SECONDS, work / f"step-{rate}")
-            show("step", row)
-            if row["failed"]:
-                break
-            best = rate
+        best, confirmed = sustained_rate(
+            lambda rate, seconds, label: run_rate(bench, callers, rate, seconds, work / label),
+            RATES, STEP_SECONDS, CONFIRM_SECONDS, show)
         if best is None:
             print("  no rate passed without failures")
             return {}
-        confirmed = run_rate(bench, callers, best, CONFIRM_SECONDS, work / "confirm")
-        show("30 s", confirmed)
     print(f"  highest passing rate {best} calls/s (30 s: {confirmed['failed']} failed); CPU "
           f"{confirmed['cpu_ms']:.2f} ms per call; INVITE->180 p50 "
           f"{confirmed['p50_ms']} ms, p99 {confirmed['p99_ms']} ms")

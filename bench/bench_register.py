@@ -23,11 +23,12 @@ from bench.cluster_run import (
     cpu_delta,
     rtt_values,
     step_figures,
+    sustained_rate,
 )
 
 STEP_SECONDS = 10
 CONFIRM_SECONDS = 30
-RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
+RATES = (500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000)
 USERS = 2000
 
 
@@ -56,18 +57,12 @@ def main() -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-register-"))
     with BenchCluster(workers=2) as bench:
         users = bench.add_users(10000, USERS)
-        best = None
-        for rate in RATES:
-            row = run_rate(bench, users, rate, STEP_SECONDS, work / f"step-{rate}")
-            show("step", row)
-            if row["failed"]:
-                break
-            best = rate
+        best, confirmed = sustained_rate(
+            lambda rate, seconds, label: run_rate(bench, users, rate, seconds, work / label),
+            RATES, STEP_SECONDS, CONFIRM_SECONDS, show)
         if best is None:
             print("  no rate passed without failures")
             return {}
-        confirmed = run_rate(bench, users, best, CONFIRM_SECONDS, work / "confirm")
-        show("30 s", confirmed)
         overload = run_rate(bench, users, 2 * best, CONFIRM_SECONDS, work / "overload")
         show("overload", overload)
         time.sleep(5)

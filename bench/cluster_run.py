@@ -113,3 +113,22 @@ def step_figures(rate: int, calls: int, result, elapsed: float, cpu: float,
             "cpu_ms": round(cpu / done * 1000, 3),
             "p50_ms": round(percentile(rtts, 0.50), 2), "p99_ms": round(percentile(rtts, 0.99), 2),
             "retransmissions": result.retransmissions}
+
+
+def sustained_rate(run, rates, step_seconds: int, confirm_seconds: int, show):
+    """Ramp ``run(rate, seconds, label)`` through ``rates`` until a step fails, then confirm
+    the passing rates, highest first, over ``confirm_seconds``: (rate, figures) of the
+    first with zero failures, or (None, None)."""
+    passed = []
+    for rate in rates:
+        row = run(rate, step_seconds, f"step-{rate}")
+        show("step", row)
+        if row["failed"]:
+            break
+        passed.append(rate)
+    for rate in reversed(passed):
+        row = run(rate, confirm_seconds, f"confirm-{rate}")
+        show(f"{confirm_seconds} s", row)
+        if not row["failed"]:
+            return rate, row
+    return None, None

@@ -87,6 +87,7 @@ class WorkersConfig:
     count: int = 2
     redis_timeout: float = 0.25
     max_inflight: int = 2000
+    queue_limit: float = 0.2
 
 
 @dataclass(frozen=True)

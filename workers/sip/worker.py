@@ -71,6 +71,7 @@ class Worker:
                            max_connections=config.workers.max_inflight // 4 or 8)
         self.counters: Counter[str] = Counter()
         self.pool = gevent.pool.Pool(config.workers.max_inflight)
+        self.queue_limit = config.workers.queue_limit
         self.working: set[bytes] = set()  # (Call-ID, branch) of requests being handled here
         timers = config.timers
         self.tx_ttl = 64 * timers.t1
@@ -147,7 +148,8 @@ class Worker:
                 self.transport.send(answered[1], answered[2], sock_index=sock_index)
                 return
             self.working.add(mark)
-        self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index), mark)
+        self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index), mark,
+                        time.monotonic())
 
     def remember_answer(self, req: Request, data: bytes, dest: tuple[str, int]) -> None:
         """A final answer sent outside any transaction (a 401, 403, 404...): a copy of the
@@ -178,7 +180,14 @@ class Worker:
         if answer is not None:
             self.transport.send(answer, addr, sock_index=sock_index)
 
-    def _handle(self, data: bytes, source: Source, mark: bytes | None) -> None:
+    def _handle(self, data: bytes, source: Source, mark: bytes | None,
+                arrived: float) -> None:
+        if time.monotonic() - arrived > self.queue_limit and _sheddable(data):
+            # It waited too long: its sender has retransmitted it by now (T1), so working
+            # on it would only feed the backlog.  Refuse it cheaply (design: shed early).
+            self.working.discard(mark)
+            self._shed(data, source.addr, source.sock_index)
+            return
         try:
             self._process(data, source)
         except StoreUnavailable as exc:
@@ -321,6 +330,12 @@ class Worker:
             except StoreUnavailable:
                 pass
             gevent.sleep(1.0)
+
+
+def _sheddable(data: bytes) -> bool:
+    """New work that may be refused with 503: requests that start something (not a
+    response, an ACK, a CANCEL or a BYE, which end or carry on what exists)."""
+    return data[:4] in (b"REGI", b"INVI", b"OPTI", b"MESS", b"SUBS", b"PUBL")
 
 
 def _request_mark(call_id: bytes, branch: bytes, method: str) -> bytes:
