@@ -86,7 +86,7 @@ class DispatcherConfig:
 class WorkersConfig:
     count: int = 2
     redis_timeout: float = 0.25
-    max_inflight: int = 2000
+    max_inflight: int = 200
     queue_limit: float = 0.2
 
 

@@ -68,9 +68,11 @@ class Worker:
         self.name = name
         self.host = config.sip.effective_host_id
         self.store = Store(config.redis.url, timeout=config.workers.redis_timeout,
-                           max_connections=config.workers.max_inflight // 4 or 8)
+                           max_connections=2 * config.workers.max_inflight)
         self.counters: Counter[str] = Counter()
-        self.pool = gevent.pool.Pool(config.workers.max_inflight)
+        self.max_inflight = config.workers.max_inflight
+        # Room beyond max_inflight for what must not be refused (responses, ACK, BYE...).
+        self.pool = gevent.pool.Pool(2 * config.workers.max_inflight)
         self.queue_limit = config.workers.queue_limit
         self.working: set[bytes] = set()  # (Call-ID, branch) of requests being handled here
         timers = config.timers
@@ -134,7 +136,7 @@ class Worker:
 
     def on_datagram(self, data: bytes, addr: tuple[str, int], sock_index: int) -> None:
         self.counters["received"] += 1
-        if self.pool.full():
+        if self._overloaded(data):
             self._shed(data, addr, sock_index)
             return
         mark = self._mark(data)
@@ -150,6 +152,20 @@ class Worker:
             self.working.add(mark)
         self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index), mark,
                         time.monotonic())
+
+    def _overloaded(self, data: bytes) -> bool:
+        """Admission control, cheapest first.  Work that finishes something already begun
+        (responses, ACK, BYE, CANCEL, a request answering our challenge) is taken while
+        there is room at all; a request that starts something new and carries no
+        credentials is refused first, once half the room is used: under overload the
+        cluster finishes registrations and calls it started rather than starting more
+        than it can finish."""
+        inflight = len(self.pool)
+        if inflight >= self.pool.size:
+            return True
+        if inflight < self.max_inflight // 2 or not _sheddable(data):
+            return False
+        return inflight >= self.max_inflight or not _has_credentials(data)
 
     def remember_answer(self, req: Request, data: bytes, dest: tuple[str, int]) -> None:
         """A final answer sent outside any transaction (a 401, 403, 404...): a copy of the
@@ -330,6 +346,11 @@ class Worker:
             except StoreUnavailable:
                 pass
             gevent.sleep(1.0)
+
+
+def _has_credentials(data: bytes) -> bool:
+    """Whether a request answers a challenge (Authorization or Proxy-Authorization)."""
+    return data.find(b"uthorization:") > 0 or data.find(b"UTHORIZATION:") > 0
 
 
 def _sheddable(data: bytes) -> bool:
