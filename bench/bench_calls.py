@@ -37,6 +37,7 @@ def run_rate(bench: BenchCluster, callers, rate: int, seconds: int, workdir: Pat
     calls = rate * seconds
     uas_port = free_udp_port()
     with UA(bench.cluster.address, user="1009") as ua:  # the callee's contact: the SIPp UAS
+        ua.register("1234", contacts=["*"], expires=0)  # not the previous step's UAS
         ua.register("1234", contacts=[f"<sip:1009@127.0.0.1:{uas_port}>"])
     uas = Sipp(str(SCENARIOS / "call_uas.xml"), bench.cluster.address, workdir / "uas", calls,
                rate=rate, timeout=seconds + 40, port=uas_port).start()
