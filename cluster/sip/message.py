@@ -368,8 +368,9 @@ class Response(Message):
 
 def parse(data: bytes) -> Request | Response:
     """Parse one UDP datagram.  Raises SipError naming the status to answer."""
-    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
-    if crlf >= 0 and (lf < 0 or crlf < lf):
+    crlf = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n", 0, crlf if crlf >= 0 else len(data))  # only before the CRLFs
+    if crlf >= 0 and lf < 0:
         eol, head_end, body_start = b"\r\n", crlf, crlf + 4
     elif lf >= 0:
         eol, head_end, body_start = b"\n", lf, lf + 2
