@@ -12,12 +12,11 @@ from __future__ import annotations
 import errno
 import re
 import socket
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from harness import Cluster
+from harness import Cluster, wait_for
 from sipp import Sipp, SippResult
 from sipua import UA
 
@@ -31,15 +30,6 @@ def provision(cluster: Cluster, users, password: str = PASSWORD) -> None:
     for user in users:
         cluster.add_user(str(user), password)
 
-
-def wait_for(condition, timeout: float, step: float = 0.05):
-    """Poll ``condition`` until it returns something true; that value, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(step)
 
 
 # ------------------------------------------------------------------ SIPp message files

@@ -175,3 +175,13 @@ def _toml(sections: dict) -> str:
                 lines.append(f'{key} = "{value}"')
         lines.append("")
     return "\n".join(lines)
+
+
+def wait_for(condition, timeout: float, step: float = 0.05):
+    """Poll ``condition`` until it returns something true; that value, or None on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)

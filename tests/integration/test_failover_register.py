@@ -17,7 +17,7 @@ import re
 import time
 
 import pytest
-from harness import running_cluster
+from harness import running_cluster, wait_for
 from sipp import Sipp
 from sipua import UA
 
@@ -39,16 +39,6 @@ def cluster(tmp_path_factory, redis_server):
             running.add_user(user, password)
         yield running
 
-
-def wait_for(condition, timeout: float, step: float = 0.05):
-    """Poll ``condition`` until it returns something true; that value, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    return None
 
 
 def status_of(reply) -> int | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from baresip import Softphone, ToneReport, analyse_tone, make_tone, require_softphone_tools
-from harness import Cluster
+from harness import Cluster, wait_for
 
 from workers.sip.b2bua import call_tag
 
@@ -75,18 +75,9 @@ class Bed:
         return self.caller, self.callee
 
 
-def eventually(condition: Callable, timeout: float, step: float = 0.05):
-    """Poll ``condition`` until it returns something true; that value, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(step)
-
 
 def cdr_of(cluster: Cluster, a_call_id: str, timeout: float = 5.0) -> dict:
-    found = eventually(lambda: [c for c in cluster.store.cdrs() if c["a_call_id"] == a_call_id],
+    found = wait_for(lambda: [c for c in cluster.store.cdrs() if c["a_call_id"] == a_call_id],
                        timeout)
     assert found, f"no CDR for Call-ID {a_call_id}; CDRs {cluster.store.cdrs()}"
     return found[-1]
@@ -101,7 +92,7 @@ def trace_lines(cluster: Cluster, cdr: dict, until: Callable | None = None,
         entries = cluster.store.trace(call_tag(cdr["b_call_id"].encode()))
         return [f"{e['dir']} {e['leg']} {e['first']}" for e in entries]
     if until is not None:
-        eventually(lambda: until(read()), timeout)
+        wait_for(lambda: until(read()), timeout)
     return read()
 
 
@@ -140,7 +131,7 @@ def open_bed(mode: str, tmp: Path, redis_server) -> Iterator[Bed]:
             phone.start()
         callee, caller = phones
         for phone in phones:
-            assert eventually(lambda p=phone: cluster.store.bindings(p.aor), 10), (
+            assert wait_for(lambda p=phone: cluster.store.bindings(p.aor), 10), (
                 f"{phone.aor} did not register:\n{phone.log_text()[-2000:]}")
         bed = Bed(mode, cluster, caller, callee)
         OPEN_BEDS.append(bed)
@@ -195,7 +186,7 @@ def talk(bed: Bed) -> CallRun:
     callee_closed = callee.wait_for("CALL_CLOSED", 10)
     talked = time.monotonic() - started
     cdr = cdr_of(bed.cluster, up["id"])
-    eventually(lambda: not still_live(bed.cluster), 3)
+    wait_for(lambda: not still_live(bed.cluster), 3)
     return CallRun(
         cdr=cdr, talked=talked, caller_closed=caller_closed, callee_closed=callee_closed,
         caller_heard={f: analyse_tone(caller.recording(), f) for f in TONE.values()},
@@ -307,7 +298,7 @@ def test_callee_hangs_up(bypass_bed):
     caller.wait_for("CALL_CLOSED", 10)
     cdr = cdr_of(bypass_bed.cluster, up["id"])
     assert (cdr["hangup_cause"], cdr["hangup_side"]) == ("NORMAL_CLEARING", "callee"), cdr
-    assert eventually(lambda: not still_live(bypass_bed.cluster), 3)
+    assert wait_for(lambda: not still_live(bypass_bed.cluster), 3)
 
 
 def test_bye_is_retransmitted_to_a_callee_that_does_not_answer(bypass_bed):
@@ -379,5 +370,5 @@ def test_call_record_keeps_the_ack_and_the_bye_answer(bypass_bed):
         waiting = a_invite["tx"] if a_invite and not a_invite["tx"]["acked"] else None
         return waiting, [entry["tx"] for entry in record["txs"].values()
                          if entry["role"] == "bye" and entry["tx"]["state"] == "Trying"]
-    eventually(lambda: unanswered() == (None, []), 2.0)  # the last write may still be on its way
+    wait_for(lambda: unanswered() == (None, []), 2.0)  # the last write may still be on its way
     assert unanswered() == (None, []), unanswered()
