@@ -80,6 +80,7 @@ class DispatcherConfig:
     heartbeat_interval: float = 0.5
     dead_after: float = 1.5
     inter_host_port: int = 0
+    inter_host_address: str = ""
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,9 @@ class Dispatcher:
                 sip = self.sip_sockets[0].getsockname()
                 host = {"sip": [sip[0], sip[1]], "egress": None}
                 if self.egress is not None:
-                    host["egress"] = list(self.egress.getsockname()[:2])
+                    bound, port = self.egress.getsockname()[:2]
+                    # What other hosts send to: a bind address of 0.0.0.0 reaches no one.
+                    host["egress"] = [self.config.dispatcher.inter_host_address or bound, port]
                 store.announce_host(self.host, host, ttl=5)
             except StoreUnavailable as exc:
                 log.warning("cannot publish heartbeat: %s", exc)

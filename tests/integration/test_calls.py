@@ -246,13 +246,15 @@ def test_declined_call(cluster, tmp_path):
 def test_unknown_user_is_404(cluster, tmp_path):
     run = run_call(cluster, tmp_path, "1012", "7777", uac={"scenario": "call_uac_fail.xml"},
                    uas=[])
-    assert_failed_call(cluster, run, "1012", 404)
+    assert_failed_call(cluster, run, "1012", 404, hangup_cause="UNALLOCATED_NUMBER",
+                       hangup_side="system")
 
 
 def test_known_but_unregistered_user_is_480(cluster, tmp_path):
     run = run_call(cluster, tmp_path, "1013", "1014", uac={"scenario": "call_uac_fail.xml"},
                    uas=[])
-    assert_failed_call(cluster, run, "1013", 480)
+    assert_failed_call(cluster, run, "1013", 480, hangup_cause="SUBSCRIBER_ABSENT",
+                       hangup_side="system")
 
 
 def test_no_answer_is_480_and_cancels_the_callee(cluster, tmp_path):

@@ -30,7 +30,7 @@ from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .call import MEDIA_TIMEOUT, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
 from .media import media_for
 
 log = logging.getLogger("b2bua")
@@ -141,6 +141,8 @@ class B2BUA:
         if failure is not None:
             clog.info("call from %s to %s: %d", caller, callee, failure)
             self._fail_statelessly(req, source, failure, stored_key)
+            if req.method == "INVITE":  # an attempt that never rang still gets its CDR
+                self._unrouted_cdr(req, caller, callee, failure)
             return
         call, actions = Call.start(
             tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
@@ -214,6 +216,16 @@ class B2BUA:
         self.worker.transport.send(data, source.addr, sock_index=source.sock_index)
         self.trace(call_tag(req.call_id), [_raw_entry("out", data, "a", source.addr)])
         self.store.store_answer(stored_key, data, self.worker.tx_ttl)
+
+    def _unrouted_cdr(self, req: Request, caller: str, callee: str | None, status: int) -> None:
+        # Not registered is "subscriber absent" (Q.850 20), not "no answer" as after ringing.
+        cause, q850 = (("SUBSCRIBER_ABSENT", 20) if status == 480
+                       else STATUS_CAUSES.get(status, ("CALL_REJECTED", 21)))
+        now = round(time.time(), 3)
+        self.store.add_cdr({
+            "caller": caller, "callee": callee or "", "a_call_id": req.call_id.decode("latin-1"),
+            "b_call_id": "", "start": now, "answer": "", "end": now, "duration": 0,
+            "hangup_cause": cause, "q850": q850, "hangup_side": "system", "sip_status": status})
 
     # ---------------------------------------------------------------- the loop
     @contextlib.contextmanager
