@@ -270,6 +270,8 @@ def provision_demo_users(config: Config) -> bool:
               f"{result.stdout}{result.stderr}", file=sys.stderr)
         return False
     print(result.stdout.rstrip() or "demo users provisioned")
+    if result.stderr.strip():
+        print(result.stderr.rstrip(), file=sys.stderr)  # the warning: change those passwords
     return True
 
 
