@@ -467,17 +467,6 @@ class Store:
         return bool(self._call(self._nc, keys=[nc_key(aor, nonce)], args=[nc, int(ttl * 1000)]))
 
     # ---------------------------------------------------------------- transactions
-    def claim_transaction(self, tx: str, ttl: float) -> tuple[bool, bytes | None]:
-        """Claim a new server transaction; (False, answer-or-None) when it exists already."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(tx, b"", nx=True, px=int(ttl * 1000))
-        pipe.get(tx)
-        created, stored = self._call(pipe.execute)
-        return (True, None) if created else (False, stored or None)
-
-    def store_answer(self, tx: str, data: bytes, ttl: float) -> None:
-        self._call(self.redis.set, tx, data, px=int(ttl * 1000))
-
     def store_answers(self, answers: list[tuple[str, bytes, float]]) -> None:
         """Many transaction answers in one pipelined round trip."""
         pipe = self.redis.pipeline(transaction=False)
@@ -528,15 +517,6 @@ class Store:
             if data is not None:
                 found.append((key[len("call:{"):-1], unpack(data)))
         return found
-
-    def add_timers(self, entries: list[tuple[str, str, float]]) -> None:
-        """Arm timers: (call tag, timer name, due epoch seconds)."""
-        if not entries:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for tag, name, due in entries:
-            pipe.zadd(timer_key(timer_shard(tag)), {timer_member(tag, name, due): due})
-        self._call(pipe.execute)
 
     def pop_due_timers(self, now: float, limit: int = 100) -> list[tuple[str, str, float]]:
         """Claim the due timers of every shard: (call tag, timer name, due)."""

@@ -215,7 +215,7 @@ class B2BUA:
         data = resp.to_bytes()
         self.worker.transport.send(data, source.addr, sock_index=source.sock_index)
         self.trace(call_tag(req.call_id), [_raw_entry("out", data, "a", source.addr)])
-        self.store.store_answer(stored_key, data, self.worker.tx_ttl)
+        self.worker.keep_answer(stored_key, data)
 
     def _unrouted_cdr(self, req: Request, caller: str, callee: str | None, status: int) -> None:
         # Not registered is "subscriber absent" (Q.850 20), not "no answer" as after ringing.
