@@ -13,8 +13,11 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    on every read.
   ping:{<user>@<realm>}            hash: binding key hash -> OPTIONS pings sent and not answered
                                    (registrar.ping_interval > 0).  TTL: 10 ping intervals.
-  nc:{<user>@<realm>}:<nonce>      last nonce-count accepted for that nonce (plain integer).
-                                   TTL: the nonce lifetime.  A count not above it is a replay.
+  nc:{<user>@<realm>}:<nonce>      last nonce-count accepted for that nonce: "<count>" (from
+                                   REGISTER) or "<count> <transaction key>" (other requests).
+                                   TTL: the nonce lifetime.  A count not above it is a replay,
+                                   except the same count from the same transaction: that is a
+                                   retransmission whose first copy reached a worker that died.
   tx:{<tag>}:<transaction key>     a server transaction's answer (raw SIP bytes; empty while the
                                    request is being worked on), so a retransmission is answered
                                    from here and never processed twice.  Tag: the AOR for
@@ -245,7 +248,7 @@ _REGISTER_LUA = """
 local tx = redis.call('GET', KEYS[3])
 if tx then return {'dup', tx} end
 if ARGV[2] ~= '' then
-  local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+  local last = tonumber(string.match(redis.call('GET', KEYS[2]) or '-1', '^%-?%d+'))
   if tonumber(ARGV[2]) <= last then return {'replay'} end
 end
 local now = tonumber(ARGV[1])
@@ -335,10 +338,19 @@ end
 return 0
 """
 
+# KEYS: nc.  ARGV: nonce-count, ttl ms, transaction key.  1 accepted, 0 a replay.  The same
+# count from the same transaction is accepted again: a retransmission is not a replay (the
+# worker that took the first copy may have died before the request's work was written).
 _NC_LUA = """
-local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) <= last then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local stored = redis.call('GET', KEYS[1]) or '-1'
+local last = tonumber(string.match(stored, '^%-?%d+'))
+local count = tonumber(ARGV[1])
+if count < last then return 0 end
+if count == last then
+  if string.match(stored, '^%S+ (.*)$') == ARGV[3] then return 1 end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'PX', ARGV[2])
 return 1
 """
 
@@ -462,9 +474,11 @@ class Store:
     def registered_aors(self) -> list[str]:
         return sorted(key[len("reg:{"):-1] for key in self._scan("reg:*"))
 
-    def accept_nonce_count(self, aor: str, nonce: str, nc: int, ttl: float) -> bool:
-        """NonceCounter for requests outside REGISTER: False for a replayed count."""
-        return bool(self._call(self._nc, keys=[nc_key(aor, nonce)], args=[nc, int(ttl * 1000)]))
+    def accept_nonce_count(self, aor: str, nonce: str, nc: int, ttl: float, tx: str) -> bool:
+        """NonceCounter for requests outside REGISTER: False for a replayed count.  ``tx``
+        is the request's server transaction key: its retransmissions are accepted again."""
+        return bool(self._call(self._nc, keys=[nc_key(aor, nonce)],
+                               args=[nc, int(ttl * 1000), tx]))
 
     # ---------------------------------------------------------------- transactions
     def store_answers(self, answers: list[tuple[str, bytes, float]]) -> None:

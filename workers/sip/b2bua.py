@@ -198,7 +198,8 @@ class B2BUA:
         creds = result.credentials
         aor = aor_of(result.username, self.config.realm)
         if creds.nc and not self.store.accept_nonce_count(
-                aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime):
+                aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime,
+                server_key(req)):
             self._reply(req, source, 407, headers=worker.auth.challenge_headers(proxy=True),
                         prior=arrived, brief=True)
             return None
