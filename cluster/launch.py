@@ -214,16 +214,18 @@ def ensure_secret(config: Config, secret_file: Path = SECRET_FILE) -> None:
         f.write(secrets.token_hex(32) + "\n")
 
 
+def supervisord_command(conf: Path) -> list[str]:
+    """supervisord with prompt restarts (cluster/supervise.py), daemonizing itself."""
+    return [sys.executable, "-m", "cluster.supervise", "-c", str(conf)]
+
+
 def start_supervisord(conf: Path) -> None:
     if supervisord_pid() is not None:
         print("supervisord is running: applying the new configuration")
         supervisorctl("update")
         supervisorctl("start", "all")
         return
-    supervisord = VENV_BIN / "supervisord"
-    if not supervisord.exists():
-        raise LaunchError(f"{supervisord} not found: run `make venv` first")
-    result = subprocess.run([str(supervisord), "-c", str(conf)], text=True, capture_output=True)
+    result = subprocess.run(supervisord_command(conf), text=True, capture_output=True, cwd=ROOT)
     if result.returncode != 0:
         raise LaunchError(f"supervisord failed to start:\n{result.stdout}{result.stderr}")
 
