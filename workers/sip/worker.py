@@ -22,6 +22,7 @@ from collections import Counter
 import gevent
 import gevent.pool
 
+from cluster.backoff import Backoff
 from cluster.config import Config
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -207,9 +208,7 @@ class Worker:
         try:
             self._process(data, source)
         except StoreUnavailable as exc:
-            self.counters["store_unavailable"] += 1
-            call_log(log, scan.call_id(data) or b"-").warning("store unavailable: %s", exc)
-            if not source.answered:
+            if self._store_unavailable(data, source, exc):
                 self._answer_raw(data, source, SipError(503, "Service Unavailable"),
                                  (RETRY_AFTER,))
         except SipError as exc:
@@ -251,10 +250,29 @@ class Worker:
         except SipError as exc:
             self.reply(msg, source, exc.status, exc.reason)
         except StoreUnavailable as exc:
-            self.counters["store_unavailable"] += 1
-            call_log(log, msg.call_id).warning("store unavailable: %s", exc)
-            if not source.answered:
+            if self._store_unavailable(data, source, exc):
                 self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
+
+    def _store_unavailable(self, data: bytes, source: Source, exc: StoreUnavailable) -> bool:
+        """Redis failed a request: whether to answer it 503 (with Retry-After).
+
+        Not a hang-up (BYE, CANCEL): a phone takes a 503 to its BYE as the end of the
+        call and never sends it again, which would leave the other leg up until the media
+        timeout.  Left unanswered, its transaction repeats it (Timer E, for 64*T1) and a
+        copy that comes once Redis is back is carried out (RFC 3261 lets a UAS stay silent;
+        nothing here remembers the dropped copy, so the later one is not absorbed)."""
+        self.counters["store_unavailable"] += 1
+        clog = call_log(log, scan.call_id(data) or b"-")
+        if source.answered:
+            clog.warning("store unavailable after the answer: %s", exc)
+            return False
+        if data[:4] in (b"BYE ", b"CANC"):
+            self.counters["hangups_deferred"] += 1
+            clog.warning("store unavailable: %s left unanswered until a retransmission "
+                         "finds Redis back: %s", data[:data.find(b" ")].decode("latin-1"), exc)
+            return False
+        clog.warning("store unavailable: %s", exc)
+        return True
 
     def on_request(self, req: Request, source: Source) -> None:
         self.counters[f"requests_{req.method}"] += 1
@@ -337,14 +355,17 @@ class Worker:
 
     # ---------------------------------------------------------------- reporting
     def _heartbeat_loop(self) -> None:
+        backoff = Backoff(log, "worker heartbeat", limit=1.0)
         while True:
             info = {"role": "worker", "host": self.host, "name": self.name, "pid": os.getpid(),
                     "started": self.started, "seen": time.time(), "inflight": len(self.pool),
                     **self.counters}
             try:
                 self.store.heartbeat("worker", self.host, self.name, info, ttl=5)
-            except StoreUnavailable:
-                pass
+            except Exception as exc:  # whatever it is, the heartbeat goes on
+                gevent.sleep(backoff.failed(exc))
+                continue
+            backoff.ok()
             gevent.sleep(1.0)
 
 
