@@ -409,7 +409,7 @@ class Store:
         if isinstance(exc, redis.exceptions.ReadOnlyError):
             # A primary demoted to a replica: drop every connection, so the next command
             # connects anew (and finds the new primary when it is discovered).
-            self.redis.connection_pool.disconnect()
+            self.redis.connection_pool.disconnect(inuse_connections=False)
         elif isinstance(exc, redis.exceptions.NoScriptError):
             # Redis restarted or SCRIPT FLUSH: load them again; the caller retries.
             self._reload_scripts()

@@ -75,8 +75,8 @@ class B2BUA:
         self._records: collections.OrderedDict[str, tuple[int, dict]] = collections.OrderedDict()
         self._disarm: list[tuple[str, str, float]] = []
         self._disarm_pending = False
-        # call tag -> (the "ended" of a write that may have landed, its CDRs, keep until)
-        self._unsure: dict[str, tuple[float, list, float]] = {}
+        # call tag -> {the "ended" of a write that may have landed: (its CDRs, keep until)}
+        self._unsure: dict[str, dict[float, tuple[list, float]]] = {}
         cfg = worker.config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
@@ -331,20 +331,25 @@ class B2BUA:
         write it once the record shows this very end (``ended`` is this write's clock)."""
         cdrs = [action for action in actions if isinstance(action, Cdr)]
         if cdrs and call.ended:
-            self._unsure[tag] = (call.ended, cdrs, time.monotonic() + UNSURE_KEEP)
+            # Each repetition of the BYE tries its own write (and its own "ended"): any
+            # one of them may be the one Redis ran.
+            tries = self._unsure.setdefault(tag, {})
+            tries[call.ended] = (cdrs, time.monotonic() + UNSURE_KEEP)
             while len(self._unsure) > UNSURE_MAX:
                 self._unsure.pop(next(iter(self._unsure)))
 
     def _settle_unsure(self) -> None:
         """Write the CDRs of ends whose write did reach Redis (see ``_note_unsure``)."""
         now = time.monotonic()
-        for tag, (ended, cdrs, until) in list(self._unsure.items()):
+        for tag, tries in list(self._unsure.items()):
             loaded = self.store.load_call(tag)
-            if loaded is not None and loaded[1].get("ended") == ended:
-                self._perform(tag, cdrs, None, None)
+            record = loaded[1] if loaded is not None else {}
+            landed = tries.get(record.get("ended"))
+            if landed is not None:
+                self._perform(tag, landed[0], None, None)
                 self._call_log(tag).info("call %s: its end reached Redis after all", tag)
-            elif (loaded is not None and loaded[1].get("state") != "ended"
-                    and now < until):
+            elif record.get("state", "ended") != "ended" and any(
+                    now < until for _, until in tries.values()):
                 continue  # not written (yet): a retransmission ends it, with its own CDR
             del self._unsure[tag]
 
