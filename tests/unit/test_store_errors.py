@@ -90,7 +90,9 @@ class StubRedis:
         raise self.exc
         yield  # a generator, as redis-py's is
 
-    def disconnect(self) -> None:
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        # Only idle ones: one in use may be a pub/sub reader's, closed under its feet.
+        assert not inuse_connections
         self.disconnects += 1
 
     def script_load(self, script: str) -> str:

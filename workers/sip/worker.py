@@ -51,6 +51,8 @@ RETRY_AFTER = b"Retry-After: 5"
 DRAIN_SECONDS = 5.0
 RECENT_ANSWERS = 50_000  # stateless answers remembered for retransmissions
 ANSWER_BATCH_SECONDS = 0.002
+DEFERRED_KEEP = 3600.0  # seconds a hang-up Redis could not take is kept for a retry
+DEFERRED_MAX = 10_000
 # What this cluster answers; every other known method is 405, an unknown one 501.
 ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
            "MESSAGE", "NOTIFY", "REFER", "PRACK")
@@ -102,6 +104,9 @@ class Worker:
         self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
         self._recent: collections.OrderedDict[bytes, tuple[float, bytes, tuple]] = (
             collections.OrderedDict())
+        # Hang-ups Redis could not take: mark -> (keep until, datagram, source, socket).
+        self._deferred: collections.OrderedDict[bytes, tuple[float, bytes, tuple, int]] = (
+            collections.OrderedDict())
 
     # ---------------------------------------------------------------- entry
     def run(self) -> None:
@@ -111,6 +116,7 @@ class Worker:
         greenlets.append(gevent.spawn(hangup_loop, self))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
+        greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
             greenlets.append(gevent.spawn(follow_media_timeouts, self))
         gevent.signal_handler(signal.SIGTERM, self.drain)
@@ -205,6 +211,10 @@ class Worker:
             self.working.discard(mark)
             self._shed(data, source.addr, source.sock_index)
             return
+        if self._deferred and mark is not None:
+            deferred = self._deferred.pop(mark, None)  # this copy is carried out now
+            if deferred is not None:  # (and should it fail too, deferred as long as the first)
+                source.keep_until = deferred[0]
         try:
             self._process(data, source)
         except StoreUnavailable as exc:
@@ -270,9 +280,46 @@ class Worker:
             self.counters["hangups_deferred"] += 1
             clog.warning("store unavailable: %s left unanswered until a retransmission "
                          "finds Redis back: %s", data[:data.find(b" ")].decode("latin-1"), exc)
+            self._defer_hangup(data, source)
             return False
         clog.warning("store unavailable: %s", exc)
         return True
+
+    def _defer_hangup(self, data: bytes, source: Source) -> None:
+        """Keep a hang-up Redis could not take, to carry it out once Redis is back even if
+        the phone gave up repeating it (an outage longer than its 32 s): the call record is
+        still there, so the other leg gets its BYE.  A copy handled meanwhile replaces it;
+        one handled twice is answered from the call's transaction, nothing more."""
+        mark = self._mark(data)
+        if mark is None:
+            return
+        deferred = self._deferred
+        deferred[mark] = (source.keep_until or time.monotonic() + DEFERRED_KEEP, data,
+                          source.addr, source.sock_index)
+        deferred.move_to_end(mark)
+        while len(deferred) > DEFERRED_MAX:
+            deferred.popitem(last=False)
+
+    def _retry_hangups(self) -> None:
+        """Carry out the deferred hang-ups once Redis answers again (own greenlet)."""
+        backoff = Backoff(log, "deferred hang-ups", first=1.0, limit=2.0)
+        while True:
+            gevent.sleep(1.0)
+            if not self._deferred:
+                continue
+            try:
+                self.store.ping()
+                now = time.monotonic()
+                for mark, (until, data, addr, sock_index) in list(self._deferred.items()):
+                    if until < now or self.transport.leaving:
+                        self._deferred.pop(mark, None)
+                        continue
+                    self.counters["hangups_retried"] += 1
+                    self.on_datagram(data, addr, sock_index)
+            except Exception as exc:  # whatever it is, they are tried again later
+                backoff.failed(exc)
+            else:
+                backoff.ok()
 
     def on_request(self, req: Request, source: Source) -> None:
         self.counters[f"requests_{req.method}"] += 1
