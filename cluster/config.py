@@ -89,6 +89,7 @@ class WorkersConfig:
     redis_timeout: float = 0.25
     max_inflight: int = 200
     queue_limit: float = 0.2
+    outage_hold: float = 6.0
 
 
 @dataclass(frozen=True)

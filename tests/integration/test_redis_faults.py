@@ -4,7 +4,8 @@ A cluster in relay mode runs against its own redis-server, which each test hurts
 in one way: memory full (OOM), consumer groups deleted (NOGROUP), scripts flushed
 (NOSCRIPT), killed and restarted empty, paused 5 s (SIGSTOP), turned into a replica
 (READONLY).  Every time: no process restarts (same pids, all RUNNING), a new
-request gets 503 with Retry-After (never 500) while the fault lasts, no worker
+request gets 503 with Retry-After (never 500) while the fault lasts (these clusters
+answer it at once: workers.outage_hold = 0; test_redis_blip.py tests the hold), no worker
 logs an internal error, and service comes back by itself within seconds.  And a
 BYE sent while Redis is paused is not refused: its retransmission ends both legs
 once Redis is back, with one CDR.
@@ -33,7 +34,8 @@ from conftest import RedisServer, free_tcp_port, require_redis_server
 PASSWORD = "1234"
 MEDIA_TIMEOUT = 3  # seconds
 SETTINGS = {"media": {"mode": "relay", "rtp_port_min": 28000, "rtp_port_max": 28999,
-                      "relays": 1, "media_timeout": MEDIA_TIMEOUT}}
+                      "relays": 1, "media_timeout": MEDIA_TIMEOUT},
+            "workers": {"outage_hold": 0}}
 USERS = range(3100, 3140)
 RECOVERY = 10.0  # seconds service may take to come back once the fault ends
 T1 = 0.5
@@ -67,7 +69,7 @@ def untraced(tmp_path_factory, server) -> Iterator[Cluster]:
     first write is then the call's compare-and-set itself, on a connection made before
     the pause, so Redis runs it when it resumes although the worker gave up on it."""
     settings = {"media": {**SETTINGS["media"], "rtp_port_min": 29000, "rtp_port_max": 29999},
-                "calls": {"trace": False}}
+                "calls": {"trace": False}, "workers": {"outage_hold": 0}}
     with running_cluster(tmp_path_factory.mktemp("redis-faults-untraced"),
                          f"redis://127.0.0.1:{server.port}/1", workers=2,
                          settings=settings) as running:

@@ -53,6 +53,7 @@ RECENT_ANSWERS = 50_000  # stateless answers remembered for retransmissions
 ANSWER_BATCH_SECONDS = 0.002
 DEFERRED_KEEP = 3600.0  # seconds a hang-up Redis could not take is kept for a retry
 DEFERRED_MAX = 10_000
+HELD_MAX = 10_000  # requests remembered as held back by Redis trouble
 # What this cluster answers; every other known method is 405, an unknown one 501.
 ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
            "MESSAGE", "NOTIFY", "REFER", "PRACK")
@@ -104,6 +105,10 @@ class Worker:
         self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
         self._recent: collections.OrderedDict[bytes, tuple[float, bytes, tuple]] = (
             collections.OrderedDict())
+        # New requests Redis could not take, left unanswered: mark -> when the first copy
+        # failed (see _store_unavailable).
+        self.outage_hold = config.workers.outage_hold
+        self._held: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         # Hang-ups Redis could not take: mark -> (keep until, datagram, source, socket).
         self._deferred: collections.OrderedDict[bytes, tuple[float, bytes, tuple, int]] = (
             collections.OrderedDict())
@@ -264,13 +269,19 @@ class Worker:
                 self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
 
     def _store_unavailable(self, data: bytes, source: Source, exc: StoreUnavailable) -> bool:
-        """Redis failed a request: whether to answer it 503 (with Retry-After).
+        """Redis failed a request: whether to answer it 503 (with Retry-After) now.
 
-        Not a hang-up (BYE, CANCEL): a phone takes a 503 to its BYE as the end of the
+        A blip costs no call: a request whose first copy failed less than
+        ``workers.outage_hold`` seconds ago is left unanswered, so its sender repeats it
+        (Timer A/E: 0.5, 1.5, 3.5, 7.5 s...) and a copy that finds Redis back is carried
+        out as if nothing happened.  Past the hold it is answered 503 with Retry-After, so
+        phones and trunks try another server.  (RFC 3261 lets a server stay silent; the
+        dropped copy is not remembered as answered, so a later one is not absorbed.)
+
+        Never a hang-up (BYE, CANCEL): a phone takes a 503 to its BYE as the end of the
         call and never sends it again, which would leave the other leg up until the media
-        timeout.  Left unanswered, its transaction repeats it (Timer E, for 64*T1) and a
-        copy that comes once Redis is back is carried out (RFC 3261 lets a UAS stay silent;
-        nothing here remembers the dropped copy, so the later one is not absorbed)."""
+        timeout.  It stays unanswered whatever the outage's length and is kept to be
+        carried out once Redis is back."""
         self.counters["store_unavailable"] += 1
         clog = call_log(log, scan.call_id(data) or b"-")
         if source.answered:
@@ -282,8 +293,23 @@ class Worker:
                          "finds Redis back: %s", data[:data.find(b" ")].decode("latin-1"), exc)
             self._defer_hangup(data, source)
             return False
+        mark = self._mark(data)
+        if mark is not None and self._hold(mark):
+            self.counters["held_for_retransmission"] += 1
+            clog.warning("store unavailable: left unanswered for its retransmission: %s", exc)
+            return False
         clog.warning("store unavailable: %s", exc)
         return True
+
+    def _hold(self, mark: bytes) -> bool:
+        """Whether the request ``mark`` may still wait for its retransmission (its first
+        copy failed less than outage_hold ago)."""
+        now = time.monotonic()
+        held = self._held
+        first = held.setdefault(mark, now)
+        while held and (len(held) > HELD_MAX or next(iter(held.values())) < now - self.tx_ttl):
+            held.popitem(last=False)
+        return now - first < self.outage_hold
 
     def _defer_hangup(self, data: bytes, source: Source) -> None:
         """Keep a hang-up Redis could not take, to carry it out once Redis is back even if
