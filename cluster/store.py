@@ -83,6 +83,7 @@ from dataclasses import dataclass, field, fields
 import msgpack
 import redis
 
+from . import redisclient
 from .sip.uri import SipURI, parse_uri
 
 TX_PREFIX = "tx"
@@ -346,12 +347,7 @@ return 1
 class Store:
     def __init__(self, url: str, timeout: float = 0.25, max_connections: int = 64):
         self.url = url
-        # A plain pool: measured cheaper per command than the blocking one; the worker
-        # bounds its concurrency (max_inflight) itself.
-        pool = redis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            max_connections=max_connections)
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = redisclient.connect(url, timeout, max_connections)  # or via Sentinel
         self._register = self.redis.register_script(_REGISTER_LUA)
         self._nc = self.redis.register_script(_NC_LUA)
         self._call_cas = self.redis.register_script(_CALL_CAS_LUA)
