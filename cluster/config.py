@@ -100,6 +100,8 @@ class WorkersConfig:
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     managed: bool = True
+    wait_replicas: int = 0
+    wait_timeout: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -424,6 +426,11 @@ def validate(config: Config) -> None:
         "dispatcher.dead_after must be longer than dispatcher.heartbeat_interval (> 0)",
     )
     _validate_redis(config.redis)
+    # WAIT rides in the write's own round trip: it must give up well before the socket does,
+    # or a missing replica would turn every call write into a 503.
+    _require(config.redis.wait_replicas >= 0, "redis.wait_replicas must not be negative")
+    _require(0 < config.redis.wait_timeout < config.workers.redis_timeout,
+             "redis.wait_timeout must be positive and shorter than workers.redis_timeout")
     _validate_auth(config.auth)
     _validate_registrar(config.registrar)
     _validate_media(config.media)

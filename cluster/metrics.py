@@ -80,6 +80,8 @@ COUNTER_HELP = {
     "shed": "Requests refused with 503 because the worker was full.",
     "store_unavailable": "Events that found Redis slow or gone.",
     "media_timeouts": "Calls reported for lack of RTP.",
+    "replica_wait_short": "Call writes and CDRs not on redis.wait_replicas replicas within "
+                          "redis.wait_timeout (WAIT).",
 }
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,6 +228,10 @@ class RegisterProbe:
         return failed, back
 
 
+def _replica_wait_short(cluster) -> int:
+    return sum(w.get("replica_wait_short", 0) for w in cluster.store.processes("worker"))
+
+
 def sipctl(cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cluster.cli", "--config",
                            str(cluster.config_path), *args], capture_output=True, text=True,
@@ -248,7 +253,8 @@ class AckedWriter:
     KEY = "sentinel-test:acked"
 
     def __init__(self, port: int):
-        self.client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                  retry=None)  # stop at the first error, no retries
         self.acked = 0
         self.acked_at = 0.0
         self.started = 0.0
@@ -281,7 +287,8 @@ class AckedWriter:
 
 # ------------------------------------------------------------------ the test
 def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path):
-    settings = {"media": {"mode": "relay"}}
+    # redis.wait_replicas: the call writes and CDRs wait until the replica has them.
+    settings = {"media": {"mode": "relay"}, "redis": {"wait_replicas": 1, "wait_timeout": 0.1}}
     with running_cluster(tmp_path_factory.mktemp("sentinel-cluster"), sentinel_set.url,
                          workers=2, settings=settings) as cluster:
         provision(cluster, range(3000, 3010))
@@ -316,6 +323,8 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
                     AckedWriter(old_port) as writer:
                 time.sleep(1.0)
                 counts_before = record_counts(primary)
+                waits = primary.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+                short_before = _replica_wait_short(cluster)
                 sentinel_set.primary.stop()  # SIGKILL
                 killed_at = time.time()
                 promoted = wait_for(lambda: (sentinel_set.master_port() or old_port) != old_port
@@ -336,6 +345,10 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
             after.uas[0].result = after.uas[0].sipp.wait()
             assert after.uac.ok and after.uas[0].ok, after.report()
             assert len(wait_cdrs(cluster, "3002")) == 1
+            # Writes of one whole call (its record's version): what WAIT costs per call.
+            writes_per_call = max(cluster.store.call_version(tag)
+                                  for tag, rec in cluster.store.live_calls()
+                                  if rec.get("caller") == "3002")
 
             # Call 3, after the promotion too, ended by the operator: sipctl and the
             # workers' blocking read of hangup requests follow the new primary.
@@ -380,14 +393,22 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
         for name in ("worker-0", "worker-1", "dispatcher", "relay-0", "relay-1"):
             assert "Traceback" not in cluster.read_log(name), cluster.read_log(name)[-3000:]
         assert cdrs_of(cluster, "3000") == cdrs
+        # Calls 2 and 3 were written while the new primary had no replica: WAIT gave up
+        # on those writes after wait_timeout, and they were counted.
+        short_after = wait_for(lambda: _replica_wait_short(cluster), 5.0)
+        assert short_after > 0
         new.close()
 
+    assert waits >= 3, waits  # call 1's writes so far (INVITE, answer, ACK) waited
+    assert short_before == 0  # ... and the replica had every one in time
     report = (f"failover: promoted {promoted_at - killed_at:.1f} s after the kill; REGISTER "
               f"answered 503 for {back_at - failed_at:.1f} s "
               f"(from +{failed_at - killed_at:.2f} s); "
               f"records before {counts_before} after {counts_after}; acknowledged INCRs lost "
               f"{lost_incr} of {writer.acked} at {writer.rate:.0f}/s "
-              f"(~{1000 * lost_incr / max(writer.rate, 1):.0f} ms)")
+              f"(~{1000 * lost_incr / max(writer.rate, 1):.0f} ms); WAITs before the kill {waits}, "
+              f"writes WAIT gave up on while the new primary had no replica {short_after}; "
+              f"call record writes per call {writes_per_call} (+1 CDR)")
     print(report)
     # Loss bounds: the cluster's own records were written at least a second before the
     # kill and replicated well before it; the writer's window is a few ms of writes.
@@ -523,3 +544,28 @@ def test_readonly_from_a_replica_taken_for_the_primary_means_rediscover(sentinel
     with pytest.raises(store_module.StoreUnavailable):
         store.note_auth_failure("192.0.2.9", 10)  # a pipeline
     assert store.note_auth_failure("192.0.2.9", 10) >= 1
+
+
+def test_wait_without_a_replica_is_counted_not_fatal(redis_url):
+    """redis.wait_replicas with no replica to wait for: every write still succeeds after
+    the WAIT timeout, and each is counted (sipcluster_replica_wait_short_total)."""
+    store = Store(redis_url, timeout=1.0)
+    counters: Counter[str] = Counter()
+    store.replica_wait, store.wait_counters = (1, 20), counters
+    started = time.monotonic()
+    assert store.save_call("waited", 0, {"state": "answered"}, 60.0) == 1
+    store.add_cdr({"caller": "4200", "callee": "4201"})
+    assert time.monotonic() - started >= 0.04  # two WAITs of 20 ms
+    assert counters["replica_wait_short"] == 2
+    assert store.load_call("waited") == (1, {"state": "answered"})
+    assert [c["caller"] for c in store.cdrs()] == ["4200"]
+
+
+def test_wait_with_a_replica(sentinel_set):
+    store = Store(sentinel_set.url, timeout=1.0)
+    counters: Counter[str] = Counter()
+    store.replica_wait, store.wait_counters = (1, 500), counters
+    version = store.call_version("waited-replica")
+    for _ in range(20):
+        version = store.save_call("waited-replica", version, {"state": "answered"}, 60.0)
+    assert version is not None and counters["replica_wait_short"] == 0

@@ -132,3 +132,15 @@ def test_connect_keeps_plain_urls_as_they_were():
 ])
 def test_redacted(url, shown):
     assert redisclient.redacted(url) == shown
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SIPCLUSTER_REDIS_WAIT_REPLICAS": "-1"}, "redis.wait_replicas"),
+    ({"SIPCLUSTER_REDIS_WAIT_TIMEOUT": "0"}, "redis.wait_timeout"),
+    ({"SIPCLUSTER_REDIS_WAIT_TIMEOUT": "0.25"}, "shorter than workers.redis_timeout"),
+])
+def test_wait_settings_are_checked(tmp_path, env, message):
+    empty = tmp_path / "cluster.toml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=message):
+        load(empty, env=env, secret_file=None)
