@@ -125,7 +125,10 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     sentinel_kwargs = dict(sockets)
     if parsed.sentinel_password:
         sentinel_kwargs["password"] = parsed.sentinel_password
-    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)
+    # With several sentinels named, one that sees none of the others is cut off from them
+    # (a partition) and may still name a primary the majority has replaced: not believed.
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs,
+                        min_other_sentinels=1 if len(parsed.sentinels) > 1 else 0)
     return sentinel.master_for(
         parsed.service, db=parsed.db, username=parsed.username, password=parsed.password,
         max_connections=max_connections, **sockets)

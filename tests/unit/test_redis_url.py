@@ -110,11 +110,17 @@ def test_connect_builds_a_sentinel_managed_pool_without_connecting():
     kwargs = pool.connection_kwargs
     assert (kwargs["db"], kwargs["password"]) == (3, "pw")
     assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.25
+    assert pool.sentinel_manager.min_other_sentinels == 1  # a lone sentinel is not believed
     sentinels = pool.sentinel_manager.sentinels
     assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [1, 2]
     for sentinel in sentinels:
         options = sentinel.connection_pool.connection_kwargs
         assert options["password"] == "sp" and options["socket_timeout"] == 0.25
+
+
+def test_a_single_sentinel_is_believed_alone():
+    client = redisclient.connect("redis+sentinel://127.0.0.1:1/m", timeout=0.25)
+    assert client.connection_pool.sentinel_manager.min_other_sentinels == 0
 
 
 def test_connect_keeps_plain_urls_as_they_were():
