@@ -43,6 +43,7 @@ from calls_helpers import (
 from harness import running_cluster, wait_for
 from sipua import UA
 
+from cluster import launch
 from cluster import store as store_module
 from cluster.store import Store
 from conftest import IN_CI, REDIS_SERVER, ROOT, RedisServer, free_tcp_port, require_redis_server
@@ -581,3 +582,10 @@ def test_wait_with_a_replica(sentinel_set):
     for _ in range(20):
         version = store.save_call("waited-replica", version, {"state": "answered"}, 60.0)
     assert version is not None and counters["replica_wait_short"] == 0
+
+
+def test_the_launcher_waits_for_the_primary_through_the_sentinels(sentinel_set):
+    launch.wait_for_redis(sentinel_set.url, timeout=5.0)  # returns once PING is answered
+    unknown = sentinel_set.url.replace(f"/{SERVICE}/", "/no-such-master/")
+    with pytest.raises(launch.LaunchError, match="No master found for 'no-such-master'"):
+        launch.wait_for_redis(unknown, timeout=0.5)
