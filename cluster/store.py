@@ -564,6 +564,9 @@ class Store:
 
     def add_cdr(self, record: dict) -> None:
         fields = {k: ("" if v is None else str(v)) for k, v in record.items()}
+        if self.replica_wait[0] <= 0:
+            self._call(self.redis.xadd, CDR_STREAM, fields, maxlen=1_000_000, approximate=True)
+            return
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(CDR_STREAM, fields, maxlen=1_000_000, approximate=True)
         self._wait_replicas(pipe)
