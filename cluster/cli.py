@@ -32,6 +32,7 @@ from datetime import datetime
 
 from . import ladder
 from .config import Config, load
+from .redisclient import redacted
 from .sip import digest, sdp
 from .sip.errors import SipError
 from .sip.rtp import StreamStats
@@ -664,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, config, store)
     except StoreUnavailable as exc:
-        print(f"sipctl: Redis at {config.redis.url} is not answering: {exc}", file=sys.stderr)
+        print(f"sipctl: Redis at {redacted(config.redis.url)} is not answering: {exc}",
+              file=sys.stderr)
         return 2
     except BrokenPipeError:  # `sipctl cdr | head`
         return 0

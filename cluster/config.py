@@ -8,6 +8,9 @@ deployment's.  ``load()`` reads the TOML file, then applies, in this order:
 * ``SIPCLUSTER_<SECTION>_<KEY>``: any single setting, for example
   ``SIPCLUSTER_SIP_PORT=5070`` or ``SIPCLUSTER_AUTH_ALGORITHMS=SHA-256,MD5``.
 
+A ``redis+sentinel://`` URL (cluster/redisclient.py), wherever it comes from,
+turns ``redis.managed`` off as well: the launcher runs no replicated Redis.
+
 Unknown sections and keys are errors in both places: a misspelt setting that
 silently keeps its default is worse than a process that refuses to start.
 
@@ -27,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .redisclient import is_sentinel_url, parse_sentinel_url, redacted
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PATH = ROOT / "deploy" / "cluster.toml"
@@ -96,6 +101,8 @@ class WorkersConfig:
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     managed: bool = True
+    wait_replicas: int = 0
+    wait_timeout: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,9 @@ def load(
     values = _read_toml(config_path, required=named)
     routes = _build_routes(values.pop("routes", []))
     _apply_env(values, env)
+    redis = values.get("redis", {})
+    if is_sentinel_url(str(redis.get("url", ""))):
+        redis["managed"] = False  # a replicated Redis is run elsewhere, never by the launcher
     sections = {name: _build_section(name, values.get(name, {})) for name in SECTIONS}
     config = Config(**sections, routes=routes, source=str(config_path.resolve()))
     config = _resolve_paths(config)
@@ -416,8 +426,12 @@ def validate(config: Config) -> None:
         0 < config.dispatcher.heartbeat_interval < config.dispatcher.dead_after,
         "dispatcher.dead_after must be longer than dispatcher.heartbeat_interval (> 0)",
     )
-    _require(config.redis.url.startswith(("redis://", "rediss://", "unix://")),
-             f"redis.url must be a redis://, rediss:// or unix:// URL, not {config.redis.url!r}")
+    _validate_redis(config.redis)
+    # WAIT rides in the write's own round trip: it must give up well before the socket does,
+    # or a missing replica would turn every call write into a 503.
+    _require(config.redis.wait_replicas >= 0, "redis.wait_replicas must not be negative")
+    _require(0 < config.redis.wait_timeout < config.workers.redis_timeout,
+             "redis.wait_timeout must be positive and shorter than workers.redis_timeout")
     _validate_auth(config.auth)
     _validate_registrar(config.registrar)
     _validate_media(config.media)
@@ -431,6 +445,22 @@ def validate(config: Config) -> None:
              "calls.no_answer_timeout and calls.max_duration must not be negative")
     _require(calls.trace_max >= 0 and calls.trace_ttl >= 0,
              "calls.trace_max and calls.trace_ttl must not be negative")
+
+
+def _validate_redis(redis: RedisConfig) -> None:
+    if is_sentinel_url(redis.url):
+        try:
+            parse_sentinel_url(redis.url)
+        except ValueError as e:
+            raise ConfigError(f"redis.url: bad redis+sentinel:// URL {redacted(redis.url)!r}: "
+                              f"{e}") from None
+        # The launcher runs one redis-server, never a replicated set with its sentinels.
+        _require(not redis.managed, "redis.managed must be false with a redis+sentinel:// URL "
+                 "(the launcher runs no Sentinel)")
+        return
+    _require(redis.url.startswith(("redis://", "rediss://", "unix://")),
+             "redis.url must be a redis://, rediss://, unix:// or redis+sentinel:// URL, "
+             f"not {redacted(redis.url)!r}")
 
 
 def _validate_auth(auth: AuthConfig) -> None:

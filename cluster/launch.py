@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from cluster import redisclient
 from cluster.config import (
     RESERVED_ENV,
     ROOT,
@@ -242,7 +243,7 @@ def check_tools(config: Config) -> None:
 
 
 def wait_for_redis(url: str, timeout: float = REDIS_WAIT) -> None:
-    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    client = redisclient.connect(url, timeout=1.0, max_connections=1)  # or via Sentinel
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -251,7 +252,8 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT) -> None:
         except redis.RedisError as e:
             if time.monotonic() > deadline:
                 raise LaunchError(
-                    f"Redis at {url} did not answer PING within {timeout:.0f} s: {e}"
+                    f"Redis at {redisclient.redacted(url)} did not answer PING within "
+                    f"{timeout:.0f} s: {e}"
                 ) from e
             time.sleep(0.2)
         finally:
@@ -392,7 +394,8 @@ def settled_status(timeout: float = SETTLE_WAIT) -> str:
 def print_summary(config: Config, target: tuple[str, int], answer: bytes) -> None:
     print(settled_status())
     print(f"SIP        udp {target[0]}:{target[1]} answers: {answer.decode(errors='replace')}")
-    print(f"Redis      {config.redis.url}{' (managed)' if config.redis.managed else ''}")
+    managed = " (managed)" if config.redis.managed else ""
+    print(f"Redis      {redisclient.redacted(config.redis.url)}{managed}")
     print(f"Media      {config.media.mode}")
     print(f"Config     {config.source}")
     print(f"Logs       {config.log.dir}")

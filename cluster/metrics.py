@@ -82,6 +82,8 @@ COUNTER_HELP = {
     "hangups_deferred": "BYEs and CANCELs left unanswered while Redis was unavailable "
                         "(a retransmission is carried out once it is back).",
     "media_timeouts": "Calls reported for lack of RTP.",
+    "replica_wait_short": "Call writes and CDRs not on redis.wait_replicas replicas within "
+                          "redis.wait_timeout (WAIT).",
 }
 
 

@@ -50,6 +50,7 @@ OWNER_TIMEOUTS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 RELAY_DEAD_AFTER = 2.0  # a relay whose heartbeat is older than this is not picked
 NODES_REFRESH = 1.0  # seconds between reads of relay:nodes
 SUSPECT_FOR = 5.0  # a relay that did not answer is skipped this long for new sessions
+SILENT_TRY_FOR = 30.0  # a relay without a heartbeat this long is no longer tried at all
 
 
 class RelayError(Exception):
@@ -253,11 +254,19 @@ class RelayClient:
                                            random.random()))
 
     def candidates(self) -> list[RelayInfo]:
-        """Live relays to try for a new session: answering ones first, least loaded first."""
+        """Live relays to try for a new session: answering ones first, least loaded first;
+        then, as a last resort, relays silent for less than SILENT_TRY_FOR.  A relay's
+        heartbeat lives in Redis: after a Redis outage or failover the relays only look
+        dead until their next heartbeat (about 2 s), and they answer meanwhile."""
         now = time.monotonic()
         live = self.relays()
         fresh = [r for r in live if now - self._suspect.get(r.id, -1e9) > SUSPECT_FOR]
-        return fresh + [r for r in live if r not in fresh]
+        wall = time.time()
+        silent = sorted((r for r in self._nodes.values()
+                         if self.dead_after < wall - r.seen <= SILENT_TRY_FOR
+                         and (self.host is None or r.host == self.host)),
+                        key=lambda r: -r.seen)
+        return fresh + [r for r in live if r not in fresh] + silent
 
     def _owner(self, call_id: str) -> str | None:
         record = store_module.relay_session(self.store, call_id)

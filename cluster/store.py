@@ -86,6 +86,7 @@ from dataclasses import dataclass, field, fields
 import msgpack
 import redis
 
+from . import redisclient
 from .sip.uri import SipURI, parse_uri
 
 TX_PREFIX = "tx"
@@ -394,14 +395,15 @@ return 1
 
 
 class Store:
+    # (replicas, milliseconds): WAIT after every call write and CDR when replicas > 0
+    # (redis.wait_replicas); set by the SIP workers, the only writers of either.  Writes
+    # that WAIT saw on fewer replicas are counted in ``wait_counters["replica_wait_short"]``.
+    replica_wait: tuple[int, int] = (0, 0)
+    wait_counters: dict | None = None
+
     def __init__(self, url: str, timeout: float = 0.25, max_connections: int = 64):
         self.url = url
-        # A plain pool: measured cheaper per command than the blocking one; the worker
-        # bounds its concurrency (max_inflight) itself.
-        pool = redis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            max_connections=max_connections)
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = redisclient.connect(url, timeout, max_connections)  # or via Sentinel
         self._register = self.redis.register_script(_REGISTER_LUA)
         self._nc = self.redis.register_script(_NC_LUA)
         self._call_cas = self.redis.register_script(_CALL_CAS_LUA)
@@ -570,7 +572,10 @@ class Store:
                           {timer_member(timer_tag, name, due): due})
             _evalsha(pipe, self._call_cas, [call_key(tag)],
                      [version, pack(record), int(ttl * 1000)])
-        new = self._pipelined(build)[-1]
+            self._wait_replicas(pipe)
+        replies = self._pipelined(build)
+        self._waited(replies)
+        new = replies[len(arm)]
         return None if new < 0 else int(new)
 
     def call_version(self, tag: str) -> int:
@@ -630,7 +635,26 @@ class Store:
 
     def add_cdr(self, record: dict) -> None:
         fields = {k: ("" if v is None else str(v)) for k, v in record.items()}
-        self._call(self.redis.xadd, CDR_STREAM, fields, maxlen=1_000_000, approximate=True)
+        if self.replica_wait[0] <= 0:
+            self._call(self.redis.xadd, CDR_STREAM, fields, maxlen=1_000_000, approximate=True)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(CDR_STREAM, fields, maxlen=1_000_000, approximate=True)
+        self._wait_replicas(pipe)
+        self._waited(self._call(pipe.execute))
+
+    def _wait_replicas(self, pipe) -> None:
+        """Asynchronous replication loses what the primary acknowledged and had not sent
+        on when it died; WAIT holds the answer until a replica has it too (or the timeout
+        passed: best effort, the write stands either way).  Last in the pipeline."""
+        replicas, timeout_ms = self.replica_wait
+        if replicas > 0:
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+
+    def _waited(self, replies: list) -> None:
+        replicas = self.replica_wait[0]
+        if replicas > 0 and int(replies[-1]) < replicas and self.wait_counters is not None:
+            self.wait_counters["replica_wait_short"] += 1
 
     def cdrs(self, since_ms: int = 0, count: int = 10_000) -> list[dict]:
         entries = self._call(self.redis.xrange, CDR_STREAM, min=f"{since_ms}-0", count=count)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from harness import wait_for
 
 from cluster import store as st
 from cluster.relayctl import RelayClient, RelayError, StreamSpec, decode, encode
@@ -468,3 +469,22 @@ def test_new_calls_fall_back_to_a_relay_that_answers(relays, client, phones):
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.poll() is None
+
+
+def test_a_session_made_while_redis_refused_writes_is_kept(relay, client, store, phones):
+    """A relay answers offers while Redis is unavailable (the call goes on); once Redis is
+    back it must create the session's record, not take the missing record for a session
+    deleted meanwhile and drop it (which broke the first calls after a Redis failover)."""
+    a, b = phones
+    store.redis.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # reads still answer
+    try:
+        time.sleep(0.7)  # a heartbeat has timed out: the relay backs off from Redis
+        offered = client.offer("made-in-outage", "a", [a.spec()])
+        client.answer("made-in-outage", "b", [b.spec()], relay=offered.relay)
+        assert st.relay_session(store, "made-in-outage") is None  # nothing written yet
+    finally:
+        store.redis.execute_command("CLIENT", "UNPAUSE")
+    assert wait_for(lambda: st.relay_session(store, "made-in-outage"), 5.0, step=0.1)
+    time.sleep(2.0)  # flushes and heartbeats after the outage
+    assert client.query("made-in-outage", relay=offered.relay) is not None
+    assert st.relay_session(store, "made-in-outage")["relay"] == offered.relay

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from cluster.relayctl import StreamSpec, address_family, decode, encode, new_request_id
+from cluster.relayctl import (
+    RelayClient,
+    RelayInfo,
+    StreamSpec,
+    address_family,
+    decode,
+    encode,
+    new_request_id,
+)
 from cluster.sip.rtp import StreamStats
 from cluster.store import pack
 from workers.relay.relay import RelaySettings
@@ -130,3 +140,19 @@ def test_bind_and_advertised_addresses_per_family():
     with pytest.raises(CommandError):
         public.advertised_for(6)  # bound to :: but nothing to advertise
     assert public.control == ("127.0.0.1", 30000)
+
+
+def test_relays_silent_for_a_while_are_tried_last():
+    """After a Redis outage the relays' heartbeats are late: tried after the live ones,
+    never those silent for long or on another host."""
+    now = time.time()
+
+    def info(name: str, age: float, host: str = "h1") -> RelayInfo:
+        return RelayInfo(f"{host}/{name}", host, ("127.0.0.1", 1), 0, 0.0, now - age)
+
+    client = RelayClient(store=None, host="h1")
+    client._nodes = {r.id: r for r in (info("live", 0.5), info("late", 5.0),
+                                       info("later", 20.0), info("gone", 300.0),
+                                       info("elsewhere", 5.0, host="h2"))}
+    client._nodes_read = time.monotonic()  # nothing to read from Redis
+    assert [r.id for r in client.candidates()] == ["h1/live", "h1/late", "h1/later"]

@@ -116,6 +116,9 @@ class Relay:
         self.counters: Counter[str] = Counter()
         self.replies: OrderedDict[bytes, bytes] = OrderedDict()
         self.urgent: set[str] = set()  # sessions to save at the next tick (latching)
+        # Sessions whose commands were answered while Redis was unavailable: their record
+        # may not exist yet, so the next flush creates it (a refresh would find it "gone").
+        self.unsaved: set[str] = set()
         self.forwarded = 0
         self.started = time.time()
         self.stopping = False
@@ -479,6 +482,7 @@ class Relay:
             self._close_side(side)
         self.sessions.pop(session.call_id, None)
         self.urgent.discard(session.call_id)
+        self.unsaved.discard(session.call_id)
 
     def _close_side(self, side: Side) -> None:
         for endpoint in (side.rtp, side.rtcp):
@@ -556,11 +560,14 @@ class Relay:
                 now = time.monotonic()
                 for session in sessions:
                     session.last_flush = now
+                self.unsaved.difference_update(s.call_id for s in sessions)
             except StoreUnavailable as exc:
                 self._redis_failed(exc)
                 self.urgent.update(s.call_id for s in sessions)
+                self.unsaved.update(s.call_id for s in sessions)
         else:
             self.urgent.update(s.call_id for s in sessions)
+            self.unsaved.update(s.call_id for s in sessions)
         answer()
 
     def _flush(self, sessions: list[Session], now: float) -> None:
@@ -570,8 +577,17 @@ class Relay:
             self.urgent.discard(session.call_id)
             session.last_flush = now
         relay_id = self.settings.relay_id
+        created = [r for r in records if r[0] in self.unsaved]
+        records = [r for r in records if r[0] not in self.unsaved]
+        self.unsaved.difference_update(r[0] for r in created)
 
         def job() -> None:
+            if created:
+                try:
+                    st.relay_save_sessions(self.store, relay_id, created)
+                except StoreUnavailable:  # still to create: at a later tick
+                    self.followups.put(lambda: self._still_unsaved([r[0] for r in created]))
+                    raise
             results = st.relay_refresh_sessions(self.store, relay_id, records)
             gone = [(record[0], result) for record, result in zip(records, results, strict=True)
                     if result <= 0]
@@ -581,6 +597,11 @@ class Relay:
                                        delete_records=False)
 
         self.jobs.put(job)
+
+    def _still_unsaved(self, call_ids: list[str]) -> None:
+        live = [c for c in call_ids if c in self.sessions]
+        self.unsaved.update(live)
+        self.urgent.update(live)
 
     def _let_go(self, gone: list[tuple[str, int]]) -> None:
         # Deleted by a client that gave up on us, expired, or taken over by another relay.

@@ -74,6 +74,9 @@ class Worker:
         self.store = Store(config.redis.url, timeout=config.workers.redis_timeout,
                            max_connections=2 * config.workers.max_inflight)
         self.counters: Counter[str] = Counter()
+        self.store.replica_wait = (config.redis.wait_replicas,
+                                   int(config.redis.wait_timeout * 1000))
+        self.store.wait_counters = self.counters
         self.max_inflight = config.workers.max_inflight
         # Room beyond max_inflight for what must not be refused (responses, ACK, BYE...).
         self.pool = gevent.pool.Pool(2 * config.workers.max_inflight)

@@ -1,0 +1,140 @@
+"""The one place a Redis client is made from ``redis.url``.
+
+Two kinds of URL:
+
+* ``redis://``, ``rediss://``, ``unix://``: one Redis server (redis-py's own URL syntax);
+* ``redis+sentinel://[[user]:password@]host1:26379,host2:26379,.../<master name>[/<db>]``
+  with optional query ``?sentinel_password=...``: a replicated Redis watched by Redis
+  Sentinel.  The client asks the sentinels which server is the primary before every new
+  connection, so it follows a failover.  The password (and user) are the data servers';
+  the sentinels get ``sentinel_password`` when given, none otherwise.  Default port 26379,
+  default db 0.  IPv6 hosts in brackets: ``[::1]:26379``.
+
+One string carries the whole setting, so ``REDIS_URL`` and every process (workers, relays,
+dispatcher, sipctl, metrics, the launcher's readiness check) reach the same Redis the same
+way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote
+
+import redis
+from redis.sentinel import Sentinel
+
+SENTINEL_SCHEME = "redis+sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))"
+                   r"(?::(?P<port>[^:]*))?$")
+_SERVICE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.lower().startswith(SENTINEL_SCHEME + "://")
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse a redis+sentinel:// URL; ValueError saying what is wrong otherwise."""
+    if not is_sentinel_url(url):
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+    rest = url[len(SENTINEL_SCHEME) + 3:]
+    rest, _, query = rest.partition("?")
+    if "#" in rest or "#" in query:
+        raise ValueError("a fragment (#...) means nothing here")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if password is None:
+            raise ValueError("credentials must be [user]:password@ (the password is missing)")
+    if not hosts:
+        raise ValueError("no sentinel named: expected host:port[,host:port...]")
+    sentinels = tuple(_sentinel_address(item) for item in hosts.split(","))
+    parts = path.split("/") if slash else []
+    if parts and parts[-1] == "":
+        parts.pop()  # a trailing slash
+    if not parts or not parts[0]:
+        raise ValueError("the master name is missing: .../<master name>[/<db>]")
+    if len(parts) > 2:
+        raise ValueError("the path is /<master name>[/<db>], nothing more")
+    service = unquote(parts[0])
+    if not _SERVICE.match(service):
+        raise ValueError(f"bad master name {service!r} (letters, digits, '.', '_', '-')")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise ValueError(f"the database must be a number, not {parts[1]!r}")
+        db = int(parts[1])
+    options = parse_qs(query, keep_blank_values=True, strict_parsing=False) if query else {}
+    unknown = set(options) - {"sentinel_password"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} "
+                         "(only sentinel_password)")
+    sentinel_password = options.get("sentinel_password", [None])[-1] or None
+    return SentinelURL(sentinels, service, db, username, password, sentinel_password)
+
+
+def _sentinel_address(item: str) -> tuple[str, int]:
+    match = _HOST.match(item.strip())
+    if not item.strip() or match is None:
+        raise ValueError(f"bad sentinel address {item!r}: expected host:port")
+    host = match.group("v6") or match.group("name")
+    port_text = match.group("port")
+    if port_text is None or port_text == "":
+        if port_text == "":
+            raise ValueError(f"bad sentinel address {item!r}: the port is empty")
+        return host, DEFAULT_SENTINEL_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad sentinel address {item!r}: port must be 1-65535")
+    return host, int(port_text)
+
+
+def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
+    """A client for ``url`` whose commands give up after ``timeout`` seconds.
+
+    For a Sentinel URL, redis-py's SentinelConnectionPool asks the sentinels for the
+    primary's address whenever it opens a connection, and drops idle connections when the
+    address changed; its connections turn READONLY (a demoted primary still reached) into a
+    ConnectionError after disconnecting, so the next command rediscovers the primary
+    instead of failing for ever.
+    """
+    if not is_sentinel_url(url):
+        # A plain pool: measured cheaper per command than the blocking one; the worker
+        # bounds its concurrency (max_inflight) itself.
+        pool = redis.ConnectionPool.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            max_connections=max_connections)
+        return redis.Redis(connection_pool=pool)
+    parsed = parse_sentinel_url(url)
+    sockets = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    sentinel_kwargs = dict(sockets)
+    if parsed.sentinel_password:
+        sentinel_kwargs["password"] = parsed.sentinel_password
+    # With several sentinels named, one that sees none of the others is cut off from them
+    # (a partition) and may still name a primary the majority has replaced: not believed.
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs,
+                        min_other_sentinels=1 if len(parsed.sentinels) > 1 else 0)
+    return sentinel.master_for(
+        parsed.service, db=parsed.db, username=parsed.username, password=parsed.password,
+        max_connections=max_connections, **sockets)
+
+
+def redacted(url: str) -> str:
+    """The URL without its passwords, for logs and messages."""
+    url = re.sub(r"(sentinel_password=)[^&]*", r"\1***", url)
+    return re.sub(r"^([a-z+]+://[^/@]*?:)[^/@]*@", r"\1***@", url)
