@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from backends import REDIS_SENTINEL, AofRedis, SentinelRedis
+from backends import AofRedis, SentinelRedis
 from calls_helpers import (
     PASSWORD,
     SipMessage,
@@ -39,10 +39,11 @@ from calls_helpers import (
 )
 from harness import Cluster, wait_for
 from rtp_phone import Phone
+from sentinels import require_sentinel
 from sipp import Sipp
 
 from cluster import store as store_module
-from conftest import IN_CI, REDIS_SERVER, require_redis_server
+from conftest import REDIS_SERVER, require_redis_server
 
 RATE = 10  # calls per second
 CALLS = 200  # 20 s of load
@@ -322,7 +323,7 @@ def test_whole_host_restart(tmp_path):
     run_cell(tmp_path, AofRedis(tmp_path / "redis"), restart_host, "host restart")
 
 
-@pytest.mark.skipif(REDIS_SENTINEL is None and not IN_CI, reason="redis-sentinel not installed")
 def test_sentinel_primary_failover(tmp_path):
+    require_sentinel()
     run_cell(tmp_path, SentinelRedis(tmp_path / "sentinel"), sentinel_failover,
              "sentinel failover")

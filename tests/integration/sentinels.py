@@ -1,0 +1,144 @@
+"""Redis Sentinel for tests: a primary, one replica and three sentinels on loopback.
+
+Used by test_sentinel.py and by the fault matrix (tests/ha).  Skipped where
+redis-sentinel is not installed, except in CI (env CI set), where that fails the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from harness import wait_for
+
+from conftest import IN_CI, RedisServer, free_tcp_port, require_redis_server
+
+REDIS_SENTINEL = shutil.which("redis-sentinel")
+NO_SENTINEL_REASON = ("redis-sentinel is not installed (apt-get install -y redis-sentinel); "
+                      "in CI (env CI set) this is an error, not a skip")
+SERVICE = "sipcluster"
+DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 3000
+
+
+def require_sentinel() -> None:
+    require_redis_server()
+    if REDIS_SENTINEL is not None:
+        return
+    if IN_CI:
+        pytest.fail(NO_SENTINEL_REASON, pytrace=False)
+    pytest.skip(NO_SENTINEL_REASON)
+
+
+@dataclass
+class SentinelSet:
+    """A primary, one replica and three sentinels, each a child process on 127.0.0.1."""
+
+    directory: Path
+    primary: RedisServer | None = None
+    replica: RedisServer | None = None
+    sentinel_ports: list[int] = field(default_factory=list)
+    sentinels: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def start(self) -> SentinelSet:
+        self.primary = RedisServer(self.directory / "a").start()
+        self.replica = start_replica(self.directory / "b", self.primary.port)
+        for index in range(3):
+            self.sentinel_ports.append(self._start_sentinel(index))
+        # Ready when every sentinel knows the replica and the two other sentinels: only
+        # then can they agree on a failover.
+        assert wait_for(self.all_see_everything, 20.0, step=0.2), "sentinels did not settle"
+        return self
+
+    def _start_sentinel(self, index: int) -> int:
+        folder = self.directory / f"sentinel-{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(5):  # a "free" port can be taken between probe and bind
+            port = free_tcp_port()
+            conf = folder / "sentinel.conf"  # Sentinel rewrites it: one per process
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n")
+            process = subprocess.Popen([REDIS_SENTINEL, str(conf)], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                if wait_for(lambda c=client: _pings(c), 5.0) and process.poll() is None:
+                    self.sentinels.append(process)
+                    return port
+            finally:
+                client.close()
+            process.kill()
+            process.wait(timeout=10)
+        raise RuntimeError("redis-sentinel did not start")
+
+    def all_see_everything(self) -> bool:
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                if (len(client.sentinel_slaves(SERVICE)) < 1
+                        or len(client.sentinel_sentinels(SERVICE)) < 2):
+                    return False
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        return True
+
+    def master_port(self) -> int | None:
+        """The primary's port as a majority of the sentinels report it."""
+        votes: dict[int, int] = {}
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                _, master = client.sentinel_get_master_addr_by_name(SERVICE)
+                votes[int(master)] = votes.get(int(master), 0) + 1
+            except (redis.RedisError, TypeError):
+                continue
+            finally:
+                client.close()
+        best = max(votes.items(), key=lambda kv: kv[1], default=(None, 0))
+        return best[0] if best[1] >= 2 else None
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+        for server in (self.primary, self.replica):
+            if server is not None:
+                server.stop()
+
+
+def start_replica(directory: Path, primary_port: int, port: int = 0) -> RedisServer:
+    """A redis-server replicating ``primary_port`` (or on ``port`` with no REPLICAOF when
+    primary_port is 0: the old primary coming back, left to the sentinels to demote)."""
+    server = RedisServer(directory, port=port).start()
+    if primary_port:
+        client = server.client()
+        try:
+            client.replicaof("127.0.0.1", primary_port)
+            assert wait_for(lambda: client.info("replication").get("master_link_status") == "up",
+                            10.0, step=0.1), "the replica did not sync"
+        finally:
+            client.close()
+    return server
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
