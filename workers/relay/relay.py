@@ -119,6 +119,7 @@ class Relay:
         self.forwarded = 0
         self.started = time.time()
         self.stopping = False
+        self._restore_pending = True  # until the sessions of before a restart are read
         self._redis_down_until = 0.0
         self._next_heartbeat = 0.0
         self._rotation: list[str] = []  # call ids still to visit in this period
@@ -140,14 +141,20 @@ class Relay:
         return sock
 
     def restore(self) -> int:
-        """Bind the sessions this relay had before a restart; returns how many."""
+        """Bind the sessions this relay had before a restart; returns how many.
+
+        After a host restart Redis may still be loading its data when the relay starts:
+        then housekeeping asks again, every REDIS_BACKOFF, until Redis answers."""
         try:
             records = st.relay_owned_sessions(self.store, self.settings.relay_id)
         except StoreUnavailable as exc:
-            log.warning("cannot read my sessions from Redis: %s", exc)
+            self._redis_failed(exc)  # logged; read again after the back-off
             return 0
+        self._restore_pending = False
         restored = 0
         for record in records:
+            if record.get("call_id") in self.sessions:
+                continue  # set up anew meanwhile
             try:
                 session = Session.from_record(record)
                 self._bind_session(session)
@@ -604,6 +611,8 @@ class Relay:
 
     def _housekeeping(self, now: float) -> None:
         self._run_followups()
+        if self._restore_pending and self._redis_ok():
+            self.counters["restored"] += self.restore()
         due = [s for call_id in self.urgent if (s := self.sessions.get(call_id))]
         for session in self._visit_slice():
             if self._check_timers(session, now):
