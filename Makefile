@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run stop test bench lint clean
+.PHONY: venv run stop test bench lint clean distclean
 
 venv: $(STAMP)
 
@@ -29,6 +29,13 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# clean keeps state/ (the managed Redis's data: users, registrations, live calls, CDRs);
+# distclean deletes it too.
 clean:
 	if [ -x $(VENV)/bin/sipcluster ]; then $(VENV)/bin/sipcluster down || true; fi
 	rm -rf $(VENV) run
+	@if [ -d state ]; then echo "kept state/ (users, registrations, CDRs): make distclean deletes it"; fi
+
+distclean: clean
+	rm -rf state
+	@echo "deleted state/: every user, registration and CDR of the managed Redis"

@@ -3,8 +3,14 @@
 `up` renders run/supervisord.conf from deploy/supervisord.conf.in for the
 loaded configuration, starts supervisord (or tells a running one to pick up
 the new configuration), waits for Redis, provisions the demo users with
-`sipctl users demo`, and then sends SIP OPTIONS to the advertised address
-until the cluster answers.  `down` shuts supervisord down and waits for it.
+`sipctl users demo --if-empty` (only into a directory without any user, so an
+operator's users and passwords are never touched), and then sends SIP OPTIONS
+to the advertised address until the cluster answers.  `down` shuts
+supervisord down and waits for it.
+
+The managed Redis keeps its data in redis.state_dir (an append-only file,
+fsynced every second), outside run/: `make clean` keeps it, a host restart
+finds every user, registration, live call and CDR again.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from cluster.config import (
 
 TEMPLATE = ROOT / "deploy" / "supervisord.conf.in"
 VENV_BIN = Path(sys.executable).parent
-REDIS_WAIT = 10.0
+REDIS_WAIT = 60.0  # a Redis loading a large append-only file answers LOADING meanwhile
 SIP_WAIT = 30.0
 PROBE_INTERVAL = 0.5
 STOP_WAIT = 30.0
@@ -64,7 +70,7 @@ def render_supervisord(
 ) -> str:
     """The text of run/supervisord.conf for ``config``."""
     log_dir = Path(config.log.dir)
-    for path in (ROOT, run_dir, log_dir, Path(python)):
+    for path in (ROOT, run_dir, log_dir, Path(python), Path(config.redis.state_dir)):
         # supervisord %-expands paths, some of them twice: a % cannot be escaped reliably.
         if "%" in str(path):
             raise LaunchError(f"paths with a % sign are not supported: {path}")
@@ -72,7 +78,7 @@ def render_supervisord(
         _program("dispatcher", [python, "-m", "cluster.dispatcher"], config, log_dir, env)
     ]
     if config.redis.managed:
-        programs.insert(0, _redis_program(config, run_dir, log_dir))
+        programs.insert(0, _redis_program(config, log_dir))
     if config.media.mode == "relay":
         programs.append(_program("relay", [python, "-m", "workers.relay"], config, log_dir, env,
                                  numprocs=config.media.relays, index_var="SIPCLUSTER_RELAY_INDEX"))
@@ -86,10 +92,22 @@ def render_supervisord(
     )
 
 
-def _redis_program(config: Config, run_dir: Path, log_dir: Path) -> str:
+# The managed Redis persists every write: an append-only file (AOF) written out before the
+# replies go (unless a slow disk holds an fsync for over a second: then up to 2 s later) and
+# fsynced every second, so a kill -9 of Redis (or of every process) loses nothing it
+# acknowledged, and a power loss or kernel crash about the last second.  RDB snapshots are off (the
+# AOF holds it all; its rewrites start with an RDB preamble, which loads fast); a file cut
+# short by a crash is loaded up to its last whole command; and no key is ever evicted (a
+# full Redis refuses writes, which the cluster answers 503, rather than dropping calls).
+REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                     "--aof-use-rdb-preamble", "yes", "--aof-load-truncated", "yes",
+                     "--maxmemory-policy", "noeviction")
+
+
+def _redis_program(config: Config, log_dir: Path) -> str:
     server = shutil.which("redis-server") or "redis-server"
     command = [server, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
-               "--save", "", "--appendonly", "no", "--dir", str(run_dir / "redis")]
+               *REDIS_PERSISTENCE, "--dir", config.redis.state_dir]
     return _program("redis", command, config, log_dir, env={})
 
 
@@ -195,8 +213,12 @@ def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProces
 
 def write_config(config: Config, run_dir: Path = RUN_DIR) -> Path:
     """Render run/supervisord.conf (and create the folders it names)."""
-    for folder in (run_dir, Path(config.log.dir), run_dir / "redis"):
+    for folder in (run_dir, Path(config.log.dir)):
         folder.mkdir(parents=True, exist_ok=True)
+    if config.redis.managed:
+        state = Path(config.redis.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        state.chmod(0o700)  # the AOF holds every user's HA1 hashes
     target = conf_path(run_dir)
     temporary = target.with_suffix(".tmp")
     temporary.write_text(render_supervisord(config, run_dir=run_dir))
@@ -257,11 +279,14 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT) -> None:
 
 
 def provision_demo_users(config: Config) -> bool:
+    """The demo users, only into a directory that has no user at all: a user the operator
+    deleted cannot be told from one never created, so once anybody is in the directory
+    (the demo users themselves after the first start) the launcher adds nobody."""
     sipctl = VENV_BIN / "sipctl"
     env = {**os.environ, "SIPCLUSTER_CONFIG": config.source}
     try:
-        result = subprocess.run([str(sipctl), "users", "demo"], env=env, text=True,
-                                capture_output=True, timeout=60)
+        result = subprocess.run([str(sipctl), "users", "demo", "--if-empty"], env=env,
+                                text=True, capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         print(f"ERROR: `{sipctl} users demo` could not run: {e}", file=sys.stderr)
         return False

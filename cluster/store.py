@@ -397,6 +397,10 @@ class Store:
         aor = aor_of(user, realm)
         return bool(self._call(self.redis.delete, user_key(aor), reg_key(aor)))
 
+    def has_users(self) -> bool:
+        """Whether the directory holds any user, of any realm."""
+        return next(self._scan("user:*"), None) is not None
+
     def list_users(self, realm: str | None = None) -> list[dict]:
         users = []
         for key in self._scan("user:*"):
