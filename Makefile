@@ -30,7 +30,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 # clean keeps state/ (the managed Redis's data: users, registrations, live calls, CDRs);
-# distclean deletes it too.
+# distclean deletes it too (the default redis.state_dir; one configured elsewhere is left alone).
 clean:
 	if [ -x $(VENV)/bin/sipcluster ]; then $(VENV)/bin/sipcluster down || true; fi
 	rm -rf $(VENV) run

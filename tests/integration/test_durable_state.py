@@ -70,11 +70,13 @@ RINGING = ("1004", "1005")  # ringing at the fault, answered after it
 LATER = ("1006", "1007")  # 1007 registers before the fault and is called after it
 UNANSWERED = ("1008", "1009")  # rings until the no-answer timer fires, after the fault
 DOWN = 1.5  # seconds without Redis (more than the AOF's fsync period)
-# The calls' timing, from their start (ms); the fault comes right after both are set up.
-# BYE and answer come once the cluster is back, generously: a request arriving while the
-# cluster runs without Redis is refused (503), which these tests are not about.
-UP_HOLD_MS = {"redis": 9000, "host": 14000}
+# The calls' timing, from their start (ms); the fault comes right after they are set up.
+# The BYE comes once the cluster is back, generously: a request arriving while the cluster
+# runs without Redis is refused (503), which these tests are not about.  An answer arriving
+# meanwhile is only delayed (the callee repeats its 200 until it is ACKed).
+UP_HOLD_MS = {"redis": 12000, "host": 16000}
 RING_MS = {"redis": 7000, "host": 11000}
+RESTART_LIMIT = 12.0  # seconds a host restart may take: within the phones' retransmissions
 PROCESSES_WAIT = 20.0
 
 
@@ -254,7 +256,9 @@ def test_calls_registrations_and_cdrs_survive_kill9_of_redis(tmp_path, aof_redis
             calls = set_up_calls(cluster, tmp_path, "redis")
             time.sleep(1.1)  # past one AOF fsync: the state is on disk, not only written
             before = snapshot(cluster, calls)
+            killed = time.monotonic()
             aof_redis.restart(down=DOWN)
+            print(f"redis kill -9: answering again after {time.monotonic() - killed:.2f} s")
             check_state_is_back(cluster, calls, before)
             check_calls_complete(cluster, tmp_path, calls)
             check_processes_settle(cluster)
@@ -328,7 +332,8 @@ def test_calls_registrations_and_cdrs_survive_a_host_restart(tmp_path, how):
         restored = sum(int(n) for name in ("relay-0", "relay-1")
                        for n in re.findall(r"restored (\d+) sessions", cluster.read_log(name)))
         assert restored == 3, cluster.log_tail()  # up, ringing, unanswered
-        assert outage < RING_MS["host"] / 1000 - 2, f"the restart took {outage:.1f} s"
+        print(f"host {how}: SIP back after {outage:.1f} s")
+        assert outage < RESTART_LIMIT, f"the restart took {outage:.1f} s"
         check_calls_complete(cluster, tmp_path, calls)
         check_processes_settle(cluster)
     finally:
