@@ -1,8 +1,9 @@
 """`sipcluster up|down|status|render`: run the whole cluster of one host under supervisord.
 
 `up` renders run/supervisord.conf from deploy/supervisord.conf.in for the
-loaded configuration, starts supervisord (or tells a running one to pick up
-the new configuration), waits for Redis, provisions the demo users with
+loaded configuration, stops whatever a killed supervisord left running (they
+hold the ports), starts supervisord (or tells a running one to pick up the new
+configuration), waits for Redis, provisions the demo users with
 `sipctl users demo --if-empty` (only into a directory without any user, so an
 operator's users and passwords are never touched), and then sends SIP OPTIONS
 to the advertised address until the cluster answers.  `down` shuts
@@ -20,6 +21,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -106,8 +108,10 @@ REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec", "--save
 
 def _redis_program(config: Config, log_dir: Path) -> str:
     server = shutil.which("redis-server") or "redis-server"
+    # A process title written over its environment would hide the supervisord marks by
+    # which `sipcluster up` recognises a Redis that a killed supervisord left running.
     command = [server, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
-               *REDIS_PERSISTENCE, "--dir", config.redis.state_dir]
+               *REDIS_PERSISTENCE, "--dir", config.redis.state_dir, "--set-proc-title", "no"]
     return _program("redis", command, config, log_dir, env={})
 
 
@@ -234,6 +238,66 @@ def ensure_secret(config: Config, secret_file: Path = SECRET_FILE) -> None:
     descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
+
+
+def leftover_processes(run_dir: Path = RUN_DIR) -> dict[int, str]:
+    """Processes an earlier supervisord of ``run_dir`` started and left running when it was
+    killed (SIGKILL gives it no chance to stop them): pid -> program name.  supervisord
+    marks every child's environment with its control socket, which names run_dir."""
+    marker = f"SUPERVISOR_SERVER_URL=unix://{run_dir}/supervisor.sock".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if marker in environ:
+            name = next((v.split(b"=", 1)[1].decode(errors="replace") for v in environ
+                         if v.startswith(b"SUPERVISOR_PROCESS_NAME=")), "?")
+            found[int(entry.name)] = name
+    return found
+
+
+def stop_leftovers(run_dir: Path = RUN_DIR, timeout: float = STOP_WAIT) -> int:
+    """Stop what a killed supervisord left behind, as `sipcluster down` would have: they hold
+    the ports the new processes need (the new ones would crash-loop) and run unsupervised.
+    SIGTERM, Redis last (the relays save their sessions into it as they stop; it writes out
+    its AOF), then SIGKILL for whatever is still there after ``timeout``.  How many."""
+    leftovers = leftover_processes(run_dir)
+    if not leftovers:
+        return 0
+    print(f"stopping {len(leftovers)} process(es) an earlier supervisord left running: "
+          + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(leftovers.items())))
+    redis_last = ([pid for pid, name in leftovers.items() if name != "redis"],
+                  [pid for pid, name in leftovers.items() if name == "redis"])
+    deadline = time.monotonic() + timeout
+    for pids in redis_last:
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for pid in leftovers:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
+    return len(leftovers)
+
+
+def _signal(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for its parent does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def start_supervisord(conf: Path) -> None:
@@ -385,6 +449,8 @@ def up(config: Config) -> int:
     check_tools(config)
     ensure_secret(config)
     conf = write_config(config)
+    if supervisord_pid() is None:
+        stop_leftovers()
     start_supervisord(conf)
     try:
         wait_for_redis(config.redis.url)

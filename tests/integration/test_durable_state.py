@@ -14,10 +14,13 @@ mode, with digest on every call (SIPp):
 Faults: kill -9 of redis-server, restarted on the same port and folder; a host restart
 (`make stop; make run`: supervisord shuts everything down, the managed Redis too, and
 starts again); a host crash (supervisord and every process it runs killed with SIGKILL,
-then started again).  Afterwards users, registrations, both call records, their relay
-sessions and the earlier CDR are still there; both calls complete on both SIPp sides (each
-callee gets its BYE), exactly one CDR each; the phone registered before the fault rings
-without registering again; and no process is left crash-looping.
+then started again); supervisord alone killed with SIGKILL (what it left running is
+stopped, as `sipcluster up` does, then everything is started again).
+
+Afterwards users, registrations, the call records, their relay sessions and the earlier CDR
+are still there; the calls complete on both SIPp sides (each callee gets its BYE or CANCEL),
+exactly one CDR each; the phone registered before the fault rings without registering
+again; and no process is left crash-looping.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from harness import Cluster, running_cluster
 from sipp import SIPP
 
 from cluster import launch
+from cluster.relayctl import RelayClient
 from cluster.store import Store, relay_session
 from conftest import ROOT, RedisServer, free_tcp_port, require_redis_server
 
@@ -284,6 +288,17 @@ def start(cluster: Cluster) -> None:
                    check=True, cwd=ROOT, env=cluster.env)
     launch.wait_for_redis(cluster.redis_url, timeout=20.0)
     cluster.wait_ready(30.0)
+    wait_relays(cluster)
+
+
+def wait_relays(cluster: Cluster, timeout: float = 20.0) -> None:
+    """Until every relay announces itself: a call offered before gets 503 (no relay)."""
+    client = RelayClient(cluster.store, host=cluster.config.sip.effective_host_id)
+
+    def live() -> bool:
+        client._nodes_read = -1e9  # read relay:nodes again now
+        return len(client.relays()) == cluster.config.media.relays
+    assert wait_for(live, timeout, step=0.1), cluster.log_tail()
 
 
 def crash(cluster: Cluster) -> None:
@@ -309,7 +324,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("how", ["stop", "crash"])
+@pytest.mark.parametrize("how", ["stop", "crash", "supervisord"])
 def test_calls_registrations_and_cdrs_survive_a_host_restart(tmp_path, how):
     require_redis_server()
     cluster = managed_cluster(tmp_path)
@@ -323,8 +338,14 @@ def test_calls_registrations_and_cdrs_survive_a_host_restart(tmp_path, how):
         if how == "stop":
             cluster.stop()  # `make stop`: workers drain, relays save, Redis closes its AOF
             assert not (cluster.run_dir / "supervisord.pid").exists(), cluster.log_tail()
-        else:
+        elif how == "crash":
             crash(cluster)
+        else:  # only supervisord is killed: `sipcluster up` stops what it left running
+            programs = {name.split(":")[-1] for name in cluster.processes()}
+            os.kill(int((cluster.run_dir / "supervisord.pid").read_text()), signal.SIGKILL)
+            assert set(launch.leftover_processes(cluster.run_dir).values()) == programs
+            assert launch.stop_leftovers(cluster.run_dir) == len(programs)
+            assert launch.leftover_processes(cluster.run_dir) == {}
         start(cluster)
         outage = time.monotonic() - down_at
         check_state_is_back(cluster, calls, before)
@@ -339,6 +360,7 @@ def test_calls_registrations_and_cdrs_survive_a_host_restart(tmp_path, how):
     finally:
         stop_calls(calls)
         cluster.stop()
+        launch.stop_leftovers(cluster.run_dir, timeout=10.0)  # had supervisord been killed
 
 
 # ------------------------------------------------------------------ demo users
@@ -389,8 +411,6 @@ def test_a_relay_started_before_redis_answers_restores_its_sessions_later(redis_
     """After a host restart the relays may start while Redis still loads its data: they
     read their sessions again once it answers, instead of starting empty."""
     from test_relay import Phone, RelayProcs, call, receive, rtp, wait_for_relays
-
-    from cluster.relayctl import RelayClient
 
     ports = {"rtp_port_min": "38800", "rtp_port_max": "38999", "media_timeout": "30"}
     store = Store(redis_url, timeout=2.0)

@@ -91,6 +91,8 @@ def test_managed_redis_persists_into_the_state_folder(tmp_path):
     assert argv[argv.index("--aof-load-truncated") + 1] == "yes"
     assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
     assert "--save ''" in redis.command  # an empty argument: no RDB snapshots beside the AOF
+    # Its environment stays readable: how `sipcluster up` finds one a killed supervisord left.
+    assert argv[argv.index("--set-proc-title") + 1] == "no"
     # The default state folder is state/redis of the checkout, outside run/ (make clean).
     assert argv[argv.index("--dir") + 1] == str(ROOT / "state" / "redis")
     assert config.redis.state_dir == str(ROOT / "state" / "redis")
