@@ -97,10 +97,11 @@ def render_supervisord(
 # The managed Redis persists every write: an append-only file (AOF) written out before the
 # replies go (unless a slow disk holds an fsync for over a second: then up to 2 s later) and
 # fsynced every second, so a kill -9 of Redis (or of every process) loses nothing it
-# acknowledged, and a power loss or kernel crash about the last second.  RDB snapshots are off (the
-# AOF holds it all; its rewrites start with an RDB preamble, which loads fast); a file cut
-# short by a crash is loaded up to its last whole command; and no key is ever evicted (a
-# full Redis refuses writes, which the cluster answers 503, rather than dropping calls).
+# acknowledged, and a power loss or kernel crash about the last second.  RDB snapshots are
+# off (the AOF holds it all; its rewrites start with an RDB preamble, which loads fast); a
+# file cut short by a crash is loaded up to its last whole command; and no key is ever
+# evicted (a full Redis refuses writes, which the cluster answers 503, rather than dropping
+# calls).
 REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                      "--aof-use-rdb-preamble", "yes", "--aof-load-truncated", "yes",
                      "--maxmemory-policy", "noeviction")
@@ -270,10 +271,10 @@ def stop_leftovers(run_dir: Path = RUN_DIR, timeout: float = STOP_WAIT) -> int:
         return 0
     print(f"stopping {len(leftovers)} process(es) an earlier supervisord left running: "
           + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(leftovers.items())))
-    redis_last = ([pid for pid, name in leftovers.items() if name != "redis"],
-                  [pid for pid, name in leftovers.items() if name == "redis"])
+    phases = ([pid for pid, name in leftovers.items() if name != "redis"],
+              [pid for pid, name in leftovers.items() if name == "redis"])
     deadline = time.monotonic() + timeout
-    for pids in redis_last:
+    for pids in phases:
         for pid in pids:
             _signal(pid, signal.SIGTERM)
         while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
