@@ -444,3 +444,26 @@ def test_a_relay_started_before_redis_answers_restores_its_sessions_later(redis_
         a.close()
         b.close()
 
+
+
+# ------------------------------------------------------------------ a version Redis lost
+def test_a_call_version_lost_by_redis_is_not_given_again(redis_url):
+    """Redis comes back without its last write (the AOF's last second after a power loss):
+    the next write must not reuse the lost version number, or a worker holding the lost
+    record in its cache would pass its compare-and-set and write from a state Redis no
+    longer has."""
+    from cluster.store import call_key
+
+    store = Store(redis_url, timeout=2.0)
+    first = store.save_call("lost-version", 0, {"state": "ringing"}, 60.0)
+    kept = store.redis.dump(call_key("lost-version"))
+    lost = store.save_call("lost-version", first, {"state": "answered"}, 60.0)
+    assert lost is not None and lost > first
+    store.redis.restore(call_key("lost-version"), 0, kept, replace=True)  # the rollback
+    again = store.save_call("lost-version", first, {"state": "ended"}, 60.0)  # another worker
+    assert again is not None and again > first
+    assert again != lost
+    # The worker that cached the lost record loses its compare-and-set and reads Redis's.
+    assert store.save_call("lost-version", lost, {"state": "answered", "stale": True},
+                           60.0) is None
+    assert store.load_call("lost-version") == (again, {"state": "ended"})
