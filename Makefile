@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run stop test bench lint clean distclean
+.PHONY: venv run stop test test-ha bench lint clean distclean
 
 venv: $(STAMP)
 
@@ -21,7 +21,11 @@ stop: venv
 	$(VENV)/bin/sipcluster down
 
 test: venv
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q tests/unit tests/integration
+
+# The fault matrix: every kind of failure under SIPp load, about 40 s a fault.
+test-ha: venv
+	$(PYTHON) -m pytest -q tests/ha
 
 bench: venv
 	$(PYTHON) -m bench

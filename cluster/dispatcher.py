@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 import msgpack
 
 from . import envelope, metrics
+from .backoff import Backoff
 from .config import Config, load
 from .envelope import SLOTS, affinity_key
 from .logsetup import setup_logging
 from .sip import scan, stun
-from .store import Store, StoreUnavailable
+from .store import Store
 
 log = logging.getLogger("dispatcher")
 RECV_BUFFER = 4 * 1024 * 1024
@@ -254,6 +255,7 @@ class Dispatcher:
     # ---------------------------------------------------------------- reporting
     def _publish_loop(self) -> None:
         store = Store(self.config.redis.url, timeout=1.0, max_connections=2)
+        backoff = Backoff(log, "heartbeat")
         while self.running:
             info = {"role": "dispatcher", "host": self.host, "name": "dispatcher",
                     "pid": os.getpid(), "started": self.started, "seen": time.time(),
@@ -268,8 +270,10 @@ class Dispatcher:
                     # What other hosts send to: a bind address of 0.0.0.0 reaches no one.
                     host["egress"] = [self.config.dispatcher.inter_host_address or bound, port]
                 store.announce_host(self.host, host, ttl=5)
-            except StoreUnavailable as exc:
-                log.warning("cannot publish heartbeat: %s", exc)
+            except Exception as exc:  # whatever it is, this thread must not end (it did)
+                time.sleep(backoff.failed(exc))
+                continue
+            backoff.ok()
             time.sleep(1.0)
 
     def stop(self, *_args) -> None:

@@ -301,16 +301,18 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def supervisord_command(conf: Path) -> list[str]:
+    """supervisord with prompt restarts (cluster/supervise.py), daemonizing itself."""
+    return [sys.executable, "-m", "cluster.supervise", "-c", str(conf)]
+
+
 def start_supervisord(conf: Path) -> None:
     if supervisord_pid() is not None:
         print("supervisord is running: applying the new configuration")
         supervisorctl("update")
         supervisorctl("start", "all")
         return
-    supervisord = VENV_BIN / "supervisord"
-    if not supervisord.exists():
-        raise LaunchError(f"{supervisord} not found: run `make venv` first")
-    result = subprocess.run([str(supervisord), "-c", str(conf)], text=True, capture_output=True)
+    result = subprocess.run(supervisord_command(conf), text=True, capture_output=True, cwd=ROOT)
     if result.returncode != 0:
         raise LaunchError(f"supervisord failed to start:\n{result.stdout}{result.stderr}")
 

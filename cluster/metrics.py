@@ -79,6 +79,8 @@ COUNTER_HELP = {
                                 "being handled.",
     "shed": "Requests refused with 503 because the worker was full.",
     "store_unavailable": "Events that found Redis slow or gone.",
+    "hangups_deferred": "BYEs and CANCELs left unanswered while Redis was unavailable "
+                        "(a retransmission is carried out once it is back).",
     "media_timeouts": "Calls reported for lack of RTP.",
 }
 

@@ -13,8 +13,11 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    on every read.
   ping:{<user>@<realm>}            hash: binding key hash -> OPTIONS pings sent and not answered
                                    (registrar.ping_interval > 0).  TTL: 10 ping intervals.
-  nc:{<user>@<realm>}:<nonce>      last nonce-count accepted for that nonce (plain integer).
-                                   TTL: the nonce lifetime.  A count not above it is a replay.
+  nc:{<user>@<realm>}:<nonce>      last nonce-count accepted for that nonce: "<count>" (from
+                                   REGISTER) or "<count> <transaction key>" (other requests).
+                                   TTL: the nonce lifetime.  A count not above it is a replay,
+                                   except the same count from the same transaction: that is a
+                                   retransmission whose first copy reached a worker that died.
   tx:{<tag>}:<transaction key>     a server transaction's answer (raw SIP bytes; empty while the
                                    request is being worked on), so a retransmission is answered
                                    from here and never processed twice.  Tag: the AOR for
@@ -114,6 +117,43 @@ class StoreUnavailable(Exception):
     """Redis did not answer in time, or is gone."""
 
 
+# Redis error replies that say "not now" rather than "wrong command": the request may work
+# once Redis has loaded its data, a replica was promoted, memory was freed, a script ended
+# or a cluster slot moved.  Everything else a ResponseError says is a bug here, re-raised.
+# (redis-py strips the code off the classes it knows, hence classes and codes both.)
+_UNAVAILABLE_CLASSES = (
+    redis.ConnectionError,  # also BusyLoadingError (LOADING), AuthenticationError (NOAUTH...)
+    redis.TimeoutError, OSError, redis.exceptions.InvalidResponse,
+    redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterDownError,  # also MasterDownError (MASTERDOWN)
+    redis.exceptions.AskError,  # also MovedError
+    redis.exceptions.TryAgainError, redis.exceptions.NoPermissionError)
+_UNAVAILABLE_CODES = frozenset((
+    "BUSY", "MISCONF", "NOREPLICAS", "LOADING", "READONLY", "OOM", "MASTERDOWN", "CLUSTERDOWN",
+    "TRYAGAIN", "MOVED", "ASK", "NOPERM", "NOAUTH", "WRONGPASS", "UNBLOCKED"))
+_PIPELINE_PREFIX = "of pipeline caused error: "
+
+
+def error_code(exc: BaseException) -> str:
+    """The code an error reply starts with ("NOGROUP", "BUSY"...), pipelines' prefix skipped."""
+    text = str(exc.args[0]) if exc.args else ""
+    at = text.find(_PIPELINE_PREFIX)
+    if at >= 0:
+        text = text[at + len(_PIPELINE_PREFIX):]
+    return text.split(" ", 1)[0]
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a Redis error means "unavailable for now" (503), not a bug."""
+    return isinstance(exc, _UNAVAILABLE_CLASSES) or (
+        isinstance(exc, redis.ResponseError) and error_code(exc) in _UNAVAILABLE_CODES)
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """A consumer group (or its stream) is missing: Redis restarted empty, or it was deleted."""
+    return isinstance(exc, redis.ResponseError) and error_code(exc) == "NOGROUP"
+
+
 def pack(value) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
@@ -163,6 +203,7 @@ def timer_key(shard: int) -> str:
 
 CDR_STREAM = "cdr"
 AUTHBLOCK_CHANNEL = "authblock"
+BLOCKS_POLL = 1.0  # seconds a wait for an authblock message lasts before it starts again
 TIMER_SHARDS = 4
 
 
@@ -247,7 +288,7 @@ _REGISTER_LUA = """
 local tx = redis.call('GET', KEYS[3])
 if tx then return {'dup', tx} end
 if ARGV[2] ~= '' then
-  local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+  local last = tonumber(string.match(redis.call('GET', KEYS[2]) or '-1', '^%-?%d+'))
   if tonumber(ARGV[2]) <= last then return {'replay'} end
 end
 local now = tonumber(ARGV[1])
@@ -344,10 +385,19 @@ end
 return 0
 """
 
+# KEYS: nc.  ARGV: nonce-count, ttl ms, transaction key.  1 accepted, 0 a replay.  The same
+# count from the same transaction is accepted again: a retransmission is not a replay (the
+# worker that took the first copy may have died before the request's work was written).
 _NC_LUA = """
-local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) <= last then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local stored = redis.call('GET', KEYS[1]) or '-1'
+local last = tonumber(string.match(stored, '^%-?%d+'))
+local count = tonumber(ARGV[1])
+if count < last then return 0 end
+if count == last then
+  if string.match(stored, '^%S+ (.*)$') == ARGV[3] then return 1 end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'PX', ARGV[2])
 return 1
 """
 
@@ -370,12 +420,30 @@ class Store:
     def _call(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.RedisError, OSError) as exc:
+            if not self._unavailable(exc):
+                raise  # a bug (wrong type, bad arguments...): not Redis's state
             raise StoreUnavailable(str(exc)) from exc
-        except redis.ResponseError as exc:
-            if "LOADING" in str(exc) or "MASTERDOWN" in str(exc) or "BUSY" in str(exc):
-                raise StoreUnavailable(str(exc)) from exc
-            raise
+
+    def _unavailable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is Redis trouble that passes; mends what can be mended first."""
+        if isinstance(exc, redis.exceptions.ReadOnlyError):
+            # A primary demoted to a replica: drop every connection, so the next command
+            # connects anew (and finds the new primary when it is discovered).
+            self.redis.connection_pool.disconnect(inuse_connections=False)
+        elif isinstance(exc, redis.exceptions.NoScriptError):
+            # Redis restarted or SCRIPT FLUSH: load them again; the caller retries.
+            self._reload_scripts()
+            return True
+        return is_unavailable(exc)
+
+    def _reload_scripts(self) -> None:
+        scripts = [s for s in vars(self).values() if isinstance(s, redis.commands.core.Script)]
+        try:
+            for script in scripts:
+                script.sha = self.redis.script_load(script.script)
+        except (redis.RedisError, OSError):
+            pass  # Redis is away again: the next NOSCRIPT loads them
 
     def ping(self) -> bool:
         return bool(self._call(self.redis.ping))
@@ -424,7 +492,9 @@ class Store:
         try:
             for key in self.redis.scan_iter(match=pattern, count=1000):
                 yield key.decode()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.RedisError, OSError) as exc:
+            if not self._unavailable(exc):
+                raise
             raise StoreUnavailable(str(exc)) from exc
 
     # ---------------------------------------------------------------- registrar
@@ -475,9 +545,11 @@ class Store:
     def registered_aors(self) -> list[str]:
         return sorted(key[len("reg:{"):-1] for key in self._scan("reg:*"))
 
-    def accept_nonce_count(self, aor: str, nonce: str, nc: int, ttl: float) -> bool:
-        """NonceCounter for requests outside REGISTER: False for a replayed count."""
-        return bool(self._call(self._nc, keys=[nc_key(aor, nonce)], args=[nc, int(ttl * 1000)]))
+    def accept_nonce_count(self, aor: str, nonce: str, nc: int, ttl: float, tx: str) -> bool:
+        """NonceCounter for requests outside REGISTER: False for a replayed count.  ``tx``
+        is the request's server transaction key: its retransmissions are accepted again."""
+        return bool(self._call(self._nc, keys=[nc_key(aor, nonce)],
+                               args=[nc, int(ttl * 1000), tx]))
 
     # ---------------------------------------------------------------- transactions
     def store_answers(self, answers: list[tuple[str, bytes, float]]) -> None:
@@ -548,11 +620,10 @@ class Store:
             build(pipe)
             try:
                 return self._call(pipe.execute)
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
+            except StoreUnavailable as exc:  # _call has loaded the scripts again: retry
+                if attempt == 2 or not isinstance(exc.__cause__,
+                                                  redis.exceptions.NoScriptError):
                     raise
-                for script in (self._call_cas, self._pop_timers):
-                    self._call(self.redis.script_load, script.script)
         return []
 
     def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
@@ -593,10 +664,17 @@ class Store:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(AUTHBLOCK_CHANNEL)
-            for message in pubsub.listen():
+            while True:
+                # Not listen(): its reads end at the socket timeout, which is short, and
+                # every resubscription would miss what is published meanwhile.
+                message = pubsub.get_message(timeout=BLOCKS_POLL)
+                if message is None or message.get("type") != "message":
+                    continue
                 ip, _, seconds = message["data"].decode().partition(" ")
                 yield ip, float(seconds or 0)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.RedisError, OSError) as exc:
+            if not self._unavailable(exc):
+                raise
             raise StoreUnavailable(str(exc)) from exc
         finally:
             pubsub.close()
@@ -798,7 +876,7 @@ def media_events_group(store: Store, group: str, start: str = "0") -> None:
         try:
             store.redis.xgroup_create(RELAY_EVENTS_KEY, group, id=start, mkstream=True)
         except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):  # (Store._call would take BUSY... for overload)
+            if error_code(exc) != "BUSYGROUP":  # (not BUSY: Redis running a long script)
                 raise
 
     store._call(create)
@@ -808,16 +886,17 @@ def read_media_events(store: Store, group: str, consumer: str, count: int = 100,
                       block_ms: int | None = None) -> list[tuple[str, dict]]:
     """New events for this consumer (XREADGROUP >).  A blocking read must stay shorter than
     the store's socket timeout."""
-    reply = store._call(store.redis.xreadgroup, group, consumer, {RELAY_EVENTS_KEY: ">"},
-                        count=count, block=block_ms)
+    reply = _grouped(store, lambda: media_events_group(store, group), store.redis.xreadgroup,
+                     group, consumer, {RELAY_EVENTS_KEY: ">"}, count=count, block=block_ms)
     return _stream_entries(reply)
 
 
 def claim_stale_media_events(store: Store, group: str, consumer: str, min_idle_ms: int,
                              count: int = 100) -> list[tuple[str, dict]]:
     """Take over events a dead consumer read but never acknowledged (XAUTOCLAIM)."""
-    reply = store._call(store.redis.xautoclaim, RELAY_EVENTS_KEY, group, consumer,
-                        min_idle_ms, start_id="0-0", count=count)
+    reply = _grouped(store, lambda: media_events_group(store, group), store.redis.xautoclaim,
+                     RELAY_EVENTS_KEY, group, consumer, min_idle_ms, start_id="0-0",
+                     count=count)
     return [(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
             for entry_id, fields in reply[1] if fields is not None]
 
@@ -827,6 +906,18 @@ def ack_media_events(store: Store, group: str, ids: Iterable[str]) -> int:
     if not ids:
         return 0
     return int(store._call(store.redis.xack, RELAY_EVENTS_KEY, group, *ids))
+
+
+def _grouped(store: Store, create, fn, *args, **kwargs):
+    """A consumer-group command; when the group or its stream is gone (NOGROUP: Redis
+    restarted empty, or someone deleted it), make the group anew and run it once more."""
+    try:
+        return store._call(fn, *args, **kwargs)
+    except redis.ResponseError as exc:
+        if not is_nogroup(exc):
+            raise
+    create()
+    return store._call(fn, *args, **kwargs)
 
 
 def _stream_entries(reply) -> list[tuple[str, dict]]:
@@ -868,7 +959,7 @@ def hangup_group(store: Store) -> None:
         try:
             store.redis.xgroup_create(HANGUP_STREAM, HANGUP_GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):  # (Store._call would take BUSY... for overload)
+            if error_code(exc) != "BUSYGROUP":  # (not BUSY: Redis running a long script)
                 raise
 
     store._call(create)
@@ -878,16 +969,16 @@ def read_hangups(store: Store, consumer: str, count: int = 10,
                  block_ms: int | None = None) -> list[tuple[str, dict]]:
     """New hangup requests for this consumer.  A blocking read must stay shorter than the
     store's socket timeout."""
-    reply = store._call(store.redis.xreadgroup, HANGUP_GROUP, consumer, {HANGUP_STREAM: ">"},
-                        count=count, block=block_ms)
+    reply = _grouped(store, lambda: hangup_group(store), store.redis.xreadgroup, HANGUP_GROUP,
+                     consumer, {HANGUP_STREAM: ">"}, count=count, block=block_ms)
     return _stream_entries(reply)
 
 
 def claim_stale_hangups(store: Store, consumer: str, min_idle_ms: int,
                         count: int = 10) -> list[tuple[str, dict]]:
     """Requests a consumer read but never acknowledged (it died): take them over."""
-    reply = store._call(store.redis.xautoclaim, HANGUP_STREAM, HANGUP_GROUP, consumer,
-                        min_idle_ms, start_id="0-0", count=count)
+    reply = _grouped(store, lambda: hangup_group(store), store.redis.xautoclaim, HANGUP_STREAM,
+                     HANGUP_GROUP, consumer, min_idle_ms, start_id="0-0", count=count)
     return [(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
             for entry_id, fields in reply[1] if fields is not None]
 

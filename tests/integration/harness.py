@@ -18,11 +18,10 @@ from pathlib import Path
 
 from cluster.cli import ha1_hashes
 from cluster.config import load
-from cluster.launch import render_supervisord
+from cluster.launch import render_supervisord, supervisord_command
 from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key
 from conftest import ROOT, free_tcp_port, free_udp_port
 
-SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
 SECRET = "integration-test-secret"
 
@@ -69,7 +68,7 @@ class Cluster:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 20.0) -> Cluster:
-        subprocess.run([SUPERVISORD, "-c", str(self.conf)], check=True, cwd=ROOT, env=self.env)
+        subprocess.run(supervisord_command(self.conf), check=True, cwd=ROOT, env=self.env)
         self.wait_ready(timeout)
         return self
 

@@ -15,6 +15,7 @@ out.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -39,6 +40,11 @@ from calls_helpers import (
 )
 from harness import Cluster, running_cluster
 from sipua import UA
+
+from cluster.sip.digest import parse_credentials
+from cluster.sip.message import parse
+from cluster.sip.transaction import server_key
+from cluster.store import aor_of
 
 DB, GATEWAY_DB = 8, 10  # this module's Redis databases on the session's redis-server
 WORKERS = ("worker-0", "worker-1")
@@ -318,3 +324,51 @@ def test_no_failed_call_while_a_worker_is_killed_every_5_seconds(cluster, tmp_pa
         float(c["duration"]) for c in cdrs)[-5:]
     for user in LOAD_CALLERS:
         assert all_ended(cluster, user) == []
+
+
+def authenticated_invite(ua: UA, callee_user: str, challenge, cseq: int, nc: int = 1) -> bytes:
+    """The INVITE of ``invite`` with credentials answering ``challenge`` (a 407)."""
+    as_www = dataclasses.replace(challenge, headers=[
+        ("WWW-Authenticate", v) for v in challenge.all("Proxy-Authenticate")])
+    uri = f"sip:{callee_user}@127.0.0.1"
+    creds = ua.authorization(as_www, "INVITE", uri, PASSWORD, nc=nc)
+    data = invite(ua, callee_user, cseq)
+    return data.replace(b"Content-Type:", f"Proxy-Authorization: {creds}\r\nContent-Type:"
+                        .encode(), 1)
+
+
+def test_a_retransmission_whose_first_copy_died_with_its_worker_is_not_a_replay(cluster):
+    """A worker accepted the INVITE's nonce-count, then died before writing the call: the
+    INVITE's retransmission (same branch) reaches another worker and must be carried on,
+    not challenged again; the same credentials in a new transaction are still a replay."""
+    with UA(cluster.address, user="1021") as phone:
+        assert phone.register(PASSWORD).status == 200
+        with UA(cluster.address, user="1022") as ua:
+            ua.send(invite(ua, "1021", 1))
+            challenge = answers_to(ua, 1, 2.0)
+            assert challenge is not None and challenge.status == 407
+            data = authenticated_invite(ua, "1021", challenge, 2)
+            # What the dead worker left behind: the count accepted for this transaction.
+            req = parse(data)
+            creds = next(c for c in map(parse_credentials, req.header_lines(
+                "proxy-authorization")) if c.is_digest)
+            aor = aor_of("1022", "127.0.0.1")
+            assert cluster.store.accept_nonce_count(aor, creds.nonce, creds.nonce_count, 300,
+                                                    server_key(req))
+            ua.skip_provisional = False
+            ua.send(data)  # the retransmission
+            first = answers_to(ua, 2, 2.0)
+            assert first is not None and first.status in (100, 180), first
+            assert wait_for(lambda: calls_of(cluster, "1022"), 5.0)
+            # The same credentials in another transaction (another call): a replay.
+            replay = data.replace(b"branch=z9hG4bK", b"branch=z9hG4bKx", 1)
+            replay = replay.replace(ua.call_id.encode(), b"replay-" + ua.call_id.encode())
+            ua.skip_provisional = True
+            ua.send(replay)
+            deadline = time.monotonic() + 2.0
+            again = None
+            while again is None and (left := deadline - time.monotonic()) > 0:
+                reply = ua.receive(timeout=left)
+                if reply is not None and reply.header("Call-ID").startswith("replay-"):
+                    again = reply
+            assert again is not None and again.status == 407, again

@@ -284,8 +284,8 @@ def managed_cluster(tmp_path: Path) -> Cluster:
 
 
 def start(cluster: Cluster) -> None:
-    subprocess.run([str(Path(launch.VENV_BIN) / "supervisord"), "-c", str(cluster.conf)],
-                   check=True, cwd=ROOT, env=cluster.env)
+    subprocess.run(launch.supervisord_command(cluster.conf), check=True, cwd=ROOT,
+                   env=cluster.env)
     launch.wait_for_redis(cluster.redis_url, timeout=20.0)
     cluster.wait_ready(30.0)
     wait_relays(cluster)

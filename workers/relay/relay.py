@@ -121,6 +121,7 @@ class Relay:
         self.stopping = False
         self._restore_pending = True  # until the sessions of before a restart are read
         self._redis_down_until = 0.0
+        self._redis_down_since = 0.0  # when the current streak of Redis failures began
         self._next_heartbeat = 0.0
         self._rotation: list[str] = []  # call ids still to visit in this period
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # for the Redis writer thread
@@ -150,6 +151,7 @@ class Relay:
         except StoreUnavailable as exc:
             self._redis_failed(exc)  # logged; read again after the back-off
             return 0
+        self._redis_worked()
         self._restore_pending = False
         restored = 0
         for record in records:
@@ -506,10 +508,16 @@ class Relay:
         return time.monotonic() >= self._redis_down_until
 
     def _redis_failed(self, exc: Exception) -> None:
-        if self._redis_ok():
-            log.warning("Redis unavailable: %s", exc)
+        if not self._redis_down_since:  # once per streak, not once per retry
+            self._redis_down_since = time.monotonic()
+            log.warning("Redis unavailable: %s; retrying every %.0f s", exc, REDIS_BACKOFF)
         self.counters["redis_errors"] += 1
         self._redis_down_until = time.monotonic() + REDIS_BACKOFF
+
+    def _redis_worked(self) -> None:
+        if self._redis_down_since:
+            log.info("Redis back after %.1f s", time.monotonic() - self._redis_down_since)
+            self._redis_down_since = 0.0
 
     def _record(self, session: Session) -> tuple[str, dict, float]:
         now = time.monotonic()
@@ -531,6 +539,8 @@ class Relay:
                 self._redis_failed(exc)
             except Exception:
                 log.exception("Redis job failed")
+            else:
+                self._redis_worked()
 
     def _run_followups(self) -> None:
         while True:

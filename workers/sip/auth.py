@@ -9,6 +9,7 @@ take the same path and get the same answer.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -17,10 +18,12 @@ from enum import Enum
 
 import gevent
 
+from cluster.backoff import Backoff
 from cluster.sip import digest
 from cluster.sip.message import Request
-from cluster.store import Store, StoreUnavailable
+from cluster.store import Store
 
+log = logging.getLogger("auth")
 HA1_CACHE_SECONDS = 30.0  # how long a password change may take to apply
 
 
@@ -128,11 +131,14 @@ class Authenticator:
         self._throttled[ip] = time.monotonic() + seconds
 
     def follow_blocks(self) -> None:
-        """Apply the blocks other workers announce (run in its own greenlet)."""
+        """Apply the blocks other workers announce (run in its own greenlet).  Whatever
+        ends the subscription (Redis gone, restarted, paused), it is made anew."""
+        backoff = Backoff(log, "authblock subscription")
         while True:
             try:
                 for ip, seconds in self.store.blocks():
+                    backoff.ok()
                     self.block(ip, seconds)
-            except StoreUnavailable:
-                gevent.sleep(1.0)
+            except Exception as exc:  # whatever it is, the subscription is made again
+                gevent.sleep(backoff.failed(exc))
 

@@ -21,6 +21,7 @@ import time
 import gevent
 import gevent.lock
 
+from cluster.backoff import Backoff
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -40,6 +41,9 @@ CAS_ATTEMPTS = 8
 TIMER_TICK = 0.05  # timers fire within this of their due time (T1 is 500 ms)
 RECORD_CACHE = 20_000  # call records remembered per worker
 DISARM_BATCH_SECONDS = 0.005
+UNSURE_KEEP = 600.0  # seconds a failed write that ended a call is watched for
+UNSURE_MAX = 10_000
+UNSURE_EVERY = 0.5  # seconds between two looks at them
 
 
 def call_tag(call_id: bytes) -> str:
@@ -71,6 +75,8 @@ class B2BUA:
         self._records: collections.OrderedDict[str, tuple[int, dict]] = collections.OrderedDict()
         self._disarm: list[tuple[str, str, float]] = []
         self._disarm_pending = False
+        # call tag -> {the "ended" of a write that may have landed: (its CDRs, keep until)}
+        self._unsure: dict[str, dict[float, tuple[list, float]]] = {}
         cfg = worker.config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
@@ -198,7 +204,8 @@ class B2BUA:
         creds = result.credentials
         aor = aor_of(result.username, self.config.realm)
         if creds.nc and not self.store.accept_nonce_count(
-                aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime):
+                aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime,
+                server_key(req)):
             self._reply(req, source, 407, headers=worker.auth.challenge_headers(proxy=True),
                         prior=arrived, brief=True)
             return None
@@ -300,7 +307,11 @@ class B2BUA:
         before = timers_before or {}
         arm = [(tag, name, due) for name, due in timers.items() if before.get(name) != due]
         ttl = LIVE_TTL if call.live else ENDED_TTL
-        version = self.store.save_call(tag, version, record, ttl, arm=arm)
+        try:
+            version = self.store.save_call(tag, version, record, ttl, arm=arm)
+        except StoreUnavailable:
+            self._note_unsure(tag, call, actions)
+            raise
         if version is None:
             self._records.pop(tag, None)
             return False
@@ -312,6 +323,36 @@ class B2BUA:
             gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
         self._perform(tag, actions, req, source)
         return True
+
+    def _note_unsure(self, tag: str, call: Call, actions: list) -> None:
+        """A write that ends a call failed, but may have reached Redis all the same (a
+        paused Redis runs it when it resumes).  Everything else it implied is done again
+        from the record (the BYE to the other leg by its retransmission timer, the answer
+        to a repeated BYE from the stored transaction); its CDR is not: remember it, and
+        write it once the record shows this very end (``ended`` is this write's clock)."""
+        cdrs = [action for action in actions if isinstance(action, Cdr)]
+        if cdrs and call.ended:
+            # Each repetition of the BYE tries its own write (and its own "ended"): any
+            # one of them may be the one Redis ran.
+            tries = self._unsure.setdefault(tag, {})
+            tries[call.ended] = (cdrs, time.monotonic() + UNSURE_KEEP)
+            while len(self._unsure) > UNSURE_MAX:
+                self._unsure.pop(next(iter(self._unsure)))
+
+    def _settle_unsure(self) -> None:
+        """Write the CDRs of ends whose write did reach Redis (see ``_note_unsure``)."""
+        now = time.monotonic()
+        for tag, tries in list(self._unsure.items()):
+            loaded = self.store.load_call(tag)
+            record = loaded[1] if loaded is not None else {}
+            landed = tries.get(record.get("ended"))
+            if landed is not None:
+                self._perform(tag, landed[0], None, None)
+                self._call_log(tag).info("call %s: its end reached Redis after all", tag)
+            elif record.get("state", "ended") != "ended" and any(
+                    now < until for _, until in tries.values()):
+                continue  # not written (yet): a retransmission ends it, with its own CDR
+            del self._unsure[tag]
 
     def _remember(self, tag: str, version: int, record: dict) -> None:
         """Keep the call's last record: with affinity the next event of the call comes here
@@ -385,15 +426,26 @@ class B2BUA:
 
     def timer_loop(self) -> None:
         """Fire due timers, whichever worker armed them (design invariant 10)."""
+        backoff, settling = Backoff(log, "timers"), Backoff(log, "unsure call ends")
+        next_settle = 0.0
         while self.running:
             gevent.sleep(TIMER_TICK)
             try:
                 due = self.store.pop_due_timers(time.time())
-            except StoreUnavailable:
-                gevent.sleep(0.5)
+            except Exception as exc:  # whatever it is, timers go on firing
+                gevent.sleep(backoff.failed(exc))
                 continue
+            backoff.ok()
             for tag, name, at in due:
                 self.worker.pool.spawn(self._fire, tag, name, at)
+            if self._unsure and time.monotonic() >= next_settle:
+                next_settle = time.monotonic() + UNSURE_EVERY
+                try:
+                    self._settle_unsure()
+                except Exception as exc:  # what is left is settled next time
+                    settling.failed(exc)
+                else:
+                    settling.ok()
 
     def _fire(self, tag: str, name: str, at: float) -> None:
         try:

@@ -16,12 +16,14 @@ import gevent
 
 from cluster import relayctl
 from cluster import store as store_module
+from cluster.backoff import Backoff
 from cluster.relayctl import RelayClient, RelayError, StreamSpec
 from cluster.sip import sdp
 from cluster.sip.errors import SipError
 
 log = logging.getLogger("media")
 EVENTS_GROUP = "b2bua"
+CLAIM_AFTER_MS = 30_000  # an event read but not acknowledged this long is taken over
 
 
 class Bypass:
@@ -85,25 +87,32 @@ def media_for(config, store, host: str):
 def follow_media_timeouts(worker) -> None:
     """Hang up calls whose media stopped, once each: the relays' events are read from a
     stream by a consumer group, so an event nobody read yet waits, and one a dead worker
-    read but did not finish is claimed by another (design: reliable, not pub/sub)."""
+    read but did not finish is claimed by another (design: reliable, not pub/sub).
+
+    No trouble ends this loop: it backs off and goes on, and the store makes the group
+    anew when a fresh Redis (or a deleted stream) lacks it.  An event whose hang-up
+    failed is not acknowledged, so it is claimed again after ``CLAIM_AFTER_MS``."""
     store, name = worker.store, worker.name
-    while True:
+    backoff = Backoff(log, "media events")
+    grouped = False
+    while getattr(worker.b2bua, "running", True):
         try:
-            store_module.media_events_group(store, EVENTS_GROUP)
-            break
-        except store_module.StoreUnavailable:
-            gevent.sleep(1.0)
-    while True:
-        try:
-            events = store_module.claim_stale_media_events(store, EVENTS_GROUP, name, 30_000)
+            if not grouped:
+                store_module.media_events_group(store, EVENTS_GROUP)
+                grouped = True
+            events = store_module.claim_stale_media_events(store, EVENTS_GROUP, name,
+                                                           CLAIM_AFTER_MS)
             events += store_module.read_media_events(store, EVENTS_GROUP, name, block_ms=100)
-        except store_module.StoreUnavailable:
-            gevent.sleep(1.0)
+            for event_id, event in events:
+                if event.get("event") == "media-timeout":
+                    worker.b2bua.media_timeout(event["call_id"])
+                store_module.ack_media_events(store, EVENTS_GROUP, [event_id])
+        except Exception as exc:  # whatever it is, media timeouts go on being followed
+            gevent.sleep(backoff.failed(exc))
             continue
-        for event_id, event in events:
-            if event.get("event") == "media-timeout":
-                worker.b2bua.media_timeout(event["call_id"])
-            store_module.ack_media_events(store, EVENTS_GROUP, [event_id])
+        backoff.ok()
+        if not events:
+            gevent.sleep(0.05)  # never spin, should a read come back empty at once
 
 
 __all__ = ["Bypass", "Relayed", "media_for", "follow_media_timeouts", "relayctl"]

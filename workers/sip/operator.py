@@ -15,8 +15,8 @@ import logging
 import time
 
 import gevent
-import redis
 
+from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.store import (
     StoreUnavailable,
@@ -39,23 +39,20 @@ def hangup_loop(worker) -> None:
     timeout = worker.config.workers.redis_timeout
     block_ms = max(1, int(min(BLOCK_SECONDS, timeout / 2) * 1000))
     grouped, next_claim = False, 0.0
+    backoff = Backoff(log, "hangup requests")
     while worker.b2bua.running:
         try:
-            if not grouped:
+            if not grouped:  # (the store makes it anew too, should Redis lose it later)
                 hangup_group(worker.store)
                 grouped = True
             requests = read_hangups(worker.store, consumer, block_ms=block_ms)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + CLAIM_AFTER
                 requests += claim_stale_hangups(worker.store, consumer, int(CLAIM_AFTER * 1000))
-        except StoreUnavailable:
-            gevent.sleep(1.0)
+        except Exception as exc:  # whatever it is, hangup requests go on being read
+            gevent.sleep(backoff.failed(exc))
             continue
-        except redis.ResponseError as exc:  # the stream or its group was deleted: make anew
-            log.warning("hangup requests: %s", exc)
-            grouped = False
-            gevent.sleep(1.0)
-            continue
+        backoff.ok()
         for entry_id, request in requests:
             worker.pool.spawn(carry_out, worker, entry_id, request)
         if not requests:

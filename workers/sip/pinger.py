@@ -18,8 +18,9 @@ import zlib
 
 import gevent
 
+from cluster.backoff import Backoff
 from cluster.sip.message import Response, build_request
-from cluster.store import Binding, StoreUnavailable, unpack
+from cluster.store import Binding, unpack
 
 log = logging.getLogger("pinger")
 MAX_UNANSWERED = 3
@@ -38,12 +39,15 @@ class Pinger:
         self.index, self.count = index, max(count, 1)
 
     def loop(self) -> None:
+        backoff = Backoff(log, "pings")
         while self.interval > 0:
             gevent.sleep(self.interval)
             try:
                 self.ping_all()
-            except StoreUnavailable as exc:
-                log.warning("pings skipped: %s", exc)
+            except Exception as exc:  # whatever it is, this round is skipped, not the next
+                backoff.failed(exc)
+            else:
+                backoff.ok()
 
     def ping_all(self) -> None:
         for aor in self.store.registered_aors():

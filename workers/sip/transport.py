@@ -19,6 +19,7 @@ import gevent
 import msgpack
 
 from cluster import envelope
+from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.store import Store, StoreUnavailable
@@ -87,24 +88,35 @@ class Transport:
             self.control.close()
 
     def _heartbeat_loop(self) -> None:
+        backoff = Backoff(log, "dispatcher heartbeat")
         while not self.leaving:
             gevent.sleep(self.heartbeat_interval)
             if self.leaving:
                 return
             try:
-                self._send_control({"type": "hb", "load": self.load()})
-            except OSError:
-                log.warning("lost the dispatcher; reconnecting")
-                self._connect()
+                try:
+                    self._send_control({"type": "hb", "load": self.load()})
+                except OSError:
+                    log.warning("lost the dispatcher; reconnecting")
+                    self._connect()
+            except Exception as exc:  # whatever it is, the heartbeat goes on
+                gevent.sleep(backoff.failed(exc))
+            else:
+                backoff.ok()
 
     def _receive_loop(self) -> None:
+        backoff = Backoff(log, "receiving")
         while True:
-            data = self.inbound.recv(65600)
             try:
-                addr, index, payload = envelope.unwrap(data)
-            except ValueError:
-                continue
-            self.on_datagram(payload, addr, index)
+                data = self.inbound.recv(65600)
+                try:
+                    addr, index, payload = envelope.unwrap(data)
+                except ValueError:
+                    continue
+                self.on_datagram(payload, addr, index)
+            except Exception as exc:  # one datagram's trouble must not stop the others
+                self.counters["receive_errors"] += 1
+                gevent.sleep(backoff.failed(exc) if isinstance(exc, OSError) else 0)
 
     # ---------------------------------------------------------------- sending
     def send(self, data: bytes, dest: tuple[str, int], *, host: str | None = None,

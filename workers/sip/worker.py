@@ -22,6 +22,7 @@ from collections import Counter
 import gevent
 import gevent.pool
 
+from cluster.backoff import Backoff
 from cluster.config import Config
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -50,6 +51,8 @@ RETRY_AFTER = b"Retry-After: 5"
 DRAIN_SECONDS = 5.0
 RECENT_ANSWERS = 50_000  # stateless answers remembered for retransmissions
 ANSWER_BATCH_SECONDS = 0.002
+DEFERRED_KEEP = 3600.0  # seconds a hang-up Redis could not take is kept for a retry
+DEFERRED_MAX = 10_000
 # What this cluster answers; every other known method is 405, an unknown one 501.
 ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
            "MESSAGE", "NOTIFY", "REFER", "PRACK")
@@ -101,6 +104,9 @@ class Worker:
         self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
         self._recent: collections.OrderedDict[bytes, tuple[float, bytes, tuple]] = (
             collections.OrderedDict())
+        # Hang-ups Redis could not take: mark -> (keep until, datagram, source, socket).
+        self._deferred: collections.OrderedDict[bytes, tuple[float, bytes, tuple, int]] = (
+            collections.OrderedDict())
 
     # ---------------------------------------------------------------- entry
     def run(self) -> None:
@@ -110,6 +116,7 @@ class Worker:
         greenlets.append(gevent.spawn(hangup_loop, self))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
+        greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
             greenlets.append(gevent.spawn(follow_media_timeouts, self))
         gevent.signal_handler(signal.SIGTERM, self.drain)
@@ -204,12 +211,14 @@ class Worker:
             self.working.discard(mark)
             self._shed(data, source.addr, source.sock_index)
             return
+        if self._deferred and mark is not None:
+            deferred = self._deferred.pop(mark, None)  # this copy is carried out now
+            if deferred is not None:  # (and should it fail too, deferred as long as the first)
+                source.keep_until = deferred[0]
         try:
             self._process(data, source)
         except StoreUnavailable as exc:
-            self.counters["store_unavailable"] += 1
-            call_log(log, scan.call_id(data) or b"-").warning("store unavailable: %s", exc)
-            if not source.answered:
+            if self._store_unavailable(data, source, exc):
                 self._answer_raw(data, source, SipError(503, "Service Unavailable"),
                                  (RETRY_AFTER,))
         except SipError as exc:
@@ -251,10 +260,66 @@ class Worker:
         except SipError as exc:
             self.reply(msg, source, exc.status, exc.reason)
         except StoreUnavailable as exc:
-            self.counters["store_unavailable"] += 1
-            call_log(log, msg.call_id).warning("store unavailable: %s", exc)
-            if not source.answered:
+            if self._store_unavailable(data, source, exc):
                 self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
+
+    def _store_unavailable(self, data: bytes, source: Source, exc: StoreUnavailable) -> bool:
+        """Redis failed a request: whether to answer it 503 (with Retry-After).
+
+        Not a hang-up (BYE, CANCEL): a phone takes a 503 to its BYE as the end of the
+        call and never sends it again, which would leave the other leg up until the media
+        timeout.  Left unanswered, its transaction repeats it (Timer E, for 64*T1) and a
+        copy that comes once Redis is back is carried out (RFC 3261 lets a UAS stay silent;
+        nothing here remembers the dropped copy, so the later one is not absorbed)."""
+        self.counters["store_unavailable"] += 1
+        clog = call_log(log, scan.call_id(data) or b"-")
+        if source.answered:
+            clog.warning("store unavailable after the answer: %s", exc)
+            return False
+        if data[:4] in (b"BYE ", b"CANC"):
+            self.counters["hangups_deferred"] += 1
+            clog.warning("store unavailable: %s left unanswered until a retransmission "
+                         "finds Redis back: %s", data[:data.find(b" ")].decode("latin-1"), exc)
+            self._defer_hangup(data, source)
+            return False
+        clog.warning("store unavailable: %s", exc)
+        return True
+
+    def _defer_hangup(self, data: bytes, source: Source) -> None:
+        """Keep a hang-up Redis could not take, to carry it out once Redis is back even if
+        the phone gave up repeating it (an outage longer than its 32 s): the call record is
+        still there, so the other leg gets its BYE.  A copy handled meanwhile replaces it;
+        one handled twice is answered from the call's transaction, nothing more."""
+        mark = self._mark(data)
+        if mark is None:
+            return
+        deferred = self._deferred
+        deferred[mark] = (source.keep_until or time.monotonic() + DEFERRED_KEEP, data,
+                          source.addr, source.sock_index)
+        deferred.move_to_end(mark)
+        while len(deferred) > DEFERRED_MAX:
+            deferred.popitem(last=False)
+
+    def _retry_hangups(self) -> None:
+        """Carry out the deferred hang-ups once Redis answers again (own greenlet)."""
+        backoff = Backoff(log, "deferred hang-ups", first=1.0, limit=2.0)
+        while True:
+            gevent.sleep(1.0)
+            if not self._deferred:
+                continue
+            try:
+                self.store.ping()
+                now = time.monotonic()
+                for mark, (until, data, addr, sock_index) in list(self._deferred.items()):
+                    if until < now or self.transport.leaving:
+                        self._deferred.pop(mark, None)
+                        continue
+                    self.counters["hangups_retried"] += 1
+                    self.on_datagram(data, addr, sock_index)
+            except Exception as exc:  # whatever it is, they are tried again later
+                backoff.failed(exc)
+            else:
+                backoff.ok()
 
     def on_request(self, req: Request, source: Source) -> None:
         self.counters[f"requests_{req.method}"] += 1
@@ -337,14 +402,17 @@ class Worker:
 
     # ---------------------------------------------------------------- reporting
     def _heartbeat_loop(self) -> None:
+        backoff = Backoff(log, "worker heartbeat", limit=1.0)
         while True:
             info = {"role": "worker", "host": self.host, "name": self.name, "pid": os.getpid(),
                     "started": self.started, "seen": time.time(), "inflight": len(self.pool),
                     **self.counters}
             try:
                 self.store.heartbeat("worker", self.host, self.name, info, ttl=5)
-            except StoreUnavailable:
-                pass
+            except Exception as exc:  # whatever it is, the heartbeat goes on
+                gevent.sleep(backoff.failed(exc))
+                continue
+            backoff.ok()
             gevent.sleep(1.0)
 
 
