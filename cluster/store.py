@@ -793,6 +793,24 @@ def relay_save_sessions(store: Store, relay_id: str,
         store._call(pipe.execute)
 
 
+def relay_create_sessions(store: Store, relay_id: str,
+                          sessions: list[tuple[str, dict, float]]) -> None:
+    """Write records of sessions whose first save failed (Redis was down when they were set
+    up), unless a record exists by now: then it is newer news (another relay took the call
+    over, or the first save landed after all) and the next refresh settles it."""
+    if not sessions:
+        return
+    pipe = store.redis.pipeline(transaction=False)
+    now_ms, longest = int(time.time() * 1000), 0
+    for call_id, record, ttl in sessions:
+        ttl_ms = int(ttl * 1000)
+        pipe.set(relay_session_key(call_id), pack(record), px=ttl_ms, nx=True)
+        pipe.zadd(relay_owned_key(relay_id), {call_id: now_ms + ttl_ms})
+        longest = max(longest, ttl_ms)
+    pipe.pexpire(relay_owned_key(relay_id), max(longest, RELAY_OWNED_TTL_MIN * 1000))
+    store._call(pipe.execute)
+
+
 def relay_refresh_sessions(store: Store, relay_id: str,
                            sessions: list[tuple[str, dict, float]]) -> list[int]:
     """Rewrite records this relay still owns; per session 1, 0 (gone) or -1 (taken over)."""

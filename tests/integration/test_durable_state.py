@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -467,3 +468,61 @@ def test_a_call_version_lost_by_redis_is_not_given_again(redis_url):
     assert store.save_call("lost-version", lost, {"state": "answered", "stale": True},
                            60.0) is None
     assert store.load_call("lost-version") == (again, {"state": "ended"})
+
+
+# ------------------------------------------------------------------ a session set up blind
+def test_a_relay_session_set_up_while_redis_is_down_is_kept(tmp_path):
+    """A call set up while the relay cannot reach Redis (killed, about to come back): the
+    session's first record is written once Redis answers, and the session is not taken for
+    one whose record was deleted (the callee's answer would then find no session, and the
+    call would never be answered)."""
+    from test_relay import Phone, RelayProcs, receive, rtp, wait_for_relays
+
+    require_redis_server()
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    ports = {"rtp_port_min": "38800", "rtp_port_max": "38999", "media_timeout": "30"}
+    store = Store(server.url, timeout=2.0)
+    client = RelayClient(store, host="relay-test")
+    relays = RelayProcs(server.url)
+    a, b = Phone(), Phone()
+    try:
+        relays.start(0, **ports)
+        wait_for_relays(client, 1)
+        server.stop()
+        relay_failed_just_now(server.port)
+        server.start()
+        # Redis answers again, but the relay waits out its back-off (1 s) before it tries
+        # Redis again: the session's first save is left to its next flush.
+        client.offer("set-up-blind", "a", [a.spec()])
+        # The relay writes the session's record once its back-off is over (a few seconds
+        # at most); until then the answer finds no session (the callee repeats its 200).
+        assert wait_for(lambda: _session_or_none(store, "set-up-blind"), 8.0, step=0.2)
+        time.sleep(1.0)  # a session taken for gone would have been dropped by now
+        to_a = client.answer("set-up-blind", "b", [b.spec()]).streams[0]
+        a.rtp.sendto(rtp(1), ("127.0.0.1", to_a.port))
+        assert receive(b.rtp) is not None
+    finally:
+        relays.stop_all()
+        a.close()
+        b.close()
+        server.stop()
+
+
+def relay_failed_just_now(port: int, timeout: float = 5.0) -> None:
+    """While Redis is down, stand in for it on its port until the relay connects (its
+    heartbeat, every 0.5 s unless backing off), and hang up on it: the relay then backs off
+    for a second from now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(8)
+        listener.settimeout(timeout)
+        connection, _ = listener.accept()
+        connection.close()
+
+
+def _session_or_none(store, call_id: str):
+    try:
+        return relay_session(store, call_id)
+    except Exception:  # Redis still starting
+        return None

@@ -116,6 +116,9 @@ class Relay:
         self.counters: Counter[str] = Counter()
         self.replies: OrderedDict[bytes, bytes] = OrderedDict()
         self.urgent: set[str] = set()  # sessions to save at the next tick (latching)
+        # Sessions set up while Redis was down: no record yet, so a refresh would find them
+        # "gone" and drop them; the next flush creates their records instead.
+        self.unsaved: set[str] = set()
         self.forwarded = 0
         self.started = time.time()
         self.stopping = False
@@ -487,6 +490,7 @@ class Relay:
             self._close_side(side)
         self.sessions.pop(session.call_id, None)
         self.urgent.discard(session.call_id)
+        self.unsaved.discard(session.call_id)
 
     def _close_side(self, side: Side) -> None:
         for endpoint in (side.rtp, side.rtcp):
@@ -564,12 +568,19 @@ class Relay:
                 now = time.monotonic()
                 for session in sessions:
                     session.last_flush = now
+                    self.unsaved.discard(session.call_id)
             except StoreUnavailable as exc:
                 self._redis_failed(exc)
-                self.urgent.update(s.call_id for s in sessions)
+                self._save_later(sessions)
         else:
-            self.urgent.update(s.call_id for s in sessions)
+            self._save_later(sessions)
         answer()
+
+    def _save_later(self, sessions: list[Session]) -> None:
+        for session in sessions:
+            self.urgent.add(session.call_id)
+            if session.version <= 1:  # its first record: there is none in Redis yet
+                self.unsaved.add(session.call_id)
 
     def _flush(self, sessions: list[Session], now: float) -> None:
         """Save sessions (latching changes, new figures); let go of those no longer ours."""
@@ -578,8 +589,13 @@ class Relay:
             self.urgent.discard(session.call_id)
             session.last_flush = now
         relay_id = self.settings.relay_id
+        first = [record for record in records if record[0] in self.unsaved]
+        created = {record[0] for record in first}
 
         def job() -> None:
+            if first:
+                st.relay_create_sessions(self.store, relay_id, first)
+                self.followups.put(lambda: self.unsaved.difference_update(created))
             results = st.relay_refresh_sessions(self.store, relay_id, records)
             gone = [(record[0], result) for record, result in zip(records, results, strict=True)
                     if result <= 0]
