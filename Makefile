@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run stop test test-ha bench lint clean
+.PHONY: venv run stop test test-ha bench lint clean distclean
 
 venv: $(STAMP)
 
@@ -33,6 +33,13 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# clean keeps state/ (the managed Redis's data: users, registrations, live calls, CDRs);
+# distclean deletes it too (the default redis.state_dir; one configured elsewhere is left alone).
 clean:
 	if [ -x $(VENV)/bin/sipcluster ]; then $(VENV)/bin/sipcluster down || true; fi
 	rm -rf $(VENV) run
+	@if [ -d state ]; then echo "kept state/ (users, registrations, CDRs): make distclean deletes it"; fi
+
+distclean: clean
+	rm -rf state
+	@echo "deleted state/: every user, registration and CDR of the managed Redis"

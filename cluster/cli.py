@@ -4,7 +4,9 @@
   sipctl users del USER                   remove a user and its registrations
   sipctl users list [--json]
   sipctl users import FILE                CSV lines "user,password" (header line optional)
-  sipctl users demo                       the demo directory: 1000-1019, password 1234
+  sipctl users demo [--if-empty]          the demo directory: 1000-1019, password 1234
+                                          (--if-empty: only when there is no user at all,
+                                          as `sipcluster up` does it)
   sipctl regs [AOR] [--json]              registered contacts, with the time left
   sipctl calls [--all] [--json]           live calls: parties, state, age, worker, both legs
   sipctl call ID [--full] [--json]        one call (either leg's Call-ID, or its tag): both
@@ -93,6 +95,12 @@ def cmd_users(args, config: Config, store: Store) -> int:
         count = store.put_users(_read_csv(args.file, realm))
         print(f"{count} users imported into realm {realm}")
     elif args.action == "demo":
+        if args.if_empty and store.has_users():
+            # A user the operator deleted looks like one never created: once the directory
+            # holds anybody, nobody is added, and no password is put back.
+            print("the directory has users: demo users not provisioned "
+                  "(`sipctl users demo` adds them anyway)")
+            return 0
         entries = [(u, realm, ha1_hashes(u, realm, DEMO_PASSWORD)) for u in DEMO_USERS]
         store.put_users(entries)
         print(f"demo users {DEMO_USERS[0]}-{DEMO_USERS[-1]} (password {DEMO_PASSWORD}) "
@@ -621,7 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     imp = users_sub.add_parser("import")
     imp.add_argument("file")
-    users_sub.add_parser("demo")
+    demo = users_sub.add_parser("demo")
+    demo.add_argument("--if-empty", action="store_true",
+                      help="only when the directory has no user at all")
 
     regs = sub.add_parser("regs", help="registered contacts")
     regs.add_argument("aor", nargs="?")

@@ -14,9 +14,9 @@ turns ``redis.managed`` off as well: the launcher runs no replicated Redis.
 Unknown sections and keys are errors in both places: a misspelt setting that
 silently keeps its default is worse than a process that refuses to start.
 
-Relative paths (``dispatcher.control_path``, ``log.dir``) are taken from the
-repository root, so every process agrees on them whatever its working
-directory.
+Relative paths (``dispatcher.control_path``, ``log.dir``, ``redis.state_dir``) are
+taken from the repository root, so every process agrees on them whatever its
+working directory.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class WorkersConfig:
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     managed: bool = True
+    state_dir: str = "state/redis"
     wait_replicas: int = 0
     wait_timeout: float = 0.05
 
@@ -223,7 +224,7 @@ SECTIONS: dict[str, type] = {
     if f.name not in ("source", "routes")
 }
 # Settings that are file system paths, resolved against ROOT by load().
-PATH_KEYS = {("dispatcher", "control_path"), ("log", "dir")}
+PATH_KEYS = {("dispatcher", "control_path"), ("log", "dir"), ("redis", "state_dir")}
 
 
 def default_path(env: Mapping[str, str] = os.environ) -> Path:

@@ -1,10 +1,17 @@
 """`sipcluster up|down|status|render`: run the whole cluster of one host under supervisord.
 
 `up` renders run/supervisord.conf from deploy/supervisord.conf.in for the
-loaded configuration, starts supervisord (or tells a running one to pick up
-the new configuration), waits for Redis, provisions the demo users with
-`sipctl users demo`, and then sends SIP OPTIONS to the advertised address
-until the cluster answers.  `down` shuts supervisord down and waits for it.
+loaded configuration, stops whatever a killed supervisord left running (they
+hold the ports), starts supervisord (or tells a running one to pick up the new
+configuration), waits for Redis, provisions the demo users with
+`sipctl users demo --if-empty` (only into a directory without any user, so an
+operator's users and passwords are never touched), and then sends SIP OPTIONS
+to the advertised address until the cluster answers.  `down` shuts
+supervisord down and waits for it.
+
+The managed Redis keeps its data in redis.state_dir (an append-only file,
+fsynced every second), outside run/: `make clean` keeps it, a host restart
+finds every user, registration, live call and CDR again.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +47,7 @@ from cluster.config import (
 
 TEMPLATE = ROOT / "deploy" / "supervisord.conf.in"
 VENV_BIN = Path(sys.executable).parent
-REDIS_WAIT = 10.0
+REDIS_WAIT = 60.0  # a Redis loading a large append-only file answers LOADING meanwhile
 SIP_WAIT = 30.0
 PROBE_INTERVAL = 0.5
 STOP_WAIT = 30.0
@@ -65,7 +73,7 @@ def render_supervisord(
 ) -> str:
     """The text of run/supervisord.conf for ``config``."""
     log_dir = Path(config.log.dir)
-    for path in (ROOT, run_dir, log_dir, Path(python)):
+    for path in (ROOT, run_dir, log_dir, Path(python), Path(config.redis.state_dir)):
         # supervisord %-expands paths, some of them twice: a % cannot be escaped reliably.
         if "%" in str(path):
             raise LaunchError(f"paths with a % sign are not supported: {path}")
@@ -73,7 +81,7 @@ def render_supervisord(
         _program("dispatcher", [python, "-m", "cluster.dispatcher"], config, log_dir, env)
     ]
     if config.redis.managed:
-        programs.insert(0, _redis_program(config, run_dir, log_dir))
+        programs.insert(0, _redis_program(config, log_dir))
     if config.media.mode == "relay":
         programs.append(_program("relay", [python, "-m", "workers.relay"], config, log_dir, env,
                                  numprocs=config.media.relays, index_var="SIPCLUSTER_RELAY_INDEX"))
@@ -87,10 +95,25 @@ def render_supervisord(
     )
 
 
-def _redis_program(config: Config, run_dir: Path, log_dir: Path) -> str:
+# The managed Redis persists every write: an append-only file (AOF) written out before the
+# replies go (unless a slow disk holds an fsync for over a second: then up to 2 s later) and
+# fsynced every second, so a kill -9 of Redis (or of every process) loses nothing it
+# acknowledged, and a power loss or kernel crash about the last second.  RDB snapshots are
+# off (the AOF holds it all; its rewrites start with an RDB preamble, which loads fast); a
+# file cut short by a crash is loaded up to its last whole command; and no key is ever
+# evicted (a full Redis refuses writes, which the cluster answers 503, rather than dropping
+# calls).
+REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                     "--aof-use-rdb-preamble", "yes", "--aof-load-truncated", "yes",
+                     "--maxmemory-policy", "noeviction")
+
+
+def _redis_program(config: Config, log_dir: Path) -> str:
     server = shutil.which("redis-server") or "redis-server"
+    # A process title written over its environment would hide the supervisord marks by
+    # which `sipcluster up` recognises a Redis that a killed supervisord left running.
     command = [server, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
-               "--save", "", "--appendonly", "no", "--dir", str(run_dir / "redis")]
+               *REDIS_PERSISTENCE, "--dir", config.redis.state_dir, "--set-proc-title", "no"]
     return _program("redis", command, config, log_dir, env={})
 
 
@@ -196,8 +219,12 @@ def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProces
 
 def write_config(config: Config, run_dir: Path = RUN_DIR) -> Path:
     """Render run/supervisord.conf (and create the folders it names)."""
-    for folder in (run_dir, Path(config.log.dir), run_dir / "redis"):
+    for folder in (run_dir, Path(config.log.dir)):
         folder.mkdir(parents=True, exist_ok=True)
+    if config.redis.managed:
+        state = Path(config.redis.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        state.chmod(0o700)  # the AOF holds every user's HA1 hashes
     target = conf_path(run_dir)
     temporary = target.with_suffix(".tmp")
     temporary.write_text(render_supervisord(config, run_dir=run_dir))
@@ -213,6 +240,66 @@ def ensure_secret(config: Config, secret_file: Path = SECRET_FILE) -> None:
     descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
+
+
+def leftover_processes(run_dir: Path = RUN_DIR) -> dict[int, str]:
+    """Processes an earlier supervisord of ``run_dir`` started and left running when it was
+    killed (SIGKILL gives it no chance to stop them): pid -> program name.  supervisord
+    marks every child's environment with its control socket, which names run_dir."""
+    marker = f"SUPERVISOR_SERVER_URL=unix://{run_dir}/supervisor.sock".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if marker in environ:
+            name = next((v.split(b"=", 1)[1].decode(errors="replace") for v in environ
+                         if v.startswith(b"SUPERVISOR_PROCESS_NAME=")), "?")
+            found[int(entry.name)] = name
+    return found
+
+
+def stop_leftovers(run_dir: Path = RUN_DIR, timeout: float = STOP_WAIT) -> int:
+    """Stop what a killed supervisord left behind, as `sipcluster down` would have: they hold
+    the ports the new processes need (the new ones would crash-loop) and run unsupervised.
+    SIGTERM, Redis last (the relays save their sessions into it as they stop; it writes out
+    its AOF), then SIGKILL for whatever is still there after ``timeout``.  How many."""
+    leftovers = leftover_processes(run_dir)
+    if not leftovers:
+        return 0
+    print(f"stopping {len(leftovers)} process(es) an earlier supervisord left running: "
+          + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(leftovers.items())))
+    phases = ([pid for pid, name in leftovers.items() if name != "redis"],
+              [pid for pid, name in leftovers.items() if name == "redis"])
+    deadline = time.monotonic() + timeout
+    for pids in phases:
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for pid in leftovers:
+        if _running(pid):
+            _signal(pid, signal.SIGKILL)
+    return len(leftovers)
+
+
+def _signal(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for its parent does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def supervisord_command(conf: Path) -> list[str]:
@@ -261,11 +348,14 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT) -> None:
 
 
 def provision_demo_users(config: Config) -> bool:
+    """The demo users, only into a directory that has no user at all: a user the operator
+    deleted cannot be told from one never created, so once anybody is in the directory
+    (the demo users themselves after the first start) the launcher adds nobody."""
     sipctl = VENV_BIN / "sipctl"
     env = {**os.environ, "SIPCLUSTER_CONFIG": config.source}
     try:
-        result = subprocess.run([str(sipctl), "users", "demo"], env=env, text=True,
-                                capture_output=True, timeout=60)
+        result = subprocess.run([str(sipctl), "users", "demo", "--if-empty"], env=env,
+                                text=True, capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         print(f"ERROR: `{sipctl} users demo` could not run: {e}", file=sys.stderr)
         return False
@@ -364,6 +454,8 @@ def up(config: Config) -> int:
     check_tools(config)
     ensure_secret(config)
     conf = write_config(config)
+    if supervisord_pid() is None:
+        stop_leftovers()
     start_supervisord(conf)
     try:
         wait_for_redis(config.redis.url)

@@ -24,8 +24,9 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    REGISTER, the Call-ID otherwise.  TTL: 64*T1 (Timer J).
   call:{<call tag>}                a live call: hash {"v": version, "d": msgpack Call record with
                                    both legs' dialogs, their transactions and the call's
-                                   progress}.  Written compare-and-set on "v" (Lua).  TTL:
-                                   6 h while the call lives (refreshed), 2 min once it ended.
+                                   progress}.  Written compare-and-set on "v" (Lua), which
+                                   grows by a random step at each write.  TTL: 6 h while
+                                   the call lives (refreshed), 2 min once it ended.
                                    The tag is a hash of the A-leg Call-ID; B-leg Call-IDs
                                    carry it as "sc<slot>.<tag>.<n>".
   timers:<shard>                   sorted set of due timers, score = due time (epoch s),
@@ -78,6 +79,7 @@ answer 503 instead of crashing.
 
 from __future__ import annotations
 
+import random
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -352,14 +354,21 @@ return {'ok', out}
 """
 
 # Compare-and-set of a call record.  KEYS: call.  ARGV: expected version (0 = must not
-# exist), new data, ttl ms.  Returns the new version, or -1 when someone else wrote first.
+# exist), new data, ttl ms, new version.  Returns the new version, or -1 when someone else
+# wrote first.
 _CALL_CAS_LUA = """
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then return -1 end
-redis.call('HSET', KEYS[1], 'v', v + 1, 'd', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', ARGV[4], 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return v + 1
+return tonumber(ARGV[4])
 """
+# A new version is the old one plus a random step, not plus one: when Redis comes back
+# without its last writes (the AOF's last second after a power loss, a replica promoted
+# before it had them), the next write does not reuse the lost version number, so a worker
+# still holding the lost record in its cache fails its compare-and-set and reads Redis's,
+# instead of writing from a state Redis no longer has.
+VERSION_STEP = 1 << 20
 
 # Claim up to ARGV[2] timers due at ARGV[1] from one shard.  KEYS: timers shard.
 _POP_TIMERS_LUA = """
@@ -467,6 +476,10 @@ class Store:
         aor = aor_of(user, realm)
         return bool(self._call(self.redis.delete, user_key(aor), reg_key(aor)))
 
+    def has_users(self) -> bool:
+        """Whether the directory holds any user, of any realm."""
+        return next(self._scan("user:*"), None) is not None
+
     def list_users(self, realm: str | None = None) -> list[dict]:
         users = []
         for key in self._scan("user:*"):
@@ -571,7 +584,8 @@ class Store:
                 pipe.zadd(timer_key(timer_shard(timer_tag)),
                           {timer_member(timer_tag, name, due): due})
             _evalsha(pipe, self._call_cas, [call_key(tag)],
-                     [version, pack(record), int(ttl * 1000)])
+                     [version, pack(record), int(ttl * 1000),
+                      version + random.randrange(1, VERSION_STEP)])
             self._wait_replicas(pipe)
         replies = self._pipelined(build)
         self._waited(replies)
@@ -801,6 +815,24 @@ def relay_save_sessions(store: Store, relay_id: str,
         pipe.zrem(relay_owned_key(relay_id), *ended)
     if longest or ended:
         store._call(pipe.execute)
+
+
+def relay_create_sessions(store: Store, relay_id: str,
+                          sessions: list[tuple[str, dict, float]]) -> None:
+    """Write records of sessions whose first save failed (Redis was down when they were set
+    up), unless a record exists by now: then it is newer news (another relay took the call
+    over, or the first save landed after all) and the next refresh settles it."""
+    if not sessions:
+        return
+    pipe = store.redis.pipeline(transaction=False)
+    now_ms, longest = int(time.time() * 1000), 0
+    for call_id, record, ttl in sessions:
+        ttl_ms = int(ttl * 1000)
+        pipe.set(relay_session_key(call_id), pack(record), px=ttl_ms, nx=True)
+        pipe.zadd(relay_owned_key(relay_id), {call_id: now_ms + ttl_ms})
+        longest = max(longest, ttl_ms)
+    pipe.pexpire(relay_owned_key(relay_id), max(longest, RELAY_OWNED_TTL_MIN * 1000))
+    store._call(pipe.execute)
 
 
 def relay_refresh_sessions(store: Store, relay_id: str,

@@ -48,10 +48,13 @@ def free_tcp_port() -> int:
 
 @dataclass
 class RedisServer:
-    """A redis-server child process on 127.0.0.1, persisting nothing."""
+    """A redis-server child process on 127.0.0.1, persisting nothing unless ``appendonly``
+    (then an append-only file in ``directory``, as the managed Redis of `make run` keeps)."""
 
     directory: Path
     port: int = 0
+    appendonly: bool = False
+    appendfsync: str = "everysec"
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -68,9 +71,13 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         for _attempt in range(5):  # a "free" port can be taken between probe and bind
             port = self.port or free_tcp_port()
+            persistence = ["--appendonly", "no"]
+            if self.appendonly:
+                persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync,
+                               "--aof-use-rdb-preamble", "yes", "--aof-load-truncated", "yes"]
             self.process = subprocess.Popen(
                 [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.directory)],
+                 *persistence, "--dir", str(self.directory)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             if _wait_for_ping(self.process, port, timeout):
@@ -85,6 +92,13 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+
+    def restart(self, down: float = 0.0, timeout: float = 10.0) -> RedisServer:
+        """kill -9, ``down`` seconds without a server, then start again on the same port
+        and folder: with ``appendonly`` it loads what it had written."""
+        self.stop()
+        time.sleep(down)
+        return self.start(timeout)
 
 
 def _wait_for_ping(process: subprocess.Popen, port: int, timeout: float) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster.cli import ha1_hashes
 from cluster.config import load
 from cluster.launch import render_supervisord, supervisord_command
-from cluster.store import TX_PREFIX, Store, reg_key
+from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key
 from conftest import ROOT, free_tcp_port, free_udp_port
 
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
@@ -85,8 +85,13 @@ class Cluster:
         raise RuntimeError("cluster did not come up:\n" + self.log_tail())
 
     def joined_workers(self) -> int:
-        """Workers the dispatcher routes to, from its heartbeat in Redis (any log level)."""
-        for proc in self.store.processes("dispatcher"):
+        """Workers the dispatcher routes to, from its heartbeat in Redis (any log level);
+        0 while Redis does not answer (a managed one starting with the cluster)."""
+        try:
+            processes = self.store.processes("dispatcher")
+        except StoreUnavailable:
+            return 0
+        for proc in processes:
             if proc.get("host") == self.config.sip.effective_host_id:
                 return len(proc.get("workers", []))
         return 0

@@ -26,7 +26,8 @@ def test_empty_file_gives_the_defaults(tmp_path):
     config = load_env(tmp_path, {})
     assert config.sip == cfg.SipConfig()
     assert config.workers.count == 2
-    assert config.redis == cfg.RedisConfig(url="redis://127.0.0.1:6379/0", managed=True)
+    assert config.redis == cfg.RedisConfig(url="redis://127.0.0.1:6379/0", managed=True,
+                                           state_dir=str(cfg.ROOT / "state" / "redis"))
     assert config.auth.algorithms == ("MD5",)
     assert config.timers == cfg.TimersConfig(t1=0.5, t2=4.0, t4=5.0)
     assert config.media.mode == "relay"  # the relays carry media by default
@@ -103,7 +104,7 @@ def test_env_overrides_the_file(tmp_path):
 
 def test_redis_url_env_sets_url_and_turns_managed_off(tmp_path):
     config = load_env(tmp_path, {"REDIS_URL": "redis://10.0.0.5:6380/2"})
-    assert config.redis == cfg.RedisConfig(url="redis://10.0.0.5:6380/2", managed=False)
+    assert (config.redis.url, config.redis.managed) == ("redis://10.0.0.5:6380/2", False)
 
 
 def test_sipcluster_redis_url_is_an_ordinary_override(tmp_path):

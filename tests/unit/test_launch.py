@@ -80,9 +80,33 @@ def test_managed_redis_takes_its_port_from_the_url(tmp_path):
     assert argv[0].endswith("redis-server")
     assert argv[argv.index("--port") + 1] == "6390"
     assert argv[argv.index("--bind") + 1] == "127.0.0.1"
-    assert argv[argv.index("--appendonly") + 1] == "no"
-    assert argv[argv.index("--dir") + 1] == str(tmp_path / "run" / "redis")
-    assert "--save ''" in redis.command  # an empty argument: persist nothing
+
+
+def test_managed_redis_persists_into_the_state_folder(tmp_path):
+    config, conf = render(tmp_path, {})
+    (redis,) = supervisord_view(conf)["redis"]
+    argv = redis.command.split()
+    assert argv[argv.index("--appendonly") + 1] == "yes"
+    assert argv[argv.index("--appendfsync") + 1] == "everysec"
+    assert argv[argv.index("--aof-load-truncated") + 1] == "yes"
+    assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--save ''" in redis.command  # an empty argument: no RDB snapshots beside the AOF
+    # Its environment stays readable: how `sipcluster up` finds one a killed supervisord left.
+    assert argv[argv.index("--set-proc-title") + 1] == "no"
+    # The default state folder is state/redis of the checkout, outside run/ (make clean).
+    assert argv[argv.index("--dir") + 1] == str(ROOT / "state" / "redis")
+    assert config.redis.state_dir == str(ROOT / "state" / "redis")
+    assert ROOT / "run" not in Path(config.redis.state_dir).parents
+
+
+def test_the_state_folder_is_a_setting_and_created_private(tmp_path):
+    state = tmp_path / "var" / "redis"
+    config, conf = render(tmp_path, {"SIPCLUSTER_REDIS_STATE_DIR": str(state)})
+    (redis,) = supervisord_view(conf)["redis"]
+    argv = redis.command.split()
+    assert argv[argv.index("--dir") + 1] == str(state)
+    launch.write_config(config, run_dir=tmp_path / "run")
+    assert state.is_dir() and stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
 def test_bypass_mode_and_external_redis_run_neither_relays_nor_redis(tmp_path):

@@ -116,12 +116,13 @@ class Relay:
         self.counters: Counter[str] = Counter()
         self.replies: OrderedDict[bytes, bytes] = OrderedDict()
         self.urgent: set[str] = set()  # sessions to save at the next tick (latching)
-        # Sessions whose commands were answered while Redis was unavailable: their record
-        # may not exist yet, so the next flush creates it (a refresh would find it "gone").
+        # Sessions set up while Redis was down: no record yet, so a refresh would find them
+        # "gone" and drop them; the next flush creates their records instead.
         self.unsaved: set[str] = set()
         self.forwarded = 0
         self.started = time.time()
         self.stopping = False
+        self._restore_pending = True  # until the sessions of before a restart are read
         self._redis_down_until = 0.0
         self._redis_down_since = 0.0  # when the current streak of Redis failures began
         self._next_heartbeat = 0.0
@@ -144,14 +145,21 @@ class Relay:
         return sock
 
     def restore(self) -> int:
-        """Bind the sessions this relay had before a restart; returns how many."""
+        """Bind the sessions this relay had before a restart; returns how many.
+
+        After a host restart Redis may still be loading its data when the relay starts:
+        then housekeeping asks again, every REDIS_BACKOFF, until Redis answers."""
         try:
             records = st.relay_owned_sessions(self.store, self.settings.relay_id)
         except StoreUnavailable as exc:
-            log.warning("cannot read my sessions from Redis: %s", exc)
+            self._redis_failed(exc)  # logged; read again after the back-off
             return 0
+        self._redis_worked()
+        self._restore_pending = False
         restored = 0
         for record in records:
+            if record.get("call_id") in self.sessions:
+                continue  # set up anew meanwhile
             try:
                 session = Session.from_record(record)
                 self._bind_session(session)
@@ -560,15 +568,19 @@ class Relay:
                 now = time.monotonic()
                 for session in sessions:
                     session.last_flush = now
-                self.unsaved.difference_update(s.call_id for s in sessions)
+                    self.unsaved.discard(session.call_id)
             except StoreUnavailable as exc:
                 self._redis_failed(exc)
-                self.urgent.update(s.call_id for s in sessions)
-                self.unsaved.update(s.call_id for s in sessions)
+                self._save_later(sessions)
         else:
-            self.urgent.update(s.call_id for s in sessions)
-            self.unsaved.update(s.call_id for s in sessions)
+            self._save_later(sessions)
         answer()
+
+    def _save_later(self, sessions: list[Session]) -> None:
+        for session in sessions:
+            self.urgent.add(session.call_id)
+            if session.version <= 1:  # its first record: there is none in Redis yet
+                self.unsaved.add(session.call_id)
 
     def _flush(self, sessions: list[Session], now: float) -> None:
         """Save sessions (latching changes, new figures); let go of those no longer ours."""
@@ -577,17 +589,13 @@ class Relay:
             self.urgent.discard(session.call_id)
             session.last_flush = now
         relay_id = self.settings.relay_id
-        created = [r for r in records if r[0] in self.unsaved]
-        records = [r for r in records if r[0] not in self.unsaved]
-        self.unsaved.difference_update(r[0] for r in created)
+        first = [record for record in records if record[0] in self.unsaved]
+        created = {record[0] for record in first}
 
         def job() -> None:
-            if created:
-                try:
-                    st.relay_save_sessions(self.store, relay_id, created)
-                except StoreUnavailable:  # still to create: at a later tick
-                    self.followups.put(lambda: self._still_unsaved([r[0] for r in created]))
-                    raise
+            if first:
+                st.relay_create_sessions(self.store, relay_id, first)
+                self.followups.put(lambda: self.unsaved.difference_update(created))
             results = st.relay_refresh_sessions(self.store, relay_id, records)
             gone = [(record[0], result) for record, result in zip(records, results, strict=True)
                     if result <= 0]
@@ -597,11 +605,6 @@ class Relay:
                                        delete_records=False)
 
         self.jobs.put(job)
-
-    def _still_unsaved(self, call_ids: list[str]) -> None:
-        live = [c for c in call_ids if c in self.sessions]
-        self.unsaved.update(live)
-        self.urgent.update(live)
 
     def _let_go(self, gone: list[tuple[str, int]]) -> None:
         # Deleted by a client that gave up on us, expired, or taken over by another relay.
@@ -634,6 +637,8 @@ class Relay:
 
     def _housekeeping(self, now: float) -> None:
         self._run_followups()
+        if self._restore_pending and self._redis_ok():
+            self.counters["restored"] += self.restore()
         due = [s for call_id in self.urgent if (s := self.sessions.get(call_id))]
         for session in self._visit_slice():
             if self._check_timers(session, now):
