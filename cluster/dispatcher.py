@@ -248,12 +248,13 @@ class Dispatcher:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         recvfrom, route, counters = sock.recvfrom, self._route, self.counters
+        routable = self.routable.is_set
         while self.running:
             if not self.routable.wait(0.25):
                 continue  # no worker: leave the datagrams in the kernel's buffer meanwhile
             if not poller.poll(250):
                 continue
-            while True:
+            while routable():
                 try:
                     data, addr = recvfrom(65535)
                 except BlockingIOError:

@@ -123,7 +123,7 @@ class Probe:
             if data.startswith(b"SIP/2.0 ") and match:
                 self.answered.setdefault(match.group(1).decode(), time.monotonic())
 
-    def silence_around(self, moment: float, before: float = 0.5, after: float = 8.0) -> float:
+    def silence_around(self, moment: float, before: float = 0.5, after: float = 4.0) -> float:
         """The longest time without any answer around ``moment`` (monotonic), seconds."""
         times = sorted(t for t in self.answered.values() if moment - before <= t <= moment + after)
         if not times:
@@ -177,10 +177,20 @@ def wait_settled(cluster, old_pids: dict[str, int] | None = None,
         table = cluster.processes()
         running = all(table.get(p, ("", 0))[0] == "RUNNING"
                       and table[p][1] != old_pids.get(p) for p in PROGRAMS)
-        return running and cluster.joined_workers() == len(WORKERS) and table
+        return running and joined(cluster, table["dispatcher"][1]) == set(WORKERS) and table
     table = wait_for(settled, timeout, step=0.1)
     assert table, (cluster.processes(), cluster.log_tail())
     return table
+
+
+def joined(cluster, dispatcher_pid: int) -> set[str]:
+    """The workers the dispatcher of that pid routes to, from its heartbeat in Redis (the
+    last heartbeat of a killed dispatcher stays there a few seconds)."""
+    for proc in cluster.store.processes("dispatcher"):
+        if proc.get("host") == cluster.config.sip.effective_host_id \
+                and proc.get("pid") == dispatcher_pid:
+            return set(proc.get("workers", []))
+    return set()
 
 
 def crashes(cluster) -> list[str]:
