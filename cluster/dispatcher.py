@@ -11,16 +11,25 @@ Workers send straight from copies of the SIP sockets they get over the control
 connection, so every message leaves from the SIP port (design invariant 3).
 The dispatcher answers NAT keepalives itself: CRLFs are dropped, STUN binding
 requests answered.
+
+Those copies keep the SIP sockets open when the dispatcher dies (kill -9): the
+port stays bound, and datagrams queue in the sockets' buffers.  A restarted
+dispatcher that finds the port taken asks the first worker that reconnects for
+the sockets it holds and carries on with them, so queued datagrams are only
+delayed.  It reads nothing before the workers are back (or ``STARTUP_GRACE``
+has passed): a datagram read with no worker to take it would be dropped.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -28,17 +37,32 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import envelope, metrics
-from .backoff import Backoff
+from . import envelope
 from .config import Config, load
 from .envelope import SLOTS, affinity_key
 from .logsetup import setup_logging
 from .sip import scan, stun
-from .store import Store
+
+# The store and the metrics endpoint (redis-py, http.server) are imported by the thread
+# that publishes, not here: they take longer to import than the rest of the dispatcher,
+# and a dispatcher restarted after a crash should take the SIP socket back first.
 
 log = logging.getLogger("dispatcher")
 RECV_BUFFER = 4 * 1024 * 1024
 BURST = 64  # datagrams read from one socket before looking at the others
+# A restarted dispatcher finds the SIP port held by the workers; they reconnect every
+# 0.1 s, so one of them hands the sockets back well within this.  Past it, the port is
+# someone else's.
+RECLAIM_WAIT = 5.0
+RECLAIM_POLL = 0.1
+HANDBACK_TIMEOUT = 1.0  # seconds a worker has to answer the reclaim request
+# Seconds after start the SIP sockets wait for every configured worker to join; past
+# it they are read as soon as one has.
+STARTUP_GRACE = 2.0
+
+
+class BindError(Exception):
+    """The SIP port cannot be had: the message is the one log line that says why."""
 
 
 @dataclass
@@ -65,24 +89,108 @@ class Dispatcher:
     def __init__(self, config: Config):
         self.config = config
         self.host = config.sip.effective_host_id
-        self.sip_sockets = self._bind_sip()
-        self.forward = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.forward.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECV_BUFFER)
-        self.control = self._bind_control(config.dispatcher.control_path)
-        self.egress = self._bind_egress()
         self.links: dict[int, WorkerLink] = {}
         self.slots: list[WorkerLink | None] = [None] * SLOTS
         self.counters = Counters()
         self.selector = selectors.DefaultSelector()
         self.running = True
         self.started = time.time()
+        self.started_monotonic = time.monotonic()
+        # Set while datagrams can be routed (a worker has joined): until then they wait
+        # in the kernel's buffer instead of being read and dropped.
+        self.routable = threading.Event()
+        self.warmed_up = False  # every worker joined once, or STARTUP_GRACE passed
+        # The control socket first: workers reconnect to it to hand back the SIP sockets.
+        self.control = self._bind_control(config.dispatcher.control_path)
+        self.sip_sockets, handed_by = self._bind_sip()
+        self.forward = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.forward.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECV_BUFFER)
+        self.egress = self._bind_egress()
+        if handed_by is not None:
+            self._welcome(handed_by)  # the worker that handed them back is the first link
 
     # ---------------------------------------------------------------- sockets
-    def _bind_sip(self) -> list[socket.socket]:
+    def _wanted_sip(self) -> list[tuple[int, str, int]]:
         sip = self.config.sip
-        socks = [_udp_socket(socket.AF_INET, sip.bind, sip.port)]
+        wanted = [(socket.AF_INET, sip.bind, sip.port)]
         if sip.bind6:
-            socks.append(_udp_socket(socket.AF_INET6, sip.bind6, sip.port))
+            wanted.append((socket.AF_INET6, sip.bind6, sip.port))
+        return wanted
+
+    def _bind_sip(self) -> tuple[list[socket.socket], socket.socket | None]:
+        """The SIP sockets, bound anew or handed back by a worker; and that worker's
+        control connection (None when bound anew).  BindError when neither works."""
+        socks = self._try_bind_sip()
+        if socks is not None:
+            return socks, None
+        deadline = time.monotonic() + RECLAIM_WAIT
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.control], [], [], RECLAIM_POLL)
+            if readable:
+                try:
+                    conn, _ = self.control.accept()
+                except BlockingIOError:
+                    conn = None
+                if conn is not None:
+                    socks = self._reclaim_from(conn)
+                    if socks is not None:
+                        return socks, conn
+                    conn.close()
+            # The workers may have died too, and the port with them.
+            socks = self._try_bind_sip()
+            if socks is not None:
+                return socks, None
+        wanted = self._wanted_sip()
+        _family, host, port = next((w for w in wanted if _port_taken(*w)), wanted[0])
+        raise BindError(f"cannot bind {_hostport(host, port)}: Address already in use")
+
+    def _try_bind_sip(self) -> list[socket.socket] | None:
+        """Bind every SIP socket; None when a port is taken (the workers may hold it)."""
+        socks: list[socket.socket] = []
+        try:
+            for family, host, port in self._wanted_sip():
+                socks.append(_udp_socket(family, host, port))
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                return None
+            raise BindError(f"cannot bind {_hostport(host, port)}: {exc.strerror}") from exc
+        return socks
+
+    def _reclaim_from(self, conn: socket.socket) -> list[socket.socket] | None:
+        """Ask a connecting worker for the SIP sockets it holds: the ones this dispatcher's
+        predecessor bound, and the reason the port is taken."""
+        conn.settimeout(HANDBACK_TIMEOUT)
+        offered: list[socket.socket] = []
+        try:
+            conn.sendall(envelope.reclaim_request())
+            payload, fds = envelope.recv_fds(conn)
+            offered = [socket.socket(fileno=fd) for fd in fds]
+            message = envelope.parse_control(payload)
+        except (OSError, ValueError) as exc:
+            for sock in offered:
+                sock.close()
+            log.debug("no SIP socket handed back: %s", exc)
+            return None
+        order = envelope.match_sockets(
+            self._wanted_sip(), [(s.family, s.type, s.getsockname()) for s in offered])
+        if order is None:
+            if offered:
+                log.warning("worker %s handed back sockets bound elsewhere (%s); not taken",
+                            message.get("name", "?"),
+                            ", ".join(_hostport(*s.getsockname()[:2]) for s in offered))
+            for sock in offered:
+                sock.close()
+            return None
+        socks = [offered[i] for i in order]
+        for sock in offered:
+            if sock not in socks:
+                sock.close()
+        for sock in socks:
+            sock.setblocking(False)
+        log.info("took the SIP socket(s) back from worker %s, %.0f ms after start",
+                 message.get("name", "?"), 1000 * (time.monotonic() - self.started_monotonic))
         return socks
 
     def _bind_control(self, path: str) -> socket.socket:
@@ -99,7 +207,11 @@ class Dispatcher:
         port = self.config.dispatcher.inter_host_port
         if not port:
             return None
-        return _udp_socket(socket.AF_INET, self.config.sip.bind, port)
+        try:
+            return _udp_socket(socket.AF_INET, self.config.sip.bind, port)
+        except OSError as exc:
+            raise BindError(f"cannot bind {_hostport(self.config.sip.bind, port)} "
+                            f"(dispatcher.inter_host_port): {exc.strerror}") from exc
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> None:
@@ -110,7 +222,6 @@ class Dispatcher:
         for index, sock in enumerate(self.sip_sockets):
             threading.Thread(target=self._sip_loop, args=(sock, index), daemon=True).start()
         threading.Thread(target=self._publish_loop, daemon=True).start()
-        metrics.start(self.config, self.host)  # this host's Prometheus endpoint
         log.info("dispatcher %s listening on %s", self.host,
                  ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets))
         next_check = time.monotonic()
@@ -125,6 +236,7 @@ class Dispatcher:
                     self._read_egress()
             if time.monotonic() >= next_check:
                 self._expire_silent_workers()
+                self._update_routable()
                 next_check = time.monotonic() + 0.25
 
     def _sip_loop(self, sock: socket.socket, index: int) -> None:
@@ -136,10 +248,13 @@ class Dispatcher:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         recvfrom, route, counters = sock.recvfrom, self._route, self.counters
+        routable = self.routable.is_set
         while self.running:
+            if not self.routable.wait(0.25):
+                continue  # no worker: leave the datagrams in the kernel's buffer meanwhile
             if not poller.poll(250):
                 continue
-            while True:
+            while routable():
                 try:
                     data, addr = recvfrom(65535)
                 except BlockingIOError:
@@ -191,10 +306,14 @@ class Dispatcher:
             conn, _ = self.control.accept()
         except BlockingIOError:
             return
+        self._welcome(conn)
+
+    def _welcome(self, conn: socket.socket) -> None:
+        """Pass the SIP sockets to a new worker link and start reading it."""
         families = [s.family.name for s in self.sip_sockets]
-        hello = msgpack.packb({"host": self.host, "sockets": families})
         try:
-            envelope.send_fds(conn, hello, [s.fileno() for s in self.sip_sockets])
+            envelope.send_fds(conn, envelope.welcome(self.host, families),
+                              [s.fileno() for s in self.sip_sockets])
         except OSError:
             conn.close()
             return
@@ -251,9 +370,32 @@ class Dispatcher:
         for slot in range(SLOTS):
             self.slots[slot] = max(
                 live, key=lambda w: zlib.crc32(b"%d/%s" % (slot, w.name.encode())), default=None)
+        self._update_routable()
+
+    def _update_routable(self) -> None:
+        """Open the SIP sockets to reading once workers can take what is read.
+
+        Right after a start the queued datagrams wait until every configured worker has
+        joined (they reconnect within a fraction of a second), so they are dealt to the
+        workers their calls' slots name; a worker that does not come back holds them up
+        for STARTUP_GRACE at most."""
+        live = sum(1 for link in self.links.values() if link.addr is not None)
+        if not self.warmed_up and (
+                live >= self.config.workers.count
+                or time.monotonic() - self.started_monotonic >= STARTUP_GRACE):
+            self.warmed_up = True
+        if live and self.warmed_up:
+            self.routable.set()
+        else:
+            self.routable.clear()
 
     # ---------------------------------------------------------------- reporting
     def _publish_loop(self) -> None:
+        from . import metrics
+        from .backoff import Backoff
+        from .store import Store
+
+        metrics.start(self.config, self.host)  # this host's Prometheus endpoint
         store = Store(self.config.redis.url, timeout=1.0, max_connections=2)
         backoff = Backoff(log, "heartbeat")
         while self.running:
@@ -282,18 +424,38 @@ class Dispatcher:
 
 def _udp_socket(family: int, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
+
+
+def _port_taken(family: int, host: str, port: int) -> bool:
+    try:
+        _udp_socket(family, host, port).close()
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main() -> None:
     config = load()
     setup_logging(config, "dispatcher")
-    dispatcher = Dispatcher(config)
+    try:
+        dispatcher = Dispatcher(config)
+    except BindError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
     signal.signal(signal.SIGTERM, dispatcher.stop)
     signal.signal(signal.SIGINT, dispatcher.stop)
     dispatcher.run()

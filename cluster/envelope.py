@@ -10,13 +10,23 @@ Control (worker <-> dispatcher, a Unix stream socket): msgpack maps.  On
 connect the dispatcher passes its SIP sockets with SCM_RIGHTS, so workers send
 from the SIP port without ever reading from it; the worker then says hello
 (its name and the UDP port it reads from) and sends heartbeats.
+
+The workers' copies keep the SIP sockets open when the dispatcher dies, so a
+restarted dispatcher cannot bind the port again.  It takes the very same
+sockets back instead: its first message to a connecting worker is then a
+reclaim request, and the worker answers with the sockets it holds (SCM_RIGHTS
+again).  Datagrams that arrived while no dispatcher read them wait in those
+sockets' buffers and are not lost.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 import zlib
+
+import msgpack
 
 SLOTS = 1024  # affinity slots the dispatcher deals out to live workers
 
@@ -59,3 +69,61 @@ def send_fds(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
 def recv_fds(sock: socket.socket, maxfds: int = 4) -> tuple[bytes, list[int]]:
     data, fds, _flags, _addr = socket.recv_fds(sock, 65536, maxfds)
     return data, fds
+
+
+# ---------------------------------------------------------------- SIP socket hand-back
+def reclaim_request() -> bytes:
+    """Dispatcher -> worker, instead of the welcome: send back the SIP sockets you hold."""
+    return msgpack.packb({"type": "reclaim"})
+
+
+def sockets_message(name: str, sockets: list[tuple[int, tuple]]) -> bytes:
+    """Worker -> dispatcher, with the sockets' descriptors: (family, bound address) of each."""
+    return msgpack.packb({"type": "sockets", "name": name,
+                          "sockets": [[int(family), list(addr[:2])] for family, addr in sockets]})
+
+
+def welcome(host: str, families: list[str]) -> bytes:
+    """Dispatcher -> worker, with the SIP sockets' descriptors."""
+    return msgpack.packb({"type": "welcome", "host": host, "sockets": families})
+
+
+def parse_control(payload: bytes) -> dict:
+    """One control message; ValueError when it is not a msgpack map with a known type."""
+    if not payload:
+        raise ValueError("connection closed")
+    try:
+        message = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # msgpack raises several kinds, not all of them ValueError
+        raise ValueError(f"not a control message: {exc}") from exc
+    if not isinstance(message, dict) or message.get("type") not in (
+            "reclaim", "sockets", "welcome"):
+        raise ValueError(f"not a control message: {message!r:.80}")
+    return message
+
+
+def match_sockets(wanted: list[tuple[int, str, int]],
+                  offered: list[tuple[int, int, tuple]]) -> list[int] | None:
+    """Which offered socket serves each wanted SIP socket, in the wanted order.
+
+    ``wanted``: (family, bind address, port) from the configuration; ``offered``:
+    (family, type, getsockname()) of each socket handed back.  None unless every wanted
+    socket is there: a UDP socket of that family bound to that very address and port
+    (an address written another way, ``::0001`` for ``::1``, is the same address).
+    """
+    order = []
+    for family, host, port in wanted:
+        index = next((i for i, (fam, kind, addr) in enumerate(offered)
+                      if fam == family and kind == socket.SOCK_DGRAM and addr[1] == port
+                      and _same_address(addr[0], host) and i not in order), None)
+        if index is None:
+            return None
+        order.append(index)
+    return order
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b

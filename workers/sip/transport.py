@@ -5,6 +5,12 @@ their source address.  Answers leave through copies of the dispatcher's SIP
 sockets (received over the control connection), so they come from the SIP
 port; requests for a phone registered through another host go to that host's
 dispatcher (its egress port), which sends them from its own SIP socket.
+
+When the dispatcher dies the control connection reaches end of file at once; a
+greenlet waiting on it reconnects every ``RECONNECT_EVERY`` seconds while the
+worker goes on sending through the SIP sockets it holds.  A restarted
+dispatcher that finds the SIP port taken (by those very sockets) asks for them
+back as the first thing on the new connection.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from cluster.store import Store, StoreUnavailable
 
 log = logging.getLogger("transport")
 RECV_BUFFER = 4 * 1024 * 1024
+RECONNECT_EVERY = 0.1  # seconds between attempts to reach a missing dispatcher
+CONTROL_TIMEOUT = 2.0  # seconds a dispatcher has to answer a connecting worker
+STILL_MISSING_EVERY = 10.0  # seconds between log lines while the dispatcher stays away
 
 
 class Transport:
@@ -53,33 +62,82 @@ class Transport:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> list[gevent.Greenlet]:
         self._connect()
-        return [gevent.spawn(self._receive_loop), gevent.spawn(self._heartbeat_loop)]
+        return [gevent.spawn(self._receive_loop), gevent.spawn(self._heartbeat_loop),
+                gevent.spawn(self._control_loop)]
 
     def _connect(self) -> None:
-        """Get the SIP sockets from the dispatcher and say hello; retries until it answers."""
-        while True:
-            try:
-                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                conn.connect(self.control_path)
-                payload, fds = envelope.recv_fds(conn)
-                hello = msgpack.unpackb(payload, raw=False)
-                break
-            except OSError as exc:
-                log.warning("dispatcher not reachable at %s (%s); retrying",
-                            self.control_path, exc)
-                gevent.sleep(0.5)
-        for sock in self.sip_sockets:
-            sock.close()  # our copies of the old descriptors; the dispatcher keeps its own
-        self.sip_sockets = [socket.socket(fileno=fd) for fd in fds]
-        self.control = conn
-        self.dispatcher_host = hello.get("host")
-        ip, port = self.inbound.getsockname()
-        self._send_control({"type": "hello", "name": self.name, "ip": ip, "port": port,
-                            "pid": os.getpid()})
-        log.info("connected to dispatcher %s; reading on %s:%d", self.dispatcher_host, ip, port)
+        """Get the SIP sockets from the dispatcher and say hello; retries until it answers.
 
-    def _send_control(self, message: dict) -> None:
-        self.control.sendall(msgpack.packb(message))
+        Meanwhile the SIP sockets held from the last dispatcher stay in use for sending."""
+        since = time.monotonic()
+        note_after = RECONNECT_EVERY
+        while not self.leaving:
+            try:
+                conn, welcome, fds = self._handshake()
+                break
+            except (OSError, ValueError) as exc:
+                waited = time.monotonic() - since
+                if waited >= note_after:
+                    # Told after 0.1, 0.2, 0.4... s, then every STILL_MISSING_EVERY s.  These
+                    # lines also wake supervisord, which respawns an exited program only on
+                    # the next turn of its loop, and that turn waits up to a second for some
+                    # program's output: a line at 0.1 s and 0.2 s after the loss brings the
+                    # dispatcher back within a few hundred ms instead of a second.
+                    log.warning("dispatcher not reachable at %s for %.0f ms (%s); retrying "
+                                "every %.1f s", self.control_path, 1000 * waited, exc,
+                                RECONNECT_EVERY)
+                    note_after = min(2 * note_after, waited + STILL_MISSING_EVERY)
+                gevent.sleep(RECONNECT_EVERY)
+        else:
+            return
+        old, self.sip_sockets = self.sip_sockets, [socket.socket(fileno=fd) for fd in fds]
+        for sock in old:
+            sock.close()  # our copies of the old descriptors; the dispatcher keeps its own
+        self.control = conn
+        self.dispatcher_host = welcome.get("host")
+        ip, port = self.inbound.getsockname()
+        log.info("connected to dispatcher %s after %.0f ms; reading on %s:%d",
+                 self.dispatcher_host, 1000 * (time.monotonic() - since), ip, port)
+
+    def _handshake(self) -> tuple[socket.socket, dict, list[int]]:
+        """Connect, hand the SIP sockets back if asked, take the welcome, say hello."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds: list[int] = []
+        try:
+            conn.settimeout(CONTROL_TIMEOUT)
+            conn.connect(self.control_path)
+            message, fds = self._receive_control(conn)
+            if message["type"] == "reclaim":
+                # A new dispatcher found the SIP port taken by the sockets we hold.
+                held = [(s.family, s.getsockname()) for s in self.sip_sockets]
+                payload = envelope.sockets_message(self.name, held)
+                if self.sip_sockets:
+                    envelope.send_fds(conn, payload, [s.fileno() for s in self.sip_sockets])
+                else:
+                    conn.sendall(payload)  # none to give: it closes and waits for another
+                message, fds = self._receive_control(conn)
+            if message["type"] != "welcome" or len(fds) != len(message.get("sockets", ())):
+                raise ValueError(f"unexpected {message['type']} from the dispatcher")
+            ip, port = self.inbound.getsockname()
+            conn.sendall(msgpack.packb({"type": "hello", "name": self.name, "ip": ip,
+                                        "port": port, "pid": os.getpid()}))
+            conn.settimeout(None)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            raise
+        return conn, message, fds
+
+    @staticmethod
+    def _receive_control(conn: socket.socket) -> tuple[dict, list[int]]:
+        payload, fds = envelope.recv_fds(conn)
+        try:
+            return envelope.parse_control(payload), fds
+        except ValueError:
+            for fd in fds:
+                os.close(fd)
+            raise
 
     def leave(self) -> None:
         """Stop taking traffic: the dispatcher drops this worker when the connection closes."""
@@ -87,18 +145,41 @@ class Transport:
         if self.control is not None:
             self.control.close()
 
+    def _control_loop(self) -> None:
+        """Wait for the control connection to close (the dispatcher sends nothing after its
+        welcome), then reconnect: a dead dispatcher is noticed at once, not at the next
+        heartbeat."""
+        while not self.leaving:
+            conn = self.control
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                data = b""
+            if self.leaving:
+                return
+            if data:
+                continue
+            log.warning("lost the dispatcher; reconnecting")
+            self.control = None
+            conn.close()
+            self._connect()
+
     def _heartbeat_loop(self) -> None:
         backoff = Backoff(log, "dispatcher heartbeat")
         while not self.leaving:
             gevent.sleep(self.heartbeat_interval)
-            if self.leaving:
-                return
+            conn = self.control
+            if self.leaving or conn is None:
+                continue
             try:
+                conn.sendall(msgpack.packb({"type": "hb", "load": self.load()}))
+            except OSError:
+                # The control greenlet reconnects; shutting down wakes it if it has not
+                # seen the end of the connection yet.
                 try:
-                    self._send_control({"type": "hb", "load": self.load()})
+                    conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
-                    log.warning("lost the dispatcher; reconnecting")
-                    self._connect()
+                    pass
             except Exception as exc:  # whatever it is, the heartbeat goes on
                 gevent.sleep(backoff.failed(exc))
             else:
