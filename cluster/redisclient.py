@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote
 
-import redis
-from redis.sentinel import Sentinel
+if TYPE_CHECKING:
+    import redis
 
 SENTINEL_SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -112,7 +113,14 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     address changed; its connections turn READONLY (a demoted primary still reached) into a
     ConnectionError after disconnecting, so the next command rediscovers the primary
     instead of failing for ever.
+
+    redis-py is imported here, not with the module: the configuration (which checks URLs
+    with the parser above) is loaded by every process, and the dispatcher takes its SIP
+    socket back after a crash before it needs Redis (redis-py takes ~80 ms to import).
     """
+    import redis
+    from redis.sentinel import Sentinel
+
     if not is_sentinel_url(url):
         # A plain pool: measured cheaper per command than the blocking one; the worker
         # bounds its concurrency (max_inflight) itself.
