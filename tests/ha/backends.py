@@ -11,67 +11,26 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import redis
 from harness import wait_for
 from sentinels import SentinelSet, start_replica
 
-from conftest import REDIS_SERVER, free_tcp_port
+from conftest import RedisServer
 
 
-def _wait_ping(port: int, timeout: float = 10.0) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5,
-                         socket_connect_timeout=0.5)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis on port {port} did not answer within {timeout} s")
-    finally:
-        client.close()
-
-
-class AofRedis:
+@dataclass
+class AofRedis(RedisServer):
     """A redis-server on 127.0.0.1 that keeps its data in an append-only file."""
 
-    def __init__(self, directory: Path, port: int = 0, extra: tuple[str, ...] = ()):
-        self.directory = directory
-        self.port = port or free_tcp_port()
-        self.extra = extra
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2.0)
-
-    def start(self) -> AofRedis:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ping(self.port)
-        return self
+    appendonly: bool = True
 
     def kill9(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # a paused server must die too
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    stop = kill9
+        self.stop()
 
     def pause(self, seconds: float) -> None:
         os.kill(self.process.pid, signal.SIGSTOP)
@@ -81,8 +40,9 @@ class AofRedis:
             os.kill(self.process.pid, signal.SIGCONT)
 
     def refuse_writes(self, seconds: float) -> None:
-        """maxmemory far below what is used, with noeviction: every write gets OOM."""
-        client = self.client()
+        """maxmemory far below what is used (the policy is noeviction): every write gets
+        OOM, reads still work."""
+        client = self.client(socket_timeout=2.0)
         try:
             client.config_set("maxmemory", "1")
             time.sleep(seconds)
