@@ -24,7 +24,9 @@ Counters are those of the processes alive now, since each one started.
 from __future__ import annotations
 
 import argparse
+import builtins
 import csv
+import io
 import json
 import re
 import socket
@@ -34,6 +36,7 @@ from datetime import datetime
 
 from . import ladder
 from .config import Config, load
+from .escape import escape_controls, escape_lines
 from .redisclient import redacted
 from .sip import digest, sdp
 from .sip.errors import SipError
@@ -59,6 +62,22 @@ def ha1_hashes(user: str, realm: str, password: str) -> dict[str, str]:
     return {alg: digest.ha1(user, realm, password, alg) for alg in ("MD5", "SHA-256")}
 
 
+def print(*values, sep: str = " ", end: str = "\n", file=None, flush: bool = False) -> None:
+    """Everything sipctl writes goes through here (this module's ``print``): much of it
+    came from the wire (user parts, User-Agents, Call-IDs, whole messages), and a raw
+    ESC, CR or NUL would act on the operator's terminal or forge output lines.  Every
+    control is shown escaped (cluster/escape.py); the line breaks of sipctl's own
+    layout stay.  Table cells and CSV fields escape their LFs too (``_cell``), so a value
+    never breaks a row.  JSON needs nothing: json.dumps escapes controls (ensure_ascii)."""
+    builtins.print(*(escape_lines(v if isinstance(v, str) else str(v)) for v in values),
+                   sep=sep, end=end, file=file, flush=flush)
+
+
+def _cell(value) -> str:
+    """One value of a table row or CSV record, on one line whatever it holds."""
+    return escape_controls(value)
+
+
 def _print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
@@ -66,11 +85,11 @@ def _print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
     if not rows:
         print("(none)")
         return
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(w)
-                        for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 # --------------------------------------------------------------------------- users
@@ -296,7 +315,7 @@ def cmd_call(args, config: Config, store: Store) -> int:
 
 
 def _print_call(summary: dict, codec: str, relay_id: str, session: dict | None) -> None:
-    print(f"call {summary['call']}: {summary['caller']} -> {summary['callee']}, "
+    print(f"call {summary['call']}: {_cell(summary['caller'])} -> {_cell(summary['callee'])}, "
           f"{summary['state']}, age {summary['age']} s, last worker {summary['worker']}")
     times = [f"created {_clock(summary['created'])}"]
     if summary["answered"]:
@@ -574,9 +593,15 @@ def cmd_cdr(args, config: Config, store: Store) -> int:
         return 0
     fields = CDR_FIELDS + sorted({k for r in records for k in r} - set(CDR_FIELDS))
     if fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
+        # Fields escaped (no CR, LF or other control left), then quoted where the csv
+        # module must (a comma or a quote): every record is one line of the output.
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore",
+                                quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: "" if v is None else _cell(v) for k, v in r.items()}
+                        for r in records)
+        print(out.getvalue(), end="")
         return 0
     rows = [{**r, "start": _clock(float(r["start"])) if r.get("start") else ""} for r in records]
     _print_rows(rows, ["start", "caller", "callee", "duration", "hangup_cause", "hangup_side",

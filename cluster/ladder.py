@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .escape import escape_controls
+
 LANE = 30  # characters between two column bars
 TIME_WIDTH = 9
 SDP_MARK = " (SDP)"
@@ -101,17 +103,19 @@ def draw(entries: list[dict], *, caller: str = "", callee: str = "", full: bool 
 
 # ------------------------------------------------------------------------------- drawing
 def _header(caller: str, callee: str, lane: int, start: float | None) -> str:
-    names = [f"caller {caller}".strip(), "cluster", f"callee {callee}".strip()]
+    names = [f"caller {escape_controls(caller)}".strip(), "cluster",
+             f"callee {escape_controls(callee)}".strip()]
     head = "".join(name[:lane].ljust(lane + 1) for name in names[:2]) + names[2]
     return "time".ljust(TIME_WIDTH) + head
 
 
 def _row(arrow: Arrow, start: float, lane: int) -> str:
-    drawn = _lane(arrow.label, arrow.rightwards, lane)
+    drawn = _lane(escape_controls(arrow.label), arrow.rightwards, lane)
     empty = " " * lane
     left, right = (drawn, empty) if arrow.side == "caller" else (empty, drawn)
     offset = f"+{arrow.t - start:.3f}".ljust(TIME_WIDTH)
-    note = f"  {arrow.leg} {arrow.peer}" + ("  retransmission" if arrow.retransmission else "")
+    note = f"  {escape_controls(arrow.leg)} {escape_controls(arrow.peer)}" + (
+        "  retransmission" if arrow.retransmission else "")
     return f"{offset}|{left}|{right}|{note.rstrip()}"
 
 
@@ -131,7 +135,7 @@ def _lane(label: str, rightwards: bool, lane: int) -> str:
 
 def _message_lines(data: bytes) -> list[str]:
     text = data.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
-    return [" " * TIME_WIDTH + "    " + line for line in text.split("\n")] + [""]
+    return [" " * TIME_WIDTH + "    " + escape_controls(line) for line in text.split("\n")] + [""]
 
 
 # ------------------------------------------------------------------------------- reading

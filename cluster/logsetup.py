@@ -2,6 +2,13 @@
 
 Lines about a call carry its Call-ID as ``call-id=<value>`` (see ``call_log``),
 so ``grep call-id=<id> run/log/*.log`` follows a call across processes.
+
+Whatever reaches a line came from somewhere, often from the wire (a Call-ID, a user
+part, a User-Agent): the formatter passes the whole message through ``escape_controls``,
+so no record spans two lines (a CR LF in a dialled number cannot forge a second record)
+and no record carries terminal controls (ESC sequences that clear or retitle the
+operator's terminal).  The rule is in cluster/escape.py; sipctl prints what it reads
+from Redis through the same rule.
 """
 
 from __future__ import annotations
@@ -11,12 +18,34 @@ import os
 import sys
 
 from .config import Config
+from .escape import escape_controls
+
+
+class EscapingFormatter(logging.Formatter):
+    """The final message escaped (arguments included, whoever wrote the call); a
+    traceback keeps its lines, each escaped and indented by ``  | `` so none of them
+    can pass for a record of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  | " + escape_controls(line) for line in text.split("\n"))
 
 
 def setup_logging(config: Config, name: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s {name}[{os.getpid()}] %(name)s: %(message)s"))
+    handler.setFormatter(EscapingFormatter(
+        f"%(asctime)s %(levelname)s {escape_controls(name)}[{os.getpid()}] %(name)s: "
+        "%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log.level.upper())
@@ -28,8 +57,19 @@ class CallLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):
         return f"call-id={self.extra['call_id']} {msg}", kwargs
 
+    def log(self, level, msg, *args, **kwargs):
+        # The prefix joins the format string: a "%" in a Call-ID would be taken for a
+        # conversion (a "%s" eating an argument, or a TypeError that loses the record)
+        # when there are arguments to format, so it is doubled then (and only then:
+        # without arguments logging leaves the string as it is).
+        if self.isEnabledFor(level):
+            call_id = self.extra["call_id"]
+            if args:
+                call_id = call_id.replace("%", "%%")
+            self.logger.log(level, f"call-id={call_id} {msg}", *args, **kwargs)
+
 
 def call_log(logger: logging.Logger, call_id: bytes | str) -> CallLog:
-    if isinstance(call_id, bytes):
-        call_id = call_id.decode("latin-1")
-    return CallLog(logger, {"call_id": call_id})
+    # Escaped here too (the formatter would anyway), so the prefix reads the same under
+    # any handler (tests' caplog) and is escaped once per call, not once per line.
+    return CallLog(logger, {"call_id": escape_controls(call_id)})

@@ -19,6 +19,8 @@ _IPV6_REF = re.compile(rb"\[[0-9A-Fa-f:.]+\]\Z")
 # Characters that may never appear raw inside a URI (white space, controls, <>, quotes).
 _FORBIDDEN = re.compile(rb'[\x00-\x20\x7f<>"]')
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+# What an escape may not decode to in a name: C0 controls, DEL and C1 controls.
+_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def unescape(value: bytes) -> bytes:
@@ -54,6 +56,25 @@ class SipURI:
     @property
     def user_unescaped(self) -> bytes | None:
         return None if self.user is None else unescape(self.user)
+
+    @property
+    def user_name(self) -> str | None:
+        """The user part as a name (a user, a dialled number): unescaped, read as UTF-8.
+
+        ``user_unescaped`` keeps every byte (escaped forms compare equal to unescaped
+        ones, and RFC 4475's escnull REGISTER must parse), but a name goes on into the
+        directory, CDRs, logs and sipctl listings, so one that decodes to a control
+        (``%0d%0a``, ``%00``, ``%1b``) is refused with 400: the answer is decided from
+        the message alone, the same for every user, so it tells nothing about the
+        directory (404 would read as "looked up, not found"), and it tells the sender
+        that the request itself is at fault, not the user's presence.
+        """
+        if self.user is None:
+            return None
+        name = unescape(self.user).decode("utf-8", "replace")
+        if _NAME_CONTROL.search(name):
+            raise SipError(400, "Control character in the user part")
+        return name
 
     def param(self, name: str, default: str | None = None) -> str | None:
         for key, value in self.params:

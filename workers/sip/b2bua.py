@@ -493,8 +493,8 @@ def _media_summary(figures: dict) -> dict:
 
 
 def _user_of(uri) -> str | None:
-    if isinstance(uri, SipURI) and uri.user is not None:
-        return uri.user_unescaped.decode("utf-8", "replace")
+    if isinstance(uri, SipURI):
+        return uri.user_name  # 400 (SipError) when it decodes to a control
     return None
 
 

@@ -76,7 +76,7 @@ class Registrar:
         to_uri = req.to.uri
         if not isinstance(to_uri, SipURI) or to_uri.user is None:
             raise SipError(400, "To must be a SIP or SIPS address of record")
-        return to_uri.user_unescaped.decode("utf-8", "replace")
+        return to_uri.user_name  # 400 (SipError) when it decodes to a control
 
     def _update(self, req: Request, source: Source, user: str, creds, server_key: str,
                 pending: dict[str, bytes]):
