@@ -161,12 +161,14 @@ def uri_matches(digest_uri: str, request_uri: bytes) -> bool:
     from elsewhere.
 
     SIP and SIPS URIs are compared as RFC 3261 19.1.4 compares them, with two
-    allowances: parameters count only when both URIs carry them, since phones copy the
-    Request-URI with or without its parameters and a proxy before us may add some
-    (``;transport=``, ``;lr``...), and a missing port equals the scheme's default port
-    (5060, 5061 for sips), which a proxy may have written out.  Scheme (sip vs sips),
-    user (escapes decoded), password, host and port must agree; headers are ignored
-    (a Request-URI has none).  Other schemes must match byte for byte, scheme case aside.
+    allowances, both for clients seen in the field: parameters count only when both URIs
+    carry them, since phones copy the Request-URI with or without its parameters and a
+    proxy before us may add some (``;transport=``, ``;lr``...); and a port counts only
+    when both carry one, since some clients write the server's address and port they
+    sent to (SIPp: ``uri="sip:192.0.2.1:5060"`` for ``REGISTER sip:192.0.2.1``).  Scheme
+    (sip vs sips), user (escapes decoded), password and host must agree, so credentials
+    never serve for another callee, user or domain; headers are ignored (a Request-URI
+    has none).  Other schemes must match byte for byte, scheme case aside.
     """
     try:
         theirs = parse_uri(digest_uri.encode("utf-8"))
@@ -182,8 +184,7 @@ def uri_matches(digest_uri: str, request_uri: bytes) -> bool:
         return False
     if _unescaped(theirs.password) != _unescaped(ours.password):
         return False
-    default = 5061 if ours.scheme == "sips" else 5060
-    if (theirs.port or default) != (ours.port or default):
+    if theirs.port is not None and ours.port is not None and theirs.port != ours.port:
         return False
     for name in _TARGET_PARAMS:
         a, b = theirs.param(name), ours.param(name)

@@ -464,8 +464,9 @@ def test_client_authorization_answers_sha256_and_refuses_other_schemes():
     ("sip:1011@example.com", b"sip:1011@example.com;transport=udp"),  # params on one side
     ("sip:1011@example.com;user=phone;ob", b"sip:1011@example.com"),
     ("sip:1011@example.com;transport=UDP", b"sip:1011@example.com;transport=udp"),
-    ("sip:1011@example.com", b"sip:1011@example.com:5060"),  # default port written out
+    ("sip:1011@example.com", b"sip:1011@example.com:5060"),  # port on one side only
     ("sips:1011@example.com:5061", b"sips:1011@example.com"),
+    ("sip:127.0.0.1:47123", b"sip:127.0.0.1"),  # SIPp's REGISTER
     ("sip:1011@[2001:db8::1]:5070", b"sip:1011@[2001:db8::1]:5070"),
     ("tel:+15551234", b"tel:+15551234"),
 ])
@@ -476,8 +477,7 @@ def test_uri_matches_the_request_uri(digest_uri, request_uri):
 @pytest.mark.parametrize(("digest_uri", "request_uri"), [
     ("sip:1010@127.0.0.1", b"sip:1011@127.0.0.1"),  # another callee
     ("sip:1011@127.0.0.2", b"sip:1011@127.0.0.1"),  # another host
-    ("sip:1011@example.com:5070", b"sip:1011@example.com"),  # another port
-    ("sip:1011@example.com:5061", b"sip:1011@example.com:5060"),
+    ("sip:1011@example.com:5061", b"sip:1011@example.com:5060"),  # another port
     ("sips:1011@example.com", b"sip:1011@example.com"),  # sips is not sip
     ("sip:1011@example.com", b"sips:1011@example.com"),
     ("sip:example.com", b"sip:1011@example.com"),  # user on one side only
