@@ -160,15 +160,17 @@ def uri_matches(digest_uri: str, request_uri: bytes) -> bool:
     22.4): a mismatch is a 400, as credentials computed for another target were taken
     from elsewhere.
 
-    SIP and SIPS URIs are compared as RFC 3261 19.1.4 compares them, with two
-    allowances, both for clients seen in the field: parameters count only when both URIs
-    carry them, since phones copy the Request-URI with or without its parameters and a
-    proxy before us may add some (``;transport=``, ``;lr``...); and a port counts only
-    when both carry one, since some clients write the server's address and port they
-    sent to (SIPp: ``uri="sip:192.0.2.1:5060"`` for ``REGISTER sip:192.0.2.1``).  Scheme
-    (sip vs sips), user (escapes decoded), password and host must agree, so credentials
-    never serve for another callee, user or domain; headers are ignored (a Request-URI
-    has none).  Other schemes must match byte for byte, scheme case aside.
+    SIP and SIPS URIs are compared as RFC 3261 19.1.4 compares them, with allowances
+    for what clients in the field send: parameters count only when both URIs carry them
+    (phones copy the Request-URI with or without its parameters, and a proxy before us
+    may add some: ``;transport=``, ``;lr``...); a port counts only when both carry one;
+    and a uri without a user part naming our host is taken as naming this server, which
+    is what SIPp sends (``uri="sip:192.0.2.1:5060"`` for ``INVITE sip:1011@192.0.2.1``
+    as for ``REGISTER sip:192.0.2.1``).  Scheme (sip vs sips), host and password must
+    agree, and a uri that names a user must name the Request-URI's (escapes decoded):
+    credentials computed for a call to one callee never serve for another.  Headers are
+    ignored (a Request-URI has none).  Other schemes must match byte for byte, scheme
+    case aside.
     """
     try:
         theirs = parse_uri(digest_uri.encode("utf-8"))
@@ -180,7 +182,7 @@ def uri_matches(digest_uri: str, request_uri: bytes) -> bool:
                 and bytes(theirs).partition(b":")[2] == bytes(ours).partition(b":")[2])
     if theirs.scheme != ours.scheme or theirs.host != ours.host:
         return False
-    if theirs.user_unescaped != ours.user_unescaped:
+    if theirs.user is not None and theirs.user_unescaped != ours.user_unescaped:
         return False
     if _unescaped(theirs.password) != _unescaped(ours.password):
         return False

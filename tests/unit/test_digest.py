@@ -467,6 +467,7 @@ def test_client_authorization_answers_sha256_and_refuses_other_schemes():
     ("sip:1011@example.com", b"sip:1011@example.com:5060"),  # port on one side only
     ("sips:1011@example.com:5061", b"sips:1011@example.com"),
     ("sip:127.0.0.1:47123", b"sip:127.0.0.1"),  # SIPp's REGISTER
+    ("sip:127.0.0.1:47123", b"sip:1001@127.0.0.1:47123"),  # SIPp's INVITE: names the server
     ("sip:1011@[2001:db8::1]:5070", b"sip:1011@[2001:db8::1]:5070"),
     ("tel:+15551234", b"tel:+15551234"),
 ])
@@ -480,7 +481,8 @@ def test_uri_matches_the_request_uri(digest_uri, request_uri):
     ("sip:1011@example.com:5061", b"sip:1011@example.com:5060"),  # another port
     ("sips:1011@example.com", b"sip:1011@example.com"),  # sips is not sip
     ("sip:1011@example.com", b"sips:1011@example.com"),
-    ("sip:example.com", b"sip:1011@example.com"),  # user on one side only
+    ("sip:1011@example.com", b"sip:example.com"),  # a user the Request-URI lacks
+    ("sip:example.org", b"sip:1011@example.com"),  # another server
     ("sip:%31011@example.com", b"sip:2011@example.com"),
     ("sip:1011@example.com;transport=tcp", b"sip:1011@example.com;transport=udp"),
     ("sip:1011@example.com;maddr=192.0.2.1", b"sip:1011@example.com;maddr=192.0.2.2"),
