@@ -114,6 +114,9 @@ class AuthConfig:
     secret: str = ""
     max_failures: int = 5
     failure_window: int = 60
+    user_max_failures: int = 20
+    user_failure_window: int = 600
+    user_lockout: int = 600
 
 
 @dataclass(frozen=True)
@@ -473,6 +476,9 @@ def _validate_auth(auth: AuthConfig) -> None:
     _require(auth.nonce_lifetime > 0, "auth.nonce_lifetime must be positive")
     _require(auth.max_failures >= 1, "auth.max_failures must be at least 1")
     _require(auth.failure_window > 0, "auth.failure_window must be positive")
+    _require(auth.user_max_failures >= 0, "auth.user_max_failures must be 0 (off) or more")
+    _require(auth.user_failure_window > 0, "auth.user_failure_window must be positive")
+    _require(auth.user_lockout > 0, "auth.user_lockout must be positive")
 
 
 def _validate_registrar(registrar: RegistrarConfig) -> None:

@@ -14,7 +14,7 @@ Counter names in heartbeats map to metric families:
   sent_<METHOD>          sipcluster_sip_requests_sent_total{method}
   responses_<N>xx        sipcluster_sip_responses_sent_total{class}
   received_<N>xx         sipcluster_sip_responses_received_total{class}
-  auth_<outcome>         sipcluster_auth_failures_total{outcome}     (forbidden, throttled)
+  auth_<outcome>         sipcluster_auth_failures_total{outcome}     (forbidden, throttled, locked)
   cmd_<command>_<result> sipcluster_relay_commands_total{command, result}
   anything else          sipcluster_<name>_total
 

@@ -50,6 +50,14 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    TTL: the failure window.
   authblock (channel)              pub/sub: "<ip> <seconds>" when a source is throttled, so
                                    every worker refuses it at once (nothing is stored).
+  authuser:{<user>@<realm>}        failed authentications for one user name from any source,
+                                   unknown names alike (plain counter).  TTL: the user
+                                   failure window (auth.user_failure_window), from the first.
+  authlock:{<user>@<realm>}        "1" while that user is locked out (auth.user_max_failures
+                                   reached): refused unchecked except from its registered
+                                   addresses.  TTL: auth.user_lockout.
+  authlock (channel)               pub/sub: "<seconds> <user>@<realm>" when a user is locked,
+                                   so every worker refuses it at once.
   proc:<role>:<host>:<name>        a live process's heartbeat: {"role", "host", "name", "pid",
                                    "started", "seen", ...counters}.  TTL: a few heartbeats.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
@@ -204,12 +212,21 @@ def timer_key(shard: int) -> str:
 
 CDR_STREAM = "cdr"
 AUTHBLOCK_CHANNEL = "authblock"
+AUTHLOCK_CHANNEL = "authlock"
 BLOCKS_POLL = 1.0  # seconds a wait for an authblock message lasts before it starts again
 TIMER_SHARDS = 4
 
 
 def authfail_key(ip: str) -> str:
     return f"authfail:{{{ip}}}"
+
+
+def authuser_key(aor: str) -> str:
+    return f"authuser:{{{aor}}}"
+
+
+def authlock_key(aor: str) -> str:
+    return f"authlock:{{{aor}}}"
 
 
 def proc_key(role: str, host: str, name: str) -> str:
@@ -685,23 +702,58 @@ class Store:
 
     def blocks(self):
         """Yield (ip, seconds) as workers announce throttled sources (blocking)."""
+        for kind, subject, seconds in self.auth_events():
+            if kind == "source":
+                yield subject, seconds
+
+    def auth_events(self):
+        """Yield ("source", ip, seconds) as workers announce throttled sources and
+        ("user", "<user>@<realm>", seconds) as they lock users out (blocking)."""
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(AUTHBLOCK_CHANNEL)
+            pubsub.subscribe(AUTHBLOCK_CHANNEL, AUTHLOCK_CHANNEL)
             while True:
                 # Not listen(): its reads end at the socket timeout, which is short, and
                 # every resubscription would miss what is published meanwhile.
                 message = pubsub.get_message(timeout=BLOCKS_POLL)
                 if message is None or message.get("type") != "message":
                     continue
-                ip, _, seconds = message["data"].decode().partition(" ")
-                yield ip, float(seconds or 0)
+                text = message["data"].decode("utf-8", "replace")
+                if message["channel"] in (AUTHLOCK_CHANNEL, AUTHLOCK_CHANNEL.encode()):
+                    seconds, _, aor = text.partition(" ")  # a user name may hold spaces
+                    yield "user", aor, float(seconds or 0)
+                else:
+                    ip, _, seconds = text.partition(" ")
+                    yield "source", ip, float(seconds or 0)
         except (redis.RedisError, OSError) as exc:
             if not self._unavailable(exc):
                 raise
             raise StoreUnavailable(str(exc)) from exc
         finally:
             pubsub.close()
+
+    def note_user_auth_failure(self, aor: str, window: float, threshold: int,
+                               lockout: float) -> float:
+        """Count a failure for ``aor``; seconds its lockout has left (0: not locked).
+        The lockout starts once, when ``threshold`` is reached, and is announced then;
+        later failures (from the user's own addresses) do not extend it."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(authuser_key(aor))
+        pipe.expire(authuser_key(aor), int(window), nx=True)
+        count, _ = self._call(pipe.execute)
+        if int(count) < threshold:
+            return 0.0
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(authlock_key(aor), "1", ex=max(1, int(lockout)), nx=True)
+        pipe.ttl(authlock_key(aor))
+        created, left = self._call(pipe.execute)
+        if created:
+            self._call(self.redis.publish, AUTHLOCK_CHANNEL, f"{lockout} {aor}")
+        return float(max(left, 0))
+
+    def user_locked(self, aor: str) -> float:
+        """Seconds ``aor``'s lockout has left (0: not locked)."""
+        return float(max(self._call(self.redis.ttl, authlock_key(aor)), 0))
 
     def note_auth_failure(self, ip: str, window: float) -> int:
         pipe = self.redis.pipeline(transaction=False)

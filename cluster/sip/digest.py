@@ -3,7 +3,7 @@
 Challenge with :func:`build_challenge`, parse the answer with
 :func:`parse_credentials`, check it with :func:`verify` against the stored HA1
 (clear passwords only pass through :func:`ha1`, for provisioning). The caller
-also checks the realm, that ``creds.uri`` is the Request-URI, the nonce
+also checks the realm, that ``creds.uri`` is the Request-URI (:func:`uri_matches`), the nonce
 (:func:`check_nonce`: stateless, any worker can authenticate and date any
 worker's nonce) and its count (:class:`NonceCounter`).
 """
@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Protocol
 
 from cluster.sip.errors import SipError
+from cluster.sip.uri import SipURI, parse_uri, unescape
 
 # Wire names are case-insensitive: keyed by upper case.
 # value: (name as written in challenges, hash constructor, is a -sess variant)
@@ -147,6 +148,55 @@ def _digest_credentials(scheme: str, params: dict[str, str]) -> Credentials:
         params["response"], params.get("algorithm", "MD5"), cnonce, nc, qop,
         params.get("opaque"), params,
     )  # fmt: skip
+
+
+# URI parameters that, present in both URIs, must agree (RFC 3261 19.1.4 names these as
+# the ones that change the target; any other parameter may differ or be absent).
+_TARGET_PARAMS = ("user", "ttl", "method", "maddr", "transport")
+
+
+def uri_matches(digest_uri: str, request_uri: bytes) -> bool:
+    """Whether the credentials' ``uri`` names the Request-URI (RFC 7616 3.4.6, RFC 3261
+    22.4): a mismatch is a 400, as credentials computed for another target were taken
+    from elsewhere.
+
+    SIP and SIPS URIs are compared as RFC 3261 19.1.4 compares them, with allowances
+    for what clients in the field send: parameters count only when both URIs carry them
+    (phones copy the Request-URI with or without its parameters, and a proxy before us
+    may add some: ``;transport=``, ``;lr``...); a port counts only when both carry one;
+    and a uri without a user part naming our host is taken as naming this server, which
+    is what SIPp sends (``uri="sip:192.0.2.1:5060"`` for ``INVITE sip:1011@192.0.2.1``
+    as for ``REGISTER sip:192.0.2.1``).  Scheme (sip vs sips), host and password must
+    agree, and a uri that names a user must name the Request-URI's (escapes decoded):
+    credentials computed for a call to one callee never serve for another.  Headers are
+    ignored (a Request-URI has none).  Other schemes must match byte for byte, scheme
+    case aside.
+    """
+    try:
+        theirs = parse_uri(digest_uri.encode("utf-8"))
+        ours = parse_uri(request_uri)
+    except SipError:
+        return False
+    if not isinstance(ours, SipURI) or not isinstance(theirs, SipURI):
+        return (theirs.scheme == ours.scheme
+                and bytes(theirs).partition(b":")[2] == bytes(ours).partition(b":")[2])
+    if theirs.scheme != ours.scheme or theirs.host != ours.host:
+        return False
+    if theirs.user is not None and theirs.user_unescaped != ours.user_unescaped:
+        return False
+    if _unescaped(theirs.password) != _unescaped(ours.password):
+        return False
+    if theirs.port is not None and ours.port is not None and theirs.port != ours.port:
+        return False
+    for name in _TARGET_PARAMS:
+        a, b = theirs.param(name), ours.param(name)
+        if a is not None and b is not None and a.lower() != b.lower():
+            return False
+    return True
+
+
+def _unescaped(value: bytes | None) -> bytes | None:
+    return None if value is None else unescape(value)
 
 
 def build_challenge(

@@ -136,7 +136,7 @@ class Cluster:
         client = self.store.redis
         for aor in self.store.registered_aors():
             client.delete(reg_key(aor))
-        for pattern in ("nc:*", f"{TX_PREFIX}:*", "authfail:*"):
+        for pattern in ("nc:*", f"{TX_PREFIX}:*", "authfail:*", "authuser:*", "authlock:*"):
             for key in client.scan_iter(match=pattern, count=1000):
                 client.delete(key)
 

@@ -60,13 +60,14 @@ class UA:
     user: str = "1002"
     domain: str = "127.0.0.1"
     auth_user: str | None = None  # the digest username, when it is not the To/From user
+    bind: str = "127.0.0.1"  # any 127.0.0.0/8 address: another source address on lo
     sock: socket.socket = field(init=False)
     cseq: int = 1
     call_id: str = field(default_factory=lambda: os.urandom(8).hex() + "@test")
 
     def __post_init__(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((self.bind, 0))
         self.port = self.sock.getsockname()[1]
 
     def __enter__(self) -> UA:
@@ -101,7 +102,7 @@ class UA:
         branch = branch or "z9hG4bK" + os.urandom(6).hex()
         cseq = self.cseq if cseq is None else cseq
         lines = [f"{method} {uri} SIP/2.0",
-                 f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch};rport",
+                 f"Via: SIP/2.0/UDP {self.bind}:{self.port};branch={branch};rport",
                  "Max-Forwards: 70",
                  f"From: <sip:{self.user}@{self.domain}>;tag={self.call_id[:8]}",
                  f"To: <sip:{self.user}@{self.domain}>",

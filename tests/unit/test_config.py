@@ -89,6 +89,8 @@ def test_toml_values_are_used(tmp_path):
     ("SIPCLUSTER_DISPATCHER_HEARTBEAT_INTERVAL", "0.25", "dispatcher", "heartbeat_interval",
      0.25),
     ("SIPCLUSTER_MEDIA_MODE", "relay", "media", "mode", "relay"),
+    ("SIPCLUSTER_AUTH_USER_MAX_FAILURES", "0", "auth", "user_max_failures", 0),
+    ("SIPCLUSTER_AUTH_USER_LOCKOUT", "900", "auth", "user_lockout", 900),
 ])
 def test_env_overrides_convert_to_the_setting_type(tmp_path, name, raw, section, key, expected):
     config = load_env(tmp_path, {name: raw})
@@ -165,6 +167,8 @@ def test_bad_toml_is_an_error_naming_the_setting(tmp_path, text, message):
     ({"SIPCLUSTER_MEDIA_RTP_PORT_MIN": "30000"}, "rtp_port_min"),
     ({"SIPCLUSTER_DISPATCHER_DEAD_AFTER": "0.1"}, "dead_after"),
     ({"SIPCLUSTER_LOG_LEVEL": "LOUD"}, "log.level"),
+    ({"SIPCLUSTER_AUTH_USER_MAX_FAILURES": "-1"}, "auth.user_max_failures"),
+    ({"SIPCLUSTER_AUTH_USER_LOCKOUT": "0"}, "auth.user_lockout"),
     ({"REDIS_URL": "127.0.0.1:6379"}, "redis.url"),
 ])
 def test_impossible_values_are_rejected(tmp_path, env, message):

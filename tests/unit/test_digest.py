@@ -452,3 +452,45 @@ def test_client_authorization_answers_sha256_and_refuses_other_schemes():
     assert digest.verify(creds, "INVITE", digest.ha1("u", "example.org", "p", "SHA-256"))
     assert digest.authorization(b'Basic realm="x"', method="INVITE", uri="sip:a@b",
                                 username="u", password="p", cnonce="c") is None
+
+
+# ---------------------------------------------------------------- digest uri vs Request-URI
+@pytest.mark.parametrize(("digest_uri", "request_uri"), [
+    ("sip:1011@127.0.0.1", b"sip:1011@127.0.0.1"),
+    ("sip:127.0.0.1", b"sip:127.0.0.1"),  # REGISTER
+    ("sip:1011@Example.COM", b"sip:1011@example.com"),  # host case
+    ("sip:%31011@example.com", b"sip:1011@example.com"),  # escaped user (RFC 3261 19.1.4)
+    ("SIP:1011@example.com", b"sip:1011@example.com"),  # scheme case
+    ("sip:1011@example.com", b"sip:1011@example.com;transport=udp"),  # params on one side
+    ("sip:1011@example.com;user=phone;ob", b"sip:1011@example.com"),
+    ("sip:1011@example.com;transport=UDP", b"sip:1011@example.com;transport=udp"),
+    ("sip:1011@example.com", b"sip:1011@example.com:5060"),  # port on one side only
+    ("sips:1011@example.com:5061", b"sips:1011@example.com"),
+    ("sip:127.0.0.1:47123", b"sip:127.0.0.1"),  # SIPp's REGISTER
+    ("sip:127.0.0.1:47123", b"sip:1001@127.0.0.1:47123"),  # SIPp's INVITE: names the server
+    ("sip:1011@[2001:db8::1]:5070", b"sip:1011@[2001:db8::1]:5070"),
+    ("tel:+15551234", b"tel:+15551234"),
+])
+def test_uri_matches_the_request_uri(digest_uri, request_uri):
+    assert digest.uri_matches(digest_uri, request_uri)
+
+
+@pytest.mark.parametrize(("digest_uri", "request_uri"), [
+    ("sip:1010@127.0.0.1", b"sip:1011@127.0.0.1"),  # another callee
+    ("sip:1011@127.0.0.2", b"sip:1011@127.0.0.1"),  # another host
+    ("sip:1011@example.com:5061", b"sip:1011@example.com:5060"),  # another port
+    ("sips:1011@example.com", b"sip:1011@example.com"),  # sips is not sip
+    ("sip:1011@example.com", b"sips:1011@example.com"),
+    ("sip:1011@example.com", b"sip:example.com"),  # a user the Request-URI lacks
+    ("sip:example.org", b"sip:1011@example.com"),  # another server
+    ("sip:%31011@example.com", b"sip:2011@example.com"),
+    ("sip:1011@example.com;transport=tcp", b"sip:1011@example.com;transport=udp"),
+    ("sip:1011@example.com;maddr=192.0.2.1", b"sip:1011@example.com;maddr=192.0.2.2"),
+    ("sip:1011:pw@example.com", b"sip:1011@example.com"),
+    ("tel:+15551234", b"sip:+15551234@example.com"),
+    ("*", b"sip:example.com"),  # not a URI
+    ("", b"sip:example.com"),
+    ("sip:1011@exa mple.com", b"sip:1011@example.com"),
+])
+def test_uri_mismatch(digest_uri, request_uri):
+    assert not digest.uri_matches(digest_uri, request_uri)

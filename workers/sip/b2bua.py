@@ -193,7 +193,7 @@ class B2BUA:
     def _authenticate(self, req: Request, source, arrived: list[dict]) -> str | None:
         """The caller's user name, or None when the request was answered (407/403)."""
         worker = self.worker
-        result = worker.auth.check(req, source.addr[0], proxy=True)
+        result = worker.auth.check(req, source.addr, proxy=True)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
             self._reply(req, source, 407, headers=worker.auth.challenge_headers(
                 proxy=True, stale=result.verdict is Verdict.STALE), prior=arrived, brief=True)
@@ -206,11 +206,13 @@ class B2BUA:
         if creds.nc and not self.store.accept_nonce_count(
                 aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime,
                 server_key(req)):
+            worker.auth.refused(req, source.addr, result.username, "replayed-nonce-count")
             self._reply(req, source, 407, headers=worker.auth.challenge_headers(proxy=True),
                         prior=arrived, brief=True)
             return None
         from_user = _user_of(req.from_.uri)
         if from_user != result.username and not self.config.calls.allow_from_mismatch:
+            worker.auth.refused(req, source.addr, result.username, "user-mismatch")
             self._reply(req, source, 403, "From does not match the authenticated user",
                         prior=arrived, brief=True)
             return None

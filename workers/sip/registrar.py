@@ -61,7 +61,7 @@ class Registrar:
         and whether it is new (to be kept).  ``pending``: this worker's answers not yet
         written to Redis."""
         user = self._user_of(req)
-        result = self.auth.check(req, source.addr[0], proxy=False)
+        result = self.auth.check(req, source.addr, proxy=False)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
             headers = self.auth.challenge_headers(proxy=False,
                                                   stale=result.verdict is Verdict.STALE)
@@ -69,6 +69,7 @@ class Registrar:
         if result.verdict is not Verdict.OK:
             return self._reply(req, 403), None, False
         if result.username != user:
+            self.auth.refused(req, source.addr, result.username, "user-mismatch")
             return self._reply(req, 403, "Username does not match the To user"), None, False
         return self._update(req, source, user, result.credentials, server_key, pending)
 
@@ -112,7 +113,7 @@ class Registrar:
             # in-flight set absorb them).  The bindings it wrote are the answer.
             return self._ok(req, self.store.bindings(aor, now), now), tx, True
         if outcome.outcome == "replay":
-            clog.info("replayed nonce-count from %s:%d", *source.addr)
+            self.auth.refused(req, source.addr, user, "replayed-nonce-count")
             return (self._reply(req, 401, headers=self.auth.challenge_headers(proxy=False)),
                     None, False)
         if outcome.outcome == "stale-cseq":

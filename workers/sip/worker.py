@@ -89,6 +89,9 @@ class Worker:
             algorithms=tuple(config.auth.algorithms),
             nonce_lifetime=config.auth.nonce_lifetime,
             max_failures=config.auth.max_failures, failure_window=config.auth.failure_window,
+            user_max_failures=config.auth.user_max_failures,
+            user_failure_window=config.auth.user_failure_window,
+            user_lockout=config.auth.user_lockout,
             counters=self.counters)
         reg = config.registrar
         self.registrar = Registrar(self.store, self.auth, RegistrarSettings(
