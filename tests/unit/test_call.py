@@ -793,6 +793,18 @@ def test_reinvite_hold_from_the_caller(rig):
     assert rig.call.state == "answered"
 
 
+def test_a_repeated_2xx_to_a_relayed_reinvite_gets_the_same_ack_again(rig):
+    """RFC 3261 13.2.2.4: the callee repeats its 2xx (our ACK was lost or crossed it, as
+    when the cluster was restarting): the very same ACK again, not a new request."""
+    flow = answered(rig)
+    relayed = flow.from_caller(flow.caller.request("INVITE", body=hold_sdp(b"sendonly"))).one(
+        flow.callee.addr)
+    ok = flow.callee.answer(relayed, body=ANSWER_SDP.replace(b"a=sendrecv", b"a=recvonly"))
+    first = flow.from_callee(ok).one(flow.callee.addr)
+    again = flow.from_callee(ok).one(flow.callee.addr)
+    assert first.method == "ACK" and again.to_bytes() == first.to_bytes()
+
+
 def test_reinvite_hold_from_the_callee(rig):
     flow = answered(rig)
     offer = ANSWER_SDP.replace(b"a=sendrecv", b"a=sendonly")

@@ -440,6 +440,11 @@ class Call:
 
     def _send_ack(self, leg: Leg, cseq: int, body: bytes, content_type: bytes | None,
                   ctx: Ctx) -> list:
+        """The ACK of this leg's 2xx to CSeq ``cseq``.  A repeated 2xx (our ACK was lost, or
+        crossed it) gets the very same ACK again, as RFC 3261 13.2.2.4 has it: a new one
+        (another branch) is a new request to the peer, which a strict UA refuses."""
+        if leg.last_ack and parse(leg.last_ack).cseq.number == cseq:
+            return [Out(leg.last_ack, leg.peer, leg.host, leg.sock_index)]
         dialog = Dialog.from_record(leg.dialog)
         ack, _ = dialog.create_request(
             "ACK", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
