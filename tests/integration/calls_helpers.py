@@ -275,3 +275,39 @@ def all_ended(cluster: Cluster, user: str, timeout: float = 5.0) -> list[tuple[s
 def trace_lines(cluster: Cluster, tag: str) -> str:
     """A call's message trace from Redis, one line per message (for failure reports)."""
     return "\n".join(f"{e['dir']:>3} {e['leg']:>2} {e['first']}" for e in cluster.store.trace(tag))
+
+
+def call_in_state(cluster: Cluster, user: str, states: tuple[str, ...],
+                  timeout: float = 5.0) -> tuple[str, dict]:
+    """(tag, record) of ``user``'s call once it reaches one of ``states``."""
+    def found():
+        return next(((tag, rec) for tag, rec in calls_of(cluster, user)
+                     if rec["state"] in states), None)
+    hit = wait_for(found, timeout, step=0.02)
+    assert hit is not None, (user, calls_of(cluster, user), cluster.log_tail())
+    return hit
+
+
+def start_call(cluster: Cluster, workdir: Path, user: str, callee_user: str, *,
+               hold_ms: int = 0, answer_after_ms: int = 0, uac: str = "call_uac.xml",
+               uas: str = "call_uas.xml") -> CallRun:
+    """A SIPp callee registered as ``callee_user`` and a SIPp caller calling it, started."""
+    uas_party = start_listening(callee(cluster, workdir / "uas", scenario=uas,
+                                       delay_ms=answer_after_ms))
+    register(cluster, callee_user, [uas_party.port])
+    run = CallRun(caller(cluster, workdir / "uac", user, callee_user, scenario=uac,
+                         hold_ms=hold_ms), [uas_party])
+    run.uac.sipp.start()
+    return run
+
+
+def finish(*runs: CallRun) -> None:
+    """Wait for every party of ``runs`` and keep its result."""
+    parties = [party for run in runs for party in [run.uac, *run.uas]]
+    try:
+        for party in parties:
+            party.result = party.sipp.wait()
+    finally:
+        for party in parties:
+            party.sipp.stop()
+

@@ -26,13 +26,16 @@ from calls_helpers import (
     PASSWORD,
     CallRun,
     all_ended,
+    call_in_state,
     callee,
     caller,
     calls_of,
     cdrs_of,
+    finish,
     provision,
     received,
     register,
+    start_call,
     start_listening,
     trace_lines,
     wait_cdrs,
@@ -92,35 +95,10 @@ def wait_running(cluster, name: str, timeout: float = 15.0) -> None:
     assert wait_for(back, timeout, step=0.1), cluster.log_tail()
 
 
-def call_in_state(cluster, user: str, states: tuple[str, ...], timeout: float = 5.0):
-    """(tag, record) of ``user``'s call once it reaches one of ``states``."""
-    def found():
-        return next(((tag, rec) for tag, rec in calls_of(cluster, user)
-                     if rec["state"] in states), None)
-    hit = wait_for(found, timeout, step=0.02)
-    assert hit is not None, (user, calls_of(cluster, user), cluster.log_tail())
-    return hit
 
 
-def start_call(cluster, tmp_path, user: str, callee_user: str, *, hold_ms: int = 0,
-               answer_after_ms: int = 0, uac: str = "call_uac.xml",
-               uas: str = "call_uas.xml") -> CallRun:
-    uas_party = start_listening(callee(cluster, tmp_path / "uas", scenario=uas,
-                                       delay_ms=answer_after_ms))
-    register(cluster, callee_user, [uas_party.port])
-    run = CallRun(caller(cluster, tmp_path / "uac", user, callee_user, scenario=uac,
-                         hold_ms=hold_ms), [uas_party])
-    run.uac.sipp.start()
-    return run
 
 
-def finish(run: CallRun) -> None:
-    try:
-        for party in [run.uac, *run.uas]:
-            party.result = party.sipp.wait()
-    finally:
-        for party in [run.uac, *run.uas]:
-            party.sipp.stop()
 
 
 def kill_holder(cluster, tag: str) -> tuple[str, int]:

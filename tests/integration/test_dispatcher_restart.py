@@ -26,13 +26,15 @@ import pytest
 from calls_helpers import (
     CallRun,
     all_ended,
+    call_in_state,
     callee,
     caller,
-    calls_of,
     cdrs_of,
+    finish,
     provision,
     received,
     register,
+    start_call,
     start_listening,
     trace_lines,
     wait_cdrs,
@@ -207,32 +209,10 @@ def metrics_answer(cluster) -> int:
         return 0
 
 
-def call_in_state(cluster, user: str, states: tuple[str, ...], timeout: float = 5.0):
-    def found():
-        return next(((tag, rec) for tag, rec in calls_of(cluster, user)
-                     if rec["state"] in states), None)
-    hit = wait_for(found, timeout, step=0.02)
-    assert hit is not None, (user, calls_of(cluster, user), cluster.log_tail())
-    return hit
 
 
-def start_call(cluster, workdir, user: str, callee_user: str, *, hold_ms: int,
-               answer_after_ms: int) -> CallRun:
-    uas = start_listening(callee(cluster, workdir / "uas", delay_ms=answer_after_ms))
-    register(cluster, callee_user, [uas.port])
-    run = CallRun(caller(cluster, workdir / "uac", user, callee_user, hold_ms=hold_ms), [uas])
-    run.uac.sipp.start()
-    return run
 
 
-def finish(*runs: CallRun) -> None:
-    parties = [party for run in runs for party in [run.uac, *run.uas]]
-    try:
-        for party in parties:
-            party.result = party.sipp.wait()
-    finally:
-        for party in parties:
-            party.sipp.stop()
 
 
 def assert_completed(cluster, run: CallRun, user: str, tag: str) -> dict:
