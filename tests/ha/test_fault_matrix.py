@@ -20,9 +20,6 @@ left live, every program RUNNING at the end; the media probe's longest gap is re
 from __future__ import annotations
 
 import json
-import os
-import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -43,6 +40,7 @@ from calls_helpers import (
 from harness import Cluster, wait_for
 from rtp_phone import Phone
 from sentinels import require_sentinel
+from sip_probe import OptionsProbe
 from sipp import Sipp
 
 from cluster import store as store_module
@@ -163,62 +161,6 @@ def start_probe(cluster: Cluster) -> Probe:
     return Probe(caller_phone, callee_phone, tag)
 
 
-class SipProbe:
-    """OPTIONS to the SIP port every PROBE_EVERY seconds (each its own Call-ID, so every
-    worker's share of the slots is probed): what a fault costs in SIP silence, as the
-    longest wait for an answer and the probes never answered."""
-
-    def __init__(self, address: tuple[str, int]):
-        self.address = address
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(PROBE_EVERY)
-        self.sent: dict[str, float] = {}
-        self.answered: dict[str, float] = {}
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> SipProbe:
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        port = self.sock.getsockname()[1]
-        deadline = time.monotonic() + CALLS / RATE + 60  # bounded whatever happens
-        while self.running and time.monotonic() < deadline:
-            call_id = f"probe-{len(self.sent)}-{os.urandom(4).hex()}"
-            self.sock.sendto((
-                f"OPTIONS sip:{self.address[0]}:{self.address[1]} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{os.urandom(6).hex()}\r\n"
-                f"From: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:probe@127.0.0.1>\r\n"
-                f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
-                f"Content-Length: 0\r\n\r\n").encode(), self.address)
-            self.sent[call_id] = time.monotonic()
-            until = time.monotonic() + PROBE_EVERY
-            while (left := until - time.monotonic()) > 0:
-                self.sock.settimeout(left)
-                try:
-                    data = self.sock.recv(65535)
-                except OSError:
-                    break
-                found = re.search(rb"Call-ID: (probe-\S+)", data)
-                if found:
-                    self.answered.setdefault(found.group(1).decode(), time.monotonic())
-
-    def stop(self) -> None:
-        self.running = False
-        self.thread.join(timeout=5)
-        self.sock.close()
-
-    def silence(self, since: float, until: float) -> tuple[int, int]:
-        """(longest wait for an answer in ms, probes never answered) for the probes sent
-        between ``since`` and ``until`` (monotonic)."""
-        window = {c: t for c, t in self.sent.items() if since <= t <= until}
-        lost = sum(1 for c in window if c not in self.answered)
-        waits = [self.answered[c] - t for c, t in window.items() if c in self.answered]
-        return round(1000 * max(waits, default=0.0)), lost
-
-
 def rtp_lost(sender: Phone, receiver: Phone) -> int:
     """RTP packets ``sender`` sent that ``receiver`` never got (both stopped first)."""
     return sender.media.sent - len({p.seq for p in receiver.media.packets()})
@@ -294,7 +236,7 @@ def run_cell(tmp: Path, backend, fault, name: str) -> dict:
         reg = Sipp("ha_register.xml", cluster.address, tmp / "reg", calls=REGISTRATIONS,
                    rate=REG_RATE, users=[(u, PASSWORD) for u in REG_USERS], timeout=timeout,
                    extra=("-trace_msg", "-message_file", str(tmp / "reg" / "messages.log")))
-        sip_probe = SipProbe(cluster.address).start()
+        sip_probe = OptionsProbe(cluster.address, every=PROBE_EVERY).start()
         uac.sipp.start()
         reg.start()
         started = time.monotonic()
@@ -312,7 +254,8 @@ def run_cell(tmp: Path, backend, fault, name: str) -> dict:
             phone.media.stop()
         time.sleep(0.3)  # the last packets arrive
         lost = [rtp_lost(probe.caller, probe.callee), rtp_lost(probe.callee, probe.caller)]
-        silence_ms, probes_lost = sip_probe.silence(fault_mono - 1.0, fault_mono + 20.0)
+        worst_wait, probes_lost = sip_probe.worst(fault_mono - 1.0, fault_mono + 20.0)
+        silence_ms = round(1000 * worst_wait)
         probe_bye = probe.caller.hangup()
         phases = phases_at(fault_epoch, uac.messages, uas.messages,
                            read_messages(tmp / "reg" / "messages.log"))

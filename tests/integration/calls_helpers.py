@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from harness import Cluster, wait_for
 from sipp import Sipp, SippResult
 from sipua import UA
 
+NORMAL_CLEARING = 'Q.850;cause=16;text="NORMAL_CLEARING"'  # a BYE's Reason
 PASSWORD = "1234"
 MESSAGE_FILE = "messages.log"
 # A -trace_msg entry starts with a line of dashes and a timestamp, then says which way it went.
@@ -310,4 +312,27 @@ def finish(*runs: CallRun) -> None:
     finally:
         for party in parties:
             party.sipp.stop()
+
+
+def assert_both_legs_ended(cluster: Cluster, run: CallRun, user: str, tag: str) -> dict:
+    """Both sides succeeded, the callee got the caller's BYE with the Reason of a normal
+    clearing, one CDR, nothing live: the CDR."""
+    assert run.uac.ok and run.uas[0].ok, run.report() + "\n" + trace_lines(cluster, tag)
+    (bye,) = received(run.uas[0].messages, "BYE")
+    assert bye.header("Reason") == NORMAL_CLEARING
+    cdrs = wait_cdrs(cluster, user)
+    assert len(cdrs) == 1, cdrs
+    assert cdrs[0]["hangup_cause"] == "NORMAL_CLEARING" and cdrs[0]["hangup_side"] == "caller"
+    assert all_ended(cluster, user) == []
+    return cdrs[0]
+
+
+def answers_to(ua: UA, cseq: int, timeout: float):
+    """The next response to our INVITE ``cseq`` (others are skipped), or None."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        reply = ua.receive(timeout=left)
+        if reply is not None and reply.header("CSeq") == f"{cseq} INVITE":
+            return reply
+    return None
 

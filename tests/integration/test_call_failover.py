@@ -26,6 +26,8 @@ from calls_helpers import (
     PASSWORD,
     CallRun,
     all_ended,
+    answers_to,
+    assert_both_legs_ended,
     call_in_state,
     callee,
     caller,
@@ -51,7 +53,6 @@ from cluster.store import aor_of
 
 DB, GATEWAY_DB = 8, 10  # this module's Redis databases on the session's redis-server
 WORKERS = ("worker-0", "worker-1")
-REASON = 'Q.850;cause=16;text="NORMAL_CLEARING"'
 NO_ANSWER = 4  # seconds: longer than any answer delay used here
 LOAD_RATE, LOAD_SECONDS, LOAD_HOLD_MS, KILL_EVERY = 5, 30, 3000, 5.0
 LOAD_CALLERS = [str(u) for u in range(1010, 1020)]
@@ -116,17 +117,6 @@ def ended_by(cluster, tag: str) -> int:
         if match:
             return int(match.group(1))
     return 0
-
-
-def assert_both_legs_ended(cluster, run: CallRun, user: str, tag: str) -> dict:
-    assert run.uac.ok and run.uas[0].ok, run.report() + "\n" + trace_lines(cluster, tag)
-    (bye,) = received(run.uas[0].messages, "BYE")
-    assert bye.header("Reason") == REASON
-    cdrs = wait_cdrs(cluster, user)
-    assert len(cdrs) == 1, cdrs
-    assert cdrs[0]["hangup_cause"] == "NORMAL_CLEARING" and cdrs[0]["hangup_side"] == "caller"
-    assert all_ended(cluster, user) == []
-    return cdrs[0]
 
 
 def test_kill9_of_the_worker_holding_a_ringing_call(cluster, tmp_path):
@@ -199,16 +189,6 @@ def lost_after_100(messages) -> list[str]:
         if msg.direction == "received" and msg.header("CSeq") == "2 INVITE":
             answers.setdefault(msg.header("Call-ID"), []).append(msg.status)
     return sorted(call_id for call_id, statuses in answers.items() if set(statuses) == {100})
-
-
-def answers_to(ua: UA, cseq: int, timeout: float):
-    """The next response to our request ``cseq`` (others are skipped), or None."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        reply = ua.receive(timeout=left)
-        if reply is not None and reply.header("CSeq") == f"{cseq} INVITE":
-            return reply
-    return None
 
 
 def test_a_call_that_got_100_trying_survives_its_worker(gateway_cluster):

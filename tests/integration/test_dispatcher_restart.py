@@ -16,16 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from calls_helpers import (
     CallRun,
     all_ended,
+    assert_both_legs_ended,
     call_in_state,
     callee,
     caller,
@@ -36,18 +35,16 @@ from calls_helpers import (
     register,
     start_call,
     start_listening,
-    trace_lines,
-    wait_cdrs,
     wait_for,
 )
 from harness import running_cluster
+from sip_probe import OptionsProbe, options_request
 
 from conftest import ROOT, free_tcp_port, free_udp_port
 
 DB = 15  # this module's Redis database on the session's redis-server
 WORKERS = ("worker-0", "worker-1")
 PROGRAMS = ("dispatcher", *(f"worker:{name}" for name in WORKERS))
-REASON = 'Q.850;cause=16;text="NORMAL_CLEARING"'
 NO_ANSWER = 6  # seconds: longer than any answer delay used here
 BACK_WITHIN = 10.0  # seconds: bound on SIP answering again after any restart
 LOAD_RATE, LOAD_SECONDS, LOAD_HOLD_MS, KILL_EVERY = 10, 30, 3000, 5.0
@@ -72,86 +69,6 @@ def cluster(tmp_path_factory, redis_server):
 
 
 # ------------------------------------------------------------------ helpers
-@dataclass
-class Probe:
-    """OPTIONS every PROBE_EVERY seconds from a thread, each with its own Call-ID (so the
-    probes spread over the workers); when each was sent and when its answer came."""
-
-    server: tuple[str, int]
-    sent: dict[str, float] = field(default_factory=dict)
-    answered: dict[str, float] = field(default_factory=dict)
-    stop_event: threading.Event = field(default_factory=threading.Event)
-
-    def __enter__(self) -> Probe:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self, linger: float = 2.0) -> None:
-        """Stop sending; collect answers for ``linger`` more seconds."""
-        if not self.stop_event.is_set():
-            self.stop_event.set()
-            self.thread.join(timeout=linger + 5)
-            self.sock.close()
-            self.linger = linger
-
-    def _run(self, max_seconds: float = 300.0) -> None:
-        port = self.sock.getsockname()[1]
-        started = time.monotonic()
-        next_send = started
-        stop_at = None
-        while time.monotonic() - started < max_seconds:
-            now = time.monotonic()
-            if self.stop_event.is_set():
-                stop_at = stop_at or now + 2.0
-                if now >= stop_at:
-                    return
-            elif now >= next_send:
-                call_id = f"probe-{len(self.sent)}-{os.urandom(4).hex()}"
-                self.sock.sendto(_options(port, call_id), self.server)
-                self.sent[call_id] = time.monotonic()
-                next_send += PROBE_EVERY
-            self.sock.settimeout(max(0.001, next_send - time.monotonic()))
-            try:
-                data = self.sock.recv(65535)
-            except TimeoutError:
-                continue
-            match = re.search(rb"\r\nCall-ID: *([^\r\n]+)", data)
-            if data.startswith(b"SIP/2.0 ") and match:
-                self.answered.setdefault(match.group(1).decode(), time.monotonic())
-
-    def silence_around(self, moment: float, before: float = 0.5, after: float = 4.0) -> float:
-        """The longest time without any answer around ``moment`` (monotonic), seconds."""
-        times = sorted(t for t in self.answered.values() if moment - before <= t <= moment + after)
-        if not times:
-            return after + before
-        return max(b - a for a, b in zip([moment - before, *times], times, strict=False))
-
-    def unanswered(self) -> list[str]:
-        """Probes never answered (those sent too late to be answered are left out)."""
-        last = max(self.sent.values(), default=0.0)
-        return [cid for cid, at in self.sent.items()
-                if cid not in self.answered and at < last - 0.5]
-
-    def delayed(self, limit: float = 0.2) -> int:
-        """Probes answered later than ``limit`` seconds: those that waited in the socket."""
-        return sum(1 for cid, at in self.answered.items() if at - self.sent[cid] > limit)
-
-
-def _options(port: int, call_id: str) -> bytes:
-    branch = "z9hG4bK" + os.urandom(6).hex()
-    return (f"OPTIONS sip:127.0.0.1 SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag={branch[-8:]}\r\n"
-            f"To: <sip:127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\n"
-            f"Content-Length: 0\r\n\r\n").encode()
-
-
 def wait_sip(cluster, timeout: float = BACK_WITHIN) -> float:
     """Seconds until an OPTIONS is answered (each try waits 50 ms); fails after ``timeout``."""
     started = time.monotonic()
@@ -160,7 +77,7 @@ def wait_sip(cluster, timeout: float = BACK_WITHIN) -> float:
         sock.settimeout(PROBE_EVERY)
         while time.monotonic() - started < timeout:
             try:
-                sock.sendto(_options(sock.getsockname()[1], os.urandom(8).hex()),
+                sock.sendto(options_request(sock.getsockname()[1], os.urandom(8).hex()),
                             cluster.address)
                 if sock.recv(65535).startswith(b"SIP/2.0 "):
                     return time.monotonic() - started
@@ -209,24 +126,6 @@ def metrics_answer(cluster) -> int:
         return 0
 
 
-
-
-
-
-
-
-def assert_completed(cluster, run: CallRun, user: str, tag: str) -> dict:
-    """Both sides succeeded, the callee got the caller's BYE, one CDR, nothing live."""
-    assert run.uac.ok and run.uas[0].ok, run.report() + "\n" + trace_lines(cluster, tag)
-    (bye,) = received(run.uas[0].messages, "BYE")
-    assert bye.header("Reason") == REASON
-    cdrs = wait_cdrs(cluster, user)
-    assert len(cdrs) == 1, cdrs
-    assert cdrs[0]["hangup_cause"] == "NORMAL_CLEARING" and cdrs[0]["hangup_side"] == "caller"
-    assert all_ended(cluster, user) == []
-    return cdrs[0]
-
-
 def kill9_all(cluster, programs) -> dict[str, int]:
     pids = {program: cluster.pid_of(program) for program in programs}
     for pid in pids.values():
@@ -251,10 +150,10 @@ def test_kill9_of_the_dispatcher_with_a_call_ringing_and_one_answered(cluster, t
     finally:
         finish(ringing, answered)
     print(f"SIP answered again {1000 * back:.0f} ms after the kill")
-    cdr = assert_completed(cluster, ringing, "1000", ringing_tag)
+    cdr = assert_both_legs_ended(cluster, ringing, "1000", ringing_tag)
     (answer,) = received(ringing.uac.messages, "INVITE", 200)
     assert answer.at > killed_at and float(cdr["answer"]) > killed_at  # answered afterwards
-    cdr = assert_completed(cluster, answered, "1002", answered_tag)
+    cdr = assert_both_legs_ended(cluster, answered, "1002", answered_tag)
     assert float(cdr["answer"]) < killed_at < float(cdr["end"])
     assert 3.5 <= float(cdr["duration"]) <= 6.0, cdr
     table = wait_settled(cluster, {"dispatcher": old})
@@ -364,7 +263,7 @@ def test_no_failed_call_while_the_dispatcher_is_killed_every_5_seconds(cluster, 
                  rate=LOAD_RATE, hold_ms=LOAD_HOLD_MS, timeout=timeout)
     run = CallRun(uac, [uas])
     kills: list[tuple[float, int]] = []
-    with Probe(cluster.address) as probe:
+    with OptionsProbe(cluster.address) as probe:
         try:
             time.sleep(0.5)  # the probe's answers before the first kill
             uac.sipp.start()

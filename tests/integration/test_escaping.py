@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from calls_helpers import PASSWORD, provision
+from calls_helpers import PASSWORD, answers_to, provision
 from harness import running_cluster, wait_for
 from sipua import UA
 
@@ -72,26 +72,17 @@ def invite(ua: UA, user_part: str, call_id: str, cseq: int, auth: str | None = N
             .replace(f"Call-ID: {ua.call_id}".encode(), f"Call-ID: {call_id}".encode()))
 
 
-def final_answer(ua: UA, cseq: int, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        reply = ua.receive(timeout=left)
-        if reply is not None and reply.header("CSeq") == f"{cseq} INVITE":
-            return reply
-    return None
-
-
 def authenticated_call(cluster, user_part: str, call_id: str):
     """INVITE, 407, INVITE with credentials for the same Request-URI: its final answer."""
     with UA(cluster.address, user="1002") as ua:
         ua.send(invite(ua, user_part, call_id, 1))
-        challenge = final_answer(ua, 1)
+        challenge = answers_to(ua, 1, 10.0)
         assert challenge is not None and challenge.status == 407
         as_www = dataclasses.replace(challenge, headers=[
             ("WWW-Authenticate", v) for v in challenge.all("Proxy-Authenticate")])
         auth = ua.authorization(as_www, "INVITE", f"sip:{user_part}@127.0.0.1", PASSWORD)
         ua.send(invite(ua, user_part, call_id, 2, auth))
-        return final_answer(ua, 2)
+        return answers_to(ua, 2, 10.0)
 
 
 def test_a_dialled_number_that_decodes_to_cr_lf_is_refused_and_forges_nothing(cluster):
