@@ -38,7 +38,7 @@ from calls_helpers import (
     wait_cdrs,
 )
 from harness import running_cluster, wait_for
-from sentinels import SERVICE, SentinelSet, require_sentinel, start_replica
+from sentinels import FAILOVER_TIMEOUT_MS, SERVICE, SentinelSet, require_sentinel, start_replica
 from sipua import UA
 
 from cluster import launch
@@ -336,10 +336,7 @@ def test_store_follows_a_demoted_primary(sentinel_set):
         # Sentinel's own manual failover: the primary is demoted, not killed, so the
         # store's pooled connections still reach it.  Refused (NOGOODSLAVE) until the
         # sentinels judge the replica fit: retried.
-        assert wait_for(lambda: sentinel_set.all_see_everything() and _failover(sentinels[0]),
-                        20.0, step=0.5), "the sentinels refused a failover"
-        assert wait_for(lambda: sentinel_set.master_port() == other.port, PROMOTION_LIMIT,
-                        step=0.1), "no failover"
+        assert _promote(sentinel_set, sentinels[0], other.port), "no failover"
         errors = []
 
         def write_until_ok():
@@ -361,6 +358,22 @@ def test_store_follows_a_demoted_primary(sentinel_set):
     finally:
         for client in sentinels:
             client.close()
+
+
+def _promote(sentinel_set: SentinelSet, sentinel: redis.Redis, port: int) -> bool:
+    """Ask for a manual failover until `port` is the primary.  An accepted SENTINEL
+    FAILOVER can still be aborted (the chosen replica not promoted within the
+    failover-timeout, seen once in CI under load): asked again after each timeout."""
+    deadline = time.monotonic() + PROMOTION_LIMIT * 2
+    asked_at = None
+    while time.monotonic() < deadline:
+        if sentinel_set.master_port() == port:
+            return True
+        due = asked_at is None or time.monotonic() - asked_at > FAILOVER_TIMEOUT_MS / 1000 + 1
+        if due and sentinel_set.all_see_everything() and _failover(sentinel):
+            asked_at = time.monotonic()
+        time.sleep(0.1)
+    return False
 
 
 def _failover(sentinel: redis.Redis) -> bool:
