@@ -15,16 +15,24 @@ Unknown sections and keys are errors in both places: a misspelt setting that
 silently keeps its default is worse than a process that refuses to start.
 
 Relative paths (``dispatcher.control_path``, ``log.dir``, ``redis.state_dir``) are
-taken from the repository root, so every process agrees on them whatever its
-working directory.
+taken from the home folder (``home_dir()``: $SIPCLUSTER_HOME, else the checkout, else
+$XDG_STATE_HOME/sipcluster), so every process agrees on them whatever its working
+directory.
+
+The launcher persists the overrides it was started with (OVERRIDES_FILE); a process
+started by supervisord finds them through $SIPCLUSTER_OVERRIDES, sipctl through
+``overrides_file``.  They apply under the process's own environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import os
 import re
 import socket
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,17 +42,53 @@ from typing import Any
 from .redisclient import is_sentinel_url, parse_sentinel_url, redacted
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATH = ROOT / "deploy" / "cluster.toml"
-RUN_DIR = ROOT / "run"
+# The example configuration and the supervisord template, shipped inside the package (in a
+# checkout these are links to deploy/, where they are edited).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def checkout_root() -> Path | None:
+    """The source checkout this code runs from, or None for an installed package."""
+    if (ROOT / "pyproject.toml").is_file() and (ROOT / "deploy" / "cluster.toml").is_file():
+        return ROOT
+    return None
+
+
+def home_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where run/ (sockets, pid, secret, the overrides in force) and state/ (the managed
+    Redis's data) live, and what relative paths in the configuration are taken from:
+    $SIPCLUSTER_HOME; else the checkout when run from one; else $XDG_STATE_HOME/sipcluster
+    (~/.local/state/sipcluster), never the installed package's folder."""
+    if env.get("SIPCLUSTER_HOME"):
+        return Path(env["SIPCLUSTER_HOME"]).expanduser().resolve()
+    checkout = checkout_root()
+    if checkout is not None:
+        return checkout
+    state = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state).expanduser().resolve() / "sipcluster"
+
+
+HOME = home_dir()
+DEFAULT_PATH = (ROOT / "deploy" / "cluster.toml" if checkout_root() is not None
+                else DATA_DIR / "cluster.toml")
+RUN_DIR = HOME / "run"
 # Written by `sipcluster up` when auth.secret is empty; read back by load().
 SECRET_FILE = RUN_DIR / "secret"
+# The SIPCLUSTER_* overrides given to `sipcluster up` (JSON, 0600: REDIS_URL may hold a
+# password); every later `up` and sipctl apply them under their own environment.
+OVERRIDES_FILE = RUN_DIR / "overrides.json"
 
 ENV_PREFIX = "SIPCLUSTER_"
 # SIPCLUSTER_* variables that are not settings: the launcher and supervisord
 # set them for the processes they start.
 RESERVED_ENV = frozenset(
-    {"SIPCLUSTER_CONFIG", "SIPCLUSTER_WORKER_INDEX", "SIPCLUSTER_RELAY_INDEX"}
+    {"SIPCLUSTER_CONFIG", "SIPCLUSTER_WORKER_INDEX", "SIPCLUSTER_RELAY_INDEX",
+     "SIPCLUSTER_HOME", "SIPCLUSTER_OVERRIDES", "SIPCLUSTER_DIGEST"}
 )
+# Exit status of a process whose configuration cannot be used (sysexits.h EX_CONFIG):
+# supervisord does not restart it (exitcodes in the rendered file), a restart would only
+# fail the same way.
+EXIT_CONFIG = 78
 
 MEDIA_MODES = ("bypass", "relay")
 DIGEST_ALGORITHMS = ("MD5", "SHA-256")
@@ -226,7 +270,7 @@ SECTIONS: dict[str, type] = {
     for f in dataclasses.fields(Config)
     if f.name not in ("source", "routes")
 }
-# Settings that are file system paths, resolved against ROOT by load().
+# Settings that are file system paths, resolved against HOME by load().
 PATH_KEYS = {("dispatcher", "control_path"), ("log", "dir"), ("redis", "state_dir")}
 
 
@@ -239,11 +283,14 @@ def load(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] = os.environ,
     secret_file: str | os.PathLike[str] | None = SECRET_FILE,
+    overrides_file: str | os.PathLike[str] | None = None,
 ) -> Config:
     """Read the TOML file at ``path`` (default: ``default_path(env)``) and apply overrides.
 
     A missing file is an error only when it was named explicitly (argument or
     SIPCLUSTER_CONFIG); without one the defaults and the environment apply.
+    The persisted overrides (``overrides_file``, else $SIPCLUSTER_OVERRIDES when set)
+    apply first, ``env`` over them.
     When ``auth.secret`` ends up empty and ``secret_file`` exists, the secret
     is read from it (the launcher writes it at `sipcluster up`).
     """
@@ -251,6 +298,10 @@ def load(
     config_path = Path(path) if path is not None else default_path(env)
     values = _read_toml(config_path, required=named)
     routes = _build_routes(values.pop("routes", []))
+    if overrides_file is None and env.get("SIPCLUSTER_OVERRIDES"):
+        overrides_file = env["SIPCLUSTER_OVERRIDES"]
+    if overrides_file is not None:
+        env = {**read_overrides(Path(overrides_file)), **env}
     _apply_env(values, env)
     redis = values.get("redis", {})
     if is_sentinel_url(str(redis.get("url", ""))):
@@ -261,6 +312,54 @@ def load(
     config = _fill_secret(config, secret_file)
     validate(config)
     return config
+
+
+def setting_env_names(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings among ``env``: SIPCLUSTER_* (not the reserved ones) and REDIS_URL."""
+    return {name: value for name, value in sorted(env.items())
+            if (name.startswith(ENV_PREFIX) and name not in RESERVED_ENV)
+            or name == "REDIS_URL"}
+
+
+def read_overrides(path: Path) -> dict[str, str]:
+    """The persisted overrides ({} when there is no file)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable overrides file ({e}); delete it or run "
+                          "`sipcluster up --reset`") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(f"{path}: overrides must be a JSON object of strings")
+    return setting_env_names(data)
+
+
+def write_overrides(path: Path, overrides: Mapping[str, str]) -> None:
+    """Persist ``overrides`` (0600 from the start: REDIS_URL may carry a password)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        json.dump(dict(sorted(overrides.items())), f, indent=1)
+        f.write("\n")
+    temporary.replace(path)
+
+
+def load_or_exit(**kwargs: Any) -> Config:
+    """load() for a process supervisord runs: a configuration error is one line on stderr
+    and exit status EXIT_CONFIG (not restarted: it would fail the same way)."""
+    try:
+        return load(**kwargs)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _did_you_mean(word: str, known: Any) -> str:
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _read_toml(path: Path, required: bool) -> dict[str, dict[str, Any]]:
@@ -279,13 +378,15 @@ def _read_toml(path: Path, required: bool) -> dict[str, dict[str, Any]]:
             values["routes"] = table  # checked by _build_routes
             continue
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section [{section}]")
+            raise ConfigError(f"{path}: unknown section [{section}]"
+                              + _did_you_mean(section, [*SECTIONS, "routes"]))
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
         known = _field_names(section)
         for key in table:
             if key not in known:
-                raise ConfigError(f"{path}: unknown setting {section}.{key}")
+                raise ConfigError(f"{path}: unknown setting {section}.{key}"
+                                  + _did_you_mean(key, known))
         values[section] = dict(table)
     return values
 
@@ -326,10 +427,13 @@ def _split_env_name(name: str) -> tuple[str, str]:
     # Section names have no underscore, so the first one after the prefix
     # separates section from key (SIPCLUSTER_DISPATCHER_CONTROL_PATH).
     section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
-    if section not in SECTIONS:
-        raise ConfigError(f"unknown setting in environment: {name} (no section [{section}])")
-    if key not in _field_names(section):
-        raise ConfigError(f"unknown setting in environment: {name} (no {section}.{key})")
+    if section not in SECTIONS or key not in _field_names(section):
+        known = [f"{ENV_PREFIX}{s.upper()}_{k.upper()}" for s in SECTIONS
+                 for k in _field_names(s)]
+        what = f"no section [{section}]" if section not in SECTIONS else f"no {section}.{key}"
+        hint = _did_you_mean(name, known).strip(" ()")
+        raise ConfigError(f"unknown setting in environment: {name} ({what}"
+                          + (f"; {hint})" if hint else ")"))
     return section, key
 
 
@@ -397,7 +501,7 @@ def _field_names(section: str) -> set[str]:
 def _resolve_paths(config: Config) -> Config:
     for section, key in PATH_KEYS:
         current = getattr(config, section)
-        absolute = str(ROOT / getattr(current, key))  # ROOT / "/abs" == "/abs"
+        absolute = str(HOME / getattr(current, key))  # HOME / "/abs" == "/abs"
         config = dataclasses.replace(
             config, **{section: dataclasses.replace(current, **{key: absolute})}
         )

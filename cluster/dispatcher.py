@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from . import envelope
-from .config import Config, load
+from .config import Config, load_or_exit
 from .envelope import SLOTS, affinity_key
 from .logsetup import setup_logging
 from .sip import scan, stun
@@ -123,6 +123,13 @@ class Dispatcher:
         socks = self._try_bind_sip()
         if socks is not None:
             return socks, None
+        for family, host, port in self._wanted_sip():
+            stranger = _stranger_holding(family, port)
+            if stranger:
+                # Not our workers' socket: waiting RECLAIM_WAIT for one to hand it back
+                # would only delay the one line that says why nothing works.
+                raise BindError(f"cannot bind {_hostport(host, port)}: Address already in use "
+                                f"({stranger})")
         deadline = time.monotonic() + RECLAIM_WAIT
         while time.monotonic() < deadline:
             readable, _, _ = select.select([self.control], [], [], RECLAIM_POLL)
@@ -444,12 +451,50 @@ def _port_taken(family: int, host: str, port: int) -> bool:
     return False
 
 
+def _stranger_holding(family: int, port: int) -> str:
+    """Who holds UDP ``port`` when it is not a SIP worker: "held by pid N name", or "" when
+    a worker holds it (a previous dispatcher's socket, to be reclaimed) or when it cannot be
+    told (no /proc, or a holder that is not ours to look at: keep waiting for a worker)."""
+    table = "/proc/net/udp6" if family == socket.AF_INET6 else "/proc/net/udp"
+    try:
+        with open(table) as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return ""
+    inodes = {f"socket:[{row[9]}]" for row in rows
+              if len(row) > 9 and int(row[1].rsplit(":", 1)[1], 16) == port}
+    holders: dict[str, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or len(holders) == len(inodes):
+            continue
+        try:
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                link = os.readlink(fd.path)
+                if link in inodes:
+                    holders.setdefault(link, int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    if not inodes or len(holders) < len(inodes):
+        return ""  # a holder we cannot see: maybe a worker of another user's cluster
+    strangers = []
+    for pid in sorted(set(holders.values())):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return ""
+        if b"workers.sip" in argv or b"cluster.dispatcher" in argv:
+            return ""  # a worker, or a previous dispatcher still on its way out
+        strangers.append(f"pid {pid} {os.path.basename(argv[0].decode(errors='replace'))}")
+    return "held by " + ", ".join(strangers)
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main() -> None:
-    config = load()
+    config = load_or_exit()
     setup_logging(config, "dispatcher")
     try:
         dispatcher = Dispatcher(config)

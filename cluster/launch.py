@@ -17,7 +17,11 @@ finds every user, registration, live call and CDR again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -27,38 +31,64 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+import xmlrpc.client
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from string import Template
 from urllib.parse import urlsplit
 
 import redis
+from supervisor.xmlrpc import SupervisorTransport
 
 from cluster import redisclient
 from cluster.config import (
-    RESERVED_ENV,
+    DATA_DIR,
+    DEFAULT_PATH,
+    EXIT_CONFIG,
+    HOME,
+    OVERRIDES_FILE,
     ROOT,
     RUN_DIR,
     SECRET_FILE,
     Config,
     ConfigError,
+    checkout_root,
     load,
+    read_overrides,
+    setting_env_names,
+    write_overrides,
 )
 
-TEMPLATE = ROOT / "deploy" / "supervisord.conf.in"
+TEMPLATE = DATA_DIR / "supervisord.conf.in"
+# The working folder of supervisord and its programs: the checkout (so `python -m` runs
+# its code even without an install), else the home folder (never site-packages).
+WORK_DIR = ROOT if checkout_root() is not None else HOME
+# What `sipcluster up` last started, for sipctl (the realm and Redis URL in force) and for
+# the next `up` (whether it would drop the managed Redis).
+LAUNCH_RECORD = RUN_DIR / "launch.json"
 VENV_BIN = Path(sys.executable).parent
 REDIS_WAIT = 60.0  # a Redis loading a large append-only file answers LOADING meanwhile
 SIP_WAIT = 30.0
 PROBE_INTERVAL = 0.5
 STOP_WAIT = 30.0
 SETTLE_WAIT = 5.0  # startsecs is 1: a healthy process leaves STARTING well within this
-LOG_TAIL_LINES = 20
+RELAY_WAIT = 15.0
+WATCH_INTERVAL = 0.2
+LOG_TAIL_LINES = 5
+# A process that dies within startsecs of its start is retried startretries times (after
+# 1, 2, 3 s) and then left FATAL: a crash loop ends instead of going on for ever.
+START_SECS = 1
+START_RETRIES = 3
 # Start order: Redis first, then the dispatcher the workers attach to.
 PRIORITY = {"redis": 10, "dispatcher": 20, "relay": 30, "worker": 40}
 
 
 class LaunchError(RuntimeError):
     """Something the operator has to fix; the message says what."""
+
+
+class Timeout(LaunchError):
+    """A wait ran out with no program saying why."""
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -73,10 +103,12 @@ def render_supervisord(
 ) -> str:
     """The text of run/supervisord.conf for ``config``."""
     log_dir = Path(config.log.dir)
-    for path in (ROOT, run_dir, log_dir, Path(python), Path(config.redis.state_dir)):
+    for path in (WORK_DIR, HOME, run_dir, log_dir, Path(python), Path(config.redis.state_dir)):
         # supervisord %-expands paths, some of them twice: a % cannot be escaped reliably.
         if "%" in str(path):
             raise LaunchError(f"paths with a % sign are not supported: {path}")
+    env = {**passed_env(env), "SIPCLUSTER_HOME": str(HOME),
+           "SIPCLUSTER_OVERRIDES": str(run_dir / OVERRIDES_FILE.name)}
     programs = [
         _program("dispatcher", [python, "-m", "cluster.dispatcher"], config, log_dir, env)
     ]
@@ -88,7 +120,7 @@ def render_supervisord(
     programs.append(_program("worker", [python, "-m", "workers.sip"], config, log_dir, env,
                              numprocs=config.workers.count, index_var="SIPCLUSTER_WORKER_INDEX"))
     return Template(TEMPLATE.read_text()).substitute(
-        root=ROOT,
+        root=WORK_DIR,
         run_dir=run_dir,
         log_dir=log_dir,
         programs="\n".join(programs),
@@ -129,7 +161,9 @@ def _program(
 ) -> str:
     """One [program:x] section; ``numprocs`` > 0 makes a group of ``name-N`` processes."""
     environment = {"SIPCLUSTER_CONFIG": config.source, "PYTHONUNBUFFERED": "1"}
-    environment.update(passed_env(env))
+    environment.update(env)
+    if name in CONCERNS:
+        environment["SIPCLUSTER_DIGEST"] = config_digest(config, name)
     lines = [f"[program:{name}]", f"command = {shlex.join(command)}"]
     process_name = name
     if numprocs:
@@ -139,12 +173,14 @@ def _program(
         environment[index_var] = "%(process_num)d"  # expanded by supervisord, not escaped
     lines += [
         f"environment = {_environment(environment, keep_raw=index_var)}",
-        f"directory = {ROOT}",
+        f"directory = {WORK_DIR}",
         f"priority = {PRIORITY[name]}",
         "autostart = true",
-        "autorestart = true",
-        "startsecs = 1",
-        "startretries = 10",
+        # Restarted whatever the exit, except a configuration error: it would fail the same.
+        "autorestart = unexpected",
+        f"exitcodes = {EXIT_CONFIG}",
+        f"startsecs = {START_SECS}",
+        f"startretries = {START_RETRIES}",
         "stopsignal = TERM",
         "stopwaitsecs = 10",
         "stopasgroup = true",
@@ -159,12 +195,28 @@ def _program(
 
 
 def passed_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The overrides in the launcher's environment, handed on so every process sees them."""
-    return {
-        name: value
-        for name, value in sorted(env.items())
-        if (name.startswith("SIPCLUSTER_") and name not in RESERVED_ENV) or name == "REDIS_URL"
-    }
+    """The overrides in ``env``, handed on so every process sees them (`sipcluster up`
+    passes none: its overrides are in the overrides file, which each process reads)."""
+    return setting_env_names(env)
+
+
+# The settings each program reads.  A program's section carries their digest, so
+# supervisord's `update` restarts exactly the programs a change concerns: more workers
+# restart the worker group only, never the dispatcher or the relays (the dispatcher
+# reads workers.count only to know when every worker joined at its own start).
+CONCERNS: dict[str, tuple[str, ...]] = {
+    "dispatcher": ("sip", "dispatcher", "redis", "log", "metrics"),
+    "relay": ("sip", "media", "redis", "log", "metrics"),
+    "worker": ("sip", "dispatcher", "workers", "redis", "auth", "registrar", "timers",
+               "media", "log", "metrics", "calls", "routes"),
+}
+
+
+def config_digest(config: Config, program: str) -> str:
+    """A digest of the settings ``program`` reads (the secret included: a hash of it)."""
+    values = {name: dataclasses.asdict(config)[name] for name in CONCERNS[program]}
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _environment(variables: Mapping[str, str], keep_raw: str = "") -> str:
@@ -217,6 +269,12 @@ def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProces
     return subprocess.run(command, text=True, capture_output=True, check=check)
 
 
+def rpc(run_dir: Path = RUN_DIR) -> xmlrpc.client.ServerProxy:
+    """supervisord's XML-RPC interface over its unix socket (what supervisorctl uses)."""
+    transport = SupervisorTransport(None, None, f"unix://{run_dir}/supervisor.sock")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
 def write_config(config: Config, run_dir: Path = RUN_DIR) -> Path:
     """Render run/supervisord.conf (and create the folders it names)."""
     for folder in (run_dir, Path(config.log.dir)):
@@ -227,7 +285,9 @@ def write_config(config: Config, run_dir: Path = RUN_DIR) -> Path:
         state.chmod(0o700)  # the AOF holds every user's HA1 hashes
     target = conf_path(run_dir)
     temporary = target.with_suffix(".tmp")
-    temporary.write_text(render_supervisord(config, run_dir=run_dir))
+    # No overrides in the sections: they are in the overrides file every program reads, so
+    # a section changes only when a setting its program reads does.
+    temporary.write_text(render_supervisord(config, run_dir=run_dir, env={}))
     temporary.replace(target)
     return target
 
@@ -309,13 +369,45 @@ def supervisord_command(conf: Path) -> list[str]:
 
 def start_supervisord(conf: Path) -> None:
     if supervisord_pid() is not None:
-        print("supervisord is running: applying the new configuration")
-        supervisorctl("update")
-        supervisorctl("start", "all")
+        apply_update(rpc())
         return
-    result = subprocess.run(supervisord_command(conf), text=True, capture_output=True, cwd=ROOT)
+    # Overrides reach the programs through the overrides file only: supervisord's own
+    # environment (which every program inherits) must not pin the values of this start.
+    env = {name: value for name, value in os.environ.items()
+           if name not in setting_env_names(os.environ)}
+    result = subprocess.run(supervisord_command(conf), text=True, capture_output=True,
+                            cwd=WORK_DIR, env=env)
     if result.returncode != 0:
-        raise LaunchError(f"supervisord failed to start:\n{result.stdout}{result.stderr}")
+        output = (result.stdout + result.stderr).strip().replace("\n", " ")
+        raise LaunchError(f"supervisord failed to start: {output}")
+
+
+def apply_update(proxy: xmlrpc.client.ServerProxy) -> None:
+    """What `supervisorctl update` does, group by group (a group is restarted only when its
+    section changed), then start whatever is stopped: a FATAL program gets another go."""
+    added, changed, removed = proxy.supervisor.reloadConfig()[0]
+    for group in removed:
+        proxy.supervisor.stopProcessGroup(group)
+        proxy.supervisor.removeProcessGroup(group)
+    for group in changed:
+        proxy.supervisor.stopProcessGroup(group)
+        proxy.supervisor.removeProcessGroup(group)
+        proxy.supervisor.addProcessGroup(group)
+    for group in added:
+        proxy.supervisor.addProcessGroup(group)
+    started = set()
+    for info in proxy.supervisor.getAllProcessInfo():
+        if info["statename"] in ("STOPPED", "EXITED", "FATAL"):
+            proxy.supervisor.startProcess(f"{info['group']}:{info['name']}", False)
+            started.add(info["group"])
+    groups = {info["group"] for info in proxy.supervisor.getAllProcessInfo()}
+    kept = sorted(groups - set(changed) - set(added) - started)
+    parts = [(f"restarted {', '.join(sorted(changed))}", changed),
+             (f"added {', '.join(sorted(added))}", added),
+             (f"removed {', '.join(sorted(removed))}", removed),
+             (f"started again {', '.join(sorted(started))}", started),
+             (f"unchanged {', '.join(kept)}", kept)]
+    print("supervisord is running: " + "; ".join(text for text, names in parts if names))
 
 
 def check_tools(config: Config) -> None:
@@ -329,7 +421,8 @@ def check_tools(config: Config) -> None:
 # --- readiness ---------------------------------------------------------------------------------
 
 
-def wait_for_redis(url: str, timeout: float = REDIS_WAIT) -> None:
+def wait_for_redis(url: str, timeout: float = REDIS_WAIT,
+                   check: Callable[[], None] = lambda: None) -> None:
     client = redisclient.connect(url, timeout=1.0, max_connections=1)  # or via Sentinel
     deadline = time.monotonic() + timeout
     while True:
@@ -337,8 +430,9 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT) -> None:
             client.ping()
             return
         except redis.RedisError as e:
+            check()
             if time.monotonic() > deadline:
-                raise LaunchError(
+                raise Timeout(
                     f"Redis at {redisclient.redacted(url)} did not answer PING within "
                     f"{timeout:.0f} s: {e}"
                 ) from e
@@ -351,16 +445,16 @@ def provision_demo_users(config: Config) -> bool:
     """The demo users, only into a directory that has no user at all: a user the operator
     deleted cannot be told from one never created, so once anybody is in the directory
     (the demo users themselves after the first start) the launcher adds nobody."""
-    sipctl = VENV_BIN / "sipctl"
+    sipctl = [sys.executable, "-m", "cluster.cli"]  # this very code, installed or not
     env = {**os.environ, "SIPCLUSTER_CONFIG": config.source}
     try:
-        result = subprocess.run([str(sipctl), "users", "demo", "--if-empty"], env=env,
+        result = subprocess.run([*sipctl, "users", "demo", "--if-empty"], env=env, cwd=WORK_DIR,
                                 text=True, capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"ERROR: `{sipctl} users demo` could not run: {e}", file=sys.stderr)
+        print(f"ERROR: `sipctl users demo` could not run: {e}", file=sys.stderr)
         return False
     if result.returncode != 0:
-        print(f"ERROR: `{sipctl} users demo` failed (exit {result.returncode}):\n"
+        print(f"ERROR: `sipctl users demo` failed (exit {result.returncode}):\n"
               f"{result.stdout}{result.stderr}", file=sys.stderr)
         return False
     print(result.stdout.rstrip() or "demo users provisioned")
@@ -402,7 +496,8 @@ def _uri_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def wait_for_sip(target: tuple[str, int], timeout: float = SIP_WAIT) -> bytes:
+def wait_for_sip(target: tuple[str, int], timeout: float = SIP_WAIT,
+                 check: Callable[[], None] = lambda: None) -> bytes:
     """Send OPTIONS every PROBE_INTERVAL until any SIP response arrives; return its first line."""
     family, _, _, _, address = socket.getaddrinfo(target[0], target[1], type=socket.SOCK_DGRAM)[0]
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -414,7 +509,8 @@ def wait_for_sip(target: tuple[str, int], timeout: float = SIP_WAIT) -> bytes:
             answer = _receive_response(sock, time.monotonic() + PROBE_INTERVAL)
             if answer is not None:
                 return answer
-    raise LaunchError(f"no SIP response from {target[0]}:{target[1]} within {timeout:.0f} s")
+            check()
+    raise Timeout(f"no SIP response from {target[0]}:{target[1]} within {timeout:.0f} s")
 
 
 def _local_address(family: int, address: tuple) -> str:
@@ -439,56 +535,253 @@ def _receive_response(sock: socket.socket, until: float) -> bytes | None:
     return None
 
 
-def print_log_tails(config: Config, lines: int = LOG_TAIL_LINES) -> None:
-    for log in sorted(Path(config.log.dir).glob("*.log")):
-        tail = log.read_text(errors="replace").splitlines()[-lines:]
-        print(f"--- {log} (last {len(tail)} lines)", file=sys.stderr)
-        for line in tail:
-            print(line, file=sys.stderr)
+# --- watching the programs -----------------------------------------------------------------
+
+# The closing line of a traceback ("OSError: [Errno 98] ..."), bare or as logsetup indents it.
+EXCEPTION_LINE = re.compile(
+    r"^(?:  \| )?([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class Watch:
+    """The programs of one start, through supervisord's XML-RPC interface: a program in
+    BACKOFF (died within startsecs) or FATAL ends the wait with its cause, read from the
+    log lines written since this start (the offsets are taken before anything starts)."""
+
+    def __init__(self, log_dir: Path, run_dir: Path = RUN_DIR):
+        self.log_dir = log_dir
+        self.run_dir = run_dir
+        self.offsets = {log.name: log.stat().st_size for log in log_dir.glob("*.log")}
+
+    def processes(self) -> list[dict]:
+        try:
+            return rpc(self.run_dir).supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Error) as e:
+            raise LaunchError(f"supervisord does not answer: {e}") from e
+
+    def check(self) -> None:
+        """Raise LaunchError naming the first program that cannot start, and why."""
+        for info in self.processes():
+            state = info["statename"]
+            if state == "FATAL" or (state == "EXITED" and info["exitstatus"] == EXIT_CONFIG):
+                raise LaunchError(self.cause(info))
+            # A BACKOFF is supervisord retrying; it is an answer only when the program said
+            # why (a worker racing its dispatcher's first second says nothing).
+            if state == "BACKOFF" and self.error_lines(info["name"]):
+                raise LaunchError(self.cause(info))
+
+    def new_lines(self, name: str) -> list[str]:
+        """What program ``name`` logged since this start."""
+        log = self.log_dir / f"{name}.log"
+        try:
+            with open(log, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = self.offsets.get(log.name, 0)
+                f.seek(start if start <= size else 0)  # smaller: rotated meanwhile
+                return f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def error_lines(self, name: str) -> list[str]:
+        found = []
+        for line in self.new_lines(name):
+            parts = line.split(" ", 5)
+            if len(parts) == 6 and parts[2] in ("ERROR", "CRITICAL"):
+                found.append(_message(line))
+            elif line.startswith("configuration error: "):
+                found.append(line)
+            elif (match := EXCEPTION_LINE.match(line)) is not None:
+                found.append(match.group(1))
+        return found
+
+    def cause(self, info: dict) -> str:
+        """One line: the program and the last error it logged during this start."""
+        name = info["name"]
+        errors = self.error_lines(name)
+        if errors:
+            why = errors[-1]
+        elif info.get("spawnerr"):
+            why = info["spawnerr"]
+        else:
+            tail = [line for line in self.new_lines(name) if line.strip()]
+            why = (_message(tail[-1]) if tail
+                   else f"{info['statename']} ({info['description'] or 'no output'})")
+        return f"{name}: {why}"
+
+    def settle(self, timeout: float = SETTLE_WAIT) -> list[dict]:
+        """The processes once none is STARTING or BACKOFF (or after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check()
+            infos = self.processes()
+            if (all(i["statename"] not in ("STARTING", "BACKOFF") for i in infos)
+                    or time.monotonic() > deadline):
+                return infos
+            time.sleep(WATCH_INTERVAL)
+
+    def tails(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        """The last lines each program wrote since this start (none of an earlier run)."""
+        shown = []
+        for log in sorted(self.log_dir.glob("*.log")):
+            shown += [f"{log.stem}: {line}" for line in self.new_lines(log.stem)[-lines:]]
+        return shown
+
+
+def _message(line: str) -> str:
+    """A log line without its time, level and process: "2026-01-01 10:00:00,123 ERROR
+    dispatcher[42] dispatcher: cannot bind ..." -> "cannot bind ..."."""
+    parts = line.split(" ", 5)
+    if len(parts) == 6 and parts[2] in LEVELS and parts[4].endswith(":"):
+        return parts[5]
+    return line.strip()
+
+
+def wait_for_relays(config: Config, watch: Watch, timeout: float = RELAY_WAIT) -> int:
+    """Until every relay of this host has announced itself in Redis since it was started:
+    before that a call gets 503 "no live relay".  How many are live."""
+    from cluster.relayctl import RELAY_DEAD_AFTER
+    from cluster.store import Store, StoreUnavailable, relay_nodes
+
+    host = config.sip.effective_host_id
+    store = Store(config.redis.url, timeout=1.0, max_connections=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            started = {i["name"]: i["start"] for i in watch.processes() if i["group"] == "relay"}
+            try:
+                nodes = relay_nodes(store)
+            except StoreUnavailable:
+                nodes = []
+            wall = time.time()
+            live = {n.get("name") for n in nodes
+                    if n.get("host") == host and n.get("name") in started
+                    and wall - float(n.get("seen", 0)) <= RELAY_DEAD_AFTER
+                    and float(n.get("seen", 0)) >= started[n.get("name")]}
+            if len(live) >= config.media.relays:
+                return len(live)
+            watch.check()
+            if time.monotonic() > deadline:
+                missing = sorted(set(started) - live) or ["relay"]
+                raise Timeout(f"{', '.join(missing)}: no heartbeat in Redis within "
+                                  f"{timeout:.0f} s")
+            time.sleep(WATCH_INTERVAL)
+    finally:
+        store.redis.close()
+
+
+# --- what is in force --------------------------------------------------------------------------
+
+
+def launch_overrides(env: Mapping[str, str], reset: bool,
+                     path: Path = OVERRIDES_FILE) -> dict[str, str]:
+    """The overrides of this start: those kept from earlier starts (none with ``reset``),
+    updated by those in ``env``."""
+    kept = {} if reset else read_overrides(path)
+    return {**kept, **setting_env_names(env)}
+
+
+def read_record(path: Path = LAUNCH_RECORD) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_record(config: Config, path: Path = LAUNCH_RECORD) -> None:
+    """What this start runs with, for sipctl and the next start (0600: the Redis URL)."""
+    record = {"config": config.source, "realm": config.realm,
+              "redis_url": config.redis.url, "redis_managed": config.redis.managed,
+              "home": str(HOME)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        json.dump(record, f, indent=1)
+    temporary.replace(path)
+
+
+def check_redis_change(config: Config, force: bool, run_dir: Path = RUN_DIR) -> None:
+    """Refuse (unless ``force``) a start that would stop the managed Redis a running
+    cluster uses: its users, registrations and calls would stay behind in it."""
+    if force or supervisord_pid(run_dir) is None:
+        return
+    record = read_record(run_dir / LAUNCH_RECORD.name)
+    if not record.get("redis_managed"):
+        return
+    try:
+        running = any(i["group"] == "redis" and i["statename"] == "RUNNING"
+                      for i in rpc(run_dir).supervisor.getAllProcessInfo())
+    except (OSError, xmlrpc.client.Error):
+        return
+    port = urlsplit(str(record.get("redis_url", ""))).port or 6379
+    if not running or (config.redis.managed and managed_redis_port(config) == port):
+        return
+    raise LaunchError(
+        f"refusing to stop the managed Redis on 127.0.0.1:{port} that the running cluster "
+        f"uses for redis.url {redisclient.redacted(config.redis.url)} (its data stays in "
+        f"{config.redis.state_dir}): add --force (make run FORCE=1) to switch anyway")
+
+
+def describe_overrides(overrides: Mapping[str, str]) -> str:
+    if not overrides:
+        return "Overrides  none"
+    shown = ", ".join(f"{name}={redisclient.redacted(value) if 'URL' in name else value}"
+                      for name, value in overrides.items())
+    return (f"Overrides  {shown} (kept in {OVERRIDES_FILE} for later starts and sipctl; "
+            "`make run RESET=1` drops them)")
 
 
 # --- commands ----------------------------------------------------------------------------------
 
 
-def up(config: Config) -> int:
+def up(config: Config, overrides: Mapping[str, str] | None = None,
+       force: bool = False) -> int:
     check_tools(config)
+    check_redis_change(config, force)
+    if overrides is not None:
+        write_overrides(OVERRIDES_FILE, overrides)
+        print(describe_overrides(overrides))
     ensure_secret(config)
+    Path(config.log.dir).mkdir(parents=True, exist_ok=True)
+    watch = Watch(Path(config.log.dir))  # the log offsets, before anything starts
     conf = write_config(config)
     if supervisord_pid() is None:
         stop_leftovers()
     start_supervisord(conf)
+    write_record(config)
+    relays = 0
     try:
-        wait_for_redis(config.redis.url)
+        wait_for_redis(config.redis.url, check=watch.check)
         users_ok = provision_demo_users(config)
         target = probe_target(config)
-        answer = wait_for_sip(target)
+        answer = wait_for_sip(target, check=watch.check)
+        if config.media.mode == "relay":
+            relays = wait_for_relays(config, watch)
+        infos = watch.settle()
     except LaunchError as e:
-        print_log_tails(config)
-        print(supervisorctl("status").stdout.rstrip(), file=sys.stderr)
         print(f"ERROR: {e}", file=sys.stderr)
-        print(f"the processes are still running: see `sipcluster status`, logs in {config.log.dir}",
-              file=sys.stderr)
+        if isinstance(e, Timeout):  # no program said why: what they wrote meanwhile
+            for line in watch.tails():
+                print(f"  {line}", file=sys.stderr)
+        print(f"(`sipcluster status` for the processes, logs in {config.log.dir}, "
+              "`make stop` stops them)", file=sys.stderr)
         return 1
-    print_summary(config, target, answer)
+    print_summary(config, target, answer, infos, relays)
     return 0 if users_ok else 1
 
 
-def settled_status(timeout: float = SETTLE_WAIT) -> str:
-    """`supervisorctl status` once no process is still STARTING (or after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = supervisorctl("status").stdout.rstrip()
-        if " STARTING " not in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.25)
-
-
-def print_summary(config: Config, target: tuple[str, int], answer: bytes) -> None:
-    print(settled_status())
+def print_summary(config: Config, target: tuple[str, int], answer: bytes,
+                  infos: list[dict], relays: int = 0) -> None:
+    for info in infos:
+        print(f"{info['group']}:{info['name']}".ljust(24)
+              + f"{info['statename']:<10}{info['description']}")
     print(f"SIP        udp {target[0]}:{target[1]} answers: {answer.decode(errors='replace')}")
+    print(f"Realm      {config.realm}")
     managed = " (managed)" if config.redis.managed else ""
     print(f"Redis      {redisclient.redacted(config.redis.url)}{managed}")
-    print(f"Media      {config.media.mode}")
+    media = f" ({relays} relays up)" if config.media.mode == "relay" else ""
+    print(f"Media      {config.media.mode}{media}")
     print(f"Config     {config.source}")
     print(f"Logs       {config.log.dir}")
     print("Stop with  `make stop` (or `sipcluster down`)")
@@ -520,33 +813,46 @@ def status() -> int:
     return result.returncode
 
 
-def render(config: Config) -> int:
+def render(config: Config, overrides: Mapping[str, str] | None = None) -> int:
     """Write run/supervisord.conf (and the secret) without starting anything: for systemd."""
     check_tools(config)
+    if overrides is not None:
+        write_overrides(OVERRIDES_FILE, overrides)
     ensure_secret(config)
     print(write_config(config))
+    write_record(config)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="sipcluster", description="Run this host's part of the SIP cluster under supervisord."
-    )
+        prog="sipcluster", description="Run this host's part of the SIP cluster under "
+        "supervisord.  SIPCLUSTER_<SECTION>_<KEY> and REDIS_URL given to `up` or `render` "
+        f"are kept (in {OVERRIDES_FILE}) for later starts and for sipctl, until --reset.  "
+        f"run/ and state/ live under {HOME} (set $SIPCLUSTER_HOME to move them).")
     parser.add_argument("--config", help="TOML file (default: $SIPCLUSTER_CONFIG or "
-                                         "deploy/cluster.toml)")
+                                         f"{DEFAULT_PATH})")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="start (or update) everything and wait until SIP answers")
+    for name, text in (("up", "start (or update) everything and wait until SIP answers"),
+                       ("render", "only write run/supervisord.conf (used by systemd)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--reset", action="store_true",
+                             help="drop the overrides kept from earlier starts")
+        command.add_argument("--force", action="store_true",
+                             help="allow a redis.url change that stops the managed Redis")
     commands.add_parser("down", help="stop everything and supervisord")
     commands.add_parser("status", help="show the processes")
-    commands.add_parser("render", help="only write run/supervisord.conf (used by systemd)")
     args = parser.parse_args(argv)
     try:
         if args.command == "down":
             return down()
         if args.command == "status":
             return status()
-        config = load(args.config)
-        return up(config) if args.command == "up" else render(config)
+        overrides = launch_overrides(os.environ, args.reset)
+        config = load(args.config, env={**os.environ, **overrides})
+        if args.command == "up":
+            return up(config, overrides, force=args.force)
+        return render(config, overrides)
     except (ConfigError, LaunchError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from cluster.config import Config, load
+from cluster.config import Config, load_or_exit
 from cluster.logsetup import setup_logging
 from cluster.store import Store
 
@@ -38,7 +38,7 @@ def settings_for(config: Config, index: int) -> RelaySettings:
 
 
 def main() -> int:
-    config = load()
+    config = load_or_exit()
     index = int(os.environ.get("SIPCLUSTER_RELAY_INDEX", "0"))
     name = f"relay-{index}"
     setup_logging(config, name)

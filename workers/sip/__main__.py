@@ -6,14 +6,14 @@ monkey.patch_all()
 
 import os  # noqa: E402
 
-from cluster.config import load  # noqa: E402
+from cluster.config import load_or_exit  # noqa: E402
 from cluster.logsetup import setup_logging  # noqa: E402
 
 from .worker import Worker  # noqa: E402
 
 
 def main() -> None:
-    config = load()
+    config = load_or_exit()
     name = f"worker-{os.environ.get('SIPCLUSTER_WORKER_INDEX', os.getpid())}"
     setup_logging(config, name)
     Worker(config, name).run()
