@@ -1,21 +1,26 @@
 # Every target is safe to run again: the virtualenv is rebuilt only when
-# requirements.txt or pyproject.toml change.
+# requirements*.txt or pyproject.toml change.
+#
+# `make run` keeps the SIPCLUSTER_* / REDIS_URL overrides it is given (run/overrides.json)
+# for later runs and sipctl; `make run RESET=1` drops them, `make run FORCE=1` allows a
+# REDIS_URL that stops the managed Redis a running cluster uses.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+UP_FLAGS := $(if $(filter 1 yes true,$(RESET)),--reset) $(if $(filter 1 yes true,$(FORCE)),--force)
 
 .PHONY: venv run stop test test-ha bench lint clean distclean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) -m pip install -q -e . --no-deps
 	touch $@
 
 run: venv
-	$(VENV)/bin/sipcluster up
+	$(VENV)/bin/sipcluster up $(UP_FLAGS)
 
 stop: venv
 	$(VENV)/bin/sipcluster down

@@ -28,6 +28,7 @@ import builtins
 import csv
 import io
 import json
+import os
 import re
 import socket
 import sys
@@ -35,7 +36,7 @@ import time
 from datetime import datetime
 
 from . import ladder
-from .config import Config, load
+from .config import OVERRIDES_FILE, RUN_DIR, Config, ConfigError, load, setting_env_names
 from .escape import escape_controls, escape_lines
 from .redisclient import redacted
 from .sip import digest, sdp
@@ -693,9 +694,40 @@ COMMANDS = {"users": cmd_users, "regs": cmd_regs, "calls": cmd_calls, "call": cm
             "hangup": cmd_hangup, "cluster": cmd_cluster, "stats": cmd_stats, "cdr": cmd_cdr}
 
 
+def configuration(path: str | None, env=os.environ) -> Config:
+    """The configuration to act on.  On the host that runs the cluster, with the same file,
+    the realm and Redis URL are those the cluster runs with (the file plus the overrides
+    `sipcluster up` was given, kept in run/): a user added under a realm the cluster no
+    longer uses could never log in.  A difference from this environment's is said on stderr."""
+    own = load(path, env=env)
+    record_path = RUN_DIR / "launch.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return own
+    if not isinstance(record, dict) or record.get("config") != own.source:
+        return own  # another file: another cluster (a test's, another host's)
+    kept = {name: value for name, value in env.items()
+            if name not in setting_env_names(env)}
+    running = load(path, env=kept, overrides_file=OVERRIDES_FILE)
+    differences = [f"{what} {theirs} (this environment: {mine})"
+                   for what, theirs, mine in (
+                       ("realm", running.realm, own.realm),
+                       ("Redis", redacted(running.redis.url), redacted(own.redis.url)))
+                   if theirs != mine]
+    if differences:
+        print(f"sipctl: using the running cluster's {' and '.join(differences)}, as kept in "
+              f"{OVERRIDES_FILE}", file=sys.stderr)
+    return running
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = load(args.config)
+    try:
+        config = configuration(args.config)
+    except ConfigError as exc:
+        print(f"sipctl: {exc}", file=sys.stderr)
+        return 2
     store = Store(config.redis.url, timeout=2.0, max_connections=4)
     try:
         return COMMANDS[args.command](args, config, store)

@@ -824,6 +824,14 @@ def render(config: Config, overrides: Mapping[str, str] | None = None) -> int:
     return 0
 
 
+def foreground(config: Config, overrides: Mapping[str, str]) -> int:
+    """Render, then become supervisord in the foreground (a container's main process)."""
+    render(config, overrides)
+    os.chdir(WORK_DIR)
+    os.execv(sys.executable, [*supervisord_command(conf_path()), "--nodaemon"])
+    return 1  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sipcluster", description="Run this host's part of the SIP cluster under "
@@ -834,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{DEFAULT_PATH})")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("up", "start (or update) everything and wait until SIP answers"),
-                       ("render", "only write run/supervisord.conf (used by systemd)")):
+                       ("render", "only write run/supervisord.conf (used by systemd)"),
+                       ("run", "render, then run supervisord in the foreground (containers)")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--reset", action="store_true",
                              help="drop the overrides kept from earlier starts")
@@ -852,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load(args.config, env={**os.environ, **overrides})
         if args.command == "up":
             return up(config, overrides, force=args.force)
+        if args.command == "run":
+            return foreground(config, overrides)
         return render(config, overrides)
     except (ConfigError, LaunchError) as e:
         print(f"ERROR: {e}", file=sys.stderr)

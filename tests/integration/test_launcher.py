@@ -139,3 +139,24 @@ def test_overrides_are_kept_and_restart_only_what_they_concern(launcher_factory)
     assert done.returncode == 0, done.stderr
     assert "user 2000@127.0.0.1 saved" in done.stdout
     assert "elsewhere" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_redis_url_that_would_drop_the_managed_redis_needs_force(launcher_factory, redis_url):
+    port = free_tcp_port()
+    launcher = launcher_factory(redis={"url": f"redis://127.0.0.1:{port}/0", "managed": True})
+    first = launcher.run("up")
+    assert first.returncode == 0, first.stdout + first.stderr
+    managed = launcher.processes()["redis:redis"]
+
+    refused = launcher.run("up", REDIS_URL=redis_url)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"ERROR: refusing to stop the managed Redis on 127.0.0.1:{port} that the running "
+        f"cluster uses for redis.url {redis_url} (its data stays in "
+        f"{launcher.home}/state/redis): add --force (make run FORCE=1) to switch anyway"]
+    assert launcher.processes()["redis:redis"] == managed  # untouched
+    assert not (launcher.home / "run" / "overrides.json").read_text().count("REDIS_URL")
+
+    forced = launcher.run("up", "--force", REDIS_URL=redis_url)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "redis:redis" not in launcher.processes()

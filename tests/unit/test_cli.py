@@ -304,3 +304,16 @@ def test_a_stale_request_is_dropped(monkeypatch):
 def test_redis_trouble_leaves_the_request_pending_for_another_try(monkeypatch):
     worker, acked = carried_out(monkeypatch, StoreUnavailable("gone"))
     assert worker.b2bua.asked == [(TAG, "operator")] and acked == []
+
+
+def test_a_configuration_error_is_one_line_with_a_suggestion(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "cluster.toml"
+    path.write_text("[registrar]\nmax_expire = 60\n")
+    assert cli.main(["--config", str(path), "cluster"]) == 2
+    assert capsys.readouterr().err == (f"sipctl: {path}: unknown setting registrar.max_expire "
+                                       "(did you mean max_expires?)\n")
+    path.write_text("")
+    monkeypatch.setenv("SIPCLUSTER_AUTH_RELAM", "example.org")
+    assert cli.main(["--config", str(path), "cluster"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean SIPCLUSTER_AUTH_REALM" in err

@@ -246,3 +246,29 @@ def test_config_is_frozen(tmp_path):
     config = load_env(tmp_path, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.sip.port = 1  # type: ignore[misc]
+
+
+def test_misspelt_settings_get_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError,
+                       match=r"unknown setting workers.cuont \(did you mean count\?\)"):
+        load_env(tmp_path, {}, "[workers]\ncuont = 3\n")
+    with pytest.raises(ConfigError,
+                       match=r"unknown section \[worker\] \(did you mean workers\?\)"):
+        load_env(tmp_path, {}, "[worker]\ncount = 3\n")
+    with pytest.raises(ConfigError, match="did you mean SIPCLUSTER_WORKERS_COUNT"):
+        load_env(tmp_path, {"SIPCLUSTER_WORKER_COUNT": "3"})
+    with pytest.raises(ConfigError, match="did you mean SIPCLUSTER_SIP_ADVERTISED_ADDRESS"):
+        load_env(tmp_path, {"SIPCLUSTER_SIP_ADVERTISED_ADRESS": "192.0.2.1"})
+
+
+def test_kept_overrides_apply_under_the_environment(tmp_path):
+    kept = tmp_path / "overrides.json"
+    cfg.write_overrides(kept, {"SIPCLUSTER_WORKERS_COUNT": "4", "SIPCLUSTER_SIP_PORT": "5070"})
+    path = write(tmp_path, "")
+    config = load(path, env={"SIPCLUSTER_SIP_PORT": "5080"}, secret_file=None,
+                  overrides_file=kept)
+    assert (config.workers.count, config.sip.port) == (4, 5080)
+    # A process started by supervisord finds the file through its environment.
+    config = load(path, env={"SIPCLUSTER_OVERRIDES": str(kept)}, secret_file=None)
+    assert (config.workers.count, config.sip.port) == (4, 5070)
+    assert load(path, env={}, secret_file=None).workers.count == 2  # not read unless named

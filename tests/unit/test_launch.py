@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from supervisor.datatypes import RestartUnconditionally
+from supervisor.datatypes import RestartWhenExitUnexpected
 from supervisor.options import ServerOptions
 
 from cluster import launch
@@ -65,8 +65,11 @@ def test_three_workers_in_relay_mode(tmp_path):
 
     for process in [p for group in groups.values() for p in group]:
         assert process.environment["SIPCLUSTER_CONFIG"] == config.source
-        assert process.autorestart is RestartUnconditionally  # autorestart = true
-        assert (process.startsecs, process.stopwaitsecs) == (1, 10)
+        # Restarted on any exit but a configuration error's (78): it would fail again.
+        assert process.autorestart is RestartWhenExitUnexpected
+        assert process.exitcodes == [78]
+        # Died within 1 s, 3 times: FATAL (a crash loop ends; the launcher reports it).
+        assert (process.startsecs, process.startretries, process.stopwaitsecs) == (1, 3, 10)
         assert process.stopsignal == 15
         assert process.directory == str(ROOT)
         assert process.stdout_logfile == str(tmp_path / "log" / f"{process.name}.log")
@@ -216,3 +219,56 @@ def test_help_lists_the_commands(capsys):
     usage = capsys.readouterr().out
     for command in ("up", "down", "status", "render"):
         assert command in usage
+
+
+def test_a_change_touches_only_the_sections_of_the_programs_that_read_it(tmp_path):
+    """supervisord's update restarts a group whose section changed: each section carries
+    the digest of the settings its program reads, and no override of its own."""
+    def sections(env):
+        config = load(env={"SIPCLUSTER_LOG_DIR": str(tmp_path / "log"), **env},
+                      secret_file=None)
+        text = launch.render_supervisord(config, run_dir=tmp_path, python=PYTHON, env={})
+        return {part.split("]", 1)[0]: part for part in text.split("[program:")[1:]}
+
+    base = sections({})
+    changed = {env_name: {name for name, text in sections({env_name: value}).items()
+                          if text != base[name]}
+               for env_name, value in (("SIPCLUSTER_WORKERS_COUNT", "4"),
+                                       ("SIPCLUSTER_MEDIA_RELAYS", "3"),
+                                       ("SIPCLUSTER_SIP_PORT", "5070"),
+                                       ("SIPCLUSTER_AUTH_REALM", "example.org"))}
+    assert changed == {"SIPCLUSTER_WORKERS_COUNT": {"worker"},
+                       "SIPCLUSTER_MEDIA_RELAYS": {"relay", "worker"},
+                       "SIPCLUSTER_SIP_PORT": {"dispatcher", "relay", "worker"},
+                       "SIPCLUSTER_AUTH_REALM": {"worker"}}
+
+
+def test_overrides_are_kept_between_starts_until_reset(tmp_path):
+    path = tmp_path / "run" / "overrides.json"
+    first = launch.launch_overrides({"SIPCLUSTER_WORKERS_COUNT": "4", "HOME": "/root"},
+                                    reset=False, path=path)
+    assert first == {"SIPCLUSTER_WORKERS_COUNT": "4"}
+    launch.write_overrides(path, first)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # REDIS_URL may carry a password
+    later = launch.launch_overrides({"REDIS_URL": "redis://127.0.0.1:7000/0"}, False, path)
+    assert later == {"SIPCLUSTER_WORKERS_COUNT": "4", "REDIS_URL": "redis://127.0.0.1:7000/0"}
+    assert launch.launch_overrides({}, reset=True, path=path) == {}
+    assert "SIPCLUSTER_WORKERS_COUNT=4" in launch.describe_overrides(first)
+
+
+def test_the_cause_is_read_from_the_lines_of_this_start_only(tmp_path):
+    log = tmp_path / "dispatcher.log"
+    log.write_text("2026-01-01 09:00:00,000 ERROR dispatcher[1] dispatcher: an old error\n")
+    watch = launch.Watch(tmp_path, run_dir=tmp_path)
+    info = {"name": "dispatcher", "statename": "BACKOFF", "spawnerr": "", "description": ""}
+    assert watch.error_lines("dispatcher") == []
+    with log.open("a") as f:
+        f.write("2026-01-01 10:00:00,000 INFO dispatcher[2] dispatcher: starting\n"
+                "2026-01-01 10:00:00,100 ERROR dispatcher[2] dispatcher: cannot bind "
+                "127.0.0.1:5060: Address already in use\n")
+    assert watch.cause(info) == "dispatcher: cannot bind 127.0.0.1:5060: Address already in use"
+    (tmp_path / "worker-0.log").write_text(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        "ModuleNotFoundError: No module named 'gevent'\n")
+    assert watch.cause({**info, "name": "worker-0"}) == (
+        "worker-0: ModuleNotFoundError: No module named 'gevent'")
