@@ -698,7 +698,8 @@ def configuration(path: str | None, env=os.environ) -> Config:
     """The configuration to act on.  On the host that runs the cluster, with the same file,
     the realm and Redis URL are those the cluster runs with (the file plus the overrides
     `sipcluster up` was given, kept in run/): a user added under a realm the cluster no
-    longer uses could never log in.  A difference from this environment's is said on stderr."""
+    longer uses could never log in.  Where this environment's settings would differ, the
+    cluster's win, and sipctl says so on stderr."""
     own = load(path, env=env)
     record_path = RUN_DIR / "launch.json"
     try:
@@ -710,6 +711,7 @@ def configuration(path: str | None, env=os.environ) -> Config:
     kept = {name: value for name, value in env.items()
             if name not in setting_env_names(env)}
     running = load(path, env=kept, overrides_file=OVERRIDES_FILE)
+    own = load(path, env=env, overrides_file=OVERRIDES_FILE)  # this environment over them
     differences = [f"{what} {theirs} (this environment: {mine})"
                    for what, theirs, mine in (
                        ("realm", running.realm, own.realm),

@@ -317,3 +317,27 @@ def test_a_configuration_error_is_one_line_with_a_suggestion(tmp_path, monkeypat
     assert cli.main(["--config", str(path), "cluster"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean SIPCLUSTER_AUTH_REALM" in err
+
+
+def test_sipctl_uses_the_realm_the_cluster_was_started_with(tmp_path, monkeypatch, capsys):
+    """`SIPCLUSTER_SIP_ADVERTISED_ADDRESS=... make run`, then a plain `sipctl users add`:
+    the user goes into the realm the cluster runs with, not the file's default."""
+    from cluster import launch
+    from cluster.config import load, write_overrides
+    run = tmp_path / "run"
+    monkeypatch.setattr(cli, "RUN_DIR", run)
+    monkeypatch.setattr(cli, "OVERRIDES_FILE", run / "overrides.json")
+    path = tmp_path / "cluster.toml"
+    path.write_text("")
+    overrides = {"SIPCLUSTER_SIP_ADVERTISED_ADDRESS": "192.0.2.7"}
+    write_overrides(run / "overrides.json", overrides)
+    launch.write_record(load(path, env=overrides, secret_file=None), run / "launch.json")
+
+    assert cli.configuration(str(path), env={}).realm == "192.0.2.7"
+    assert capsys.readouterr().err == ""  # nothing differs: nothing said
+    config = cli.configuration(str(path), env={"SIPCLUSTER_AUTH_REALM": "other"})
+    assert config.realm == "192.0.2.7"
+    assert capsys.readouterr().err.count("realm 192.0.2.7 (this environment: other)") == 1
+    other = tmp_path / "other.toml"
+    other.write_text("")
+    assert cli.configuration(str(other), env={}).realm == "127.0.0.1"  # another cluster

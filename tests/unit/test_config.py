@@ -272,3 +272,11 @@ def test_kept_overrides_apply_under_the_environment(tmp_path):
     config = load(path, env={"SIPCLUSTER_OVERRIDES": str(kept)}, secret_file=None)
     assert (config.workers.count, config.sip.port) == (4, 5070)
     assert load(path, env={}, secret_file=None).workers.count == 2  # not read unless named
+
+
+def test_the_home_folder_outside_a_checkout(monkeypatch, tmp_path):
+    assert cfg.home_dir({}) == cfg.ROOT  # this checkout
+    assert cfg.home_dir({"SIPCLUSTER_HOME": str(tmp_path)}) == tmp_path
+    monkeypatch.setattr(cfg, "checkout_root", lambda: None)  # an installed package
+    assert cfg.home_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "sipcluster"
+    assert cfg.home_dir({}) == Path.home() / ".local" / "state" / "sipcluster"
