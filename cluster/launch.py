@@ -1,13 +1,20 @@
-"""`sipcluster up|down|status|render`: run the whole cluster of one host under supervisord.
+"""`sipcluster up|down|status|render|run`: run the whole cluster of one host under supervisord.
 
-`up` renders run/supervisord.conf from deploy/supervisord.conf.in for the
-loaded configuration, stops whatever a killed supervisord left running (they
-hold the ports), starts supervisord (or tells a running one to pick up the new
-configuration), waits for Redis, provisions the demo users with
+`up` renders run/supervisord.conf from deploy/supervisord.conf.in (packaged as
+cluster/data/) for the loaded configuration, stops whatever a killed supervisord left
+running (they hold the ports), starts supervisord (or has a running one apply the new
+configuration group by group), waits for Redis, provisions the demo users with
 `sipctl users demo --if-empty` (only into a directory without any user, so an
-operator's users and passwords are never touched), and then sends SIP OPTIONS
-to the advertised address until the cluster answers.  `down` shuts
-supervisord down and waits for it.
+operator's users and passwords are never touched), sends SIP OPTIONS to the
+advertised address until the cluster answers, and waits for every relay's heartbeat.
+Meanwhile it watches the programs over supervisord's XML-RPC interface: one that
+cannot start ends the wait with one line, its name and the error it logged during
+this start.  `down` shuts supervisord down and waits for it.
+
+The SIPCLUSTER_* / REDIS_URL overrides given to `up` are kept in run/overrides.json
+for later starts and sipctl (`--reset` drops them); the programs read them from there,
+and each program's section carries a digest of the settings it reads, so a change
+restarts only the programs it concerns.
 
 The managed Redis keeps its data in redis.state_dir (an append-only file,
 fsynced every second), outside run/: `make clean` keeps it, a host restart
