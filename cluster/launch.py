@@ -559,11 +559,14 @@ class Watch:
         self.log_dir = log_dir
         self.run_dir = run_dir
         self.offsets = {log.name: log.stat().st_size for log in log_dir.glob("*.log")}
+        self.created = time.monotonic()
 
     def processes(self) -> list[dict]:
         try:
             return rpc(self.run_dir).supervisor.getAllProcessInfo()
         except (OSError, xmlrpc.client.Error) as e:
+            if time.monotonic() - self.created < SETTLE_WAIT:
+                return []  # a supervisord just started may not listen yet
             raise LaunchError(f"supervisord does not answer: {e}") from e
 
     def check(self) -> None:
@@ -724,10 +727,12 @@ def check_redis_change(config: Config, force: bool, run_dir: Path = RUN_DIR) -> 
     port = urlsplit(str(record.get("redis_url", ""))).port or 6379
     if not running or (config.redis.managed and managed_redis_port(config) == port):
         return
+    wanted = redisclient.redacted(config.redis.url) + ("" if config.redis.managed
+                                                       else " (not managed)")
     raise LaunchError(
         f"refusing to stop the managed Redis on 127.0.0.1:{port} that the running cluster "
-        f"uses for redis.url {redisclient.redacted(config.redis.url)} (its data stays in "
-        f"{config.redis.state_dir}): add --force (make run FORCE=1) to switch anyway")
+        f"uses for redis.url {wanted} (its data stays in {config.redis.state_dir}): "
+        "add --force (make run FORCE=1) to switch anyway")
 
 
 def describe_overrides(overrides: Mapping[str, str]) -> str:

@@ -152,7 +152,7 @@ def test_a_redis_url_that_would_drop_the_managed_redis_needs_force(launcher_fact
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
         f"ERROR: refusing to stop the managed Redis on 127.0.0.1:{port} that the running "
-        f"cluster uses for redis.url {redis_url} (its data stays in "
+        f"cluster uses for redis.url {redis_url} (not managed) (its data stays in "
         f"{launcher.home}/state/redis): add --force (make run FORCE=1) to switch anyway"]
     assert launcher.processes()["redis:redis"] == managed  # untouched
     assert not (launcher.home / "run" / "overrides.json").read_text().count("REDIS_URL")
