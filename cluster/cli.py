@@ -36,7 +36,15 @@ import time
 from datetime import datetime
 
 from . import ladder
-from .config import OVERRIDES_FILE, RUN_DIR, Config, ConfigError, load, setting_env_names
+from .config import (
+    OVERRIDES_FILE,
+    RUN_DIR,
+    Config,
+    ConfigError,
+    load,
+    setting_env_names,
+    use_home,
+)
 from .escape import escape_controls, escape_lines
 from .redisclient import redacted
 from .sip import digest, sdp
@@ -642,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML config (default: SIPCLUSTER_CONFIG or deploy/)")
+    parser.add_argument("--home", help="folder of the cluster's run/ (default: $SIPCLUSTER_HOME, "
+                                       "the checkout, or $XDG_STATE_HOME/sipcluster)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     users = sub.add_parser("users", help="the directory of users")
@@ -725,6 +735,7 @@ def configuration(path: str | None, env=os.environ) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_home(args.home, "cluster.cli", argv)
     try:
         config = configuration(args.config)
     except ConfigError as exc:

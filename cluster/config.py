@@ -69,6 +69,17 @@ def home_dir(env: Mapping[str, str] = os.environ) -> Path:
 
 
 HOME = home_dir()
+
+
+def use_home(home: str | None, module: str, argv: list[str] | None) -> None:
+    """A command's --home: the folders are fixed at import (HOME, RUN_DIR...), so a home
+    other than the one this process was started with means starting again with
+    $SIPCLUSTER_HOME set (the same arguments: the second time it matches)."""
+    if not home or Path(home).expanduser().resolve() == HOME:
+        return
+    os.environ["SIPCLUSTER_HOME"] = str(Path(home).expanduser().resolve())
+    arguments = sys.argv[1:] if argv is None else argv
+    os.execv(sys.executable, [sys.executable, "-m", module, *arguments])
 DEFAULT_PATH = (ROOT / "deploy" / "cluster.toml" if checkout_root() is not None
                 else DATA_DIR / "cluster.toml")
 RUN_DIR = HOME / "run"

@@ -63,6 +63,7 @@ from cluster.config import (
     load,
     read_overrides,
     setting_env_names,
+    use_home,
     write_overrides,
 )
 
@@ -852,6 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         f"run/ and state/ live under {HOME} (set $SIPCLUSTER_HOME to move them).")
     parser.add_argument("--config", help="TOML file (default: $SIPCLUSTER_CONFIG or "
                                          f"{DEFAULT_PATH})")
+    parser.add_argument("--home", help=f"folder of run/ and state/ (default: {HOME})")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("up", "start (or update) everything and wait until SIP answers"),
                        ("render", "only write run/supervisord.conf (used by systemd)"),
@@ -864,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("down", help="stop everything and supervisord")
     commands.add_parser("status", help="show the processes")
     args = parser.parse_args(argv)
+    use_home(args.home, "cluster.launch", argv)
     try:
         if args.command == "down":
             return down()

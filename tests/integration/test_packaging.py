@@ -68,6 +68,12 @@ def test_the_wheel_works_outside_a_checkout(tmp_path):
     assert not list(site.glob("run")) and not list(site.glob("state"))
     assert (site / "cluster" / "data" / "cluster.toml").is_file()
 
+    chosen = tmp_path / "chosen"
+    rendered = run([target / "bin" / "sipcluster", "--home", chosen, "render"], cwd=outside,
+                   env=env)
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout.strip() == str(chosen / "run" / "supervisord.conf")
+
 
 def docker() -> str | None:
     """The docker client, when a daemon answers it."""
