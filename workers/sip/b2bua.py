@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import re
 import time
 
@@ -25,13 +23,15 @@ from cluster.backoff import Backoff
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
 from cluster.sip import scan
+from cluster.sip.ids import call_tag
+from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
 from .media import media_for
 
 log = logging.getLogger("b2bua")
@@ -46,29 +46,12 @@ UNSURE_MAX = 10_000
 UNSURE_EVERY = 0.5  # seconds between two looks at them
 
 
-def call_tag(call_id: bytes) -> str:
-    """The call a Call-ID belongs to: B-legs say it ("sc<slot>.<tag>.<n>"), A-legs hash to it."""
-    if call_id[:2] == b"sc":
-        parts = call_id.split(b".")
-        if len(parts) == 3 and parts[0][2:].isdigit() and len(parts[1]) == 24:
-            return parts[1].decode()
-    return hashlib.blake2b(call_id, digest_size=12).hexdigest()
-
-
-class RandomIds(Ids):
-    def tag(self) -> str:
-        return os.urandom(8).hex()
-
-    def branch(self) -> str:
-        return "z9hG4bK" + os.urandom(10).hex()
-
-
 class B2BUA:
     def __init__(self, worker):
         self.worker = worker
         self.store = worker.store
         self.config = worker.config
-        self.ids = RandomIds()
+        self.ids = worker.ids
         self.media = media_for(worker.config, worker.store, worker.host)
         self.running = True
         self._locks: dict[str, list] = {}
@@ -465,14 +448,6 @@ class B2BUA:
         except StoreUnavailable:
             loaded = None
         return call_log(log, loaded[1]["a"]["call_id"] if loaded else "unknown")
-
-
-def _leg_name(call_id: bytes) -> str:
-    """"a" for the caller's Call-ID, "b<n>" for fork n's ("sc<slot>.<tag>.<n>")."""
-    parts = call_id.split(b".")
-    if len(parts) == 3 and call_tag(call_id) == parts[1].decode("latin-1"):
-        return "b" + parts[2].decode("latin-1")
-    return "a"
 
 
 def _raw_entry(direction: str, data: bytes, leg: str, peer) -> dict:

@@ -7,9 +7,8 @@ the shell (b2bua.py) loads it, feeds it one event, writes it back
 compare-and-set, and only then performs the actions.  Nothing here reads the
 clock, draws random numbers or does I/O: ``now`` and an ``Ids`` source come in.
 
-Leg names: "a" for the caller, "b0", "b1"... for the forks.  B-leg Call-IDs are
-"sc<slot>.<tag>.<n>": the dispatcher reads the slot, so both legs of a call land
-on the same worker, and the tag finds the call record.
+Leg names: "a" for the caller, "b0", "b1"... for the forks.  B-leg Call-IDs come
+from cluster/sip/ids.py, which the dispatcher and the operator CLI read them with.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 from cluster.sip import digest
 from cluster.sip.dialog import Dialog
+from cluster.sip.ids import ALLOW, Ids, b_leg_call_id, host_part, via
 from cluster.sip.message import Request, Response, build_request, build_response, parse
 from cluster.sip.transaction import (
     Action,
@@ -67,7 +67,7 @@ class Settings:
     timers: TimerConfig = field(default_factory=TimerConfig)
     no_answer_timeout: float = 60.0
     max_duration: float = 0.0
-    allow: bytes = b"INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER"
+    allow: bytes = ALLOW
     supported: bytes = b"timer"
     # Route table row -> (username, password) answering a gateway's 401/407; kept out of
     # the call record so no password is ever written to Redis.
@@ -94,16 +94,6 @@ class _PassThrough:
 
 
 _PASS_THROUGH = _PassThrough()
-
-
-class Ids:
-    """Where fresh tags and branches come from (random in the shell, counters in tests)."""
-
-    def tag(self) -> str:
-        raise NotImplementedError
-
-    def branch(self) -> str:
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -293,20 +283,20 @@ class Call:
         return call, out
 
     def _fork(self, index: int, target: Target, invite: Request, body: bytes, ctx: Ctx) -> list:
-        call_id = f"sc{self.slot}.{self.tag}.{index}".encode()
+        call_id = b_leg_call_id(self.slot, self.tag, index)
         leg = Leg(f"b{index}", call_id, target.peer, target.host, target.sock_index, ctx.ids.tag(),
                   self.callee, target=target.uri, route=target.route)
         self.forks.append(leg)
         display = invite.from_.display
         from_value = (b'"' + display.replace(b'"', b"") + b'" ' if display else b"") + \
-            b"<sip:%s@%s>;tag=%s" % (self.caller.encode(), ctx.cfg.address.encode(),
+            b"<sip:%s@%s>;tag=%s" % (self.caller.encode(), host_part(ctx.cfg.address).encode(),
                                      leg.local_tag.encode())
         max_forwards = min(70, (invite.max_forwards or 70) - 1)
         method = invite.method
         headers = [
             (b"Via", _via(ctx.cfg, ctx.ids.branch())), (b"Max-Forwards", b"%d" % max_forwards),
             (b"From", from_value),
-            (b"To", b"<sip:%s@%s>" % (self.callee.encode(), ctx.cfg.address.encode())),
+            (b"To", b"<sip:%s@%s>" % (self.callee.encode(), host_part(ctx.cfg.address).encode())),
             (b"Call-ID", call_id), (b"CSeq", b"1 %s" % method.encode())]
         if method == "INVITE":
             headers += [(b"Contact", _contact(self.caller, ctx.cfg)), (b"Allow", ctx.cfg.allow),
@@ -923,13 +913,11 @@ def _ack_received(tx, now: float):
 
 
 def _via(cfg: Settings, branch: str) -> bytes:
-    host = f"[{cfg.address}]" if ":" in cfg.address else cfg.address
-    return b"SIP/2.0/UDP %s:%d;branch=%s;rport" % (host.encode(), cfg.port, branch.encode())
+    return via(cfg.address, cfg.port, branch)
 
 
 def _contact(user: str, cfg: Settings) -> bytes:
-    host = f"[{cfg.address}]" if ":" in cfg.address else cfg.address
-    return b"<sip:%s@%s:%d>" % (user.encode(), host.encode(), cfg.port)
+    return b"<sip:%s@%s:%d>" % (user.encode(), host_part(cfg.address).encode(), cfg.port)
 
 
 def _contact_uri(call: Call, leg: Leg, cfg: Settings) -> bytes:
