@@ -21,12 +21,9 @@ from cluster.sip.ids import ALLOW, Ids, b_leg_call_id, host_part, via
 from cluster.sip.message import Request, Response, build_request, build_response, parse
 from cluster.sip.transaction import (
     Action,
-    CancelTimer,
     Deliver,
     NoAck,
     Send,
-    SetTimer,
-    Terminated,
     TimedOut,
     TimerConfig,
     client_key,
@@ -36,6 +33,8 @@ from cluster.sip.transaction import (
     server_transaction,
     transaction_from_record,
 )
+
+from .actions import Actions, Cdr, Out, Reply
 
 # Q.850 causes (name, number) used in Reason headers and CDRs.
 NORMAL_CLEARING = ("NORMAL_CLEARING", 16)
@@ -105,29 +104,6 @@ class Target:
     host: str
     sock_index: int = 0
     route: int = -1  # the route table row of a gateway target, -1 for a registered contact
-
-
-@dataclass(frozen=True)
-class Out:
-    """Send ``data`` to ``dest`` from host ``host``'s SIP socket ``sock_index``."""
-
-    data: bytes
-    dest: tuple[str, int]
-    host: str
-    sock_index: int = 0
-
-
-@dataclass(frozen=True)
-class Arm:
-    """Arm timer ``name`` of this call for time ``at`` (tx timers: "tx|<key>|<timer>")."""
-
-    name: str
-    at: float
-
-
-@dataclass(frozen=True)
-class Cdr:
-    record: dict
 
 
 @dataclass
@@ -200,16 +176,18 @@ class Call:
         record["hangup"] = dict(self.hangup)
         return record
 
-    def timer_entries(self) -> dict[str, float]:
-        """Every timer the call is waiting for: name -> due.  The shell arms and disarms
-        timers in Redis from the difference between two of these, so a cancelled timer
-        is removed instead of firing for nothing.  Timers that would only end a finished
-        transaction (D, I, J, K, M) are left out: such a transaction is dropped when the
-        call is next touched after its time (``prune``), or with the record."""
+    def timer_entries(self, *, waits: bool = False) -> dict[str, float]:
+        """Every timer the call is waiting for: name -> due (transaction timers are
+        "tx|<key>|<timer>").  The shell arms and disarms timers in Redis from the
+        difference between two of these, so a cancelled timer is removed instead of
+        firing for nothing; this is the call's only way of asking for a timer.  Timers
+        that would only end a finished transaction (D, I, J, K, M) are left out: such a
+        transaction is dropped when the call is next touched after its time (``prune``),
+        or with the record.  ``waits`` lists them too, for a test clock to step to."""
         entries = dict(self.timers)
         for key, entry in self.txs.items():
             for name, due in entry["tx"]["timers"].items():
-                if name not in WAIT_ONLY:
+                if waits or name not in WAIT_ONLY:
                     entries[f"tx|{key}|{name}"] = due
         return entries
 
@@ -260,7 +238,7 @@ class Call:
     @classmethod
     def start(cls, *, tag: str, slot: int, invite: Request, source: tuple[str, int], host: str,
               sock_index: int, caller: str, callee: str, targets: list[Target], ctx: Ctx,
-              trying_sent: bool = False) -> tuple[Call, list]:
+              trying_sent: bool = False) -> tuple[Call, Actions]:
         """A new call: 100 Trying to the caller, an INVITE to every target."""
         a = Leg("a", invite.call_id, response_dest(invite, source), host, sock_index,
                 ctx.ids.tag(), caller)
@@ -279,10 +257,10 @@ class Call:
         for index, target in enumerate(targets):
             out += call._fork(index, target, invite, offer, ctx)
         if ctx.cfg.no_answer_timeout and invite.method == "INVITE":
-            out.append(call._arm("no-answer", ctx.now + ctx.cfg.no_answer_timeout))
+            call.timers["no-answer"] = ctx.now + ctx.cfg.no_answer_timeout
         return call, out
 
-    def _fork(self, index: int, target: Target, invite: Request, body: bytes, ctx: Ctx) -> list:
+    def _fork(self, index: int, target: Target, invite: Request, body: bytes, ctx: Ctx) -> Actions:
         call_id = b_leg_call_id(self.slot, self.tag, index)
         leg = Leg(f"b{index}", call_id, target.peer, target.host, target.sock_index, ctx.ids.tag(),
                   self.callee, target=target.uri, route=target.route)
@@ -306,10 +284,6 @@ class Call:
         return self._start_client(leg, request, "invite", ctx)
 
     # ---------------------------------------------------------------- transactions
-    def _arm(self, name: str, at: float) -> Arm:
-        self.timers[name] = at
-        return Arm(name, at)
-
     def _tx(self, key: str):
         entry = self.txs.get(key)
         return None if entry is None else transaction_from_record(entry["tx"])
@@ -321,16 +295,16 @@ class Call:
             self.txs[key]["tx"] = tx.to_record()
 
     def _start_client(self, leg: Leg, request: Request, role: str, ctx: Ctx,
-                      **extra) -> list:
+                      **extra) -> Actions:
         ctr = client_transaction(request, leg.peer, ctx.cfg.timers)
         if role == "invite":
             leg.invite_key = ctr.key
         self.txs[ctr.key] = {"leg": leg.name, "role": role, "tx": ctr.to_record(), **extra}
         actions = ctr.start(ctx.now)
         self._save_tx(ctr.key, ctr)
-        return self._run(ctr.key, leg, actions)
+        return self._run(leg, actions)
 
-    def _respond(self, key: str, response: Response, now: float) -> list:
+    def _respond(self, key: str, response: Response, now: float) -> Actions:
         """Send a response through the server transaction ``key``."""
         entry = self.txs.get(key)
         if entry is None:
@@ -338,22 +312,18 @@ class Call:
         tx = transaction_from_record(entry["tx"])
         actions = tx.send_response(response, now)
         self._save_tx(key, tx)
-        return self._run(key, self.leg(entry["leg"]), actions)
+        return self._run(self.leg(entry["leg"]), actions)
 
-    def _run(self, key: str, leg: Leg, actions: list[Action]) -> list:
-        """Turn a transaction's actions into the call's: sends go out via the leg's host."""
-        out: list = []
-        for action in actions:
-            if isinstance(action, Send):
-                out.append(Out(action.data, action.dest, leg.host, leg.sock_index))
-            elif isinstance(action, SetTimer):
-                out.append(Arm(f"tx|{key}|{action.name}", action.at))
-            elif isinstance(action, (CancelTimer, Terminated, Deliver, TimedOut, NoAck)):
-                out.append(action)
-        return out
+    @staticmethod
+    def _run(leg: Leg, actions: list[Action]) -> Actions:
+        """A transaction's sends, as the call's: out via the leg's host.  Its timers are in
+        its record (``timer_entries``); what it delivers, the caller of ``_run`` reads from
+        ``actions`` itself; nothing else goes up."""
+        return [Out(a.data, a.dest, leg.host, leg.sock_index) for a in actions
+                if isinstance(a, Send)]
 
     # ---------------------------------------------------------------- requests
-    def on_request(self, req: Request, source: tuple[str, int], ctx: Ctx) -> list:
+    def on_request(self, req: Request, source: tuple[str, int], ctx: Ctx) -> Actions:
         leg = self.leg_of_call_id(req.call_id)
         if leg is None:
             return [Reply(481)]
@@ -381,19 +351,19 @@ class Call:
             return self._relay_request(leg, req, ctx)
         return self._answer_locally(leg, req, 405, ctx, [(b"Allow", ctx.cfg.allow)])
 
-    def _retransmission(self, key: str, req: Request, ctx: Ctx) -> list:
+    def _retransmission(self, key: str, req: Request, ctx: Ctx) -> Actions:
         entry = self.txs[key]
         tx = transaction_from_record(entry["tx"])
         if not tx.matches(req):
             return [Reply(482, "Loop Detected")]
         actions = tx.on_request(req, ctx.now)
         self._save_tx(key, tx)
-        out = self._run(key, self.leg(entry["leg"]), actions)
+        out = self._run(self.leg(entry["leg"]), actions)
         if req.method == "ACK" and any(isinstance(a, Deliver) for a in actions):
             out += self._acked(self.leg(entry["leg"]), req, ctx)
-        return [a for a in out if not isinstance(a, Deliver)]
+        return out
 
-    def _ack(self, leg: Leg, req: Request, ctx: Ctx) -> list:
+    def _ack(self, leg: Leg, req: Request, ctx: Ctx) -> Actions:
         """An ACK for a 2xx we sent (a new branch, in the dialog)."""
         if leg.dialog is None or req.to.tag != leg.local_tag:
             return []  # the ACK of a failure answered statelessly: absorbed
@@ -405,7 +375,7 @@ class Call:
                     self._save_tx(key, _ack_received(tx, ctx.now))
         return self._acked(leg, req, ctx)
 
-    def _acked(self, leg: Leg, req: Request, ctx: Ctx) -> list:
+    def _acked(self, leg: Leg, req: Request, ctx: Ctx) -> Actions:
         """Our 2xx was ACKed: pass on a delayed ACK (with the answer SDP) to the other leg,
         and a BYE for the caller that waited for this ACK."""
         out = self._held_bye(ctx) if leg is self.a else []
@@ -416,7 +386,7 @@ class Call:
         answer = self._sdp(ctx, leg, req.body, req.content_type, offer=False)
         return self._send_ack(other, pending["cseq"], answer, req.content_type, ctx) + out
 
-    def _held_bye(self, ctx: Ctx) -> list:
+    def _held_bye(self, ctx: Ctx) -> Actions:
         cause = self.bye_caller_after_ack
         if cause is None:
             return []
@@ -429,7 +399,7 @@ class Call:
                 and not entry["tx"].get("acked"))
 
     def _send_ack(self, leg: Leg, cseq: int, body: bytes, content_type: bytes | None,
-                  ctx: Ctx) -> list:
+                  ctx: Ctx) -> Actions:
         """The ACK of this leg's 2xx to CSeq ``cseq``.  A repeated 2xx (our ACK was lost, or
         crossed it) gets the very same ACK again, as RFC 3261 13.2.2.4 has it: a new one
         (another branch) is a new request to the peer, which a strict UA refuses."""
@@ -444,7 +414,7 @@ class Call:
         leg.last_ack = ack.to_bytes()
         return [Out(leg.last_ack, leg.peer, leg.host, leg.sock_index)]
 
-    def _cancel(self, leg: Leg, req: Request, ctx: Ctx) -> list:
+    def _cancel(self, leg: Leg, req: Request, ctx: Ctx) -> Actions:
         """CANCEL of the caller's INVITE: 200, 487, CANCEL to every fork (RFC 3261 9.2)."""
         target = self.txs.get(leg.invite_key)
         if leg.name != "a" or target is None:
@@ -457,7 +427,7 @@ class Call:
         out += self._cancel_forks(ctx, reason=ORIGINATOR_CANCEL)
         return out
 
-    def _bye(self, leg: Leg, req: Request, ctx: Ctx) -> list:
+    def _bye(self, leg: Leg, req: Request, ctx: Ctx) -> Actions:
         out = self._answer_locally(leg, req, 200, ctx)
         side = "caller" if leg.name == "a" else "callee"
         if self.state == "answered":
@@ -478,7 +448,7 @@ class Call:
         return out
 
     def _answer_locally(self, leg: Leg, req: Request, status: int, ctx: Ctx,
-                        headers: list = ()) -> list:
+                        headers: list = ()) -> Actions:
         """Answer an in-dialog request ourselves, through a server transaction."""
         stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers)
         stx.on_request(req, ctx.now)
@@ -486,7 +456,7 @@ class Call:
         response = build_response(req, status, headers=[*headers, (b"Server", ctx.cfg.user_agent)])
         return self._respond(stx.key, response, ctx.now)
 
-    def _relay_request(self, leg: Leg, req: Request, ctx: Ctx) -> list:
+    def _relay_request(self, leg: Leg, req: Request, ctx: Ctx) -> Actions:
         """re-INVITE, UPDATE, INFO, MESSAGE...: the same request on the other leg."""
         other = self.other(leg)
         if other is None or other.dialog is None or self.state == "ended":
@@ -513,7 +483,7 @@ class Call:
                    and e["tx"]["state"] == "Proceeding" for e in self.txs.values())
 
     # ---------------------------------------------------------------- responses
-    def on_response(self, resp: Response, source: tuple[str, int], ctx: Ctx) -> list:
+    def on_response(self, resp: Response, source: tuple[str, int], ctx: Ctx) -> Actions:
         key = client_key(resp)
         entry = self.txs.get(key)
         leg = self.leg_of_call_id(resp.call_id)
@@ -527,13 +497,13 @@ class Call:
         tx = transaction_from_record(entry["tx"])
         actions = tx.on_response(resp, ctx.now)
         self._save_tx(key, tx)
-        out = self._run(key, leg, actions)
+        out = self._run(leg, actions)
         for action in actions:
             if isinstance(action, Deliver):
                 out += self._on_delivered(entry, leg, action.msg, ctx)
-        return [a for a in out if not isinstance(a, Deliver)]
+        return out
 
-    def _on_delivered(self, entry: dict, leg: Leg, resp: Response, ctx: Ctx) -> list:
+    def _on_delivered(self, entry: dict, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
         role = entry["role"]
         if role == "invite":
             return self._fork_response(leg, resp, ctx)
@@ -543,7 +513,7 @@ class Call:
             leg.state = "ended"
         return []
 
-    def _fork_response(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
+    def _fork_response(self, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
         status = resp.status
         if resp.cseq.method == "MESSAGE":
             return self._message_response(leg, resp, ctx)
@@ -576,7 +546,7 @@ class Call:
         return self._maybe_all_failed(ctx)
 
     def _fork_answered(self, leg: Leg, resp: Response, invite_msg: Request | None,
-                       ctx: Ctx) -> list:
+                       ctx: Ctx) -> Actions:
         if leg.dialog is None or Dialog.from_record(leg.dialog).remote_tag != resp.to.tag:
             if invite_msg is None:
                 return []
@@ -608,11 +578,11 @@ class Call:
         out += self._to_caller(leg, resp, ctx)
         out += self._cancel_forks(ctx, reason=COMPLETED_ELSEWHERE)
         if ctx.cfg.max_duration:
-            out.append(self._arm("max-duration", ctx.now + ctx.cfg.max_duration))
-        out += self._session_timer(resp, ctx.now)
+            self.timers["max-duration"] = ctx.now + ctx.cfg.max_duration
+        self._session_timer(resp, ctx.now)
         return out
 
-    def _message_response(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
+    def _message_response(self, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
         """An out-of-dialog MESSAGE (RFC 3428): the first 2xx of any contact is the answer."""
         if resp.status < 200 or self.state == "ended":
             return []
@@ -651,13 +621,13 @@ class Call:
         leg.provisional = False
         return self._start_client(leg, retry, "invite", ctx)
 
-    def _stray_2xx(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
+    def _stray_2xx(self, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
         """A 2xx retransmitted after our INVITE transaction ended: ACK it again (RFC 6026)."""
         if leg.dialog is None or Dialog.from_record(leg.dialog).remote_tag != resp.to.tag:
             return []
         return self._send_ack(leg, resp.cseq.number, b"", None, ctx)
 
-    def _maybe_all_failed(self, ctx: Ctx) -> list:
+    def _maybe_all_failed(self, ctx: Ctx) -> Actions:
         if self.state in ("answered", "ended"):
             return []
         if any(leg.state in ("calling", "early") for leg in self.forks):
@@ -669,7 +639,7 @@ class Call:
         cause = STATUS_CAUSES.get(status, ("CALL_REJECTED", 21))
         return self._fail_caller(status, cause, "callee", invite.request_msg, ctx, reason)
 
-    def _relay_response(self, entry: dict, leg: Leg, resp: Response, ctx: Ctx) -> list:
+    def _relay_response(self, entry: dict, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
         """The other leg answered a relayed request: the same answer to the requester."""
         server = self.txs.get(entry["server"])
         if server is None or resp.status == 100:
@@ -685,9 +655,9 @@ class Call:
                 out += self._send_ack(leg, resp.cseq.number, b"", None, ctx)
             else:
                 self.pending_ack[requester.name] = {"leg": leg.name, "cseq": resp.cseq.number}
-            out += self._session_timer(resp, ctx.now)
+            self._session_timer(resp, ctx.now)
         if resp.cseq.method == "UPDATE" and 200 <= resp.status < 300:
-            out += self._session_timer(resp, ctx.now)
+            self._session_timer(resp, ctx.now)
         headers = [*_carried(resp), (b"Server", ctx.cfg.user_agent)]
         if resp.status < 300 and request.method == "INVITE":
             headers.append((b"Contact", _contact(self._user_for(requester), ctx.cfg)))
@@ -697,7 +667,7 @@ class Call:
         return out + self._respond(entry["server"], answer, ctx.now)
 
     # ---------------------------------------------------------------- towards the caller
-    def _to_caller(self, leg: Leg, resp: Response, ctx: Ctx) -> list:
+    def _to_caller(self, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
         """A callee's 18x or 2xx goes on to the caller, with its SDP through the media."""
         invite = self._tx(self.a.invite_key)
         if invite is None:
@@ -722,7 +692,7 @@ class Call:
         return self._respond(self.a.invite_key, answer, ctx.now)
 
     def _fail_caller(self, status: int, cause: tuple[str, int], side: str,
-                     invite: Request, ctx: Ctx, reason: str | None = None) -> list:
+                     invite: Request, ctx: Ctx, reason: str | None = None) -> Actions:
         """The call did not connect: a final failure to the caller, and the CDR."""
         answer = build_response(invite, status, reason or None, to_tag=self.a.local_tag,
                                 headers=[(b"Server", ctx.cfg.user_agent)])
@@ -730,7 +700,7 @@ class Call:
         return out + self._end(cause, side, ctx.now, status=status)
 
     def _cancel_forks(self, ctx: Ctx,
-                      reason: tuple[str, int] | None) -> list:
+                      reason: tuple[str, int] | None) -> Actions:
         out: list = []
         for leg in self.forks:
             if leg.state not in ("calling", "early") or leg.name == (self.b.name if self.b else ""):
@@ -744,7 +714,7 @@ class Call:
         return out
 
     def _send_cancel(self, leg: Leg, ctx: Ctx,
-                     reason: tuple[str, int] | None = None) -> list:
+                     reason: tuple[str, int] | None = None) -> Actions:
         invite = self._tx(leg.invite_key)
         leg.cancel_pending = False
         if invite is None or invite.state not in ("Calling", "Proceeding"):
@@ -758,7 +728,7 @@ class Call:
         cancel = build_request("CANCEL", request.uri_raw, headers)
         return self._start_client(leg, cancel, "cancel", ctx)
 
-    def _send_bye(self, leg: Leg | None, cause: tuple[str, int], ctx: Ctx) -> list:
+    def _send_bye(self, leg: Leg | None, cause: tuple[str, int], ctx: Ctx) -> Actions:
         if leg is None or leg.dialog is None or leg.state == "ended":
             return []
         dialog = Dialog.from_record(leg.dialog)
@@ -770,16 +740,16 @@ class Call:
         leg.state = "ended"
         return self._start_client(leg, bye, "bye", ctx)
 
-    def _session_timer(self, resp: Response, now: float) -> list:
+    def _session_timer(self, resp: Response, now: float) -> None:
         """RFC 4028: when the phones use session timers, end the call if refreshes stop."""
         value = resp.header("session-expires")
         if not value:
-            return []
+            return
         interval = value.split(b";")[0].strip()
         if not interval.isdigit():
-            return []
+            return
         self.session_interval = int(interval)
-        return [self._arm("session", now + self.session_interval)]
+        self.timers["session"] = now + self.session_interval
 
     def _sdp(self, ctx: Ctx, leg: Leg, body: bytes, content_type: bytes | None, *,
              offer: bool) -> bytes:
@@ -794,7 +764,7 @@ class Call:
         return self.callee if leg.name == "a" else self.caller
 
     # ---------------------------------------------------------------- ending
-    def _end(self, cause: tuple[str, int], side: str, now: float, status: int) -> list:
+    def _end(self, cause: tuple[str, int], side: str, now: float, status: int) -> Actions:
         if self.state == "ended":
             return []
         self.state = "ended"
@@ -814,7 +784,7 @@ class Call:
             "sip_status": status}
         return [Cdr(record)]
 
-    def hangup_now(self, cause: tuple[str, int], side: str, ctx: Ctx) -> list:
+    def hangup_now(self, cause: tuple[str, int], side: str, ctx: Ctx) -> Actions:
         """End the call from here (operator, media timeout, timers): BYE both legs."""
         if self.state == "ended":
             return []
@@ -830,7 +800,7 @@ class Call:
         return out
 
     # ---------------------------------------------------------------- timers
-    def on_timer(self, name: str, due: float, ctx: Ctx) -> list:
+    def on_timer(self, name: str, due: float, ctx: Ctx) -> Actions:
         if name.startswith("tx|"):
             key, _, timer = name[3:].rpartition("|")
             return self._tx_timer(key, timer, due, ctx)
@@ -845,7 +815,7 @@ class Call:
             return self.hangup_now(RECOVERY_ON_TIMER_EXPIRE, "system", ctx)
         return []
 
-    def _tx_timer(self, key: str, timer: str, due: float, ctx: Ctx) -> list:
+    def _tx_timer(self, key: str, timer: str, due: float, ctx: Ctx) -> Actions:
         entry = self.txs.get(key)
         if entry is None:
             return []
@@ -853,16 +823,16 @@ class Call:
         actions = tx.on_timer(timer, ctx.now, due)
         self._save_tx(key, tx)
         leg = self.leg(entry["leg"])
-        out = self._run(key, leg, actions)
+        out = self._run(leg, actions)
         for action in actions:
             if isinstance(action, TimedOut):
                 out += self._timed_out(entry, leg, ctx)
             elif isinstance(action, NoAck) and entry["role"] == "invite":
                 out += self._held_bye(ctx) + self.hangup_now(RECOVERY_ON_TIMER_EXPIRE,
                                                              "system", ctx)
-        return [a for a in out if not isinstance(a, (Deliver, TimedOut, NoAck))]
+        return out
 
-    def _timed_out(self, entry: dict, leg: Leg, ctx: Ctx) -> list:
+    def _timed_out(self, entry: dict, leg: Leg, ctx: Ctx) -> Actions:
         role = entry["role"]
         if role == "invite":  # Timer B: the callee is unreachable
             leg.state = "failed"
@@ -880,14 +850,6 @@ class Call:
 
 _LEG_FIELDS = fields(Leg)
 _CALL_FIELDS = fields(Call)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An answer the shell sends statelessly to the request at hand (no transaction)."""
-
-    status: int
-    reason: str | None = None
 
 
 def best_final(finals: list[tuple[int, str]]) -> tuple[int, str]:
