@@ -1,7 +1,8 @@
 """The B2BUA shell: loads a call from Redis, feeds it one event, writes it back, acts.
 
 Every event follows the same steps (design invariant 4): load the call record
-and its version; let the pure state machine (call.py) decide; arm the timers it
+and its version; let the pure state machine (call/) decide, with the relay's SDP
+rewrites fetched around it (mediastep.py); arm the timers it
 asked for (harmless if the write then loses: a timer checks the record when it
 fires); write the record compare-and-set; only then send what it decided.  A
 writer that loses the race re-reads and decides again.
@@ -33,6 +34,7 @@ from cluster.store import StoreUnavailable, aor_of, tx_key
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
 from .media import media_for
+from .mediastep import decide
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -72,14 +74,14 @@ class B2BUA:
         self.routes = [(re.compile(r.match), r) for r in cfg.routes]
         self.trusted = {r.trusted_source for r in cfg.routes if r.trusted_source}
 
-    def ctx(self, source: tuple[str, int] | None = None) -> Ctx:
-        return Ctx(time.time(), self.ids, self.settings, source, self.media)
+    def ctx(self, source: tuple[str, int] | None, media, now: float) -> Ctx:
+        return Ctx(now, self.ids, self.settings, source, media)
 
     # ---------------------------------------------------------------- requests
     def on_request(self, req: Request, source) -> None:
         tag = call_tag(req.call_id)
-        if self._with_call(tag, lambda call: call.on_request(req, source.addr, self.ctx(
-                source.addr)), req, source, inbound=req):
+        if self._with_call(tag, lambda call, ctx: call.on_request(req, source.addr, ctx), req,
+                           source, inbound=req):
             return
         if req.method in ("INVITE", "MESSAGE") and req.to.tag is None:
             self._new_call(tag, req, source)
@@ -91,8 +93,8 @@ class B2BUA:
 
     def on_response(self, resp: Response, source) -> None:
         tag = call_tag(resp.call_id)
-        if not self._with_call(tag, lambda call: call.on_response(resp, source.addr, self.ctx(
-                source.addr)), None, source, inbound=resp):
+        if not self._with_call(tag, lambda call, ctx: call.on_response(resp, source.addr, ctx),
+                               None, source, inbound=resp):
             self.worker.counters["stray_responses"] += 1
 
     def media_timeout(self, tag: str) -> None:
@@ -101,12 +103,12 @@ class B2BUA:
         self.hangup(tag, MEDIA_TIMEOUT)
 
     def on_timer(self, tag: str, name: str, due: float) -> None:
-        self._with_call(tag, lambda call: call.on_timer(name, due, self.ctx()), None, None)
+        self._with_call(tag, lambda call, ctx: call.on_timer(name, due, ctx), None, None)
 
     def hangup(self, tag: str, cause=None, side: str = "system") -> bool:
         from .call import ADMIN_HANGUP
-        return self._with_call(tag, lambda call: call.hangup_now(
-            cause or ADMIN_HANGUP, side, self.ctx()), None, None)
+        return self._with_call(tag, lambda call, ctx: call.hangup_now(
+            cause or ADMIN_HANGUP, side, ctx), None, None)
 
     # ---------------------------------------------------------------- a new call
     def _new_call(self, tag: str, req: Request, source) -> None:
@@ -133,10 +135,11 @@ class B2BUA:
             if req.method == "INVITE":  # an attempt that never rang still gets its CDR
                 self._unrouted_cdr(req, caller, callee, failure)
             return
-        call, actions = Call.start(
+        now = time.time()
+        call, actions = decide(lambda media: Call.start(
             tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
             host=source.host, sock_index=source.sock_index, caller=caller, callee=callee,
-            targets=targets, ctx=self.ctx(source.addr))
+            targets=targets, ctx=self.ctx(source.addr, media, now)), self.media)
         # Its 100 Trying leaves only once the call is written: after a 100 the caller stops
         # repeating the INVITE, so a worker dying before the write must not have sent it.
         call.worker = worker.name
@@ -145,8 +148,8 @@ class B2BUA:
                 worker.counters["calls"] += 1
                 clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
             else:  # another worker created it meanwhile: this INVITE is a retransmission there
-                self._with_call_locked(tag, lambda c: c.on_request(req, source.addr, self.ctx(
-                    source.addr)), req, source, None)
+                self._with_call_locked(tag, lambda c, ctx: c.on_request(req, source.addr, ctx),
+                                       req, source, None)
 
     def _targets(self, callee: str | None, local_only: bool) -> tuple[list[Target], int | None]:
         """Where to ring ``callee``: every registered contact of a local user (404 when
@@ -242,7 +245,8 @@ class B2BUA:
 
     def _with_call(self, tag: str, event, req: Request | None, source,
                    inbound: Request | Response | None = None) -> bool:
-        """Run ``event`` on call ``tag`` until its write wins; False when there is no call."""
+        """Run ``event(call, ctx)`` on call ``tag`` until its write wins; False when there is
+        no call."""
         with self._serialized(tag):
             return self._with_call_locked(tag, event, req, source, inbound)
 
@@ -261,14 +265,19 @@ class B2BUA:
             else:
                 fresh = False
             version, record = cached
-            call = Call.from_record(record)
             if inbound is not None and attempt == 0 and self.config.calls.trace:
-                leg = call.leg_of_call_id(inbound.call_id)
-                self.trace(tag, [self._entry("in", inbound, leg.name if leg else "?",
+                self.trace(tag, [self._entry("in", inbound, _leg_of(record, inbound.call_id),
                                              source.addr)])
-            timers = call.timer_entries()
-            call.prune(time.time())
-            actions = event(call)
+            now = time.time()
+            where = source.addr if source is not None else None
+
+            def run(media, record=record, now=now, where=where):
+                call = Call.from_record(record)  # afresh each run: nothing of one is kept
+                timers = call.timer_entries()
+                call.prune(now)
+                return call, timers, event(call, self.ctx(where, media, now))
+
+            call, timers, actions = decide(run, self.media)
             call.worker = self.worker.name
             after = call.to_record()
             if after == record:
@@ -459,6 +468,13 @@ class B2BUA:
         except StoreUnavailable:
             loaded = None
         return call_log(log, loaded[1]["a"]["call_id"] if loaded else "unknown")
+
+
+def _leg_of(record: dict, call_id: bytes) -> str:
+    """The name of the leg of ``record`` with this Call-ID, "?" for none."""
+    if record["a"]["call_id"] == call_id:
+        return "a"
+    return next((leg["name"] for leg in record["forks"] if leg["call_id"] == call_id), "?")
 
 
 def _raw_entry(direction: str, data: bytes, leg: str, peer) -> dict:

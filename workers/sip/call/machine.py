@@ -5,7 +5,8 @@ the callee (forking).  The record holds both legs' dialogs, every transaction
 of the call and the call's progress, so whichever worker loads it can carry on;
 the shell (b2bua.py) loads it, feeds it one event, writes it back
 compare-and-set, and only then performs the actions.  Nothing here reads the
-clock, draws random numbers or does I/O: ``now`` and an ``Ids`` source come in.
+clock, draws random numbers or does I/O: ``now``, an ``Ids`` source and the media
+relay's SDP rewrites (fetched by the shell around the event, media.py) come in.
 
 Leg names: "a" for the caller, "b0", "b1"... for the forks.  B-leg Call-IDs come
 from cluster/sip/ids.py, which the dispatcher and the operator CLI read them with.
@@ -35,6 +36,7 @@ from cluster.sip.transaction import (
 )
 
 from .actions import Actions, Cdr, Out, Reply
+from .media import PASS_THROUGH, Answers, PassThrough
 
 # Q.850 causes (name, number) used in Reason headers and CDRs.
 NORMAL_CLEARING = ("NORMAL_CLEARING", 16)
@@ -82,17 +84,7 @@ class Ctx:
     ids: Ids
     cfg: Settings
     source: tuple[str, int] | None = None
-    media: object = field(default_factory=lambda: _PASS_THROUGH)
-
-
-class _PassThrough:
-    """Bypass media: SDP goes from leg to leg unchanged (the shell passes a relay)."""
-
-    def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
-        return body
-
-
-_PASS_THROUGH = _PassThrough()
+    media: PassThrough | Answers = PASS_THROUGH  # SDP rewrites: see call/media.py
 
 
 @dataclass(frozen=True)
