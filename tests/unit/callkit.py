@@ -13,6 +13,7 @@ it arms timers from ``Call.timer_entries`` as the shell does (the timer store).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -355,3 +356,45 @@ class Callee:
 
     def _own_address(self) -> bytes:
         return self.invite.header("to") + b";tag=" + self.tag.encode()
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@dataclass
+class Flow:
+    rig: Rig
+    caller: Caller
+    callees: list[Callee]
+    started: Actions
+    ok: Response | None = None  # the 200 the caller got
+
+    @property
+    def callee(self) -> Callee:
+        return self.callees[0]
+
+    def from_callee(self, resp: Response, index: int = 0) -> Actions:
+        return self.rig.response(resp, self.callees[index].addr)
+
+    def from_caller(self, req: Request) -> Actions:
+        return self.rig.request(req, CALLER_ADDR)
+
+
+def begin(rig: Rig, forks: int = 1, invite: Request | None = None) -> Flow:
+    """The caller's INVITE; one phone per fork gets our INVITE."""
+    caller = Caller(invite)
+    started = rig.start(invite=caller.invite, forks=forks)
+    callees = [Callee(started.one(addr), addr, f"calleetag{i}")
+               for i, addr in enumerate(CALLEE_ADDRS[:forks])]
+    return Flow(rig, caller, callees, started)
+
+
+def answered(rig: Rig, forks: int = 1, headers: list[tuple[bytes, bytes]] = ()) -> Flow:
+    """The seed call up to the caller's ACK: 100, 180, 200 from fork 0, ACK."""
+    flow = begin(rig, forks)
+    flow.from_callee(flow.callee.respond(100))
+    flow.caller.learn(flow.from_callee(flow.callee.respond(180)).one(CALLER_ADDR))
+    acts = flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP, headers=headers))
+    flow.ok = flow.caller.learn(acts.one(CALLER_ADDR))
+    assert flow.from_caller(flow.caller.ack()).outs == []
+    return flow

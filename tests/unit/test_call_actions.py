@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 from callkit import seed_invite
 
+from cluster.sip.transaction import Send
 from workers.sip.b2bua import B2BUA
 from workers.sip.call import ACTIONS, Cdr, Out, Reply, check
-from workers.sip.call.machine import Send
 
 
 class FakeShell:

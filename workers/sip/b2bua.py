@@ -32,7 +32,18 @@ from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
+from .call import (
+    MEDIA_TIMEOUT,
+    STATUS_CAUSES,
+    Call,
+    CallState,
+    Cdr,
+    Ctx,
+    Out,
+    Reply,
+    Settings,
+    Target,
+)
 from .media import media_for
 from .mediastep import decide
 
@@ -343,7 +354,7 @@ class B2BUA:
             if landed is not None:
                 self._perform(tag, landed[0], None, None)
                 self._call_log(tag).info("call %s: its end reached Redis after all", tag)
-            elif record.get("state", "ended") != "ended" and any(
+            elif record.get("state", CallState.ENDED) != CallState.ENDED and any(
                     now < until for _, until in tries.values()):
                 continue  # not written (yet): a retransmission ends it, with its own CDR
             del self._unsure[tag]
