@@ -2,11 +2,11 @@
 call machine sees.
 
 Every SDP body that crosses from one leg to the other goes through ``rewrite``.  The
-call never talks to a relay itself: in relay mode the shell runs the event once with
-``Answers`` that know no rewrite yet, which notes each one the call asks for (and lets
-the body through unchanged); the shell then asks the relay for those (the I/O, outside
-the machine: workers/sip/mediastep.py) and runs the event again from the same record
-with the relay's answers.  In bypass mode the call gets ``PASS_THROUGH`` and runs once.
+call never talks to a relay itself: in relay mode the shell runs the event with
+``Answers``; the first rewrite it does not know stops the run (``MediaNeeded``, which
+the call machine never catches); the shell asks the relay for it (the I/O, outside the
+machine: workers/sip/mediastep.py) and runs the event again from the same record, now
+with that answer.  In bypass mode the call gets ``PASS_THROUGH`` and runs once.
 """
 
 from __future__ import annotations
@@ -47,19 +47,23 @@ class PassThrough:
 PASS_THROUGH = PassThrough()
 
 
+class MediaNeeded(Exception):  # noqa: N818 - a request to the shell, not an error
+    """The call needs this rewrite before it can go on (the shell catches it)."""
+
+    def __init__(self, request: MediaRequest) -> None:
+        super().__init__(request)
+        self.request = request
+
+
 @dataclass
 class Answers:
-    """Rewrites the shell already has from the relay; the ones it lacks are noted in
-    ``missing`` (in the order the call asked) and their bodies pass unchanged meanwhile."""
+    """The rewrites the shell already has from the relay, in the order it got them."""
 
     known: dict[MediaRequest, bytes] = field(default_factory=dict)
-    missing: list[MediaRequest] = field(default_factory=list)
 
     def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
         request = MediaRequest(tag, leg, body, offer, peer_ip)
         answer = self.known.get(request)
         if answer is None:
-            if request not in self.missing:
-                self.missing.append(request)
-            return body
+            raise MediaNeeded(request)
         return answer
