@@ -32,18 +32,8 @@ from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .call import (
-    MEDIA_TIMEOUT,
-    STATUS_CAUSES,
-    Call,
-    CallState,
-    Cdr,
-    Ctx,
-    Out,
-    Reply,
-    Settings,
-    Target,
-)
+from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
+from .call.state import CallState
 from .media import media_for
 from .mediastep import decide
 
