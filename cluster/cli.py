@@ -49,6 +49,7 @@ from .escape import escape_controls, escape_lines
 from .redisclient import redacted
 from .sip import digest, sdp
 from .sip.errors import SipError
+from .sip.ids import call_tag
 from .sip.rtp import StreamStats
 from .store import (
     Store,
@@ -277,8 +278,6 @@ def _relay_of(store: Store, tag: str, record: dict) -> tuple[str, dict | None]:
 def resolve_call(store: Store, ident: str) -> tuple[str, dict | None]:
     """(tag, record or None) of the call ``ident`` names: a call tag, or either leg's
     Call-ID.  The record is None when only a trace is left (or nothing)."""
-    from workers.sip.b2bua import call_tag  # the one mapping of Call-IDs to calls
-
     candidates = [ident] if re.fullmatch(r"[0-9a-f]{24}", ident) else []
     candidates.append(call_tag(ident.encode("utf-8", "surrogateescape")))
     for tag in candidates:

@@ -24,20 +24,17 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-import zlib
 
 import msgpack
+
+from .sip.ids import affinity_slot
 
 SLOTS = 1024  # affinity slots the dispatcher deals out to live workers
 
 
 def affinity_key(call_id: bytes) -> int:
-    """The slot of a Call-ID.  A B-leg carries its A-leg's slot: ``sc<slot>.<rest>``."""
-    if call_id[:2] == b"sc":
-        dot = call_id.find(b".", 2, 8)
-        if dot > 2 and call_id[2:dot].isdigit():
-            return int(call_id[2:dot]) % SLOTS
-    return zlib.crc32(call_id) % SLOTS
+    """The slot of a Call-ID.  A B-leg carries its A-leg's slot (cluster/sip/ids.py)."""
+    return affinity_slot(call_id, SLOTS)
 
 
 _V4 = struct.Struct("!BBH4s")

@@ -66,6 +66,7 @@ from cluster.config import (
     use_home,
     write_overrides,
 )
+from cluster.sip.ids import MAGIC_COOKIE, host_part, via
 
 TEMPLATE = DATA_DIR / "supervisord.conf.in"
 # The working folder of supervisord and its programs: the checkout (so `python -m` runs
@@ -487,7 +488,7 @@ def options_request(target: tuple[str, int], local: tuple[str, int]) -> bytes:
     token = uuid.uuid4().hex
     lines = [
         f"OPTIONS sip:{uri_host}:{target[1]} SIP/2.0",
-        f"Via: SIP/2.0/UDP {local_host}:{local[1]};branch=z9hG4bK{token[:16]};rport",
+        "Via: " + via(local[0], local[1], MAGIC_COOKIE + token[:16]).decode(),
         "Max-Forwards: 70",
         f"From: <sip:probe@{local_host}>;tag={token[16:24]}",
         f"To: <sip:{uri_host}:{target[1]}>",
@@ -501,7 +502,7 @@ def options_request(target: tuple[str, int], local: tuple[str, int]) -> bytes:
 
 
 def _uri_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+    return host_part(host)
 
 
 def wait_for_sip(target: tuple[str, int], timeout: float = SIP_WAIT,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .headers import NameAddr, parse_name_addr
+from .ids import via as _via
 from .message import Message, Request, Response, build_request
 from .transaction import key_part
 from .uri import SipURI, parse_uri
@@ -211,12 +212,6 @@ def _with_tag(address: bytes, tag: str) -> bytes:
 def _contact_uri(msg: Message) -> bytes | None:
     contacts = msg.contacts
     return bytes(contacts[0].uri) if contacts else None
-
-
-def _via(host: str, port: int, branch: str) -> bytes:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address in a Via goes in brackets
-    return b"SIP/2.0/UDP %s:%d;branch=%s;rport" % (host.encode(), port, branch.encode())
 
 
 def _next_hop(uri: object) -> tuple[str, int] | None:

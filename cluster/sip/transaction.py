@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import ClassVar
 
+from .ids import MAGIC_COOKIE
 from .message import Request, Response, build_request, parse
 
-MAGIC_COOKIE = "z9hG4bK"  # RFC 3261 8.1.1.7: branches that are unique by construction
 RFC2543_PREFIX = "s|2543|"
 TERMINATED = "Terminated"
 _PLAIN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~@:\[\]]{0,128}\Z")

@@ -2,21 +2,24 @@
 
 ``Rig`` drives one call the way the cluster does: a fake clock, counting ``Ids``, and in
 "restored" mode a fresh ``Call`` rebuilt from a msgpack round trip of the record before
-every event (any worker may handle the next one).  After every event it checks that the
-record packs and survives ``from_record`` unchanged, and it remembers the timers armed
-(the timer store).  ``Caller`` and ``Callee`` play the phones: they write their messages
-as wire text and ``parse`` them, as the cluster would receive them.
+every event (any worker may handle the next one).  Before every event it prunes the call
+at its clock, as the shell does; after every event it checks that the record packs and
+survives ``from_record`` unchanged and that every action is one the shell performs, and
+it arms timers from ``Call.timer_entries`` as the shell does (the timer store).
+``Caller`` and ``Callee`` play the phones: they write their messages as wire text and
+``parse`` them, as the cluster would receive them.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 
 from cluster.sip.message import Request, Response, parse
-from workers.sip.call import Arm, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+from workers.sip.call import Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target, check
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "seed"
 CRLF = b"\r\n"
@@ -84,7 +87,10 @@ class CountingIds(Ids):
 
 
 class Actions(list):
-    """What one event returned, with views by kind."""
+    """What one event returned, with views by kind; ``arms`` are the timers the event
+    armed or moved (name -> due), from the call's timer entries before and after."""
+
+    arms: dict[str, float]
 
     @property
     def outs(self) -> list[Out]:
@@ -98,10 +104,6 @@ class Actions(list):
         msgs = self.sent(dest)
         assert len(msgs) == 1, f"expected one message to {dest}, got {msgs}"
         return msgs[0]
-
-    @property
-    def arms(self) -> dict[str, float]:
-        return {a.name: a.at for a in self if isinstance(a, Arm)}
 
     @property
     def cdrs(self) -> list[dict]:
@@ -129,7 +131,9 @@ class Rig:
         self.ids = CountingIds()
         self.cfg = Settings(address=ADDRESS, port=5060, **settings)
         self.call: Call | None = None
-        self.armed: dict[str, float] = {}  # timer name -> the latest due time armed
+        # Timer name -> the latest due time armed.  Disarmed timers stay, as a disarm
+        # the store lost would leave them: firing one must do nothing.
+        self.armed: dict[str, float] = {}
 
     def ctx(self, source: tuple[str, int] | None = None) -> Ctx:
         return Ctx(self.now, self.ids, self.cfg, source)
@@ -144,7 +148,7 @@ class Rig:
             tag=TAG, slot=SLOT, invite=invite or seed_invite(), source=CALLER_ADDR,
             host=A_HOST, sock_index=A_SOCK, caller="1002", callee="1009",
             targets=targets(forks), ctx=self.ctx(CALLER_ADDR), trying_sent=trying_sent)
-        return self._after(actions)
+        return self._after(actions, {})
 
     def request(self, req: Request, source: tuple[str, int]) -> Actions:
         return self._event(lambda call: call.on_request(req, source, self.ctx(source)))
@@ -165,15 +169,20 @@ class Rig:
     def _event(self, event) -> Actions:
         if self.restore:
             self.call = Call.from_record(roundtrip(self.call.to_record()))
-        return self._after(event(self.call))
+        before = self.call.timer_entries(waits=True)
+        self.call.prune(self.now)
+        return self._after(event(self.call), before)
 
-    def _after(self, actions: list) -> Actions:
+    def _after(self, actions: list, before: dict[str, float]) -> Actions:
         record = roundtrip(self.call.to_record())
         assert roundtrip(Call.from_record(record).to_record()) == record
-        for action in actions:
-            if isinstance(action, Arm):
-                self.armed[action.name] = action.at
-        return Actions(actions)
+        # The shell arms timer_entries(); the wait-only timers (waits=True) are listed so a
+        # test can step the clock to them: "firing" one prunes, as the shell's next event.
+        after = self.call.timer_entries(waits=True)
+        result = Actions(check(actions))
+        result.arms = {name: due for name, due in after.items() if before.get(name) != due}
+        self.armed.update(result.arms)
+        return result
 
     # ---------------------------------------------------------------- timers
     def timer(self, suffix: str, key_part: str = "") -> str:
@@ -347,3 +356,45 @@ class Callee:
 
     def _own_address(self) -> bytes:
         return self.invite.header("to") + b";tag=" + self.tag.encode()
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@dataclass
+class Flow:
+    rig: Rig
+    caller: Caller
+    callees: list[Callee]
+    started: Actions
+    ok: Response | None = None  # the 200 the caller got
+
+    @property
+    def callee(self) -> Callee:
+        return self.callees[0]
+
+    def from_callee(self, resp: Response, index: int = 0) -> Actions:
+        return self.rig.response(resp, self.callees[index].addr)
+
+    def from_caller(self, req: Request) -> Actions:
+        return self.rig.request(req, CALLER_ADDR)
+
+
+def begin(rig: Rig, forks: int = 1, invite: Request | None = None) -> Flow:
+    """The caller's INVITE; one phone per fork gets our INVITE."""
+    caller = Caller(invite)
+    started = rig.start(invite=caller.invite, forks=forks)
+    callees = [Callee(started.one(addr), addr, f"calleetag{i}")
+               for i, addr in enumerate(CALLEE_ADDRS[:forks])]
+    return Flow(rig, caller, callees, started)
+
+
+def answered(rig: Rig, forks: int = 1, headers: list[tuple[bytes, bytes]] = ()) -> Flow:
+    """The seed call up to the caller's ACK: 100, 180, 200 from fork 0, ACK."""
+    flow = begin(rig, forks)
+    flow.from_callee(flow.callee.respond(100))
+    flow.caller.learn(flow.from_callee(flow.callee.respond(180)).one(CALLER_ADDR))
+    acts = flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP, headers=headers))
+    flow.ok = flow.caller.learn(acts.one(CALLER_ADDR))
+    assert flow.from_caller(flow.caller.ack()).outs == []
+    return flow

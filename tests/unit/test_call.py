@@ -1,4 +1,4 @@
-"""The B2BUA call state machine (workers/sip/call.py): the seed call, forking, failures,
+"""The B2BUA call state machine (workers/sip/call/): the seed call, forking, failures,
 CANCEL, timers, re-INVITE and in-dialog requests, ending.
 
 Every test runs twice: with one ``Call`` object throughout, and with a fresh one rebuilt
@@ -6,8 +6,6 @@ from the msgpack record before every event, as the cluster runs it (see callkit.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import pytest
 from callkit import (
@@ -17,7 +15,6 @@ from callkit import (
     ANSWER_SDP,
     B_HOST,
     B_SOCK,
-    CALLEE_ADDRS,
     CALLER_ADDR,
     CALLER_CONTACT_URI,
     NORMAL_CLEARING_REASON,
@@ -26,10 +23,10 @@ from callkit import (
     SLOT,
     START,
     TAG,
-    Actions,
-    Callee,
     Caller,
     Rig,
+    answered,
+    begin,
     invite_without_sdp,
     seed_invite,
     seed_sdp,
@@ -63,45 +60,6 @@ def rig(make_rig) -> Rig:
 
 
 # --------------------------------------------------------------------------- flows
-
-
-@dataclass
-class Flow:
-    rig: Rig
-    caller: Caller
-    callees: list[Callee]
-    started: Actions
-    ok: Response | None = None  # the 200 the caller got
-
-    @property
-    def callee(self) -> Callee:
-        return self.callees[0]
-
-    def from_callee(self, resp: Response, index: int = 0) -> Actions:
-        return self.rig.response(resp, self.callees[index].addr)
-
-    def from_caller(self, req: Request) -> Actions:
-        return self.rig.request(req, CALLER_ADDR)
-
-
-def begin(rig: Rig, forks: int = 1, invite: Request | None = None) -> Flow:
-    """The caller's INVITE; one phone per fork gets our INVITE."""
-    caller = Caller(invite)
-    started = rig.start(invite=caller.invite, forks=forks)
-    callees = [Callee(started.one(addr), addr, f"calleetag{i}")
-               for i, addr in enumerate(CALLEE_ADDRS[:forks])]
-    return Flow(rig, caller, callees, started)
-
-
-def answered(rig: Rig, forks: int = 1, headers: list[tuple[bytes, bytes]] = ()) -> Flow:
-    """The seed call up to the caller's ACK: 100, 180, 200 from fork 0, ACK."""
-    flow = begin(rig, forks)
-    flow.from_callee(flow.callee.respond(100))
-    flow.caller.learn(flow.from_callee(flow.callee.respond(180)).one(CALLER_ADDR))
-    acts = flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP, headers=headers))
-    flow.ok = flow.caller.learn(acts.one(CALLER_ADDR))
-    assert flow.from_caller(flow.caller.ack()).outs == []
-    return flow
 
 
 def a_tag(rig: Rig) -> str:

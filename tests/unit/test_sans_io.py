@@ -1,6 +1,7 @@
-"""The SIP core (cluster/sip/) must stay sans-IO: no module there may import I/O,
-clocks or randomness.  Callers pass time and random bytes in, which is what lets
-the core be tested exhaustively and deterministically."""
+"""The SIP core (cluster/sip/) and the B2BUA call machine (workers/sip/call/) must stay
+sans-IO: no module there may import I/O, clocks or randomness.  Callers pass time,
+random bytes and the media relay's answers in, which is what lets them be tested
+exhaustively and deterministically."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SIP_CORE = Path(__file__).resolve().parents[2] / "cluster" / "sip"
+ROOT = Path(__file__).resolve().parents[2]
+SIP_CORE = ROOT / "cluster" / "sip"
+CALL_MACHINE = ROOT / "workers" / "sip" / "call"
 FORBIDDEN = frozenset({
     "socket", "select", "selectors", "ssl", "redis", "gevent", "time", "random", "secrets",
     "os", "threading", "asyncio", "subprocess", "datetime",
@@ -31,14 +34,15 @@ def forbidden_imports(source: str, filename: str = "<source>") -> list[tuple[int
 
 
 def core_modules() -> list[Path]:
-    return sorted(SIP_CORE.rglob("*.py"))
+    return sorted(SIP_CORE.rglob("*.py")) + sorted(CALL_MACHINE.rglob("*.py"))
 
 
 def test_the_core_has_modules_to_check():
     assert SIP_CORE / "__init__.py" in core_modules()
+    assert CALL_MACHINE / "machine.py" in core_modules()
 
 
-@pytest.mark.parametrize("path", core_modules(), ids=lambda p: str(p.relative_to(SIP_CORE)))
+@pytest.mark.parametrize("path", core_modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_core_module_is_sans_io(path: Path):
     violations = forbidden_imports(path.read_text(), str(path))
     assert not violations, "\n".join(
@@ -61,3 +65,36 @@ def test_core_module_is_sans_io(path: Path):
 ])
 def test_checker_finds_forbidden_imports(source: str, expected: list[tuple[int, str]]):
     assert forbidden_imports(source) == expected
+
+
+def foreign_imports(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
+    """(line, module) of every import of project code outside the SIP core: the call
+    machine may use cluster.sip and its own package (relative imports), nothing that
+    reaches Redis, relays or sockets (cluster.store, workers.sip.media...)."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n.split(".")[0] in ("cluster", "workers")
+                  and not n.startswith("cluster.sip")]
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(CALL_MACHINE.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_call_machine_imports_only_the_core(path: Path):
+    assert foreign_imports(path.read_text(), str(path)) == []
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from cluster.store import Store", [(1, "cluster.store")]),
+    ("import workers.sip.media", [(1, "workers.sip.media")]),
+    ("from cluster.sip.dialog import Dialog", []),
+    ("from .media import Answers", []),
+])
+def test_checker_finds_foreign_imports(source: str, expected: list[tuple[int, str]]):
+    assert foreign_imports(source) == expected

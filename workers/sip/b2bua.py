@@ -1,7 +1,8 @@
 """The B2BUA shell: loads a call from Redis, feeds it one event, writes it back, acts.
 
 Every event follows the same steps (design invariant 4): load the call record
-and its version; let the pure state machine (call.py) decide; arm the timers it
+and its version; let the pure state machine (call/) decide, with the relay's SDP
+rewrites fetched around it (mediastep.py); arm the timers it
 asked for (harmless if the write then loses: a timer checks the record when it
 fires); write the record compare-and-set; only then send what it decided.  A
 writer that loses the race re-reads and decides again.
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import re
 import time
 
@@ -25,14 +24,18 @@ from cluster.backoff import Backoff
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
 from cluster.sip import scan
+from cluster.sip.ids import call_tag
+from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, parse_uri
 from cluster.store import StoreUnavailable, aor_of, tx_key
 
 from .auth import Verdict
-from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
+from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
+from .call.state import CallState
 from .media import media_for
+from .mediastep import decide
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -46,29 +49,12 @@ UNSURE_MAX = 10_000
 UNSURE_EVERY = 0.5  # seconds between two looks at them
 
 
-def call_tag(call_id: bytes) -> str:
-    """The call a Call-ID belongs to: B-legs say it ("sc<slot>.<tag>.<n>"), A-legs hash to it."""
-    if call_id[:2] == b"sc":
-        parts = call_id.split(b".")
-        if len(parts) == 3 and parts[0][2:].isdigit() and len(parts[1]) == 24:
-            return parts[1].decode()
-    return hashlib.blake2b(call_id, digest_size=12).hexdigest()
-
-
-class RandomIds(Ids):
-    def tag(self) -> str:
-        return os.urandom(8).hex()
-
-    def branch(self) -> str:
-        return "z9hG4bK" + os.urandom(10).hex()
-
-
 class B2BUA:
     def __init__(self, worker):
         self.worker = worker
         self.store = worker.store
         self.config = worker.config
-        self.ids = RandomIds()
+        self.ids = worker.ids
         self.media = media_for(worker.config, worker.store, worker.host)
         self.running = True
         self._locks: dict[str, list] = {}
@@ -89,14 +75,14 @@ class B2BUA:
         self.routes = [(re.compile(r.match), r) for r in cfg.routes]
         self.trusted = {r.trusted_source for r in cfg.routes if r.trusted_source}
 
-    def ctx(self, source: tuple[str, int] | None = None) -> Ctx:
-        return Ctx(time.time(), self.ids, self.settings, source, self.media)
+    def ctx(self, source: tuple[str, int] | None, media, now: float) -> Ctx:
+        return Ctx(now, self.ids, self.settings, source, media)
 
     # ---------------------------------------------------------------- requests
     def on_request(self, req: Request, source) -> None:
         tag = call_tag(req.call_id)
-        if self._with_call(tag, lambda call: call.on_request(req, source.addr, self.ctx(
-                source.addr)), req, source, inbound=req):
+        if self._with_call(tag, lambda call, ctx: call.on_request(req, source.addr, ctx), req,
+                           source, inbound=req):
             return
         if req.method in ("INVITE", "MESSAGE") and req.to.tag is None:
             self._new_call(tag, req, source)
@@ -108,8 +94,8 @@ class B2BUA:
 
     def on_response(self, resp: Response, source) -> None:
         tag = call_tag(resp.call_id)
-        if not self._with_call(tag, lambda call: call.on_response(resp, source.addr, self.ctx(
-                source.addr)), None, source, inbound=resp):
+        if not self._with_call(tag, lambda call, ctx: call.on_response(resp, source.addr, ctx),
+                               None, source, inbound=resp):
             self.worker.counters["stray_responses"] += 1
 
     def media_timeout(self, tag: str) -> None:
@@ -118,12 +104,12 @@ class B2BUA:
         self.hangup(tag, MEDIA_TIMEOUT)
 
     def on_timer(self, tag: str, name: str, due: float) -> None:
-        self._with_call(tag, lambda call: call.on_timer(name, due, self.ctx()), None, None)
+        self._with_call(tag, lambda call, ctx: call.on_timer(name, due, ctx), None, None)
 
     def hangup(self, tag: str, cause=None, side: str = "system") -> bool:
         from .call import ADMIN_HANGUP
-        return self._with_call(tag, lambda call: call.hangup_now(
-            cause or ADMIN_HANGUP, side, self.ctx()), None, None)
+        return self._with_call(tag, lambda call, ctx: call.hangup_now(
+            cause or ADMIN_HANGUP, side, ctx), None, None)
 
     # ---------------------------------------------------------------- a new call
     def _new_call(self, tag: str, req: Request, source) -> None:
@@ -150,10 +136,11 @@ class B2BUA:
             if req.method == "INVITE":  # an attempt that never rang still gets its CDR
                 self._unrouted_cdr(req, caller, callee, failure)
             return
-        call, actions = Call.start(
+        now = time.time()
+        call, actions = decide(lambda media: Call.start(
             tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
             host=source.host, sock_index=source.sock_index, caller=caller, callee=callee,
-            targets=targets, ctx=self.ctx(source.addr))
+            targets=targets, ctx=self.ctx(source.addr, media, now)), self.media)
         # Its 100 Trying leaves only once the call is written: after a 100 the caller stops
         # repeating the INVITE, so a worker dying before the write must not have sent it.
         call.worker = worker.name
@@ -162,8 +149,8 @@ class B2BUA:
                 worker.counters["calls"] += 1
                 clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
             else:  # another worker created it meanwhile: this INVITE is a retransmission there
-                self._with_call_locked(tag, lambda c: c.on_request(req, source.addr, self.ctx(
-                    source.addr)), req, source, None)
+                self._with_call_locked(tag, lambda c, ctx: c.on_request(req, source.addr, ctx),
+                                       req, source, None)
 
     def _targets(self, callee: str | None, local_only: bool) -> tuple[list[Target], int | None]:
         """Where to ring ``callee``: every registered contact of a local user (404 when
@@ -259,7 +246,8 @@ class B2BUA:
 
     def _with_call(self, tag: str, event, req: Request | None, source,
                    inbound: Request | Response | None = None) -> bool:
-        """Run ``event`` on call ``tag`` until its write wins; False when there is no call."""
+        """Run ``event(call, ctx)`` on call ``tag`` until its write wins; False when there is
+        no call."""
         with self._serialized(tag):
             return self._with_call_locked(tag, event, req, source, inbound)
 
@@ -278,14 +266,19 @@ class B2BUA:
             else:
                 fresh = False
             version, record = cached
-            call = Call.from_record(record)
             if inbound is not None and attempt == 0 and self.config.calls.trace:
-                leg = call.leg_of_call_id(inbound.call_id)
-                self.trace(tag, [self._entry("in", inbound, leg.name if leg else "?",
+                self.trace(tag, [self._entry("in", inbound, _leg_of(record, inbound.call_id),
                                              source.addr)])
-            timers = call.timer_entries()
-            call.prune(time.time())
-            actions = event(call)
+            now = time.time()
+            where = source.addr if source is not None else None
+
+            def run(media, record=record, now=now, where=where):
+                call = Call.from_record(record)  # afresh each run: nothing of one is kept
+                timers = call.timer_entries()
+                call.prune(now)
+                return call, timers, event(call, self.ctx(where, media, now))
+
+            call, timers, actions = decide(run, self.media)
             call.worker = self.worker.name
             after = call.to_record()
             if after == record:
@@ -351,7 +344,7 @@ class B2BUA:
             if landed is not None:
                 self._perform(tag, landed[0], None, None)
                 self._call_log(tag).info("call %s: its end reached Redis after all", tag)
-            elif record.get("state", "ended") != "ended" and any(
+            elif record.get("state", CallState.ENDED) != CallState.ENDED and any(
                     now < until for _, until in tries.values()):
                 continue  # not written (yet): a retransmission ends it, with its own CDR
             del self._unsure[tag]
@@ -374,26 +367,37 @@ class B2BUA:
             pass  # a timer left armed fires, finds nothing to do, and is gone
 
     def _perform(self, tag: str, actions: list, req: Request | None, source) -> None:
+        """Do what the call decided; every kind of action it can return (call/actions.py)
+        has its branch here, and anything else is logged and counted, never dropped
+        silently (the unit rig fails a test on it before it gets here)."""
         worker = self.worker
         sent = []
         for action in actions:
-            if isinstance(action, Out):
+            kind = type(action)
+            if kind is Out:
                 worker.transport.send(action.data, action.dest, host=action.host,
                                       sock_index=action.sock_index)
                 sent.append(action)
-            elif isinstance(action, Reply) and req is not None:
-                self._reply(req, source, action.status, action.reason)
-            elif isinstance(action, Cdr):
-                figures = self.media.end(tag)
-                if figures:
-                    action.record["media"] = json.dumps(_media_summary(figures))
-                worker.counters["calls_ended"] += 1
-                call_log(log, action.record["a_call_id"]).info(
-                    "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
-                    action.record["hangup_side"], action.record["duration"])
-                self.store.add_cdr(action.record)
+            elif kind is Reply:
+                if req is not None:  # only an inbound request is answered statelessly
+                    self._reply(req, source, action.status, action.reason)
+            elif kind is Cdr:
+                self._write_cdr(tag, action)
+            else:
+                worker.counters["unhandled_actions"] += 1
+                self._call_log(tag).error("call %s: no way to perform %r", tag, action)
         if sent and self.config.calls.trace:
             self.trace(tag, [self._sent_entry(tag, out) for out in sent])
+
+    def _write_cdr(self, tag: str, action: Cdr) -> None:
+        figures = self.media.end(tag)
+        if figures:
+            action.record["media"] = json.dumps(_media_summary(figures))
+        self.worker.counters["calls_ended"] += 1
+        call_log(log, action.record["a_call_id"]).info(
+            "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
+            action.record["hangup_side"], action.record["duration"])
+        self.store.add_cdr(action.record)
 
     # ---------------------------------------------------------------- message trace
     def trace(self, tag: str, entries: list[dict], brief: bool = False) -> None:
@@ -467,12 +471,11 @@ class B2BUA:
         return call_log(log, loaded[1]["a"]["call_id"] if loaded else "unknown")
 
 
-def _leg_name(call_id: bytes) -> str:
-    """"a" for the caller's Call-ID, "b<n>" for fork n's ("sc<slot>.<tag>.<n>")."""
-    parts = call_id.split(b".")
-    if len(parts) == 3 and call_tag(call_id) == parts[1].decode("latin-1"):
-        return "b" + parts[2].decode("latin-1")
-    return "a"
+def _leg_of(record: dict, call_id: bytes) -> str:
+    """The name of the leg of ``record`` with this Call-ID, "?" for none."""
+    if record["a"]["call_id"] == call_id:
+        return "a"
+    return next((leg["name"] for leg in record["forks"] if leg["call_id"] == call_id), "?")
 
 
 def _raw_entry(direction: str, data: bytes, leg: str, peer) -> dict:

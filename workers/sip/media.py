@@ -1,8 +1,9 @@
 """Where a call's SDP goes: straight through (bypass) or through an RTP relay.
 
-The call state machine hands every SDP body that crosses from one leg to the
-other to ``rewrite``; it learns nothing of relays.  In relay mode the body is
-announced to the call's relay session (``offer`` for an offer, ``answer`` for an
+The shell's media step (mediastep.py) hands every SDP body that crosses from one
+leg to the other to ``rewrite``, around the call's decision; the call state machine
+learns nothing of relays (these classes are call/media.py's ``MediaPort``).  In relay
+mode the body is announced to the call's relay session (``offer`` for an offer, ``answer`` for an
 answer: each tells where that party receives media and returns where the other
 party must send) and comes back pointing at the relay.  ``end`` deletes the
 session when the call ends, for any reason, and returns its final figures.

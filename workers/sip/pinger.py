@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import zlib
 
 import gevent
 
 from cluster.backoff import Backoff
+from cluster.sip.ids import host_part, via
 from cluster.sip.message import Response, build_request
 from cluster.store import Binding, unpack
 
@@ -73,12 +73,11 @@ class Pinger:
         cfg = self.worker.config
         host, port = cfg.sip.effective_address, cfg.sip.effective_port
         token = base64.urlsafe_b64encode(aor.encode()).decode().rstrip("=")
-        call_id = PREFIX + f"{token}.{field}.{os.urandom(4).hex()}".encode()
+        ids = self.worker.ids
+        call_id = PREFIX + f"{token}.{field}.{ids.token(4)}".encode()
         request = build_request("OPTIONS", binding.contact, [
-            (b"Via", b"SIP/2.0/UDP %s:%d;branch=z9hG4bK%s;rport" % (
-                host.encode(), port, os.urandom(8).hex().encode())),
-            (b"Max-Forwards", b"70"),
-            (b"From", b"<sip:ping@%s>;tag=%s" % (host.encode(), os.urandom(4).hex().encode())),
+            (b"Via", via(host, port, ids.branch())), (b"Max-Forwards", b"70"),
+            (b"From", b"<sip:ping@%s>;tag=%s" % (host_part(host).encode(), ids.tag().encode())),
             (b"To", b"<" + binding.contact + b">"), (b"Call-ID", call_id),
             (b"CSeq", b"1 OPTIONS"), (b"User-Agent", cfg.sip.user_agent.encode())])
         self.worker.transport.send(request.to_bytes(), binding.destination, host=binding.host)

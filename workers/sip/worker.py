@@ -27,6 +27,7 @@ from cluster.config import Config
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.errors import SipError
+from cluster.sip.ids import ALLOW, ALLOWED, Ids
 from cluster.sip.message import (
     KNOWN_METHODS,
     Request,
@@ -54,16 +55,16 @@ ANSWER_BATCH_SECONDS = 0.002
 DEFERRED_KEEP = 3600.0  # seconds a hang-up Redis could not take is kept for a retry
 DEFERRED_MAX = 10_000
 HELD_MAX = 10_000  # requests remembered as held back by Redis trouble
-# What this cluster answers; every other known method is 405, an unknown one 501.
-ALLOWED = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "UPDATE", "INFO",
-           "MESSAGE", "NOTIFY", "REFER", "PRACK")
 # Methods that belong to a call (in or out of a dialog) and go to the B2BUA.
 CALL_METHODS = frozenset(ALLOWED) - {"REGISTER", "OPTIONS"}
 SUPPORTED: tuple[str, ...] = ("timer",)
 
 
+IDS = Ids(os.urandom)  # every tag, branch and token this process makes
+
+
 def new_tag() -> str:
-    return os.urandom(8).hex()
+    return IDS.tag()
 
 
 class Worker:
@@ -71,6 +72,7 @@ class Worker:
         self.config = config
         self.name = name
         self.host = config.sip.effective_host_id
+        self.ids = IDS
         self.store = Store(config.redis.url, timeout=config.workers.redis_timeout,
                            max_connections=2 * config.workers.max_inflight)
         self.counters: Counter[str] = Counter()
@@ -366,7 +368,7 @@ class Worker:
         elif req.method in CALL_METHODS or in_dialog:
             self.b2bua.on_request(req, source)
         elif req.method in KNOWN_METHODS:
-            self.reply(req, source, 405, headers=[(b"Allow", ", ".join(ALLOWED).encode())])
+            self.reply(req, source, 405, headers=[(b"Allow", ALLOW)])
         else:
             self.reply(req, source, 501)
 
@@ -385,7 +387,7 @@ class Worker:
 
     def _options(self, req: Request, source: Source) -> None:
         self.reply(req, source, 200, headers=[
-            (b"Allow", ", ".join(ALLOWED).encode()), (b"Accept", b"application/sdp"),
+            (b"Allow", ALLOW), (b"Accept", b"application/sdp"),
             (b"Supported", ", ".join(SUPPORTED).encode())])
 
     def _register(self, req: Request, source: Source) -> None:

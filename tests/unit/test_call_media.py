@@ -1,0 +1,149 @@
+"""Media I/O stays outside the call machine: in relay mode the shell's media step
+(workers/sip/mediastep.py) asks the relay around the event, and the call only ever sees
+the answers.  A relay port here refuses to be called from inside workers/sip/call/."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from callkit import (
+    A_HOST,
+    A_SOCK,
+    ADDRESS,
+    ANSWER_SDP,
+    CALLER_ADDR,
+    SLOT,
+    START,
+    TAG,
+    Callee,
+    CountingIds,
+    seed_invite,
+    targets,
+)
+
+from cluster.sip.message import parse
+from workers.sip.call import Call, Ctx, Settings, check
+from workers.sip.mediastep import decide
+
+MACHINE = Path(__file__).resolve().parents[2] / "workers" / "sip" / "call"
+RELAY_IP = b"203.0.113.7"
+
+
+class GuardedRelay:
+    """A relay port that records what it is asked and rewrites c= to the relay; it
+    raises when any frame on the stack runs code of the call machine."""
+
+    mode = "relay"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, bool, str]] = []
+
+    def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
+        frame = sys._getframe(1)
+        while frame is not None:
+            if Path(frame.f_code.co_filename).resolve().is_relative_to(MACHINE):
+                raise AssertionError(f"media I/O from inside the call machine: {frame}")
+            frame = frame.f_back
+        self.asked.append((tag, leg, offer, peer_ip))
+        lines = [b"c=IN IP4 " + RELAY_IP if line.startswith(b"c=") else line
+                 for line in body.split(b"\r\n")]
+        return b"\r\n".join(lines)
+
+    def end(self, tag: str) -> dict | None:
+        return None
+
+
+class Shell:
+    """The shell's steps for one call, without Redis: decide (with the media step),
+    keep the record."""
+
+    def __init__(self, port) -> None:
+        self.port, self.ids, self.now = port, CountingIds(), START
+        self.cfg = Settings(address=ADDRESS, port=5060)
+        self.record: dict | None = None
+
+    def ctx(self, media, source=None) -> Ctx:
+        return Ctx(self.now, self.ids, self.cfg, source, media)
+
+    def start(self):
+        call, actions = decide(lambda media: Call.start(
+            tag=TAG, slot=SLOT, invite=seed_invite(), source=CALLER_ADDR, host=A_HOST,
+            sock_index=A_SOCK, caller="1002", callee="1009", targets=targets(1),
+            ctx=self.ctx(media, CALLER_ADDR)), self.port)
+        self.record = call.to_record()
+        return check(actions)
+
+    def event(self, fn):
+        def run(media):
+            call = Call.from_record(self.record)
+            return call, fn(call, self.ctx(media))
+        call, actions = decide(run, self.port)
+        self.record = call.to_record()
+        return check(actions)
+
+
+def sent(actions, dest):
+    return [parse(a.data) for a in actions if a.dest == dest]
+
+
+def test_a_relayed_call_asks_the_relay_only_from_the_shell():
+    port = GuardedRelay()
+    shell = Shell(port)
+    started = shell.start()
+    callee_addr = targets(1)[0].peer
+    [invite] = sent(started, callee_addr)
+    assert b"c=IN IP4 " + RELAY_IP in invite.body  # the B-leg got the relay's offer
+    assert port.asked == [(TAG, "a", True, CALLER_ADDR[0])]  # asked once, not per run
+
+    callee = Callee(invite, callee_addr, "calleetag0")
+    ringing = shell.event(lambda call, ctx: call.on_response(callee.respond(180), callee_addr,
+                                                            ctx))
+    assert [m.status for m in sent(ringing, CALLER_ADDR)] == [180]
+    assert len(port.asked) == 1  # no SDP, no relay
+
+    answered = shell.event(lambda call, ctx: call.on_response(
+        callee.respond(200, body=ANSWER_SDP), callee_addr, ctx))
+    [ok] = sent(answered, CALLER_ADDR)
+    assert ok.status == 200 and b"c=IN IP4 " + RELAY_IP in ok.body
+    assert b"c=IN IP4 192.168.31.50" not in ok.body
+    assert port.asked[1:] == [(TAG, "b0", False, callee_addr[0])]
+    assert Call.from_record(shell.record).state == "answered"
+
+
+def test_the_guard_catches_a_call_that_does_its_own_media_io():
+    # The guard is real: a relay handed straight to the call (as it once was) trips it.
+    port = GuardedRelay()
+    with pytest.raises(AssertionError, match="inside the call machine"):
+        Call.start(tag=TAG, slot=SLOT, invite=seed_invite(), source=CALLER_ADDR, host=A_HOST,
+                   sock_index=A_SOCK, caller="1002", callee="1009", targets=targets(1),
+                   ctx=Ctx(START, CountingIds(), Settings(address=ADDRESS, port=5060),
+                           CALLER_ADDR, port))
+
+
+def test_bypass_runs_the_event_once_and_never_asks():
+    class Bypass:
+        mode = "bypass"
+
+        def rewrite(self, *args, **kwargs):
+            raise AssertionError("bypass media asked for a rewrite")
+
+    runs = []
+    result = decide(lambda media: runs.append(media) or "decision", Bypass())
+    assert result == "decision" and len(runs) == 1
+
+
+def test_relay_mode_runs_once_when_no_sdp_crosses():
+    runs = []
+    assert decide(lambda media: runs.append(media) or 7, GuardedRelay()) == 7
+    assert len(runs) == 1
+
+
+def test_a_relay_error_surfaces_from_the_shell_step():
+    class Failing(GuardedRelay):
+        def rewrite(self, *args, **kwargs):
+            raise RuntimeError("relay unavailable")
+
+    with pytest.raises(RuntimeError, match="relay unavailable"):
+        Shell(Failing()).start()
