@@ -15,87 +15,20 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from calls_helpers import callee, caller, provision, register, start_listening
-from flooder import Flooder
+from flooder import FLOODER, IN_FLIGHT, Flooder, assert_flood_contained, flood_during_calls
 from harness import Cluster, running_cluster, wait_for
 from sipua import UA
 
 from conftest import ROOT
 
-CALLER, CALLEE = "1001", "1002"
-FLOODER = "127.0.0.77"
 SCANNER = "127.0.0.88"
 TRUNK = "127.0.0.99"
-# In-flight grace: answers to what the workers had been handed before the ban may
-# still arrive this long after it (their queue_limit sheds anything older than 0.2 s).
-IN_FLIGHT = 0.5
 
 
 def sipctl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True,
                           text=True, cwd=ROOT, env=cluster.env, timeout=30)
-
-
-def flood_during_calls(cluster: Cluster, tmp: Path, seconds: float, rate: float = 20_000,
-                       call_rate: float = 20.0) -> dict:
-    """The flood and the calls at once; every figure the assertions need, exactly."""
-    calls = int(call_rate * seconds)
-    provision(cluster, [CALLER, CALLEE])
-    uas = start_listening(callee(cluster, tmp / "uas", calls=calls, timeout=seconds + 40))
-    register(cluster, CALLEE, [uas.port])
-    uac = caller(cluster, tmp / "uac", CALLER, CALLEE, calls=calls, rate=call_rate,
-                 timeout=seconds + 40)
-    flooder = Flooder(cluster.address, FLOODER, rate, seconds)
-    try:
-        flooder.start()
-        uac.sipp.start()
-        uac.result = uac.sipp.wait()
-        flooder.wait()
-        uas.result = uas.sipp.wait()
-    finally:
-        uac.sipp.stop()
-        uas.sipp.stop()
-    bans = {b["ip"]: b for b in cluster.store.bans()}
-    ban = bans.get(FLOODER)
-    dispatcher = next(p for p in cluster.store.processes("dispatcher"))
-    figures = {
-        "calls": calls, "created": uac.result.created, "successful": uac.result.successful,
-        "failed": uac.result.failed, "flood_sent": flooder.sent,
-        "flood_seconds": round(flooder.ended - flooder.started, 2),
-        "flood_answers": len(flooder.answers),
-        "flood_finals": sum(1 for _t, status in flooder.answers if status >= 200),
-        "ban": ban, "banned_dropped": dispatcher.get("banned_dropped", 0),
-        "legit_banned": "127.0.0.1" in bans,
-    }
-    if ban is not None:
-        figures["ban_latency"] = round(ban["at"] - flooder.started, 3)
-        figures["answers_after_ban"] = len(flooder.answers_after(ban["at"]))
-        figures["answers_after_grace"] = len(flooder.answers_after(ban["at"] + IN_FLIGHT))
-        figures["last_answer_after_ban"] = round(
-            max((t for t, _ in flooder.answers), default=ban["at"]) - ban["at"], 3)
-    figures["report"] = uac.report() + "\n" + uas.report()
-    return figures
-
-
-def assert_flood_contained(figures: dict, seconds: float, limits) -> None:
-    shown = {k: v for k, v in figures.items() if k != "report"}
-    print("flood figures:", shown)
-    assert figures["ban"] is not None, f"the flooder was never banned: {shown}"
-    assert figures["ban"]["reason"].startswith("flood-"), shown
-    assert figures["ban_latency"] <= 2.0, shown
-    # it kept sending all along, and its datagrams were dropped, not answered
-    assert figures["flood_seconds"] >= seconds - 0.5, shown
-    assert figures["flood_sent"] >= 0.9 * 20_000 * seconds, shown
-    assert figures["answers_after_grace"] == 0, shown
-    # answered (finally): at most what the three buckets let through before the ban
-    bursts = limits.invite_burst + limits.register_burst + limits.other_burst
-    assert figures["flood_finals"] <= bursts, shown
-    assert figures["banned_dropped"] >= figures["flood_sent"] - 2_000, shown
-    assert not figures["legit_banned"], shown
-    assert figures["created"] == figures["calls"], figures["report"]
-    assert figures["successful"] >= 0.99 * figures["calls"], figures["report"]
 
 
 def test_a_flood_from_one_address_is_banned_and_costs_callers_nothing(redis_url, tmp_path):

@@ -84,3 +84,14 @@ def test_from_config_defaults():
     limiter = Limiter.from_config(LimitsConfig(allow=("127.0.0.0/8",)))
     assert set(limiter.buckets) == {"register", "invite", "other", "dialog"}
     assert "127.0.0.77" in limiter.allow
+
+
+@pytest.mark.parametrize(("to_line", "tagged"), [
+    (b"To: <sip:b@x>;tag=1", True), (b"To: <sip:b@x>", False),
+    (b"to: <sip:b@x> ; TAG = 1", True), (b"t: <sip:b@x>;tag=1", True),
+    (b"To: <sip:b@x>\r\n ;tag=1", True),  # folded: the slow path unfolds it
+    (b'To: "a;tag=x" <sip:b@x>', True),  # a cheap look: quoted text may pass for a tag
+])
+def test_to_tag_spellings(to_line, tagged):
+    data = b"INVITE sip:b@x SIP/2.0\r\n" + to_line + b"\r\nCall-ID: c\r\n\r\n"
+    assert Limiter.kind_of(data) == ("dialog" if tagged else "invite")
