@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cluster_run import BenchCluster, Flooder, cpu_seconds, flood_during_calls
+from bench.cluster_run import IN_FLIGHT, BenchCluster, Flooder, cpu_seconds, flood_during_calls
 
 DROP_COUNT = 200_000
 DROP_RATE = 50_000  # datagrams per second: below what the dispatcher reads, so none is lost
@@ -90,7 +90,7 @@ def main() -> dict:
         + (f"{ban['reason']} after {flood['ban_latency'] * 1000:.0f} ms; "
            f"answers {flood['flood_answers']} ({flood['answers_after_ban']} after the ban, "
            f"last {flood['last_answer_after_ban'] * 1000:.0f} ms after it, "
-           f"{flood['answers_after_grace']} later than 0.5 s)" if ban else "NEVER")
+           f"{flood['answers_after_grace']} later than {IN_FLIGHT:g} s)" if ban else "NEVER")
         + f"; dispatcher dropped {flood['banned_dropped']}")
     for key, value in figures.items():
         print(f"  {key}: {value}", flush=True)

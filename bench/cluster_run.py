@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
 
-from flooder import Flooder, flood_during_calls  # noqa: E402, F401  (a hostile source)
+from flooder import IN_FLIGHT, Flooder, flood_during_calls  # noqa: E402, F401  (a hostile source)
 from harness import Cluster  # noqa: E402
 from sipp import Sipp  # noqa: E402, F401  (the SIPp runner, for the benchmarks)
 from sipua import UA  # noqa: E402, F401

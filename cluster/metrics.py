@@ -76,6 +76,7 @@ COUNTER_HELP = {
     "forwarded": "Datagrams or packets passed on.",
     "dropped": "Datagrams dropped.",
     "banned_dropped": "Datagrams from banned sources dropped unread by the dispatcher.",
+    "banned_unanswered": "Answers a worker did not send: their destination is banned.",
     "calls": "Calls set up (INVITEs accepted for routing).",
     "calls_ended": "Calls ended (a CDR written).",
     "parse_errors": "Messages that did not parse.",

@@ -2,7 +2,7 @@
 flood of new INVITE/REGISTER/OPTIONS from 127.0.0.77 for 30 s while SIPp on 127.0.0.1
 places 20 calls/s with digest (600 calls).  At least 99 % of the calls succeed, the
 flooder is banned within 2 s and gets no answer once its ban is in force (answers to
-what it sent before the ban, within 0.5 s of it, aside).  The 10 s version runs in
+what it sent before the ban, within flooder.IN_FLIGHT of it, aside).  The 10 s version runs in
 `make test` (tests/integration/test_flood.py)."""
 
 from __future__ import annotations

@@ -1,6 +1,11 @@
 """Scanner detection: a source that asks for many user names, or collects many 403/404
 answers, is banned cluster-wide (``Store.ban``), so every dispatcher drops it.
 
+The workers follow the bans too, so that no answer leaves for a banned source: what
+the dispatcher handed over before the ban (a flood's first bursts) may still be in a
+worker's queue, and a loaded worker answered it up to 0.65 s after the ban
+(tests/integration/test_flood.py on a busy machine).
+
 The counts must span the workers (affinity spreads one source's Call-IDs over all of
 them) and the hosts, so they live in Redis (``scanusers:{ip}``, ``scanerrors:{ip}``).
 What a worker notes is written in batches, one pipeline every ``FLUSH_SECONDS``, and
@@ -18,7 +23,7 @@ from collections import Counter
 import gevent
 
 from cluster.backoff import Backoff
-from cluster.limits import AllowList, ban_line
+from cluster.limits import AllowList, Bans, ban_line
 from cluster.store import Store
 
 log = logging.getLogger("ban")  # the security line of a ban (deploy/fail2ban/)
@@ -42,6 +47,7 @@ class ScanWatch:
         self._users: dict[str, set[str]] = {}  # waiting for the next flush
         self._errors: Counter[str] = Counter()
         self._ports: dict[str, int] = {}  # ip -> a source port, for the log line
+        self.bans = Bans()
 
     def note_request(self, addr: tuple[str, int], user: str) -> None:
         """An out-of-dialog request from ``addr`` for ``user``."""
@@ -62,14 +68,35 @@ class ScanWatch:
         self._users.setdefault(ip, set()).add(user)
         self._ports[ip] = addr[1]
 
-    def note_answer(self, data: bytes, dest: tuple[str, int]) -> None:
-        """Every datagram the worker sends: 403 and 404 answers are counted."""
-        if self.max_errors and data[8:12] in (b"403 ", b"404 ") and data[:8] == b"SIP/2.0 ":
+    def note_answer(self, data: bytes, dest: tuple[str, int]) -> bool:
+        """Every datagram the worker sends: whether it may leave (no response goes to a
+        banned source); 403 and 404 answers are counted."""
+        if data[:8] != b"SIP/2.0 ":
+            return True
+        if self.bans.until and self.bans.banned(dest[0], time.monotonic()):
+            self.counters["banned_unanswered"] += 1
+            return False
+        if self.max_errors and data[8:12] in (b"403 ", b"404 "):
             ip = dest[0]
-            if ip in self.allow:
-                return
-            self._errors[ip] += 1
-            self._ports[ip] = dest[1]
+            if ip not in self.allow:
+                self._errors[ip] += 1
+                self._ports[ip] = dest[1]
+        return True
+
+    def follow_bans(self) -> None:
+        """Keep the bans issued anywhere (own greenlet); the subscription is made anew
+        whatever ends it."""
+        backoff = Backoff(log, "ban subscription")
+        while True:
+            try:
+                for event, ip, seconds, _reason in self.store.ban_events():
+                    backoff.ok()
+                    if event == "unban":
+                        self.bans.remove(ip)
+                    elif ip not in self.allow:
+                        self.bans.add(ip, seconds)
+            except Exception as exc:  # whatever it is, the subscription is made again
+                gevent.sleep(backoff.failed(exc))
 
     def loop(self) -> None:
         """Write what was noted, ban the sources past a threshold (own greenlet)."""

@@ -134,6 +134,7 @@ class Worker:
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
         greenlets.append(gevent.spawn(self.scanners.loop))
+        greenlets.append(gevent.spawn(self.scanners.follow_bans))
         greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
             greenlets.append(gevent.spawn(follow_media_timeouts, self))
