@@ -127,13 +127,13 @@ class LimitsConfig:
     bucket off."""
 
     register_rate: float = 100.0
-    register_burst: int = 100
+    register_burst: int = 50
     invite_rate: float = 100.0
-    invite_burst: int = 100
+    invite_burst: int = 50
     other_rate: float = 100.0
-    other_burst: int = 100
+    other_burst: int = 50
     dialog_rate: float = 300.0
-    dialog_burst: int = 300
+    dialog_burst: int = 150
     ban_seconds: int = 300
     scan_users: int = 500
     scan_errors: int = 200
