@@ -14,6 +14,9 @@
   sipctl hangup ID [--wait S]             end a call: a live worker sends BYE on both legs
   sipctl cluster [--json]                 live dispatchers, workers and relays
   sipctl stats [--json]                   calls per second, calls, registrations, counters
+  sipctl bans [--json]                    banned sources: address, reason, seconds left, who
+                                          banned it (their datagrams are dropped unanswered)
+  sipctl bans unban IP                    let a banned source in again (every host, at once)
   sipctl cdr [--since T] [--format table|csv|json]
                                           call detail records (T: epoch, ISO time, or an age
                                           such as 30s, 15m, 2h, 1d)
@@ -642,6 +645,27 @@ def _json_default(value):
     return str(value)
 
 
+# --------------------------------------------------------------------------- bans
+def cmd_bans(args, config: Config, store: Store) -> int:
+    if args.action == "unban":
+        if store.unban(args.ip):
+            print(f"{args.ip} unbanned")
+            return 0
+        print(f"sipctl: {args.ip} is not banned (its counters are reset anyway)",
+              file=sys.stderr)
+        return 1
+    now = time.time()
+    rows = [{"source": ban["ip"], "reason": ban["reason"], "left": int(round(ban["left"])),
+             "since": _clock(ban.get("at")), "seconds": ban.get("seconds"),
+             "by": ban.get("by", ""), "age": round(now - float(ban.get("at", now)), 1)}
+            for ban in store.bans()]
+    if not args.json:
+        for row in rows:
+            row["left"] = f"{row['left']}s"
+    _print_rows(rows, ["source", "reason", "left", "since", "by"], args.json)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -692,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="the cluster's figures")
     stats.add_argument("--json", action="store_true")
 
+    bans = sub.add_parser("bans", help="banned sources")
+    bans.add_argument("--json", action="store_true")
+    bans_sub = bans.add_subparsers(dest="action")
+    unban = bans_sub.add_parser("unban", help="let a banned source in again")
+    unban.add_argument("ip")
+
     cdr = sub.add_parser("cdr", help="call detail records")
     cdr.add_argument("--since", help="epoch seconds, ISO time, or an age (30s, 15m, 2h, 1d)")
     cdr.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -700,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"users": cmd_users, "regs": cmd_regs, "calls": cmd_calls, "call": cmd_call,
-            "hangup": cmd_hangup, "cluster": cmd_cluster, "stats": cmd_stats, "cdr": cmd_cdr}
+            "hangup": cmd_hangup, "cluster": cmd_cluster, "stats": cmd_stats, "cdr": cmd_cdr,
+            "bans": cmd_bans}
 
 
 def configuration(path: str | None, env=os.environ) -> Config:

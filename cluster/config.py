@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -175,6 +176,27 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Per-source limits (cluster/limits.py): token buckets the dispatcher keeps per
+    source address, and the scanner patterns the workers count.  A rate of 0 turns its
+    bucket off."""
+
+    register_rate: float = 100.0
+    register_burst: int = 50
+    invite_rate: float = 100.0
+    invite_burst: int = 50
+    other_rate: float = 100.0
+    other_burst: int = 50
+    dialog_rate: float = 300.0
+    dialog_burst: int = 150
+    ban_seconds: int = 300
+    scan_users: int = 500
+    scan_errors: int = 200
+    scan_window: int = 60
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RegistrarConfig:
     min_expires: int = 60
     max_expires: int = 3600
@@ -251,6 +273,7 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     timers: TimersConfig = field(default_factory=TimersConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
@@ -552,6 +575,7 @@ def validate(config: Config) -> None:
     _require(0 < config.redis.wait_timeout < config.workers.redis_timeout,
              "redis.wait_timeout must be positive and shorter than workers.redis_timeout")
     _validate_auth(config.auth)
+    _validate_limits(config.limits)
     _validate_registrar(config.registrar)
     _validate_media(config.media)
     timers = config.timers
@@ -594,6 +618,22 @@ def _validate_auth(auth: AuthConfig) -> None:
     _require(auth.user_max_failures >= 0, "auth.user_max_failures must be 0 (off) or more")
     _require(auth.user_failure_window > 0, "auth.user_failure_window must be positive")
     _require(auth.user_lockout > 0, "auth.user_lockout must be positive")
+
+
+def _validate_limits(limits: LimitsConfig) -> None:
+    for kind in ("register", "invite", "other", "dialog"):
+        rate, burst = getattr(limits, f"{kind}_rate"), getattr(limits, f"{kind}_burst")
+        _require(rate >= 0, f"limits.{kind}_rate must be 0 (off) or positive")
+        _require(rate == 0 or burst >= 1, f"limits.{kind}_burst must be at least 1")
+    _require(limits.ban_seconds >= 1, "limits.ban_seconds must be at least 1")
+    _require(limits.scan_users >= 0 and limits.scan_errors >= 0,
+             "limits.scan_users and limits.scan_errors must be 0 (off) or more")
+    _require(limits.scan_window >= 1, "limits.scan_window must be at least 1")
+    for cidr in limits.allow:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"limits.allow: {cidr!r} is not an address or CIDR") from None
 
 
 def _validate_registrar(registrar: RegistrarConfig) -> None:

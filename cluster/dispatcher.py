@@ -12,6 +12,14 @@ connection, so every message leaves from the SIP port (design invariant 3).
 The dispatcher answers NAT keepalives itself: CRLFs are dropped, STUN binding
 requests answered.
 
+Before anything else, the source address is looked up in the bans (a dict):
+a banned source's datagrams are dropped unread, unanswered and unforwarded.
+Then the per-source token buckets (cluster/limits.py) are charged; a source
+that empties one is banned here at once, and the ban is written to Redis and
+announced, so every host's dispatcher drops it too.  Bans issued elsewhere (by
+another host, by a worker that saw a scanner, by the operator) arrive over
+pub/sub.
+
 Those copies keep the SIP sockets open when the dispatcher dies (kill -9): the
 port stays bound, and datagrams queue in the sockets' buffers.  A restarted
 dispatcher that finds the port taken asks the first worker that reconnects for
@@ -25,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import select
 import selectors
 import signal
@@ -40,6 +49,7 @@ import msgpack
 from . import envelope
 from .config import Config, load_or_exit
 from .envelope import SLOTS, affinity_key
+from .limits import Bans, Limiter, ban_line, reason_of
 from .logsetup import setup_logging
 from .sip import scan, stun
 
@@ -48,6 +58,7 @@ from .sip import scan, stun
 # and a dispatcher restarted after a crash should take the SIP socket back first.
 
 log = logging.getLogger("dispatcher")
+banlog = logging.getLogger("ban")  # the security line of a ban (deploy/fail2ban/)
 RECV_BUFFER = 4 * 1024 * 1024
 BURST = 64  # datagrams read from one socket before looking at the others
 # A restarted dispatcher finds the SIP port held by the workers; they reconnect every
@@ -83,6 +94,7 @@ class Counters:
     keepalives: int = 0
     stun: int = 0
     egress: int = 0
+    banned_dropped: int = 0  # datagrams from banned sources, dropped unread
 
 
 class Dispatcher:
@@ -92,6 +104,11 @@ class Dispatcher:
         self.links: dict[int, WorkerLink] = {}
         self.slots: list[WorkerLink | None] = [None] * SLOTS
         self.counters = Counters()
+        self.bans = Bans()
+        self.limiter = Limiter.from_config(config.limits)
+        self.ban_seconds = float(config.limits.ban_seconds)
+        self.bans_issued: dict[str, int] = {}  # bans_<reason> -> count (metrics)
+        self.to_announce: queue.SimpleQueue = queue.SimpleQueue()  # (ip, reason) for Redis
         self.selector = selectors.DefaultSelector()
         self.running = True
         self.started = time.time()
@@ -229,6 +246,8 @@ class Dispatcher:
         for index, sock in enumerate(self.sip_sockets):
             threading.Thread(target=self._sip_loop, args=(sock, index), daemon=True).start()
         threading.Thread(target=self._publish_loop, daemon=True).start()
+        threading.Thread(target=self._announce_bans, daemon=True).start()
+        threading.Thread(target=self._follow_bans, daemon=True).start()
         log.info("dispatcher %s listening on %s", self.host,
                  ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets))
         next_check = time.monotonic()
@@ -256,6 +275,7 @@ class Dispatcher:
         poller.register(sock, select.POLLIN)
         recvfrom, route, counters = sock.recvfrom, self._route, self.counters
         routable = self.routable.is_set
+        banned, check, clock = self.bans.banned, self.limiter.check, time.monotonic
         while self.running:
             if not self.routable.wait(0.25):
                 continue  # no worker: leave the datagrams in the kernel's buffer meanwhile
@@ -270,6 +290,16 @@ class Dispatcher:
                     counters.dropped += 1
                     break
                 counters.received += 1
+                # Bans and limits first: a flood costs one dict look-up per datagram.
+                ip, now = addr[0], clock()
+                if banned(ip, now):
+                    counters.banned_dropped += 1
+                    continue
+                kind = check(ip, data, now)
+                if kind is not None:
+                    self.ban(addr, reason_of(kind), now)
+                    counters.banned_dropped += 1
+                    continue
                 route(sock, index, data, addr)
 
     def _route(self, sock: socket.socket, index: int, data: bytes, addr: tuple) -> None:
@@ -293,6 +323,50 @@ class Dispatcher:
             self.counters.forwarded += 1
         except OSError:
             self.counters.dropped += 1
+
+    # ---------------------------------------------------------------- bans
+    def ban(self, addr: tuple, reason: str, now: float) -> None:
+        """Ban a source here at once; Redis and the other hosts learn it from a thread."""
+        self.bans.add(addr[0], self.ban_seconds, now)
+        key = "bans_" + reason.replace("-", "_")
+        self.bans_issued[key] = self.bans_issued.get(key, 0) + 1
+        banlog.warning("%s", ban_line(addr, reason, self.ban_seconds))
+        self.to_announce.put((addr[0], reason))
+
+    def _announce_bans(self) -> None:
+        from .backoff import Backoff
+        from .store import Store
+
+        store = Store(self.config.redis.url, timeout=1.0, max_connections=2)
+        backoff = Backoff(log, "ban announcement")
+        while self.running:
+            ip, reason = self.to_announce.get()
+            while True:
+                try:
+                    store.ban(ip, self.ban_seconds, reason, f"dispatcher@{self.host}")
+                    backoff.ok()
+                    break
+                except Exception as exc:  # kept until Redis takes it: the ban holds here
+                    time.sleep(backoff.failed(exc))
+
+    def _follow_bans(self) -> None:
+        """Apply the bans other hosts, the workers and the operator issue or lift."""
+        from .backoff import Backoff
+        from .store import Store
+
+        store = Store(self.config.redis.url, timeout=2.0, max_connections=2)
+        backoff = Backoff(log, "ban subscription")
+        while self.running:
+            try:
+                for event, ip, seconds, _reason in store.ban_events():
+                    backoff.ok()
+                    if event == "unban":
+                        self.bans.remove(ip)
+                        self.limiter.forget(ip)
+                    elif ip not in self.limiter.allow:
+                        self.bans.add(ip, seconds)
+            except Exception as exc:  # whatever ends the subscription, it is made again
+                time.sleep(backoff.failed(exc))
 
     def _read_egress(self) -> None:
         for _ in range(BURST):
@@ -409,7 +483,7 @@ class Dispatcher:
             info = {"role": "dispatcher", "host": self.host, "name": "dispatcher",
                     "pid": os.getpid(), "started": self.started, "seen": time.time(),
                     "workers": sorted(link.name for link in self.links.values() if link.addr),
-                    **vars(self.counters)}
+                    **vars(self.counters), **self.bans_issued}
             try:
                 store.heartbeat("dispatcher", self.host, "dispatcher", info, ttl=5)
                 sip = self.sip_sockets[0].getsockname()

@@ -16,6 +16,7 @@ Counter names in heartbeats map to metric families:
   received_<N>xx         sipcluster_sip_responses_received_total{class}
   auth_<outcome>         sipcluster_auth_failures_total{outcome}     (forbidden, throttled, locked)
   cmd_<command>_<result> sipcluster_relay_commands_total{command, result}
+  bans_<reason>          sipcluster_bans_issued_total{reason}        (flood_invite, scan_users...)
   anything else          sipcluster_<name>_total
 
 Counters restart from zero when a process restarts; Prometheus' rate() and
@@ -65,6 +66,8 @@ FAMILIES: list[tuple[re.Pattern, str, str, tuple[str, ...]]] = [
     (re.compile(r"auth_([a-z]+)$"), "auth_failures_total",
      "Digest authentications refused: wrong credentials or a throttled source.",
      ("outcome",)),
+    (re.compile(r"bans_([a-z_]+)$"), "bans_issued_total",
+     "Sources banned (dropped unanswered for limits.ban_seconds), by reason.", ("reason",)),
     (re.compile(r"cmd_([a-z]+)_([a-z]+)$"), "relay_commands_total",
      "Relay control commands, by command and result.", ("command", "result")),
 ]
@@ -72,6 +75,8 @@ COUNTER_HELP = {
     "received": "Datagrams received.",
     "forwarded": "Datagrams or packets passed on.",
     "dropped": "Datagrams dropped.",
+    "banned_dropped": "Datagrams from banned sources dropped unread by the dispatcher.",
+    "banned_unanswered": "Answers a worker did not send: their destination is banned.",
     "calls": "Calls set up (INVITEs accepted for routing).",
     "calls_ended": "Calls ended (a CDR written).",
     "parse_errors": "Messages that did not parse.",

@@ -58,6 +58,18 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    addresses.  TTL: auth.user_lockout.
   authlock (channel)               pub/sub: "<seconds> <user>@<realm>" when a user is locked,
                                    so every worker refuses it at once.
+  ban:{<ip>}                       a banned source: {"ip", "reason", "at", "seconds", "by"}.
+                                   Its datagrams are dropped unanswered by every dispatcher.
+                                   TTL: limits.ban_seconds; deleted by ``sipctl bans unban``.
+  ban (channel)                    pub/sub: "<ip> <seconds> <reason>" when a source is banned,
+                                   "<ip> 0 unban" when it is let in again, so every host's
+                                   dispatcher drops it at once.
+  scanusers:{<ip>}                 set of the user names one source asked for out of dialog
+                                   (REGISTER To, INVITE/OPTIONS/MESSAGE Request-URI), counted
+                                   against limits.scan_users.  TTL: limits.scan_window, from
+                                   the first.
+  scanerrors:{<ip>}                403/404 answers sent to one source (plain counter), counted
+                                   against limits.scan_errors.  TTL: limits.scan_window.
   proc:<role>:<host>:<name>        a live process's heartbeat: {"role", "host", "name", "pid",
                                    "started", "seen", ...counters}.  TTL: a few heartbeats.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
@@ -213,6 +225,7 @@ def timer_key(shard: int) -> str:
 CDR_STREAM = "cdr"
 AUTHBLOCK_CHANNEL = "authblock"
 AUTHLOCK_CHANNEL = "authlock"
+BAN_CHANNEL = "ban"
 BLOCKS_POLL = 1.0  # seconds a wait for an authblock message lasts before it starts again
 TIMER_SHARDS = 4
 
@@ -227,6 +240,18 @@ def authuser_key(aor: str) -> str:
 
 def authlock_key(aor: str) -> str:
     return f"authlock:{{{aor}}}"
+
+
+def ban_key(ip: str) -> str:
+    return f"ban:{{{ip}}}"
+
+
+def scanusers_key(ip: str) -> str:
+    return f"scanusers:{{{ip}}}"
+
+
+def scanerrors_key(ip: str) -> str:
+    return f"scanerrors:{{{ip}}}"
 
 
 def proc_key(role: str, host: str, name: str) -> str:
@@ -731,6 +756,83 @@ class Store:
             raise StoreUnavailable(str(exc)) from exc
         finally:
             pubsub.close()
+
+    # ---------------------------------------------------------------- bans
+    def ban(self, ip: str, seconds: float, reason: str, by: str) -> bool:
+        """Ban ``ip`` cluster-wide for ``seconds`` and tell every dispatcher; False when it
+        was banned already (that ban stands, and whoever issued it logged it)."""
+        record = {"ip": ip, "reason": reason, "at": time.time(), "seconds": seconds, "by": by}
+        created = self._call(self.redis.set, ban_key(ip), pack(record),
+                             ex=max(1, int(seconds)), nx=True)
+        if created:
+            self._call(self.redis.publish, BAN_CHANNEL, f"{ip} {seconds} {reason}")
+        return bool(created)
+
+    def unban(self, ip: str) -> bool:
+        """Lift a ban (and forget what the scanner counters hold); whether there was one."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(ban_key(ip))
+        pipe.delete(scanusers_key(ip))
+        pipe.delete(scanerrors_key(ip))
+        existed, _, _ = self._call(pipe.execute)
+        self._call(self.redis.publish, BAN_CHANNEL, f"{ip} 0 unban")
+        return bool(existed)
+
+    def bans(self) -> list[dict]:
+        """The bans in force, each with "left" (seconds), soonest to end first."""
+        found = []
+        for key in self._scan("ban:*"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.pttl(key)
+            data, pttl = self._call(pipe.execute)
+            if data is not None and pttl is not None and int(pttl) > 0:
+                found.append({**unpack(data), "left": int(pttl) / 1000.0})
+        return sorted(found, key=lambda b: (b["left"], b["ip"]))
+
+    def ban_events(self):
+        """Yield ("ban", ip, seconds, reason) and ("unban", ip, 0, "") as they are
+        announced, after ("ban", ...) for every ban already in force (blocking)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(BAN_CHANNEL)  # first: a ban issued during the listing is heard
+            for ban in self.bans():
+                yield "ban", ban["ip"], ban["left"], ban["reason"]
+            while True:
+                message = pubsub.get_message(timeout=BLOCKS_POLL)
+                if message is None or message.get("type") != "message":
+                    continue
+                ip, seconds, reason = (message["data"].decode("utf-8", "replace").split(" ")
+                                       + ["", ""])[:3]
+                if reason == "unban":
+                    yield "unban", ip, 0.0, ""
+                else:
+                    yield "ban", ip, float(seconds or 0), reason
+        except (redis.RedisError, OSError) as exc:
+            if not self._unavailable(exc):
+                raise
+            raise StoreUnavailable(str(exc)) from exc
+        finally:
+            pubsub.close()
+
+    def note_scan(self, users: dict[str, set[str]], errors: dict[str, int],
+                  window: float) -> tuple[dict[str, int], dict[str, int]]:
+        """Add the user names each source asked for and the 403/404 answers it got, in
+        one pipeline; (distinct users per source, errors per source) within the window."""
+        pipe = self.redis.pipeline(transaction=False)
+        user_ips, error_ips = list(users), list(errors)
+        for ip in user_ips:
+            pipe.sadd(scanusers_key(ip), *users[ip])
+            pipe.expire(scanusers_key(ip), int(window), nx=True)
+            pipe.scard(scanusers_key(ip))
+        for ip in error_ips:
+            pipe.incrby(scanerrors_key(ip), errors[ip])
+            pipe.expire(scanerrors_key(ip), int(window), nx=True)
+        replies = self._call(pipe.execute)
+        distinct = {ip: int(replies[3 * i + 2]) for i, ip in enumerate(user_ips)}
+        base = 3 * len(user_ips)
+        failed = {ip: int(replies[base + 2 * i]) for i, ip in enumerate(error_ips)}
+        return distinct, failed
 
     def note_user_auth_failure(self, aor: str, window: float, threshold: int,
                                lockout: float) -> float:

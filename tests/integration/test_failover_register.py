@@ -34,7 +34,11 @@ VICTIM = "worker-0"
 def cluster(tmp_path_factory, redis_server):
     redis_server.client(db=DB).flushdb()
     url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
-    with running_cluster(tmp_path_factory.mktemp("failover"), url, workers=2) as running:
+    # SIPp, the load, is one source sending 200 REGISTERs a second, twice the per-source
+    # limit: allow-listed, as a registration proxy would be (limits.allow).
+    settings = {"limits": {"allow": ["127.0.0.1"]}}
+    with running_cluster(tmp_path_factory.mktemp("failover"), url, workers=2,
+                         settings=settings) as running:
         for user, password in USERS:
             running.add_user(user, password)
         yield running

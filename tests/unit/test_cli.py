@@ -341,3 +341,26 @@ def test_sipctl_uses_the_realm_the_cluster_was_started_with(tmp_path, monkeypatc
     other = tmp_path / "other.toml"
     other.write_text("")
     assert cli.configuration(str(other), env={}).realm == "127.0.0.1"  # another cluster
+
+
+def test_bans_lists_source_reason_and_seconds_left(capsys):
+    import json as json_module
+    import time as time_module
+    from types import SimpleNamespace
+
+    from cluster import cli
+
+    class Bans:
+        def bans(self):
+            return [{"ip": "192.0.2.7", "reason": "flood-invite", "at": time_module.time() - 40,
+                     "seconds": 300, "by": "dispatcher@host-a", "left": 259.6}]
+
+    assert cli.cmd_bans(SimpleNamespace(action=None, json=False), None, Bans()) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["SOURCE", "REASON", "LEFT", "SINCE", "BY"]
+    assert table[1].split()[:3] == ["192.0.2.7", "flood-invite", "260s"]
+    cli.cmd_bans(SimpleNamespace(action=None, json=True), None, Bans())
+    row = json_module.loads(capsys.readouterr().out)[0]
+    assert (row["source"], row["reason"], row["left"], row["by"]) == (
+        "192.0.2.7", "flood-invite", 260, "dispatcher@host-a")
+    assert cli.build_parser().parse_args(["bans", "unban", "192.0.2.7"]).ip == "192.0.2.7"

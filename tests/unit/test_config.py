@@ -170,6 +170,9 @@ def test_bad_toml_is_an_error_naming_the_setting(tmp_path, text, message):
     ({"SIPCLUSTER_AUTH_USER_MAX_FAILURES": "-1"}, "auth.user_max_failures"),
     ({"SIPCLUSTER_AUTH_USER_LOCKOUT": "0"}, "auth.user_lockout"),
     ({"REDIS_URL": "127.0.0.1:6379"}, "redis.url"),
+    ({"SIPCLUSTER_LIMITS_ALLOW": "10.0.0.0/8,not-a-net"}, "limits.allow"),
+    ({"SIPCLUSTER_LIMITS_INVITE_RATE": "-1"}, "limits.invite_rate"),
+    ({"SIPCLUSTER_LIMITS_BAN_SECONDS": "0"}, "limits.ban_seconds"),
 ])
 def test_impossible_values_are_rejected(tmp_path, env, message):
     with pytest.raises(ConfigError, match=message):

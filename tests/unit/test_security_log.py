@@ -77,3 +77,41 @@ def test_escapes_are_readable_and_long_values_cut():
     assert 'user="a\\"b\\\\c\\x1bd"' in line
     assert 'call-id="' + "q" * 200 + '..."' in line
     assert len(line) < 600
+
+
+# ---------------------------------------------------------------- the ban line
+BAN_FILTER = FILTER.with_name("sipcluster-ban.conf")
+
+
+def ban_regex() -> re.Pattern:
+    parser = configparser.RawConfigParser()
+    parser.read(BAN_FILTER)
+    failregex = parser.get("Definition", "failregex")
+    return re.compile(failregex.replace("<HOST>", r"(?P<host>[0-9A-Fa-f.:]+)"))
+
+
+def written_ban(source, reason, seconds=300, process="dispatcher[4242]") -> str:
+    from cluster.limits import ban_line
+    record = logging.LogRecord("ban", logging.WARNING, __file__, 1, "%s",
+                               (ban_line(source, reason, seconds),), None)
+    return logging.Formatter(FORMAT.replace("worker-0[4242]", process)).format(record)
+
+
+def test_the_ban_line_format():
+    line = written_ban(("1.2.3.4", 5060), "flood-invite")
+    assert line.endswith("WARNING dispatcher[4242] ban: source banned: source=1.2.3.4:5060 "
+                         "reason=flood-invite seconds=300")
+
+
+@pytest.mark.parametrize("reason", ["flood-register", "flood-invite", "flood-other",
+                                    "flood-dialog", "scan-users", "scan-errors"])
+@pytest.mark.parametrize("source", [("192.0.2.7", 5077), ("2001:db8::7", 5060)])
+def test_the_ban_filter_finds_the_source_of_every_reason(reason, source):
+    for process in ("dispatcher[1]", "worker-1[2]"):
+        m = ban_regex().search(written_ban(source, reason, process=process))
+        assert m is not None and m["host"] == source[0]
+
+
+def test_the_auth_filter_does_not_take_ban_lines_and_back():
+    assert fail2ban_regex().search(written_ban(("192.0.2.7", 1), "scan-users")) is None
+    assert ban_regex().search(written("1002", ("192.0.2.7", 1), "wrong-password", b"x")) is None

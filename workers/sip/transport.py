@@ -58,6 +58,8 @@ class Transport:
         # What leaves, for the heartbeat: responses_<N>xx by class, sent_<METHOD> requests.
         self.counters = Counter() if counters is None else counters
         self.leaving = False
+        # Asked with (data, dest) before anything is sent: False keeps it (a banned source).
+        self.watch = None
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> list[gevent.Greenlet]:
@@ -203,6 +205,8 @@ class Transport:
     def send(self, data: bytes, dest: tuple[str, int], *, host: str | None = None,
              sock_index: int = 0) -> None:
         """Send from the SIP port; through another host when the peer's NAT expects it."""
+        if self.watch is not None and not self.watch(data, dest):
+            return
         if host and host != self.host:
             egress = self._egress_of(host)
             if egress is not None:

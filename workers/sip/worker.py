@@ -45,6 +45,7 @@ from .media import follow_media_timeouts
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
+from .scanners import ScanWatch
 from .transport import Transport
 
 log = logging.getLogger("worker")
@@ -57,6 +58,8 @@ DEFERRED_MAX = 10_000
 HELD_MAX = 10_000  # requests remembered as held back by Redis trouble
 # Methods that belong to a call (in or out of a dialog) and go to the B2BUA.
 CALL_METHODS = frozenset(ALLOWED) - {"REGISTER", "OPTIONS"}
+# Out-of-dialog requests whose user names are counted against limits.scan_users.
+SCANNED_METHODS = frozenset(("REGISTER", "INVITE", "OPTIONS", "MESSAGE", "SUBSCRIBE"))
 SUPPORTED: tuple[str, ...] = ("timer",)
 
 
@@ -105,6 +108,9 @@ class Worker:
             config.dispatcher.control_path, name, self.host,
             config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
             load=lambda: len(self.pool), counters=self.counters)
+        self.scanners = ScanWatch(self.store, config.limits, by=f"{name}@{self.host}",
+                                  counters=self.counters)
+        self.transport.watch = self.scanners.note_answer
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
@@ -129,6 +135,8 @@ class Worker:
         greenlets.append(gevent.spawn(hangup_loop, self))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
+        greenlets.append(gevent.spawn(self.scanners.loop))
+        greenlets.append(gevent.spawn(self.scanners.follow_bans))
         greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
             greenlets.append(gevent.spawn(follow_media_timeouts, self))
@@ -361,6 +369,12 @@ class Worker:
         if req.method not in ("ACK", "CANCEL"):
             self._check_request(req)
         in_dialog = req.to.tag is not None
+        if not in_dialog and req.method in SCANNED_METHODS:
+            # The user a scanner would enumerate: the AOR of a REGISTER, else the target.
+            target = req.to.uri if req.method == "REGISTER" else req.uri
+            user = getattr(target, "user", None)  # a tel: URI has none
+            if user:
+                self.scanners.note_request(source.addr, user.decode("latin-1"))
         if req.method == "REGISTER":
             self._register(req, source)
         elif req.method == "OPTIONS" and not in_dialog:

@@ -1,0 +1,175 @@
+"""Per-source limits: token buckets per source address, bans, and the allow-list.
+
+Pure bookkeeping (no sockets, no Redis): the dispatcher calls ``Limiter.check``
+for every datagram before it does anything else, and ``Bans`` says whether a
+source is banned.  Counting happens in the dispatcher because it is the one
+place that sees a source's whole traffic on a host before any work is done for
+it; it needs only the first bytes of the datagram (request or response, the
+method) and, for INVITE and the other methods, one header search for a To-tag:
+
+  REGISTER                                     -> the "register" bucket
+  INVITE without a To-tag                      -> the "invite" bucket
+  ACK, BYE, CANCEL, PRACK, UPDATE, INFO, and   -> the "dialog" bucket: they carry on
+  any request with a To-tag (re-INVITE...)        something begun, so a caller's
+                                                   in-dialog traffic never spends the
+                                                   tokens of its new calls
+  any other request (OPTIONS, MESSAGE...)      -> the "other" bucket
+  responses                                    -> not counted (they answer our requests)
+
+A source that empties a bucket is banned (``flood-<bucket>``) for
+``limits.ban_seconds``: every datagram from it is dropped unanswered, by the
+dispatcher, before anything else is looked at.  Sources in ``limits.allow``
+(trunks, NAT gateways of many phones) are never rate-banned.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable
+
+from .sip import scan
+
+MAX_SOURCES = 200_000  # buckets kept per class: a spoofed-source flood must not grow them
+MAX_BANS = 200_000
+KINDS = ("register", "invite", "other", "dialog")
+# Methods that exist only within a dialog or a transaction begun elsewhere.
+_DIALOG_HEADS = frozenset((b"ACK ", b"BYE ", b"CANC", b"PRAC", b"UPDA", b"INFO"))
+
+
+def reason_of(kind: str) -> str:
+    return f"flood-{kind}"
+
+
+class AllowList:
+    """CIDRs never rate-banned; the verdict per address is cached."""
+
+    def __init__(self, cidrs: Iterable[str]):
+        self.networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, ip: str) -> bool:
+        known = self._cache.get(ip)
+        if known is None:
+            if not self.networks:
+                return False
+            try:
+                address = ipaddress.ip_address(ip.split("%", 1)[0])
+                known = any(address in net for net in self.networks)
+            except ValueError:
+                known = False
+            if len(self._cache) >= MAX_SOURCES:
+                self._cache.clear()
+            self._cache[ip] = known
+        return known
+
+
+class Limiter:
+    """Token buckets per (class, source address)."""
+
+    def __init__(self, rates: dict[str, tuple[float, int]], allow: AllowList | None = None,
+                 clock=time.monotonic):
+        # kind -> (rate per second, burst, {ip: [tokens, last refill]}); rate 0: unlimited
+        self.buckets = {kind: (float(rate), int(burst), {})
+                        for kind, (rate, burst) in rates.items() if rate > 0}
+        self.allow = allow or AllowList(())
+        self.clock = clock
+
+    @classmethod
+    def from_config(cls, limits) -> Limiter:
+        return cls({kind: (getattr(limits, f"{kind}_rate"), getattr(limits, f"{kind}_burst"))
+                    for kind in KINDS}, AllowList(limits.allow))
+
+    @staticmethod
+    def kind_of(data: bytes) -> str | None:
+        """The bucket a datagram draws from; None when it draws from none."""
+        head = data[:4]
+        if head == b"SIP/":
+            return None
+        if head == b"REGI":
+            return "register"
+        if head in _DIALOG_HEADS:
+            return "dialog"
+        if scan.has_to_tag(data):
+            return "dialog"
+        return "invite" if head == b"INVI" else "other"
+
+    def check(self, ip: str, data: bytes, now: float) -> str | None:
+        """None when the datagram may pass; else the bucket ``ip`` has emptied."""
+        kind = self.kind_of(data)
+        if kind is None:
+            return None
+        entry = self.buckets.get(kind)
+        if entry is None:
+            return None
+        rate, burst, buckets = entry
+        bucket = buckets.get(ip)
+        if bucket is None:
+            if ip in self.allow:
+                return None
+            if len(buckets) >= MAX_SOURCES:
+                _forget_full(buckets, now, burst / rate)
+            buckets[ip] = [burst - 1.0, now]
+            return None
+        tokens = bucket[0] + (now - bucket[1]) * rate
+        if tokens > burst:
+            tokens = burst
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            if ip in self.allow:
+                return None
+            return kind
+        bucket[0] = tokens - 1.0
+        return None
+
+    def forget(self, ip: str) -> None:
+        """A source unbanned starts with full buckets."""
+        for _rate, _burst, buckets in self.buckets.values():
+            buckets.pop(ip, None)
+
+
+def _forget_full(buckets: dict, now: float, refill: float) -> None:
+    """Drop the buckets that have refilled (a new one would be the same); all of them
+    when that frees nothing."""
+    stale = [ip for ip, (_tokens, last) in list(buckets.items()) if now - last >= refill]
+    for ip in stale:
+        del buckets[ip]
+    if len(buckets) >= MAX_SOURCES:
+        buckets.clear()
+
+
+class Bans:
+    """Banned sources: ip -> when the ban ends (monotonic)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.until: dict[str, float] = {}
+        self.clock = clock
+
+    def add(self, ip: str, seconds: float, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        if len(self.until) >= MAX_BANS:
+            self.until = {k: v for k, v in list(self.until.items()) if v > now}
+            if len(self.until) >= MAX_BANS:
+                return  # full of live bans: the rate limit still holds the new source
+        self.until[ip] = max(self.until.get(ip, 0.0), now + seconds)
+
+    def remove(self, ip: str) -> None:
+        self.until.pop(ip, None)
+
+    def banned(self, ip: str, now: float) -> bool:
+        until = self.until.get(ip)
+        if until is None:
+            return False
+        if until <= now:
+            self.until.pop(ip, None)
+            return False
+        return True
+
+
+def ban_line(addr: tuple, reason: str, seconds: float) -> str:
+    """``source banned: source=192.0.2.7:5060 reason=flood-invite seconds=300`` (one line;
+    deploy/fail2ban/filter.d/sipcluster-ban.conf parses it).  Every field is ours: the
+    address comes from the socket, the reason from a fixed list."""
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return f"source banned: source={host}:{addr[1]} reason={reason} seconds={int(seconds)}"

@@ -1,0 +1,96 @@
+"""Scanner counting in the workers (workers/sip/scanners.py) over a store kept in memory:
+user names sent once per source and window, 403/404 counted, bans at the thresholds,
+allow-listed sources never counted, nothing sent to a banned source."""
+
+import logging
+from collections import Counter
+
+from cluster.config import LimitsConfig
+from workers.sip.scanners import ScanWatch
+
+LIMITS = LimitsConfig(scan_users=5, scan_errors=3, allow=("192.0.2.200",))
+
+
+class MemoryStore:
+    """note_scan and ban with Redis's semantics (a set and a counter per source)."""
+
+    def __init__(self):
+        self.users: dict[str, set[str]] = {}
+        self.errors: Counter = Counter()
+        self.sent_names = 0
+        self.banned: dict[str, str] = {}
+
+    def note_scan(self, users, errors, window):
+        for ip, names in users.items():
+            self.sent_names += len(names)
+            self.users.setdefault(ip, set()).update(names)
+        for ip, count in errors.items():
+            self.errors[ip] += count
+        return ({ip: len(self.users[ip]) for ip in users},
+                {ip: self.errors[ip] for ip in errors})
+
+    def ban(self, ip, seconds, reason, by):
+        if ip in self.banned:
+            return False
+        self.banned[ip] = reason
+        return True
+
+
+def flush(watch: ScanWatch) -> None:
+    users, errors, ports = watch._users, watch._errors, watch._ports
+    watch._users, watch._errors, watch._ports = {}, Counter(), {}
+    watch.flush(users, errors, ports)
+
+
+def test_distinct_names_ban_once_and_repeats_cost_nothing(caplog):
+    store = MemoryStore()
+    watch = ScanWatch(store, LIMITS, by="w")
+    for _ in range(50):  # a phone registering as itself, again and again
+        watch.note_request(("192.0.2.1", 5060), "1002")
+    flush(watch)
+    assert store.sent_names == 1 and not store.banned
+    for n in range(4):
+        watch.note_request(("192.0.2.9", 5070), f"u{n}")
+    flush(watch)
+    assert not store.banned
+    with caplog.at_level(logging.WARNING, logger="ban"):
+        watch.note_request(("192.0.2.9", 5070), "u4")
+        flush(watch)
+        watch.note_request(("192.0.2.9", 5070), "u5")
+        flush(watch)  # already banned: neither a second ban nor a second line
+    assert store.banned == {"192.0.2.9": "scan-users"}
+    assert watch.counters["bans_scan_users"] == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "source banned: source=192.0.2.9:5070 reason=scan-users seconds=300"]
+
+
+def test_forbidden_and_not_found_answers_ban():
+    store = MemoryStore()
+    watch = ScanWatch(store, LIMITS, by="w")
+    for status in (b"401 Unauthorized", b"200 OK", b"403 Forbidden", b"404 Not Found"):
+        assert watch.note_answer(b"SIP/2.0 " + status + b"\r\n\r\n", ("192.0.2.7", 5060))
+    assert watch.note_answer(b"INVITE sip:403 SIP/2.0\r\n\r\n", ("192.0.2.7", 5060))
+    flush(watch)
+    assert store.errors["192.0.2.7"] == 2 and not store.banned
+    watch.note_answer(b"SIP/2.0 403 Forbidden\r\n\r\n", ("192.0.2.7", 5060))
+    flush(watch)
+    assert store.banned == {"192.0.2.7": "scan-errors"}
+
+
+def test_allow_listed_sources_are_not_counted():
+    store = MemoryStore()
+    watch = ScanWatch(store, LIMITS, by="w")
+    for n in range(20):
+        watch.note_request(("192.0.2.200", 5060), f"u{n}")
+        watch.note_answer(b"SIP/2.0 404 Not Found\r\n\r\n", ("192.0.2.200", 5060))
+    flush(watch)
+    assert store.sent_names == 0 and not store.errors and not store.banned
+
+
+def test_no_answer_leaves_for_a_banned_source_but_requests_do():
+    watch = ScanWatch(MemoryStore(), LIMITS, by="w")
+    watch.bans.add("192.0.2.5", 60)
+    assert not watch.note_answer(b"SIP/2.0 200 OK\r\n\r\n", ("192.0.2.5", 5060))
+    assert watch.note_answer(b"SIP/2.0 200 OK\r\n\r\n", ("192.0.2.6", 5060))
+    assert watch.note_answer(b"OPTIONS sip:x SIP/2.0\r\n\r\n", ("192.0.2.5", 5060))
+    assert watch.counters["banned_unanswered"] == 1

@@ -1,0 +1,132 @@
+"""Scanner detection: a source that asks for many user names, or collects many 403/404
+answers, is banned cluster-wide (``Store.ban``), so every dispatcher drops it.
+
+The workers follow the bans too, so that no answer leaves for a banned source: what
+the dispatcher handed over before the ban (a flood's first bursts) may still be in a
+worker's queue, and a loaded worker answered it up to 0.65 s after the ban
+(tests/integration/test_flood.py on a busy machine).
+
+The counts must span the workers (affinity spreads one source's Call-IDs over all of
+them) and the hosts, so they live in Redis (``scanusers:{ip}``, ``scanerrors:{ip}``).
+What a worker notes is written in batches, one pipeline every ``FLUSH_SECONDS``, and
+a user name this worker has already sent for a source in the current window is not
+sent again: a phone that registers as itself or calls the same few numbers costs
+nothing after its first request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import gevent
+
+from cluster.backoff import Backoff
+from cluster.limits import AllowList, Bans, ban_line
+from cluster.store import Store
+
+log = logging.getLogger("ban")  # the security line of a ban (deploy/fail2ban/)
+FLUSH_SECONDS = 0.2
+LOCAL_SOURCES_MAX = 50_000  # sources remembered per window: made-up ones must not grow it
+USER_CHARS = 64  # of a user name counted: a distinct prefix is distinct enough
+
+
+class ScanWatch:
+    def __init__(self, store: Store, limits, *, by: str, counters: Counter | None = None):
+        self.store = store
+        self.max_users = limits.scan_users  # 0: not counted
+        self.max_errors = limits.scan_errors
+        self.window = float(limits.scan_window)
+        self.ban_seconds = float(limits.ban_seconds)
+        self.allow = AllowList(limits.allow)
+        self.by = by
+        self.counters = Counter() if counters is None else counters
+        self._seen: dict[str, set[str]] = {}  # ip -> names already sent this window
+        self._window_ends = time.monotonic() + self.window
+        self._users: dict[str, set[str]] = {}  # waiting for the next flush
+        self._errors: Counter[str] = Counter()
+        self._ports: dict[str, int] = {}  # ip -> a source port, for the log line
+        self.bans = Bans()
+
+    def note_request(self, addr: tuple[str, int], user: str) -> None:
+        """An out-of-dialog request from ``addr`` for ``user``."""
+        if not self.max_users or not user:
+            return
+        ip = addr[0]
+        user = user[:USER_CHARS]
+        seen = self._seen.get(ip)
+        if seen is None:
+            if ip in self.allow:
+                return
+            if len(self._seen) >= LOCAL_SOURCES_MAX:
+                self._seen.clear()
+            seen = self._seen[ip] = set()
+        if user in seen or len(seen) > self.max_users:
+            return
+        seen.add(user)
+        self._users.setdefault(ip, set()).add(user)
+        self._ports[ip] = addr[1]
+
+    def note_answer(self, data: bytes, dest: tuple[str, int]) -> bool:
+        """Every datagram the worker sends: whether it may leave (no response goes to a
+        banned source); 403 and 404 answers are counted."""
+        if data[:8] != b"SIP/2.0 ":
+            return True
+        if self.bans.until and self.bans.banned(dest[0], time.monotonic()):
+            self.counters["banned_unanswered"] += 1
+            return False
+        if self.max_errors and data[8:12] in (b"403 ", b"404 "):
+            ip = dest[0]
+            if ip not in self.allow:
+                self._errors[ip] += 1
+                self._ports[ip] = dest[1]
+        return True
+
+    def follow_bans(self) -> None:
+        """Keep the bans issued anywhere (own greenlet); the subscription is made anew
+        whatever ends it."""
+        backoff = Backoff(log, "ban subscription")
+        while True:
+            try:
+                for event, ip, seconds, _reason in self.store.ban_events():
+                    backoff.ok()
+                    if event == "unban":
+                        self.bans.remove(ip)
+                    elif ip not in self.allow:
+                        self.bans.add(ip, seconds)
+            except Exception as exc:  # whatever it is, the subscription is made again
+                gevent.sleep(backoff.failed(exc))
+
+    def loop(self) -> None:
+        """Write what was noted, ban the sources past a threshold (own greenlet)."""
+        backoff = Backoff(log, "scanner counting")
+        while True:
+            gevent.sleep(FLUSH_SECONDS)
+            if time.monotonic() >= self._window_ends:
+                self._seen.clear()
+                self._window_ends = time.monotonic() + self.window
+            if not self._users and not self._errors:
+                continue
+            users, errors, ports = self._users, self._errors, self._ports
+            self._users, self._errors, self._ports = {}, Counter(), {}
+            try:
+                self.flush(users, errors, ports)
+            except Exception as exc:  # the counts of one batch are lost; the loop goes on
+                gevent.sleep(backoff.failed(exc))
+            else:
+                backoff.ok()
+
+    def flush(self, users: dict[str, set[str]], errors: Counter, ports: dict[str, int]) -> None:
+        distinct, failed = self.store.note_scan(users, dict(errors), self.window)
+        for ip, count in distinct.items():
+            if count >= self.max_users:
+                self._ban((ip, ports.get(ip, 0)), "scan-users")
+        for ip, count in failed.items():
+            if count >= self.max_errors and distinct.get(ip, 0) < self.max_users:
+                self._ban((ip, ports.get(ip, 0)), "scan-errors")
+
+    def _ban(self, addr: tuple[str, int], reason: str) -> None:
+        if self.store.ban(addr[0], self.ban_seconds, reason, self.by):
+            self.counters["bans_" + reason.replace("-", "_")] += 1
+            log.warning("%s", ban_line(addr, reason, self.ban_seconds))
