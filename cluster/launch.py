@@ -42,7 +42,10 @@ from cluster.config import (
     SECRET_FILE,
     Config,
     ConfigError,
+    fill_redis_password,
     load,
+    read_redis_password,
+    redis_auth_file,
 )
 
 TEMPLATE = ROOT / "deploy" / "supervisord.conf.in"
@@ -110,9 +113,14 @@ REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec", "--save
 
 def _redis_program(config: Config, log_dir: Path) -> str:
     server = shutil.which("redis-server") or "redis-server"
+    # The password file is redis-server's configuration file (its first argument): the
+    # password itself is on no command line.  Without one (a state folder the launcher has
+    # not prepared: only tests render so), Redis runs without a password.
+    auth = redis_auth_file(config)
+    first = [str(auth)] if auth.exists() else []
     # A process title written over its environment would hide the supervisord marks by
     # which `sipcluster up` recognises a Redis that a killed supervisord left running.
-    command = [server, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
+    command = [server, *first, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
                *REDIS_PERSISTENCE, "--dir", config.redis.state_dir, "--set-proc-title", "no"]
     return _program("redis", command, config, log_dir, env={})
 
@@ -227,9 +235,38 @@ def write_config(config: Config, run_dir: Path = RUN_DIR) -> Path:
         state.chmod(0o700)  # the AOF holds every user's HA1 hashes
     target = conf_path(run_dir)
     temporary = target.with_suffix(".tmp")
-    temporary.write_text(render_supervisord(config, run_dir=run_dir))
+    write_private(temporary, render_supervisord(config, run_dir=run_dir))
     temporary.replace(target)
     return target
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only (0600), whatever the umask and whatever
+    mode an earlier file of that name had: run/supervisord.conf carries the environment
+    handed to every process (SIPCLUSTER_AUTH_SECRET, a REDIS_URL with its password)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(text)
+
+
+def ensure_redis_password(config: Config) -> bool:
+    """Give the managed Redis a password once per state folder (also one that has run
+    without: the next start sets it); whether one was made now.  Written like the nonce
+    secret: 32 random bytes in hex, mode 0600, in the folder that holds the AOF (0700)."""
+    if not config.redis.managed:
+        return False
+    auth = redis_auth_file(config)
+    if read_redis_password(auth) is not None:
+        auth.chmod(0o600)  # one copied in from elsewhere keeps no looser mode
+        return False
+    auth.parent.mkdir(parents=True, exist_ok=True)
+    auth.parent.chmod(0o700)
+    write_private(auth, f"requirepass {secrets.token_hex(32)}\n")
+    return True
 
 
 def ensure_secret(config: Config, secret_file: Path = SECRET_FILE) -> None:
@@ -453,6 +490,7 @@ def print_log_tails(config: Config, lines: int = LOG_TAIL_LINES) -> None:
 def up(config: Config) -> int:
     check_tools(config)
     ensure_secret(config)
+    config = _with_redis_password(config)
     conf = write_config(config)
     if supervisord_pid() is None:
         stop_leftovers()
@@ -471,6 +509,13 @@ def up(config: Config) -> int:
         return 1
     print_summary(config, target, answer)
     return 0 if users_ok else 1
+
+
+def _with_redis_password(config: Config) -> Config:
+    """The configuration again, once the managed Redis has a password (the URL carries it)."""
+    if ensure_redis_password(config):
+        print(f"the managed Redis now requires a password (in {redis_auth_file(config)})")
+    return fill_redis_password(config)
 
 
 def settled_status(timeout: float = SETTLE_WAIT) -> str:
@@ -524,6 +569,7 @@ def render(config: Config) -> int:
     """Write run/supervisord.conf (and the secret) without starting anything: for systemd."""
     check_tools(config)
     ensure_secret(config)
+    config = _with_redis_password(config)
     print(write_config(config))
     return 0
 
