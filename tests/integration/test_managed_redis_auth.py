@@ -99,3 +99,29 @@ def test_the_managed_redis_refuses_clients_without_its_password(tmp_path):
         assert '"1002"' in listed.stdout
     finally:
         _stop(process)
+
+
+def test_an_external_redis_with_an_acl_user_and_no_default_user(tmp_path):
+    """REDIS_URL with an ACL user's credentials (redis://user:pw@host:port/db): the store
+    works with it, and without them the server refuses."""
+    from cluster.store import Store
+    from conftest import RedisServer
+
+    require_redis_server()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        admin = server.client()
+        admin.acl_setuser("sip", enabled=True, passwords=["+s1p-p@ss/word"], keys=["*"],
+                          channels=["*"], commands=["+@all"])
+        admin.acl_setuser("default", enabled=False)
+        url = f"redis://sip:s1p-p%40ss%2Fword@127.0.0.1:{server.port}/3"
+        env = {"REDIS_URL": url}
+        config = load(env=env, secret_file=tmp_path / "secret")
+        assert config.redis.url == url and not config.redis.managed
+        store = Store(config.redis.url, timeout=2.0)
+        store.put_user("1002", "example.org", {"MD5": "0" * 32})
+        assert store.get_user("1002", "example.org")["ha1"] == {"MD5": "0" * 32}
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port, socket_timeout=1.0).ping()
+    finally:
+        server.stop()
