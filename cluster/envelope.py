@@ -6,10 +6,10 @@ datagram unchanged.  A worker takes an envelope only from the dispatcher's
 forwarding socket (127.0.0.1:<port>, named in the welcome below): on loopback a
 process without CAP_NET_RAW cannot send with another socket's source port, nor
 bind a port the dispatcher holds, so the source address is proof enough on one
-host and costs nothing per envelope (recvfrom and a tuple comparison: +0.36 us
-over recv, measured 6.18 -> 6.54 us per envelope sent and read; an HMAC-SHA256
-per envelope, computed by the dispatcher and checked by the worker, measured
-10.2 us, +4 us on a hop of ~6.6 us).  Anything else is dropped and counted
+host and costs next to nothing per envelope (recvfrom and a tuple comparison:
++0.3 to +0.4 us over recv, 5.30 -> 5.74 us per envelope sent and read in
+bench/bench_envelope.py; an HMAC-SHA256 per envelope, computed by the dispatcher
+and checked by the worker, 10.19 us: +4.9 us on a hop of ~6.6 us).  Anything else is dropped and counted
 (``envelopes_refused``).  Unix datagram sockets with peer credentials would
 serve too, but are no cheaper and drop bursts at the default
 net.unix.max_dgram_qlen (design.md).  Egress (worker on another host -> this host's dispatcher):
