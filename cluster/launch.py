@@ -344,11 +344,14 @@ def supervisord_command(conf: Path) -> list[str]:
     return [sys.executable, "-m", "cluster.supervise", "-c", str(conf)]
 
 
-def start_supervisord(conf: Path) -> None:
+def start_supervisord(conf: Path, restart_all: bool = False) -> None:
+    """Start supervisord, or make a running one apply ``conf``; ``restart_all``: restart
+    every program too (those whose section did not change would keep what they read at
+    their start, such as a Redis URL without the password Redis now requires)."""
     if supervisord_pid() is not None:
         print("supervisord is running: applying the new configuration")
         supervisorctl("update")
-        supervisorctl("start", "all")
+        supervisorctl("restart" if restart_all else "start", "all")
         return
     result = subprocess.run(supervisord_command(conf), text=True, capture_output=True, cwd=ROOT)
     if result.returncode != 0:
@@ -490,11 +493,12 @@ def print_log_tails(config: Config, lines: int = LOG_TAIL_LINES) -> None:
 def up(config: Config) -> int:
     check_tools(config)
     ensure_secret(config)
-    config = _with_redis_password(config)
+    new_password = ensure_redis_password(config)
+    config = _with_redis_password(config, new_password)
     conf = write_config(config)
     if supervisord_pid() is None:
         stop_leftovers()
-    start_supervisord(conf)
+    start_supervisord(conf, restart_all=new_password)
     try:
         wait_for_redis(config.redis.url)
         users_ok = provision_demo_users(config)
@@ -511,9 +515,9 @@ def up(config: Config) -> int:
     return 0 if users_ok else 1
 
 
-def _with_redis_password(config: Config) -> Config:
-    """The configuration again, once the managed Redis has a password (the URL carries it)."""
-    if ensure_redis_password(config):
+def _with_redis_password(config: Config, new: bool) -> Config:
+    """The configuration with the managed Redis's password in its URL."""
+    if new:
         print(f"the managed Redis now requires a password (in {redis_auth_file(config)})")
     return fill_redis_password(config)
 
@@ -569,7 +573,7 @@ def render(config: Config) -> int:
     """Write run/supervisord.conf (and the secret) without starting anything: for systemd."""
     check_tools(config)
     ensure_secret(config)
-    config = _with_redis_password(config)
+    config = _with_redis_password(config, ensure_redis_password(config))
     print(write_config(config))
     return 0
 
