@@ -9,12 +9,14 @@ bind a port the dispatcher holds, so the source address is proof enough on one
 host and costs next to nothing per envelope (recvfrom and a tuple comparison:
 +0.3 to +0.4 us over recv, 5.30 -> 5.74 us per envelope sent and read in
 bench/bench_envelope.py; an HMAC-SHA256 per envelope, computed by the dispatcher
-and checked by the worker, 10.19 us: +4.9 us on a hop of ~6.6 us).  Anything else is dropped and counted
-(``envelopes_refused``).  Unix datagram sockets with peer credentials would
-serve too, but are no cheaper and drop bursts at the default
-net.unix.max_dgram_qlen (design.md).  Egress (worker on another host -> this host's dispatcher):
-the same header naming the destination, so the datagram leaves from the SIP
-socket the phone registered through (design invariant 12).
+and checked by the worker, 10.19 us: +4.9 us on a hop of ~6.6 us).  Anything
+else is dropped and counted (``envelopes_refused``).  Unix datagram sockets with
+peer credentials would serve too, but are no cheaper and drop bursts at the
+default net.unix.max_dgram_qlen (design.md).
+
+Egress (worker on another host -> this host's dispatcher): the same header
+naming the destination, so the datagram leaves from the SIP socket the phone
+registered through (design invariant 12).
 
 Control (worker <-> dispatcher, a Unix stream socket): msgpack maps.  On
 connect the dispatcher passes its SIP sockets with SCM_RIGHTS, so workers send
