@@ -1,6 +1,9 @@
 """sipctl: the operator's tool.  It talks to Redis only, so it works from any host.
 
-  sipctl users add USER --password PW     add or change a user (HA1 hashes only are kept)
+  sipctl users add USER                   add or change a user (HA1 hashes only are kept):
+                                          the password is asked (no echo), or read from
+                                          stdin with --password-stdin; --password PW works
+                                          too but shows PW to every user of the host (ps)
   sipctl users del USER                   remove a user and its registrations
   sipctl users list [--json]
   sipctl users import FILE                CSV lines "user,password" (header line optional)
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import csv
+import getpass
 import io
 import json
 import os
@@ -108,10 +112,40 @@ def _print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
 # --------------------------------------------------------------------------- users
 
 
+def read_password(args, stdin=None, prompt=None) -> str:
+    """The new user's password: ``--password`` (visible to every user of the host in ps and
+    /proc/<pid>/cmdline, and kept in shell history), else one line of stdin with
+    ``--password-stdin``, else a prompt without echo (typed twice) when stdin is a
+    terminal.  ValueError when there is none."""
+    stdin = sys.stdin if stdin is None else stdin
+    if args.password is not None and args.password_stdin:
+        raise ValueError("--password and --password-stdin exclude each other")
+    if args.password is not None:
+        password = args.password
+    elif args.password_stdin:
+        password = stdin.readline().rstrip("\r\n")
+    elif stdin.isatty():
+        ask = prompt or getpass.getpass
+        password = ask(f"password for {args.user}: ")
+        if ask("again: ") != password:
+            raise ValueError("the two passwords differ")
+    else:
+        raise ValueError("no password: give --password-stdin (and the password on stdin), "
+                         "or run it on a terminal to be asked")
+    if not password:
+        raise ValueError("the password is empty")
+    return password
+
+
 def cmd_users(args, config: Config, store: Store) -> int:
     realm = config.realm
     if args.action == "add":
-        store.put_user(args.user, realm, ha1_hashes(args.user, realm, args.password))
+        try:
+            password = read_password(args)
+        except ValueError as exc:
+            print(f"sipctl: {exc}", file=sys.stderr)
+            return 1
+        store.put_user(args.user, realm, ha1_hashes(args.user, realm, password))
         print(f"user {args.user}@{realm} saved")
     elif args.action == "del":
         if not store.delete_user(args.user, realm):
@@ -138,7 +172,8 @@ def cmd_users(args, config: Config, store: Store) -> int:
         print(f"demo users {DEMO_USERS[0]}-{DEMO_USERS[-1]} (password {DEMO_PASSWORD}) "
               f"provisioned in realm {realm}")
         print("WARNING: demo passwords are public knowledge: change them "
-              "(sipctl users add USER --password ...) before real use", file=sys.stderr)
+              "(sipctl users add USER asks for the new password) before real use",
+              file=sys.stderr)
     return 0
 
 
@@ -681,7 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     users_sub = users.add_subparsers(dest="action", required=True)
     add = users_sub.add_parser("add")
     add.add_argument("user")
-    add.add_argument("--password", required=True)
+    secret = add.add_mutually_exclusive_group()
+    secret.add_argument("--password", help="the password on the command line: visible to "
+                        "every user of this host in ps; prefer the prompt or --password-stdin")
+    secret.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of stdin")
     delete = users_sub.add_parser("del")
     delete.add_argument("user")
     listing = users_sub.add_parser("list")

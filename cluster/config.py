@@ -326,7 +326,9 @@ def load(
     The persisted overrides (``overrides_file``, else $SIPCLUSTER_OVERRIDES when set)
     apply first, ``env`` over them.
     When ``auth.secret`` ends up empty and ``secret_file`` exists, the secret
-    is read from it (the launcher writes it at `sipcluster up`).
+    is read from it (the launcher writes it at `sipcluster up`).  The managed
+    Redis's password is read from ``redis_auth_file(config)`` the same way and
+    put into ``redis.url``.  ``secret_file=None`` reads neither (tests).
     """
     named = path is not None or bool(env.get("SIPCLUSTER_CONFIG"))
     config_path = Path(path) if path is not None else default_path(env)
@@ -344,6 +346,8 @@ def load(
     config = Config(**sections, routes=routes, source=str(config_path.resolve()))
     config = _resolve_paths(config)
     config = _fill_secret(config, secret_file)
+    if secret_file is not None:
+        config = fill_redis_password(config)
     validate(config)
     return config
 
@@ -550,6 +554,48 @@ def _fill_secret(config: Config, secret_file: str | os.PathLike[str] | None) -> 
     except FileNotFoundError:
         return config
     return dataclasses.replace(config, auth=dataclasses.replace(config.auth, secret=secret))
+
+
+# The managed Redis's password lives in one file under redis.state_dir, mode 0600, in the
+# form redis-server reads as a configuration file ("requirepass <password>"): the launcher
+# names it on redis-server's command line, so the password is in no command line (ps), no
+# environment and no supervisord configuration; every other process reads it from here.
+REDIS_AUTH_FILE = "redis-auth.conf"
+
+
+def redis_auth_file(config: Config) -> Path:
+    return Path(config.redis.state_dir) / REDIS_AUTH_FILE
+
+
+def read_redis_password(path: Path) -> str | None:
+    """The password in a redis-auth.conf; None when the file is missing or unreadable."""
+    try:
+        text = path.read_text()
+    except OSError:  # missing, or another user's (then Redis refuses: NOAUTH says why)
+        return None
+    for line in text.splitlines():
+        name, _, value = line.strip().partition(" ")
+        if name == "requirepass" and value.strip():
+            return value.strip()
+    return None
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` (redis://host:port/db) with ``password`` as its credentials."""
+    from urllib.parse import quote
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://:{quote(password, safe='')}@{rest}"
+
+
+def fill_redis_password(config: Config) -> Config:
+    redis = config.redis
+    if not redis.managed or "@" in redis.url.split("/", 3)[2]:
+        return config  # a Redis run elsewhere, or credentials given in the URL
+    password = read_redis_password(redis_auth_file(config))
+    if password is None:
+        return config
+    return dataclasses.replace(
+        config, redis=dataclasses.replace(redis, url=with_password(redis.url, password)))
 
 
 def validate(config: Config) -> None:

@@ -120,8 +120,11 @@ class Dispatcher:
         # The control socket first: workers reconnect to it to hand back the SIP sockets.
         self.control = self._bind_control(config.dispatcher.control_path)
         self.sip_sockets, handed_by = self._bind_sip()
+        # The envelopes' source: workers take envelopes from this address only (see
+        # cluster/envelope.py), so it is bound before any welcome names it, on loopback.
         self.forward = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.forward.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECV_BUFFER)
+        self.forward.bind(("127.0.0.1", 0))
         self.egress = self._bind_egress()
         if handed_by is not None:
             self._welcome(handed_by)  # the worker that handed them back is the first link
@@ -185,6 +188,8 @@ class Dispatcher:
     def _reclaim_from(self, conn: socket.socket) -> list[socket.socket] | None:
         """Ask a connecting worker for the SIP sockets it holds: the ones this dispatcher's
         predecessor bound, and the reason the port is taken."""
+        if not _trusted(conn):
+            return None
         conn.settimeout(HANDBACK_TIMEOUT)
         offered: list[socket.socket] = []
         try:
@@ -222,7 +227,13 @@ class Dispatcher:
         if os.path.exists(path):
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
+        # Whoever connects gets the SIP sockets: only this user may (peer credentials are
+        # checked on top, in case the folder's permissions are looser than the file's).
+        previous = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(previous)
         sock.listen(64)
         sock.setblocking(False)
         return sock
@@ -248,8 +259,9 @@ class Dispatcher:
         threading.Thread(target=self._publish_loop, daemon=True).start()
         threading.Thread(target=self._announce_bans, daemon=True).start()
         threading.Thread(target=self._follow_bans, daemon=True).start()
-        log.info("dispatcher %s listening on %s", self.host,
-                 ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets))
+        log.info("dispatcher %s listening on %s, forwarding from %s:%d", self.host,
+                 ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets),
+                 *self.forward.getsockname()[:2])
         next_check = time.monotonic()
         while self.running:
             for key, _ in self.selector.select(timeout=0.25):
@@ -391,9 +403,13 @@ class Dispatcher:
 
     def _welcome(self, conn: socket.socket) -> None:
         """Pass the SIP sockets to a new worker link and start reading it."""
+        if not _trusted(conn):
+            conn.close()
+            return
         families = [s.family.name for s in self.sip_sockets]
+        forward = self.forward.getsockname()[:2]
         try:
-            envelope.send_fds(conn, envelope.welcome(self.host, families),
+            envelope.send_fds(conn, envelope.welcome(self.host, families, forward),
                               [s.fileno() for s in self.sip_sockets])
         except OSError:
             conn.close()
@@ -515,6 +531,18 @@ def _udp_socket(family: int, host: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+def _trusted(conn: socket.socket) -> bool:
+    """Whether a control connection comes from this user's (or root's) process; logged
+    when not, since nothing of the cluster's own connects as another user."""
+    try:
+        if envelope.peer_trusted(conn):
+            return True
+    except OSError:
+        pass
+    log.warning("control connection from another user refused")
+    return False
 
 
 def _port_taken(family: int, host: str, port: int) -> bool:

@@ -2,14 +2,30 @@
 
 Inbound (dispatcher -> worker, UDP on loopback): a small fixed header with the
 sender's address and the index of the SIP socket that received it, then the
-datagram unchanged.  Egress (worker on another host -> this host's dispatcher):
-the same header naming the destination, so the datagram leaves from the SIP
-socket the phone registered through (design invariant 12).
+datagram unchanged.  A worker takes an envelope only from the dispatcher's
+forwarding socket (127.0.0.1:<port>, named in the welcome below): on loopback a
+process without CAP_NET_RAW cannot send with another socket's source port, nor
+bind a port the dispatcher holds, so the source address is proof enough on one
+host and costs next to nothing per envelope (recvfrom and a tuple comparison:
++0.3 to +0.4 us over recv, 5.30 -> 5.74 us per envelope sent and read in
+bench/bench_envelope.py; an HMAC-SHA256 per envelope, computed by the dispatcher
+and checked by the worker, 10.19 us: +4.9 us on a hop of ~6.6 us).  Anything
+else is dropped and counted (``envelopes_refused``).  Unix datagram sockets with
+peer credentials would serve too, but are no cheaper and drop bursts at the
+default net.unix.max_dgram_qlen (design.md).
+
+Egress (worker on another host -> this host's dispatcher): the same header
+naming the destination, so the datagram leaves from the SIP socket the phone
+registered through (design invariant 12).
 
 Control (worker <-> dispatcher, a Unix stream socket): msgpack maps.  On
 connect the dispatcher passes its SIP sockets with SCM_RIGHTS, so workers send
 from the SIP port without ever reading from it; the worker then says hello
-(its name and the UDP port it reads from) and sends heartbeats.
+(its name and the UDP port it reads from) and sends heartbeats.  The socket file
+is mode 0600, and each end checks the other's peer credentials (SO_PEERCRED):
+only a process of the same user (or root) is served, or trusted.  The welcome
+names the dispatcher's forwarding address; a restarted dispatcher has a new one,
+which its welcome tells every worker that reconnects.
 
 The workers' copies keep the SIP sockets open when the dispatcher dies, so a
 restarted dispatcher cannot bind the port again.  It takes the very same
@@ -22,6 +38,7 @@ sockets' buffers and are not lost.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 
@@ -80,9 +97,28 @@ def sockets_message(name: str, sockets: list[tuple[int, tuple]]) -> bytes:
                           "sockets": [[int(family), list(addr[:2])] for family, addr in sockets]})
 
 
-def welcome(host: str, families: list[str]) -> bytes:
-    """Dispatcher -> worker, with the SIP sockets' descriptors."""
-    return msgpack.packb({"type": "welcome", "host": host, "sockets": families})
+def welcome(host: str, families: list[str], forward: tuple[str, int]) -> bytes:
+    """Dispatcher -> worker, with the SIP sockets' descriptors; ``forward`` is the address
+    the envelopes come from (the only source the worker takes them from)."""
+    return msgpack.packb({"type": "welcome", "host": host, "sockets": families,
+                          "forward": [forward[0], int(forward[1])]})
+
+
+def forward_of(welcome_message: dict) -> tuple[str, int]:
+    """The forwarding address a welcome names; ValueError when it names none."""
+    forward = welcome_message.get("forward")
+    if (not isinstance(forward, (list, tuple)) or len(forward) != 2
+            or not isinstance(forward[0], str) or not isinstance(forward[1], int)):
+        raise ValueError("the welcome names no forwarding address")
+    return forward[0], forward[1]
+
+
+def peer_trusted(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a Unix socket runs as this process's user
+    (or as root): SO_PEERCRED, filled in by the kernel at connect time."""
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid in (os.getuid(), 0)
 
 
 def parse_control(payload: bytes) -> dict:

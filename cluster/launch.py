@@ -60,8 +60,11 @@ from cluster.config import (
     Config,
     ConfigError,
     checkout_root,
+    fill_redis_password,
     load,
     read_overrides,
+    read_redis_password,
+    redis_auth_file,
     setting_env_names,
     use_home,
     write_overrides,
@@ -151,9 +154,14 @@ REDIS_PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec", "--save
 
 def _redis_program(config: Config, log_dir: Path) -> str:
     server = shutil.which("redis-server") or "redis-server"
+    # The password file is redis-server's configuration file (its first argument): the
+    # password itself is on no command line.  Without one (a state folder the launcher has
+    # not prepared: only tests render so), Redis runs without a password.
+    auth = redis_auth_file(config)
+    first = [str(auth)] if auth.exists() else []
     # A process title written over its environment would hide the supervisord marks by
     # which `sipcluster up` recognises a Redis that a killed supervisord left running.
-    command = [server, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
+    command = [server, *first, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
                *REDIS_PERSISTENCE, "--dir", config.redis.state_dir, "--set-proc-title", "no"]
     return _program("redis", command, config, log_dir, env={})
 
@@ -214,10 +222,10 @@ def passed_env(env: Mapping[str, str]) -> dict[str, str]:
 # restart the worker group only, never the dispatcher or the relays (the dispatcher
 # reads workers.count only to know when every worker joined at its own start).
 CONCERNS: dict[str, tuple[str, ...]] = {
-    "dispatcher": ("sip", "dispatcher", "redis", "log", "metrics"),
+    "dispatcher": ("sip", "dispatcher", "redis", "limits", "log", "metrics"),
     "relay": ("sip", "media", "redis", "log", "metrics"),
-    "worker": ("sip", "dispatcher", "workers", "redis", "auth", "registrar", "timers",
-               "media", "log", "metrics", "calls", "routes"),
+    "worker": ("sip", "dispatcher", "workers", "redis", "auth", "limits", "registrar",
+               "timers", "media", "log", "metrics", "calls", "routes"),
 }
 
 
@@ -296,9 +304,38 @@ def write_config(config: Config, run_dir: Path = RUN_DIR) -> Path:
     temporary = target.with_suffix(".tmp")
     # No overrides in the sections: they are in the overrides file every program reads, so
     # a section changes only when a setting its program reads does.
-    temporary.write_text(render_supervisord(config, run_dir=run_dir, env={}))
+    write_private(temporary, render_supervisord(config, run_dir=run_dir, env={}))
     temporary.replace(target)
     return target
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only (0600), whatever the umask and whatever
+    mode an earlier file of that name had: run/supervisord.conf carries the environment
+    handed to every process (SIPCLUSTER_AUTH_SECRET, a REDIS_URL with its password)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(text)
+
+
+def ensure_redis_password(config: Config) -> bool:
+    """Give the managed Redis a password once per state folder (also one that has run
+    without: the next start sets it); whether one was made now.  Written like the nonce
+    secret: 32 random bytes in hex, mode 0600, in the folder that holds the AOF (0700)."""
+    if not config.redis.managed:
+        return False
+    auth = redis_auth_file(config)
+    if read_redis_password(auth) is not None:
+        auth.chmod(0o600)  # one copied in from elsewhere keeps no looser mode
+        return False
+    auth.parent.mkdir(parents=True, exist_ok=True)
+    auth.parent.chmod(0o700)
+    write_private(auth, f"requirepass {secrets.token_hex(32)}\n")
+    return True
 
 
 def ensure_secret(config: Config, secret_file: Path = SECRET_FILE) -> None:
@@ -376,9 +413,16 @@ def supervisord_command(conf: Path) -> list[str]:
     return [sys.executable, "-m", "cluster.supervise", "-c", str(conf)]
 
 
-def start_supervisord(conf: Path) -> None:
+def start_supervisord(conf: Path, restart_all: bool = False) -> None:
+    """Start supervisord, or make a running one apply ``conf``; ``restart_all``: restart
+    every program too (those whose section did not change would keep what they read at
+    their start, such as a Redis URL without the password Redis now requires)."""
     if supervisord_pid() is not None:
-        apply_update(rpc())
+        proxy = rpc()
+        apply_update(proxy)
+        if restart_all:
+            proxy.supervisor.stopAllProcesses()
+            proxy.supervisor.startAllProcesses(False)
         return
     # Overrides reach the programs through the overrides file only: supervisord's own
     # environment (which every program inherits) must not pin the values of this start.
@@ -707,9 +751,7 @@ def write_record(config: Config, path: Path = LAUNCH_RECORD) -> None:
               "home": str(HOME)}
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as f:
-        json.dump(record, f, indent=1)
+    write_private(temporary, json.dumps(record, indent=1))
     temporary.replace(path)
 
 
@@ -759,10 +801,12 @@ def up(config: Config, overrides: Mapping[str, str] | None = None,
     ensure_secret(config)
     Path(config.log.dir).mkdir(parents=True, exist_ok=True)
     watch = Watch(Path(config.log.dir))  # the log offsets, before anything starts
+    new_password = ensure_redis_password(config)
+    config = _with_redis_password(config, new_password)
     conf = write_config(config)
     if supervisord_pid() is None:
         stop_leftovers()
-    start_supervisord(conf)
+    start_supervisord(conf, restart_all=new_password)
     write_record(config)
     relays = 0
     try:
@@ -783,6 +827,13 @@ def up(config: Config, overrides: Mapping[str, str] | None = None,
         return 1
     print_summary(config, target, answer, infos, relays)
     return 0 if users_ok else 1
+
+
+def _with_redis_password(config: Config, new: bool) -> Config:
+    """The configuration with the managed Redis's password in its URL."""
+    if new:
+        print(f"the managed Redis now requires a password (in {redis_auth_file(config)})")
+    return fill_redis_password(config)
 
 
 def print_summary(config: Config, target: tuple[str, int], answer: bytes,
@@ -833,6 +884,7 @@ def render(config: Config, overrides: Mapping[str, str] | None = None) -> int:
     if overrides is not None:
         write_overrides(OVERRIDES_FILE, overrides)
     ensure_secret(config)
+    config = _with_redis_password(config, ensure_redis_password(config))
     print(write_config(config))
     write_record(config)
     return 0

@@ -80,6 +80,7 @@ COUNTER_HELP = {
     "calls": "Calls set up (INVITEs accepted for routing).",
     "calls_ended": "Calls ended (a CDR written).",
     "parse_errors": "Messages that did not parse.",
+    "envelopes_refused": "Envelopes a worker dropped: not from its dispatcher.",
     "retransmissions_absorbed": "Retransmitted requests absorbed while the first copy was "
                                 "being handled.",
     "shed": "Requests refused with 503 because the worker was full.",

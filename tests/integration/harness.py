@@ -56,7 +56,8 @@ class Cluster:
         env["SIPCLUSTER_CONFIG"] = str(self.config_path)
         self.env = env
         self.config = load(str(self.config_path), env=env)
-        self.store = Store(redis_url, timeout=2.0)
+        # The configuration's URL: a managed Redis's carries the password of its state folder.
+        self.store = Store(self.config.redis.url, timeout=2.0)
         self.conf = self.run_dir / "supervisord.conf"
         self.conf.write_text(render_supervisord(
             self.config, run_dir=self.run_dir, python=sys.executable,

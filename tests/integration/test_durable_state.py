@@ -55,6 +55,7 @@ from harness import Cluster, running_cluster
 from sipp import SIPP
 
 from cluster import launch
+from cluster.config import load
 from cluster.relayctl import RelayClient
 from cluster.store import Store, relay_session
 from conftest import ROOT, RedisServer, free_tcp_port, require_redis_server
@@ -279,15 +280,20 @@ def managed_cluster(tmp_path: Path) -> Cluster:
     state.mkdir(parents=True)  # `sipcluster up` creates it (launch.write_config)
     url = f"redis://127.0.0.1:{free_tcp_port()}/0"
     settings = {**SETTINGS, "redis": {"managed": True, "state_dir": str(state)}}
+    # and gives it a password, which every process reads from the state folder
+    launch.ensure_redis_password(load(env={"SIPCLUSTER_REDIS_STATE_DIR": str(state)},
+                                      secret_file=None))
     cluster = Cluster(tmp_path / "cluster", url, workers=2, settings=settings)
     assert "--appendonly yes" in cluster.conf.read_text()
+    assert f"{state}/redis-auth.conf" in cluster.conf.read_text()
+    assert cluster.config.redis.url != url  # the password is in it
     return cluster
 
 
 def start(cluster: Cluster) -> None:
     subprocess.run(launch.supervisord_command(cluster.conf), check=True, cwd=ROOT,
                    env=cluster.env)
-    launch.wait_for_redis(cluster.redis_url, timeout=20.0)
+    launch.wait_for_redis(cluster.config.redis.url, timeout=20.0)
     cluster.wait_ready(30.0)
     wait_relays(cluster)
 
@@ -370,7 +376,6 @@ def test_demo_users_go_only_into_an_empty_directory(tmp_path, redis_url):
     empty directory once; after that an operator's change of password and deletion stay,
     whatever the number of starts.  Plain `sipctl users demo` still adds them."""
     from cluster.cli import main as sipctl
-    from cluster.config import load
 
     config_path = tmp_path / "cluster.toml"
     config_path.write_text(f'[redis]\nurl = "{redis_url}"\nmanaged = false\n'

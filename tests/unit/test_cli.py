@@ -364,3 +364,46 @@ def test_bans_lists_source_reason_and_seconds_left(capsys):
     assert (row["source"], row["reason"], row["left"], row["by"]) == (
         "192.0.2.7", "flood-invite", 260, "dispatcher@host-a")
     assert cli.build_parser().parse_args(["bans", "unban", "192.0.2.7"]).ip == "192.0.2.7"
+# --------------------------------------------------------------------------- passwords
+class _Input(io.StringIO):
+    def __init__(self, text: str, tty: bool):
+        super().__init__(text)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def _add_args(*argv: str):
+    return cli.build_parser().parse_args(["users", "add", "1002", *argv])
+
+
+def test_the_password_is_asked_twice_without_echo_on_a_terminal():
+    asked = []
+
+    def prompt(text):
+        asked.append(text)
+        return "s3cret"
+    assert cli.read_password(_add_args(), _Input("", tty=True), prompt) == "s3cret"
+    assert asked == ["password for 1002: ", "again: "]
+    answers = iter(["one", "two"])
+    with pytest.raises(ValueError, match="differ"):
+        cli.read_password(_add_args(), _Input("", tty=True), lambda _: next(answers))
+
+
+def test_the_password_comes_from_stdin_with_password_stdin():
+    args = _add_args("--password-stdin")
+    assert cli.read_password(args, _Input("pa ss word\n", tty=False)) == "pa ss word"
+    with pytest.raises(ValueError, match="empty"):
+        cli.read_password(args, _Input("\n", tty=False))
+
+
+def test_without_a_terminal_or_password_stdin_there_is_no_password():
+    with pytest.raises(ValueError, match="--password-stdin"):
+        cli.read_password(_add_args(), _Input("guess\n", tty=False))
+
+
+def test_password_on_the_command_line_still_works_but_not_with_stdin():
+    assert cli.read_password(_add_args("--password", "x1"), _Input("", tty=False)) == "x1"
+    with pytest.raises(SystemExit):
+        _add_args("--password", "x1", "--password-stdin")

@@ -28,9 +28,24 @@ def test_sockets_message_with_nothing_held():
     assert envelope.parse_control(envelope.sockets_message("worker-0", []))["sockets"] == []
 
 
-def test_welcome_names_the_host_and_families():
-    assert envelope.parse_control(envelope.welcome("h1", ["AF_INET"])) == {
-        "type": "welcome", "host": "h1", "sockets": ["AF_INET"]}
+def test_welcome_names_the_host_families_and_forwarding_address():
+    message = envelope.parse_control(envelope.welcome("h1", ["AF_INET"], ("127.0.0.1", 4321)))
+    assert message == {"type": "welcome", "host": "h1", "sockets": ["AF_INET"],
+                       "forward": ["127.0.0.1", 4321]}
+    assert envelope.forward_of(message) == ("127.0.0.1", 4321)
+
+
+@pytest.mark.parametrize("forward", [None, [], ["127.0.0.1"], [1, 2], ["127.0.0.1", "5"]])
+def test_a_welcome_without_a_forwarding_address_is_refused(forward):
+    with pytest.raises(ValueError):
+        envelope.forward_of({"type": "welcome", "host": "h", "sockets": [], "forward": forward})
+
+
+def test_peer_credentials_of_a_unix_socket_are_this_user():
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert envelope.peer_trusted(a)
 
 
 @pytest.mark.parametrize("payload", [

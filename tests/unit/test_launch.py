@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import stat
 import threading
@@ -272,3 +274,65 @@ def test_the_cause_is_read_from_the_lines_of_this_start_only(tmp_path):
         "ModuleNotFoundError: No module named 'gevent'\n")
     assert watch.cause({**info, "name": "worker-0"}) == (
         "worker-0: ModuleNotFoundError: No module named 'gevent'")
+def test_the_managed_redis_gets_a_private_password_once(tmp_path):
+    state = tmp_path / "state" / "redis"
+    config = load(env={"SIPCLUSTER_REDIS_STATE_DIR": str(state)}, secret_file=None)
+    assert launch.ensure_redis_password(config) is True
+    auth = state / "redis-auth.conf"
+    text = auth.read_text()
+    assert re.fullmatch(r"requirepass [0-9a-f]{64}\n", text)
+    assert stat.S_IMODE(auth.stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert launch.ensure_redis_password(config) is False
+    assert auth.read_text() == text
+    # redis-server reads it as its configuration file: the password is on no command line.
+    conf = launch.write_config(config, run_dir=tmp_path / "run")
+    (redis,) = supervisord_view(conf)["redis"]
+    argv = redis.command.split()
+    assert argv[1] == str(auth)
+    assert text.split()[1] not in conf.read_text()
+
+
+def test_every_process_reads_the_managed_redis_password(tmp_path):
+    state = tmp_path / "redis"
+    env = {"SIPCLUSTER_REDIS_STATE_DIR": str(state)}
+    secret = tmp_path / "secret"
+    assert load(env=env, secret_file=secret).redis.url == "redis://127.0.0.1:6379/0"
+    launch.ensure_redis_password(load(env=env, secret_file=None))
+    password = (state / "redis-auth.conf").read_text().split()[1]
+    assert load(env=env, secret_file=secret).redis.url == f"redis://:{password}@127.0.0.1:6379/0"
+    # Credentials given in the URL, and a Redis run elsewhere, are left as they are.
+    given = {**env, "SIPCLUSTER_REDIS_URL": "redis://:mine@127.0.0.1:6379/0"}
+    assert load(env=given, secret_file=secret).redis.url == "redis://:mine@127.0.0.1:6379/0"
+    external = {**env, "REDIS_URL": "redis://127.0.0.1:7001/0"}
+    assert load(env=external, secret_file=secret).redis.url == "redis://127.0.0.1:7001/0"
+
+
+def test_the_rendered_configuration_is_private_whatever_the_umask(tmp_path, monkeypatch):
+    env = {"SIPCLUSTER_AUTH_SECRET": "s3cret-nonce-key", "SIPCLUSTER_LOG_DIR": str(tmp_path)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # as `make run` would see them
+    config = load(env=env, secret_file=None)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "supervisord.conf").write_text("old")
+    (run_dir / "supervisord.conf").chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        conf = launch.write_config(config, run_dir=run_dir)
+    finally:
+        os.umask(previous)
+    # The overrides (the secret among them) reach the programs through run/overrides.json
+    # (0600), not through supervisord's configuration.
+    assert "s3cret-nonce-key" not in conf.read_text()
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+
+
+def test_every_section_is_read_by_a_program_it_restarts():
+    """A section missing from CONCERNS would change without restarting what reads it."""
+    import dataclasses
+
+    from cluster.config import Config
+    sections = {f.name for f in dataclasses.fields(Config)} - {"source"}
+    concerned = {name for names in launch.CONCERNS.values() for name in names}
+    assert sections <= concerned, sections - concerned

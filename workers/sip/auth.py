@@ -20,6 +20,7 @@ from enum import Enum
 import gevent
 
 from cluster.backoff import Backoff
+from cluster.bounded import BoundedCache
 from cluster.sip import digest
 from cluster.sip.errors import SipError
 from cluster.sip.message import Request
@@ -31,6 +32,12 @@ HA1_CACHE_SECONDS = 30.0  # how long a password change may take to apply
 # bindings again: a phone that moves is let through this much later.
 REGISTERED_SOURCES_SECONDS = 5.0
 LOCAL_ENTRIES_MAX = 100_000  # per cache: an attacker's made-up names must not grow it forever
+# ... nor their length: a user name comes off the wire and may be 60 KB long.  A real entry
+# (a name, two hex HA1s or a few addresses, ~200 B of objects) costs ~400 B, so 100,000 fit
+# in 40 MB; 8 MB keeps ~20,000 users' HA1 for HA1_CACHE_SECONDS (30 s), more than the REGISTERs
+# a worker carries in that time (~3,500/s at most: a miss costs one Redis read), and keeps
+# what a flood of 60 KB names takes to 8 MB per cache.
+LOCAL_CACHE_BYTES = 8 * 1024 * 1024
 
 
 class Verdict(Enum):
@@ -64,10 +71,12 @@ class Authenticator:
         self.user_max_failures = user_max_failures  # 0: no per-user lockout
         self.user_failure_window = user_failure_window
         self.user_lockout = user_lockout
-        self._ha1: dict[str, tuple[float, dict | None]] = {}
-        self._throttled: dict[str, float] = {}
-        self._locked: dict[str, float] = {}  # AOR -> monotonic time its lockout ends
-        self._registered: dict[str, tuple[float, frozenset[str]]] = {}  # AOR -> source IPs
+        # user -> (until, {algorithm: HA1} or None for an unknown user)
+        self._ha1 = BoundedCache(LOCAL_ENTRIES_MAX, LOCAL_CACHE_BYTES)
+        self._throttled = BoundedCache(LOCAL_ENTRIES_MAX, LOCAL_CACHE_BYTES)  # IP -> until
+        self._locked = BoundedCache(LOCAL_ENTRIES_MAX, LOCAL_CACHE_BYTES)  # AOR -> until
+        # AOR -> (until, the source IPs of its live bindings)
+        self._registered = BoundedCache(LOCAL_ENTRIES_MAX, LOCAL_CACHE_BYTES)
         self.counters = Counter() if counters is None else counters  # auth_<outcome> failures
         # Unknown users are checked against this, so they cost what a real user costs.
         self._decoy = {alg: digest.ha1("-", realm, os.urandom(16).hex(), alg)
@@ -139,10 +148,9 @@ class Authenticator:
         cached = self._ha1.get(user)
         if cached is None or cached[0] < now:
             record = self.store.get_user(user, self.realm)
-            cached = (now + HA1_CACHE_SECONDS, record["ha1"] if record else None)
-            if len(self._ha1) > LOCAL_ENTRIES_MAX:
-                self._ha1.clear()
-            self._ha1[user] = cached
+            ha1 = record["ha1"] if record else None
+            cached = (now + HA1_CACHE_SECONDS, ha1)
+            self._ha1.put(user, cached, len(user) + (sum(map(len, ha1.values())) if ha1 else 0))
         known = cached[1]
         if not known or algorithm not in known:
             return self._decoy[algorithm], False
@@ -153,7 +161,7 @@ class Authenticator:
         if until is None:
             return False
         if until < time.monotonic():
-            del self._throttled[ip]
+            self._throttled.pop(ip)
             return False
         return True
 
@@ -164,7 +172,7 @@ class Authenticator:
         if until is None:
             return False
         if until < time.monotonic():
-            del self._locked[aor]
+            self._locked.pop(aor)
             return False
         return ip not in self._registered_sources(aor)
 
@@ -175,9 +183,8 @@ class Authenticator:
         cached = self._registered.get(aor)
         if cached is None or cached[0] < now:
             sources = frozenset(b.source[0] for b in self.store.bindings(aor))
-            if len(self._registered) > LOCAL_ENTRIES_MAX:
-                self._registered.clear()
-            cached = self._registered[aor] = (now + REGISTERED_SOURCES_SECONDS, sources)
+            cached = (now + REGISTERED_SOURCES_SECONDS, sources)
+            self._registered.put(aor, cached, len(aor) + sum(len(ip) + 60 for ip in sources))
         return cached[1]
 
     def _note_failure(self, ip: str, user: str) -> None:
@@ -195,13 +202,10 @@ class Authenticator:
                 self.lock(aor, left)
 
     def block(self, ip: str, seconds: float) -> None:
-        self._throttled[ip] = time.monotonic() + seconds
+        self._throttled.put(ip, time.monotonic() + seconds, len(ip))
 
     def lock(self, aor: str, seconds: float) -> None:
-        if len(self._locked) > LOCAL_ENTRIES_MAX:
-            now = time.monotonic()
-            self._locked = {k: v for k, v in self._locked.items() if v > now}
-        self._locked[aor] = time.monotonic() + seconds
+        self._locked.put(aor, time.monotonic() + seconds, len(aor))
 
     def follow_blocks(self) -> None:
         """Apply the source blocks and user lockouts other workers announce (run in its

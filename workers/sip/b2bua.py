@@ -10,7 +10,6 @@ writer that loses the race re-reads and decides again.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -21,6 +20,7 @@ import gevent
 import gevent.lock
 
 from cluster.backoff import Backoff
+from cluster.bounded import BoundedCache
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -29,7 +29,7 @@ from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, parse_uri
-from cluster.store import StoreUnavailable, aor_of, tx_key
+from cluster.store import StoreUnavailable, aor_of, pack, tx_key
 
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
@@ -43,6 +43,13 @@ ENDED_TTL = 120.0  # kept a while after the end for retransmissions and the oper
 CAS_ATTEMPTS = 8
 TIMER_TICK = 0.05  # timers fire within this of their due time (T1 is 500 ms)
 RECORD_CACHE = 20_000  # call records remembered per worker
+# ... and the memory they may take.  A two-fork call's record is ~5 KB packed and ~12 KB as
+# Python objects (measured: RECORD_OBJECT_FACTOR 2.4 x its msgpack size), so 20,000 records
+# could take ~240 MB, more with large SDP; 64 MB keeps ~5,000 typical ones.  A record is the
+# fast path for a call's next event on this worker (affinity); a miss costs one HMGET.
+# Sizing it costs a pack per remembered record (~11 us for 5 KB, measured).
+RECORD_CACHE_BYTES = 64 * 1024 * 1024
+RECORD_OBJECT_FACTOR = 2.4
 DISARM_BATCH_SECONDS = 0.005
 UNSURE_KEEP = 600.0  # seconds a failed write that ended a call is watched for
 UNSURE_MAX = 10_000
@@ -58,7 +65,8 @@ class B2BUA:
         self.media = media_for(worker.config, worker.store, worker.host)
         self.running = True
         self._locks: dict[str, list] = {}
-        self._records: collections.OrderedDict[str, tuple[int, dict]] = collections.OrderedDict()
+        # call tag -> (version, record)
+        self._records = BoundedCache(RECORD_CACHE, RECORD_CACHE_BYTES)
         self._disarm: list[tuple[str, str, float]] = []
         self._disarm_pending = False
         # call tag -> {the "ended" of a write that may have landed: (its CDRs, keep until)}
@@ -352,11 +360,8 @@ class B2BUA:
     def _remember(self, tag: str, version: int, record: dict) -> None:
         """Keep the call's last record: with affinity the next event of the call comes here
         too, and the compare-and-set of its write proves the record still current."""
-        records = self._records
-        records[tag] = (version, record)
-        records.move_to_end(tag)
-        if len(records) > RECORD_CACHE:
-            records.popitem(last=False)
+        self._records.put(tag, (version, record),
+                          int(len(pack(record)) * RECORD_OBJECT_FACTOR))
 
     def _write_disarm(self) -> None:
         entries, self._disarm = self._disarm, []

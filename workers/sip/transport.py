@@ -35,6 +35,7 @@ RECV_BUFFER = 4 * 1024 * 1024
 RECONNECT_EVERY = 0.1  # seconds between attempts to reach a missing dispatcher
 CONTROL_TIMEOUT = 2.0  # seconds a dispatcher has to answer a connecting worker
 STILL_MISSING_EVERY = 10.0  # seconds between log lines while the dispatcher stays away
+REFUSED_LOG_EVERY = 10.0  # seconds between log lines about envelopes from elsewhere
 
 
 class Transport:
@@ -53,6 +54,11 @@ class Transport:
         self.egress = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sip_sockets: list[socket.socket] = []
         self.control: socket.socket | None = None
+        # Where envelopes may come from: the current dispatcher's forwarding socket (named
+        # in its welcome); None while no dispatcher is connected, when none is taken.
+        self.dispatcher_addr: tuple[str, int] | None = None
+        self._refused_logged = 0.0
+        self._refused_since_log = 0
         self._hosts: dict[str, tuple[float, tuple[str, int] | None]] = {}
         self.sent = 0
         # What leaves, for the heartbeat: responses_<N>xx by class, sent_<METHOD> requests.
@@ -108,6 +114,8 @@ class Transport:
         try:
             conn.settimeout(CONTROL_TIMEOUT)
             conn.connect(self.control_path)
+            if not envelope.peer_trusted(conn):
+                raise ValueError("the control socket is served by another user's process")
             message, fds = self._receive_control(conn)
             if message["type"] == "reclaim":
                 # A new dispatcher found the SIP port taken by the sockets we hold.
@@ -120,6 +128,8 @@ class Transport:
                 message, fds = self._receive_control(conn)
             if message["type"] != "welcome" or len(fds) != len(message.get("sockets", ())):
                 raise ValueError(f"unexpected {message['type']} from the dispatcher")
+            # Before the hello: the dispatcher forwards as soon as it has read it.
+            self.dispatcher_addr = envelope.forward_of(message)  # ValueError: names none
             ip, port = self.inbound.getsockname()
             conn.sendall(msgpack.packb({"type": "hello", "name": self.name, "ip": ip,
                                         "port": port, "pid": os.getpid()}))
@@ -163,6 +173,9 @@ class Transport:
                 continue
             log.warning("lost the dispatcher; reconnecting")
             self.control = None
+            # Its forwarding port is free now and anyone may bind it: nothing is taken
+            # until the next dispatcher's welcome names its own.
+            self.dispatcher_addr = None
             conn.close()
             self._connect()
 
@@ -189,9 +202,13 @@ class Transport:
 
     def _receive_loop(self) -> None:
         backoff = Backoff(log, "receiving")
+        recvfrom = self.inbound.recvfrom
         while True:
             try:
-                data = self.inbound.recv(65600)
+                data, source = recvfrom(65600)
+                if source != self.dispatcher_addr:
+                    self._refuse(source)
+                    continue
                 try:
                     addr, index, payload = envelope.unwrap(data)
                 except ValueError:
@@ -200,6 +217,21 @@ class Transport:
             except Exception as exc:  # one datagram's trouble must not stop the others
                 self.counters["receive_errors"] += 1
                 gevent.sleep(backoff.failed(exc) if isinstance(exc, OSError) else 0)
+
+    def _refuse(self, source: tuple[str, int]) -> None:
+        """An envelope from anywhere but the dispatcher: dropped, counted, and told in one
+        line per REFUSED_LOG_EVERY (a flood of them must not flood the log too)."""
+        self.counters["envelopes_refused"] += 1
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_LOG_EVERY:
+            expected = self.dispatcher_addr
+            log.warning("dropped %d envelope(s) not from the dispatcher (%s), the last "
+                        "from %s:%d", self._refused_since_log,
+                        f"{expected[0]}:{expected[1]}" if expected else "none",
+                        source[0], source[1])
+            self._refused_logged = now
+            self._refused_since_log = 0
 
     # ---------------------------------------------------------------- sending
     def send(self, data: bytes, dest: tuple[str, int], *, host: str | None = None,

@@ -12,7 +12,6 @@ start the same Redis work again):
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ import gevent
 import gevent.pool
 
 from cluster.backoff import Backoff
+from cluster.bounded import BoundedCache
 from cluster.config import Config
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -52,10 +52,21 @@ log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
 DRAIN_SECONDS = 5.0
 RECENT_ANSWERS = 50_000  # stateless answers remembered for retransmissions
+# ... and the bytes they may take.  A typical entry (key ~100 B, a 401 or 200 of ~500 B, ~200 B
+# of objects) costs ~800 B: 16 MB keeps ~20,000, the answers of the last ~6 s at 3,500
+# REGISTERs/s on one worker (more than the prototype's whole-cluster peak), and copies come
+# within T2 (4 s) but for the last of Timer J's.  Junk with large Call-IDs (remembered twice:
+# in the key and in the answer that echoes it) grew a worker by ~350 MB when only the count
+# bounded it.
+RECENT_ANSWERS_BYTES = 16 * 1024 * 1024
 ANSWER_BATCH_SECONDS = 0.002
 DEFERRED_KEEP = 3600.0  # seconds a hang-up Redis could not take is kept for a retry
 DEFERRED_MAX = 10_000
+# Whole datagrams (up to 64 KB each), kept only while Redis is in trouble: 16 MB holds ~10,000
+# typical BYEs and CANCELs (~1 KB), 250 of the largest.
+DEFERRED_BYTES = 16 * 1024 * 1024
 HELD_MAX = 10_000  # requests remembered as held back by Redis trouble
+HELD_BYTES = 4 * 1024 * 1024  # their keys (Call-ID, branch, method): ~300 B each, typically
 # Methods that belong to a call (in or out of a dialog) and go to the B2BUA.
 CALL_METHODS = frozenset(ALLOWED) - {"REGISTER", "OPTIONS"}
 # Out-of-dialog requests whose user names are counted against limits.scan_users.
@@ -117,15 +128,14 @@ class Worker:
         self.pinger = Pinger(self, int(os.environ.get("SIPCLUSTER_WORKER_INDEX", "0")),
                              config.workers.count)
         self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
-        self._recent: collections.OrderedDict[bytes, tuple[float, bytes, tuple]] = (
-            collections.OrderedDict())
+        # Request mark -> (until, answer, destination).
+        self._recent = BoundedCache(RECENT_ANSWERS, RECENT_ANSWERS_BYTES)
         # New requests Redis could not take, left unanswered: mark -> when the first copy
         # failed (see _store_unavailable).
         self.outage_hold = config.workers.outage_hold
-        self._held: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._held = BoundedCache(HELD_MAX, HELD_BYTES)
         # Hang-ups Redis could not take: mark -> (keep until, datagram, source, socket).
-        self._deferred: collections.OrderedDict[bytes, tuple[float, bytes, tuple, int]] = (
-            collections.OrderedDict())
+        self._deferred = BoundedCache(DEFERRED_MAX, DEFERRED_BYTES)
 
     # ---------------------------------------------------------------- entry
     def run(self) -> None:
@@ -203,9 +213,9 @@ class Worker:
             return
         mark = _request_mark(req.call_id, (req.via.branch or "").encode(), req.method)
         recent, now = self._recent, time.monotonic()
-        recent[mark] = (now + self.tx_ttl, data, dest)
-        while recent and (len(recent) > RECENT_ANSWERS or next(iter(recent.values()))[0] < now):
-            recent.popitem(last=False)
+        recent.put(mark, (now + self.tx_ttl, data, dest), len(mark) + len(data))
+        while (oldest := recent.oldest()) is not None and oldest[1][0] < now:
+            recent.pop_oldest()
 
     @staticmethod
     def _mark(data: bytes) -> bytes | None:
@@ -322,9 +332,12 @@ class Worker:
         copy failed less than outage_hold ago)."""
         now = time.monotonic()
         held = self._held
-        first = held.setdefault(mark, now)
-        while held and (len(held) > HELD_MAX or next(iter(held.values())) < now - self.tx_ttl):
-            held.popitem(last=False)
+        first = held.get(mark)
+        if first is None:
+            first = now
+            held.put(mark, now, len(mark))
+        while (oldest := held.oldest()) is not None and oldest[1] < now - self.tx_ttl:
+            held.pop_oldest()
         return now - first < self.outage_hold
 
     def _defer_hangup(self, data: bytes, source: Source) -> None:
@@ -335,12 +348,8 @@ class Worker:
         mark = self._mark(data)
         if mark is None:
             return
-        deferred = self._deferred
-        deferred[mark] = (source.keep_until or time.monotonic() + DEFERRED_KEEP, data,
-                          source.addr, source.sock_index)
-        deferred.move_to_end(mark)
-        while len(deferred) > DEFERRED_MAX:
-            deferred.popitem(last=False)
+        self._deferred.put(mark, (source.keep_until or time.monotonic() + DEFERRED_KEEP, data,
+                                  source.addr, source.sock_index), len(mark) + len(data))
 
     def _retry_hangups(self) -> None:
         """Carry out the deferred hang-ups once Redis answers again (own greenlet)."""
