@@ -43,8 +43,10 @@ class Relayed:
 
     mode = "relay"
 
-    def __init__(self, store, host: str):
-        self.client = RelayClient(store, host=host)
+    def __init__(self, store, host: str, key: bytes):
+        # New sessions on this host's relays; a call's session is changed at its owner,
+        # whichever host's worker handles the message (its announced control address).
+        self.client = RelayClient(store, host=host, key=key)
 
     def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
         described = sdp.parse(body)
@@ -81,7 +83,9 @@ class Relayed:
 
 
 def media_for(config, store, host: str):
-    return Relayed(store, host) if config.media.mode == "relay" else Bypass()
+    if config.media.mode != "relay":
+        return Bypass()
+    return Relayed(store, host, relayctl.control_key(config.auth.secret))
 
 
 def follow_media_timeouts(worker) -> None:

@@ -24,6 +24,7 @@ import gevent.pool
 
 from cluster.backoff import Backoff
 from cluster.config import Config
+from cluster.escape import escape_controls
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.errors import SipError
@@ -44,7 +45,7 @@ from .media import follow_media_timeouts
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
-from .transport import Transport
+from .transport import Transport, handoff_key
 
 log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
@@ -102,7 +103,9 @@ class Worker:
         self.transport = Transport(
             config.dispatcher.control_path, name, self.host,
             config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
-            load=lambda: len(self.pool), counters=self.counters)
+            load=lambda: len(self.pool), counters=self.counters,
+            handoff_key=handoff_key(config.auth.secret),
+            egress_bind=config.dispatcher.inter_host_address)
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
@@ -261,7 +264,17 @@ class Worker:
                 return  # a broken response is dropped, never answered
             raise exc
         if isinstance(msg, Response):
-            self.on_response(msg, source)
+            try:
+                self.on_response(msg, source)
+            except SipError as exc:
+                # A response cannot be answered: what its handling refused (a relay that
+                # would not take the callee's SDP, say) is said here, or the call just
+                # stalls until its timers give up.
+                self.counters["response_errors"] += 1
+                call_log(log, msg.call_id or b"-").warning(
+                    "%d %s from %s:%d not carried out: %d %s", msg.status,
+                    escape_controls(msg.reason), *source.addr, exc.status,
+                    escape_controls(exc.reason))
             return
         try:
             self.on_request(msg, source)
