@@ -161,8 +161,10 @@ def cmd_regs(args, config: Config, store: Store) -> int:
                          "expires_in": int(b.expires_at - now),
                          "expires_at": round(b.expires_at, 3), "nat": b.nat,
                          "instance": b.instance or ""})
-    _print_rows(rows, ["aor", "contact", "source", "transport", "expires_in", "user_agent"],
-                args.json)
+    # "host": the host whose SIP socket the phone registered through (its NAT lets in
+    # only what that host sends).
+    _print_rows(rows, ["aor", "contact", "source", "host", "transport", "expires_in",
+                       "user_agent"], args.json)
     return 0
 
 

@@ -53,6 +53,11 @@ def derive_key(secret: str | bytes, purpose: bytes) -> bytes:
     return hmac.new(raw, b"sipcluster/" + purpose, hashlib.sha256).digest()
 
 
+def handoff_key(secret: str | bytes) -> bytes:
+    """The inter-host hand-off key (relay control has its own: relayctl.control_key)."""
+    return derive_key(secret, PURPOSE_HANDOFF)
+
+
 def seal(key: bytes, body: bytes, now: float | None = None, nonce: bytes | None = None) -> bytes:
     if not key:
         raise ValueError("no cluster key: auth.secret is empty")

@@ -119,8 +119,7 @@ class Dispatcher:
         self.forward = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.forward.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECV_BUFFER)
         self.egress = self._bind_egress()
-        self.handoff_key = clusterauth.derive_key(config.auth.secret,
-                                                  clusterauth.PURPOSE_HANDOFF)
+        self.handoff_key = clusterauth.handoff_key(config.auth.secret)
         self.handoff_sources: frozenset[str] = frozenset()  # set by the publishing thread
         self.handoff_replays = clusterauth.Replays()
         self.handoff_log = clusterauth.RateLimitedLog(log)

@@ -40,11 +40,6 @@ CONTROL_TIMEOUT = 2.0  # seconds a dispatcher has to answer a connecting worker
 STILL_MISSING_EVERY = 10.0  # seconds between log lines while the dispatcher stays away
 
 
-def handoff_key(secret: str | bytes) -> bytes:
-    """The inter-host hand-off key every host derives from the cluster's ``auth.secret``."""
-    return clusterauth.derive_key(secret, clusterauth.PURPOSE_HANDOFF)
-
-
 class Transport:
     def __init__(self, control_path: str, name: str, host: str, heartbeat_interval: float,
                  store: Store, on_datagram, load=lambda: 0, counters: Counter | None = None,

@@ -22,6 +22,7 @@ from collections import Counter
 import gevent
 import gevent.pool
 
+from cluster import clusterauth
 from cluster.backoff import Backoff
 from cluster.config import Config
 from cluster.escape import escape_controls
@@ -45,7 +46,7 @@ from .media import follow_media_timeouts
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
-from .transport import Transport, handoff_key
+from .transport import Transport
 
 log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
@@ -104,7 +105,7 @@ class Worker:
             config.dispatcher.control_path, name, self.host,
             config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
             load=lambda: len(self.pool), counters=self.counters,
-            handoff_key=handoff_key(config.auth.secret),
+            handoff_key=clusterauth.handoff_key(config.auth.secret),
             egress_bind=config.dispatcher.inter_host_address)
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
