@@ -170,6 +170,9 @@ def test_bad_toml_is_an_error_naming_the_setting(tmp_path, text, message):
     ({"SIPCLUSTER_AUTH_USER_MAX_FAILURES": "-1"}, "auth.user_max_failures"),
     ({"SIPCLUSTER_AUTH_USER_LOCKOUT": "0"}, "auth.user_lockout"),
     ({"REDIS_URL": "127.0.0.1:6379"}, "redis.url"),
+    ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "0.0.0.0"}, "media.control_address"),
+    ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "::1"}, "media.control_address"),
+    ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "relay.example"}, "media.control_address"),
 ])
 def test_impossible_values_are_rejected(tmp_path, env, message):
     with pytest.raises(ConfigError, match=message):
@@ -246,3 +249,17 @@ def test_config_is_frozen(tmp_path):
     config = load_env(tmp_path, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.sip.port = 1  # type: ignore[misc]
+
+
+def test_relay_control_address_follows_the_inter_host_address(tmp_path):
+    """One host: loopback.  Several: the address the other hosts reach this one at, unless
+    media.control_address names another."""
+    assert load_env(tmp_path, {}).relay_control_address == "127.0.0.1"
+    several = {"SIPCLUSTER_DISPATCHER_INTER_HOST_PORT": "5070",
+               "SIPCLUSTER_DISPATCHER_INTER_HOST_ADDRESS": "10.0.0.11"}
+    assert load_env(tmp_path, several).relay_control_address == "10.0.0.11"
+    assert load_env(tmp_path, {**several, "SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "10.0.1.11"}
+                    ).relay_control_address == "10.0.1.11"
+    # An inter-host address without the hand-off port is a single host still.
+    assert load_env(tmp_path, {"SIPCLUSTER_DISPATCHER_INTER_HOST_ADDRESS": "10.0.0.11"}
+                    ).relay_control_address == "127.0.0.1"
