@@ -67,6 +67,13 @@ HANDBACK_TIMEOUT = 1.0  # seconds a worker has to answer the reclaim request
 # Seconds after start the SIP sockets wait for every configured worker to join; past
 # it they are read as soon as one has.
 STARTUP_GRACE = 2.0
+# The host announcement (host:<id>) lives this long after the last one, renewed every
+# second: the other hosts' workers stop handing off to a dead host once it lapses (and
+# their 1 s cache of it: workers/sip/transport.py), 2 to 4 s after the death, where a
+# 5 s TTL and a 5 s cache made it up to 10 s.  Three renewals must fail in a row (a
+# Redis outage of 3 s) before a live host looks dead; meanwhile its phones are sent to
+# straight, not through it, which only a strict NAT drops.
+HOST_TTL = 3.0
 HOSTS_REFRESH = 1.0  # seconds between reads of the cluster's hosts (hand-off sources)
 HOST_TRUSTED_FOR = 86_400.0  # a host announced this recently may hand off (it restarts)
 
@@ -454,7 +461,7 @@ class Dispatcher:
                     bound, port = self.egress.getsockname()[:2]
                     # What other hosts send to: a bind address of 0.0.0.0 reaches no one.
                     host["egress"] = [self.config.dispatcher.inter_host_address or bound, port]
-                store.announce_host(self.host, host, ttl=5)
+                store.announce_host(self.host, host, ttl=HOST_TTL)
                 if self.egress is not None and time.monotonic() >= next_hosts:
                     self.handoff_sources = _handoff_sources(store.hosts())
                     next_hosts = time.monotonic() + HOSTS_REFRESH

@@ -194,6 +194,8 @@ class RelayClient:
     _suspect: dict[str, float] = field(default_factory=dict, repr=False)
     _picked: dict[str, int] = field(default_factory=dict, repr=False)
     _spare: dict[tuple, list[socket.socket]] = field(default_factory=dict, repr=False)
+    # Hosts known dead (media.follow_dead_hosts): their relays are not waited for.
+    dead_hosts: set[str] = field(default_factory=set, repr=False)
 
     # ---------------------------------------------------------------- commands
     def offer(self, call_id: str, leg: str, streams: Sequence[StreamSpec], *, hold: bool = False,
@@ -294,6 +296,8 @@ class RelayClient:
         return None if record is None else record["relay"]
 
     def _to_owner(self, relay_id: str, call_id: str, message: dict) -> dict:
+        if relay_id.split("/", 1)[0] in self.dead_hosts:
+            raise RelayUnavailable(f"relay {relay_id} is on a dead host")
         control = self._control_of(relay_id, call_id)
         return _checked(self._exchange(control, message, self.owner_timeouts))
 

@@ -12,6 +12,8 @@ their own (tests/integration/netns.py).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -217,18 +219,37 @@ def wait_cdr(hosts: Hosts, a_call_id: str, timeout: float = 5.0) -> dict | None:
                                   if c.get("a_call_id") == a_call_id), None), timeout)
 
 
+def sipctl(hosts: Hosts, index: int, *args: str) -> list[dict]:
+    """`sipctl <args> --json` run on host ``index`` (in its namespace, with its config)."""
+    listing = subprocess.run(
+        ["ip", "netns", "exec", hosts.topology.host_ns(index), sys.executable, "-m",
+         "cluster.cli", *args, "--json"], capture_output=True, text=True, cwd=ROOT,
+        env=hosts.cluster(index).env, timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    return json.loads(listing.stdout)
+
+
+def test_every_worker_of_every_host_is_its_own_media_events_consumer(hosts):
+    """A consumer shows in the group once it got an event: events nobody acts on (not a
+    media timeout) are added until each of the 4 workers got one (200 at most)."""
+    expected = {f"h{h}/worker-{w}" for h in (1, 2) for w in (0, 1)}
+    found: set[str] = set()
+    for _ in range(200):
+        hosts.store.redis.xadd(st.RELAY_EVENTS_KEY, {"event": "probe", "call_id": "none"})
+        time.sleep(0.02)
+        found = {c["name"].decode() for c in hosts.store.redis.xinfo_consumers(
+            st.RELAY_EVENTS_KEY, "b2bua")}
+        if expected <= found:
+            break
+    assert found == expected
+
+
 def test_registrations_through_each_host_are_seen_from_every_host(hosts):
     one, two = phone(hosts, 1, "1010"), phone(hosts, 2, "1011")
     try:
         assert one.register() == 200 and two.register() == 200
         for index in (1, 2):
-            cluster = hosts.cluster(index)
-            listing = subprocess.run(
-                ["ip", "netns", "exec", hosts.topology.host_ns(index), sys.executable, "-m",
-                 "cluster.cli", "regs", "--json"], capture_output=True, text=True, cwd=ROOT,
-                env=cluster.env, timeout=30)
-            assert listing.returncode == 0, listing.stderr
-            rows = {(r["aor"], r["host"], r["source"]) for r in json.loads(listing.stdout)}
+            rows = {(r["aor"], r["host"], r["source"]) for r in sipctl(hosts, index, "regs")}
             assert (f"1010@{REALM}", "h1", f"{LAN_ADDRESS}:{one.port}") in rows, rows
             assert (f"1011@{REALM}", "h2", f"{LAN_ADDRESS}:{two.port}") in rows, rows
     finally:
@@ -277,6 +298,8 @@ def test_a_reinvite_and_a_bye_entering_the_other_host_reach_the_session_owner(ho
         owner = st.relay_session(hosts.store, call.tag)["relay"]
         assert owner.startswith("h1/") and hosts.sessions_of(call.tag) == [owner]
         before = (relay_of(call.ok.sdp), relay_of(call.invite.sdp))
+        listed = [c for c in sipctl(hosts, 2, "calls") if c["call"] == call.tag]
+        assert [(c["host"], c["relay"]) for c in listed] == [("h1", owner)], listed
 
         # A command from a client's address, not sealed with the cluster's key, is ignored.
         control = tuple(hosts.relay_node(owner)["control"])
@@ -362,3 +385,42 @@ def test_an_envelope_sent_to_the_hand_off_port_by_a_client_is_not_forwarded(host
                      "egress": 1}
     log = hosts.cluster(1).read_log("dispatcher")
     assert f"hand-off from {LAN_ADDRESS}:" in log and "not a host of the cluster" in log
+
+
+# ------------------------------------------------------------------ a host dies (it stays dead)
+def test_the_calls_of_a_dead_host_end_on_the_surviving_side(hosts):
+    """Every process of host 2 killed at once: its announcement lapses within 3 s (the
+    send path stops handing off to it 1 s later at most), and its calls are ended by host
+    1: BYE with cause 38 to the callee registered through host 1, and to the caller (from
+    host 1's socket, since host 2 is gone), one CDR with the cause."""
+    with cross_call(hosts, 2, 1, "1004", "1007") as call:
+        owner = st.relay_session(hosts.store, call.tag)["relay"]
+        assert owner.startswith("h2/")
+        since = media_window(call.caller, call.callee, seconds=1.0)
+        assert_media_through(call.callee, call.caller, relay_of(call.invite.sdp), since)
+
+        victims = hosts.topology.pids(hosts.topology.host_ns(2))
+        assert len(victims) >= 6  # supervisord, dispatcher, 2 workers, 2 relays
+        killed = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        (hosts.cluster(2).run_dir / "supervisord.pid").unlink(missing_ok=True)
+        assert wait_for(lambda: hosts.store.host_info("h2") is None, 5.0, step=0.05)
+        lapsed = time.monotonic() - killed
+        assert lapsed <= 3.5, lapsed
+
+        bye = call.callee.wait_request("BYE", 20.0)
+        ended = time.monotonic() - killed
+        assert bye is not None, hosts.cluster(1).log_tail()
+        assert "cause=38" in bye.header("Reason"), bye.header("Reason")
+        assert bye.source == (Topology.host_address(1), SIP_PORT)
+        to_caller = call.caller.wait_request("BYE", 5.0)
+        assert to_caller is not None and to_caller.source == (Topology.host_address(1),
+                                                              SIP_PORT)
+        cdr = wait_cdr(hosts, call.caller.call_id)
+        assert cdr is not None and cdr["hangup_cause"] == "NETWORK_OUT_OF_ORDER", cdr
+        assert st.relay_session(hosts.store, call.tag) is None
+        # Relays silent for 10 s (DEAD_HOST_AFTER), looked at every second.
+        assert 10.0 <= ended <= 14.0, ended
+        print(f"host 2 killed: announcement gone after {lapsed:.2f} s, "
+              f"its call ended after {ended:.2f} s")

@@ -117,6 +117,12 @@ class B2BUA:
         self._call_log(tag).info("media timeout: hanging up call %s", tag)
         self.hangup(tag, MEDIA_TIMEOUT)
 
+    def host_down(self, tag: str, relay: str) -> bool:
+        """The host of the call's relay died: no media can flow, hang up both legs."""
+        from .call import HOST_DOWN
+        self._call_log(tag).info("relay %s is on a dead host: hanging up call %s", relay, tag)
+        return self.hangup(tag, HOST_DOWN)
+
     def on_timer(self, tag: str, name: str, due: float) -> None:
         self._with_call(tag, lambda call: call.on_timer(name, due, self.ctx()), None, None)
 

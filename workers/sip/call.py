@@ -43,6 +43,7 @@ ORIGINATOR_CANCEL = ("ORIGINATOR_CANCEL", 487)
 NO_ANSWER = ("NO_ANSWER", 19)
 RECOVERY_ON_TIMER_EXPIRE = ("RECOVERY_ON_TIMER_EXPIRE", 102)
 MEDIA_TIMEOUT = ("MEDIA_TIMEOUT", 102)
+HOST_DOWN = ("NETWORK_OUT_OF_ORDER", 38)  # the host carrying the call's media died
 ADMIN_HANGUP = ("NORMAL_CLEARING", 16)
 COMPLETED_ELSEWHERE = ("Call completed elsewhere", 200)
 # SIP status of the failed call -> Q.850 cause (RFC 3398 section 8.2.6.1, abridged).

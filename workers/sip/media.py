@@ -11,6 +11,7 @@ session when the call ends, for any reason, and returns its final figures.
 from __future__ import annotations
 
 import logging
+import time
 
 import gevent
 
@@ -24,6 +25,12 @@ from cluster.sip.errors import SipError
 log = logging.getLogger("media")
 EVENTS_GROUP = "b2bua"
 CLAIM_AFTER_MS = 30_000  # an event read but not acknowledged this long is taken over
+# A host is dead when its dispatcher's announcement has lapsed (3 s after its last one)
+# and its relays have been silent this long: a relay that supervisord restarts, or a
+# host restarted quickly (supervisord stopped and started again), is back well within it
+# and its calls carry on (invariant 13).  Past it no media can flow through its relays.
+DEAD_HOST_AFTER = 10.0
+DEAD_HOST_CHECK = 1.0  # seconds between looks at the relays' heartbeats
 
 
 class Bypass:
@@ -96,7 +103,8 @@ def follow_media_timeouts(worker) -> None:
     No trouble ends this loop: it backs off and goes on, and the store makes the group
     anew when a fresh Redis (or a deleted stream) lacks it.  An event whose hang-up
     failed is not acknowledged, so it is claimed again after ``CLAIM_AFTER_MS``."""
-    store, name = worker.store, worker.name
+    # One consumer per worker of the cluster: "worker-0" of every host would be one.
+    store, name = worker.store, f"{worker.host}/{worker.name}"
     backoff = Backoff(log, "media events")
     grouped = False
     while getattr(worker.b2bua, "running", True):
@@ -119,4 +127,35 @@ def follow_media_timeouts(worker) -> None:
             gevent.sleep(0.05)  # never spin, should a read come back empty at once
 
 
-__all__ = ["Bypass", "Relayed", "media_for", "follow_media_timeouts", "relayctl"]
+def follow_dead_hosts(worker) -> None:
+    """End the calls whose relay is on a dead host (BYE to both sides, a CDR with cause
+    38 NETWORK_OUT_OF_ORDER): nothing else would, since the relay that would report
+    their media timeout is gone.  Every worker of every host looks; the call's
+    compare-and-set lets one hang it up, the others find it ended."""
+    store, host = worker.store, worker.host
+    media = worker.b2bua.media
+    backoff = Backoff(log, "dead hosts")
+    while getattr(worker.b2bua, "running", True):
+        gevent.sleep(DEAD_HOST_CHECK)
+        try:
+            now = time.time()
+            silent: dict[str, list[str]] = {}
+            for node in store_module.relay_nodes(store):
+                if now - float(node.get("seen", 0)) > DEAD_HOST_AFTER and node.get("host"):
+                    silent.setdefault(node["host"], []).append(node["id"])
+            dead = {h for h in silent if h != host and store.host_info(h) is None}
+            media.client.dead_hosts = dead
+            for relay_id in (r for h in dead for r in silent[h]):
+                for record in store_module.relay_owned_sessions(store, relay_id):
+                    worker.b2bua.host_down(record["call_id"], relay_id)
+                    # The session dies with its relay; its record would keep the call
+                    # pointing at it.
+                    store_module.relay_drop_sessions(store, relay_id, [record["call_id"]])
+        except Exception as exc:  # whatever it is, the watch goes on
+            gevent.sleep(backoff.failed(exc))
+            continue
+        backoff.ok()
+
+
+__all__ = ["Bypass", "Relayed", "media_for", "follow_dead_hosts", "follow_media_timeouts",
+           "relayctl"]

@@ -38,6 +38,9 @@ RECV_BUFFER = 4 * 1024 * 1024
 RECONNECT_EVERY = 0.1  # seconds between attempts to reach a missing dispatcher
 CONTROL_TIMEOUT = 2.0  # seconds a dispatcher has to answer a connecting worker
 STILL_MISSING_EVERY = 10.0  # seconds between log lines while the dispatcher stays away
+# Seconds another host's hand-off address is kept: one Redis GET per host and second at
+# most, and a dead host (its announcement lapses 3 s after its death) is noticed 1 s later.
+EGRESS_CACHE = 1.0
 
 
 class Transport:
@@ -257,5 +260,5 @@ class Transport:
             except StoreUnavailable:
                 info = None
             egress = tuple(info["egress"]) if info and info.get("egress") else None
-            cached = self._hosts[host] = (now + 5.0, egress)
+            cached = self._hosts[host] = (now + EGRESS_CACHE, egress)
         return cached[1]

@@ -42,7 +42,7 @@ from cluster.store import Store, StoreUnavailable
 
 from .auth import Authenticator
 from .b2bua import B2BUA
-from .media import follow_media_timeouts
+from .media import follow_dead_hosts, follow_media_timeouts
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
@@ -134,6 +134,7 @@ class Worker:
         greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
             greenlets.append(gevent.spawn(follow_media_timeouts, self))
+            greenlets.append(gevent.spawn(follow_dead_hosts, self))
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGINT, self.drain)
         gevent.joinall(greenlets, raise_error=True)
