@@ -321,6 +321,9 @@ def test_a_reinvite_and_a_bye_entering_the_other_host_reach_the_session_owner(ho
         call.caller.remote_target = retarget(call.caller.remote_target, 2)
         reinvite_ok = call.caller.reinvite("sendrecv", timeout=10.0)
         assert relay_of(reinvite_ok.sdp) == before[0]
+        # Answered from the host it was sent to (a NAT lets in only that one), not handed
+        # to host 1 where the call was set up.
+        assert reinvite_ok.source == hosts.address(2)
         reoffer = call.callee.requests("INVITE")[-1]
         assert reoffer.call_id == call.invite.call_id and relay_of(reoffer.sdp) == before[1]
         assert hosts.sessions_of(call.tag) == [owner]
@@ -330,7 +333,7 @@ def test_a_reinvite_and_a_bye_entering_the_other_host_reach_the_session_owner(ho
 
         # The BYE enters host 2 as well: the owner's session is deleted, the callee hung up.
         reply = call.caller.hangup(timeout=5.0)
-        assert reply is not None and reply.status == 200
+        assert reply is not None and reply.status == 200 and reply.source == hosts.address(2)
         bye = call.callee.wait_request("BYE", 5.0)
         assert bye is not None and NORMAL_CLEARING in bye.header("Reason")
         cdr = wait_cdr(hosts, call.caller.call_id)
@@ -350,7 +353,6 @@ def forged_bye(listener_port: int) -> bytes:
 def test_an_envelope_sent_to_the_hand_off_port_by_a_client_is_not_forwarded(hosts):
     key = clusterauth.handoff_key(SECRET)
     target = (Topology.host_address(1), HANDOFF_PORT)
-    time.sleep(0.5)  # the hand-offs of the calls before (BYE, its 200) are all done
     before = hosts.dispatcher(1, since=time.time())
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
         listener.bind((LAN_ADDRESS, 0))
@@ -378,11 +380,11 @@ def test_an_envelope_sent_to_the_hand_off_port_by_a_client_is_not_forwarded(host
             listener.recvfrom(65535)  # nothing else came through
 
     after = hosts.dispatcher(1, since=time.time())
+    # (What was forwarded is what the listener got, exactly one: the dispatcher's "egress"
+    # also counts the hand-offs of the calls of the tests before, a 2xx repeated late.)
     delta = {k: after.get(k, 0) - before.get(k, 0)
-             for k in ("handoff_foreign", "handoff_unauthenticated", "handoff_replayed",
-                       "egress")}
-    assert delta == {"handoff_foreign": 3, "handoff_unauthenticated": 1, "handoff_replayed": 1,
-                     "egress": 1}
+             for k in ("handoff_foreign", "handoff_unauthenticated", "handoff_replayed")}
+    assert delta == {"handoff_foreign": 3, "handoff_unauthenticated": 1, "handoff_replayed": 1}
     log = hosts.cluster(1).read_log("dispatcher")
     assert f"hand-off from {LAN_ADDRESS}:" in log and "not a host of the cluster" in log
 

@@ -89,14 +89,18 @@ class B2BUA:
         self.routes = [(re.compile(r.match), r) for r in cfg.routes]
         self.trusted = {r.trusted_source for r in cfg.routes if r.trusted_source}
 
-    def ctx(self, source: tuple[str, int] | None = None) -> Ctx:
-        return Ctx(time.time(), self.ids, self.settings, source, self.media)
+    def ctx(self, source: tuple[str, int] | None = None, arrival=None) -> Ctx:
+        """``arrival``: the Source a request came in through (its host and SIP socket)."""
+        if arrival is None:
+            return Ctx(time.time(), self.ids, self.settings, source, self.media)
+        return Ctx(time.time(), self.ids, self.settings, source, self.media,
+                   host=arrival.host, sock_index=arrival.sock_index)
 
     # ---------------------------------------------------------------- requests
     def on_request(self, req: Request, source) -> None:
         tag = call_tag(req.call_id)
         if self._with_call(tag, lambda call: call.on_request(req, source.addr, self.ctx(
-                source.addr)), req, source, inbound=req):
+                source.addr, source)), req, source, inbound=req):
             return
         if req.method in ("INVITE", "MESSAGE") and req.to.tag is None:
             self._new_call(tag, req, source)
@@ -169,7 +173,7 @@ class B2BUA:
                 clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
             else:  # another worker created it meanwhile: this INVITE is a retransmission there
                 self._with_call_locked(tag, lambda c: c.on_request(req, source.addr, self.ctx(
-                    source.addr)), req, source, None)
+                    source.addr, source)), req, source, None)
 
     def _targets(self, callee: str | None, local_only: bool) -> tuple[list[Target], int | None]:
         """Where to ring ``callee``: every registered contact of a local user (404 when

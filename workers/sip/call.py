@@ -85,6 +85,11 @@ class Ctx:
     cfg: Settings
     source: tuple[str, int] | None = None
     media: object = field(default_factory=lambda: _PASS_THROUGH)
+    # The host (and its SIP socket) that received the message: the answers to an in-dialog
+    # request leave from there, since the phone sent it there (with several hosts it may
+    # be another one than the host its leg was set up through).
+    host: str | None = None
+    sock_index: int = 0
 
 
 class _PassThrough:
@@ -352,11 +357,14 @@ class Call:
         return self._run(key, self.leg(entry["leg"]), actions)
 
     def _run(self, key: str, leg: Leg, actions: list[Action]) -> list:
-        """Turn a transaction's actions into the call's: sends go out via the leg's host."""
+        """Turn a transaction's actions into the call's: sends go out via the leg's host,
+        or, for a server transaction, the host that received its request."""
         out: list = []
+        entry = self.txs.get(key) or {}
+        host, sock_index = entry.get("host", leg.host), entry.get("sock", leg.sock_index)
         for action in actions:
             if isinstance(action, Send):
-                out.append(Out(action.data, action.dest, leg.host, leg.sock_index))
+                out.append(Out(action.data, action.dest, host, sock_index))
             elif isinstance(action, SetTimer):
                 out.append(Arm(f"tx|{key}|{action.name}", action.at))
             elif isinstance(action, (CancelTimer, Terminated, Deliver, TimedOut, NoAck)):
@@ -493,7 +501,8 @@ class Call:
         """Answer an in-dialog request ourselves, through a server transaction."""
         stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers)
         stx.on_request(req, ctx.now)
-        self.txs[stx.key] = {"leg": leg.name, "role": "local", "tx": stx.to_record()}
+        self.txs[stx.key] = {"leg": leg.name, "role": "local", "tx": stx.to_record(),
+                             **_arrival(ctx)}
         response = build_response(req, status, headers=[*headers, (b"Server", ctx.cfg.user_agent)])
         return self._respond(stx.key, response, ctx.now)
 
@@ -507,7 +516,8 @@ class Call:
         stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers)
         stx.on_request(req, ctx.now)
         role = "reinvite" if req.method == "INVITE" else "relayed"
-        self.txs[stx.key] = {"leg": leg.name, "role": role, "tx": stx.to_record()}
+        self.txs[stx.key] = {"leg": leg.name, "role": role, "tx": stx.to_record(),
+                             **_arrival(ctx)}
         dialog = Dialog.from_record(other.dialog)
         request, _ = dialog.create_request(
             req.method, branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
@@ -921,6 +931,11 @@ def best_final(finals: list[tuple[int, str]]) -> tuple[int, str]:
 def _ack_received(tx, now: float):
     tx.ack_received(now)
     return tx
+
+
+def _arrival(ctx: Ctx) -> dict:
+    """What a server transaction keeps of where its request arrived (see Ctx.host)."""
+    return {} if ctx.host is None else {"host": ctx.host, "sock": ctx.sock_index}
 
 
 def _via(cfg: Settings, branch: str) -> bytes:

@@ -31,6 +31,10 @@ CLAIM_AFTER_MS = 30_000  # an event read but not acknowledged this long is taken
 # and its calls carry on (invariant 13).  Past it no media can flow through its relays.
 DEAD_HOST_AFTER = 10.0
 DEAD_HOST_CHECK = 1.0  # seconds between looks at the relays' heartbeats
+# ...and its announcement must have been missing at every look for this long: right after
+# Redis comes back from an outage every heartbeat looks old until the next one (1 s), and
+# a live host must not be taken for dead then.
+DEAD_HOST_CONFIRM = 4.0
 
 
 class Bypass:
@@ -135,15 +139,27 @@ def follow_dead_hosts(worker) -> None:
     store, host = worker.store, worker.host
     media = worker.b2bua.media
     backoff = Backoff(log, "dead hosts")
+    missing_since: dict[str, float] = {}  # host -> when its announcement was first missed
     while getattr(worker.b2bua, "running", True):
         gevent.sleep(DEAD_HOST_CHECK)
         try:
-            now = time.time()
+            now, mono = time.time(), time.monotonic()
             silent: dict[str, list[str]] = {}
+            others: set[str] = set()
             for node in store_module.relay_nodes(store):
-                if now - float(node.get("seen", 0)) > DEAD_HOST_AFTER and node.get("host"):
-                    silent.setdefault(node["host"], []).append(node["id"])
-            dead = {h for h in silent if h != host and store.host_info(h) is None}
+                if node.get("host") and node["host"] != host:
+                    others.add(node["host"])
+                    if now - float(node.get("seen", 0)) > DEAD_HOST_AFTER:
+                        silent.setdefault(node["host"], []).append(node["id"])
+            for other in others:
+                if store.host_info(other) is None:
+                    missing_since.setdefault(other, mono)
+                else:
+                    missing_since.pop(other, None)
+            for other in [h for h in missing_since if h not in others]:
+                del missing_since[other]
+            dead = {h for h, since in missing_since.items()
+                    if mono - since >= DEAD_HOST_CONFIRM and h in silent}
             media.client.dead_hosts = dead
             for relay_id in (r for h in dead for r in silent[h]):
                 for record in store_module.relay_owned_sessions(store, relay_id):
@@ -152,6 +168,7 @@ def follow_dead_hosts(worker) -> None:
                     # pointing at it.
                     store_module.relay_drop_sessions(store, relay_id, [record["call_id"]])
         except Exception as exc:  # whatever it is, the watch goes on
+            missing_since.clear()  # what was missed meanwhile says nothing of the hosts
             gevent.sleep(backoff.failed(exc))
             continue
         backoff.ok()
