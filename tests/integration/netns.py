@@ -75,12 +75,26 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
+def _forget_stale() -> None:
+    """Delete the namespaces of an earlier run that was killed before its clean-up: named
+    after a test process that is gone, and with nothing running in them any more."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        owner = name[4:].split("-", 1)[0] if name.startswith("scmh") else ""
+        if not owner.isdigit() or os.path.exists(f"/proc/{owner}"):
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        if not pids.stdout.split():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 @dataclass
 class Topology:
     """A LAN namespace with a bridge and ``hosts`` host namespaces on it."""
 
     hosts: int = 2
-    prefix: str = field(default_factory=lambda: f"scmh{os.getpid() % 100000}")
+    prefix: str = field(default_factory=lambda: f"scmh{os.getpid()}")
     made: list[str] = field(default_factory=list)
 
     @property
@@ -96,6 +110,7 @@ class Topology:
         return f"{SUBNET}.{10 + index}"
 
     def up(self) -> Topology:
+        _forget_stale()
         try:
             _ip("netns", "add", self.lan)
             self.made.append(self.lan)
