@@ -14,8 +14,10 @@ datagram captured on the wire cannot be sent again later, nor an old one forged.
 Hosts' clocks must agree within a few seconds (NTP).
 
 Measured on this 2-core machine (shared with other work): sealing a 182-byte relay
-offer costs 2.9 µs, opening it 3.3 µs, the replay check 0.5 µs: a few per cent of
-what the relay and the worker spend on the command itself.
+offer costs 2.9-3.7 µs, opening it 3.0-3.3 µs, the replay check 0.5 µs, so ~13 µs of
+CPU per relay command and reply, both sides together.  End to end, 5000 sequential
+relay queries took 68-311 µs per round trip unsealed and 129-254 µs sealed on this
+loaded machine (load average 4): the difference is lost in the noise.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def seal(key: bytes, body: bytes, now: float | None = None, nonce: bytes | None 
     if not key:
         raise ValueError("no cluster key: auth.secret is empty")
     head = _HEAD.pack(MAGIC, time.time() if now is None else now, nonce or os.urandom(8))
-    tag = hmac.new(key, head + body, hashlib.sha256).digest()[:TAG_SIZE]
+    tag = hmac.digest(key, head + body, "sha256")[:TAG_SIZE]
     return head + tag + body
 
 
@@ -76,7 +78,7 @@ def unseal(key: bytes, data: bytes, now: float | None = None,
         raise Rejected("no key")
     _magic, sent, nonce = _HEAD.unpack_from(data)
     body = data[OVERHEAD:]
-    expected = hmac.new(key, data[:_HEAD.size] + body, hashlib.sha256).digest()[:TAG_SIZE]
+    expected = hmac.digest(key, data[:_HEAD.size] + body, "sha256")[:TAG_SIZE]
     if not hmac.compare_digest(expected, data[_HEAD.size:OVERHEAD]):
         raise Rejected("bad tag")
     if not abs((time.time() if now is None else now) - sent) <= window:  # (NaN fails too)
