@@ -342,6 +342,48 @@ def test_a_reinvite_and_a_bye_entering_the_other_host_reach_the_session_owner(ho
         assert st.relay_session(hosts.store, call.tag) is None
 
 
+def test_a_200_whose_answer_the_relay_refuses_is_logged_with_its_call_id(hosts):
+    """The callee's 200 lands on host 2 and its SDP cannot be given to the relay (the
+    session was deleted meanwhile): the response is not carried out, and the worker says
+    so with the Call-ID instead of counting it as a bad request silently."""
+    caller, callee = phone(hosts, 1, "1005"), phone(hosts, 2, "1006", respond_to_source=True)
+    try:
+        assert callee.register() == 200
+        calling = threading.Thread(target=lambda: _expect_no_answer(caller, "1006"),
+                                   daemon=True)
+        calling.start()
+        invite = callee.wait_call(10.0)
+        tag = invite.call_id.split(".")[1]
+        assert hosts.relays.delete(tag) is not None  # (at its owner on host 1, sealed)
+        before = sum(p.get("response_errors", 0) for p in hosts.store.processes("worker")
+                     if p.get("host") == "h2")
+        callee._respond(invite, 200, "OK", callee._answer_sdp(invite.sdp))
+
+        def logged() -> str | None:
+            text = (hosts.cluster(2).read_log("worker-0") + hosts.cluster(2).read_log("worker-1"))
+            return next((line for line in text.splitlines()
+                         if invite.call_id in line and "not carried out" in line), None)
+        line = wait_for(logged, 5.0)
+        assert line is not None and "200 OK from" in line and "no relay session" in line, line
+
+        def counted() -> int:
+            return sum(p.get("response_errors", 0) for p in hosts.store.processes("worker")
+                       if p.get("host") == "h2") - before
+        assert wait_for(lambda: counted() >= 1, 3.0) and counted() == 1
+        assert callee.wait_request("ACK", 1.0) is None  # nothing was carried out
+        calling.join(timeout=10)
+    finally:
+        caller.close()
+        callee.close()
+
+
+def _expect_no_answer(caller: Phone, callee: str) -> None:
+    try:
+        caller.call(callee, timeout=4.0)
+    except AssertionError:
+        pass  # (no final answer: the call is cancelled by its no-answer timer later)
+
+
 # ------------------------------------------------------------------ the hand-off port
 def forged_bye(listener_port: int) -> bytes:
     return (f"BYE sip:victim@{LAN_ADDRESS}:{listener_port} SIP/2.0\r\n"
