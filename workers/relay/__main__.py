@@ -55,6 +55,13 @@ def main() -> int:
             "auth.secret is empty: relay commands could not be authenticated "
             "(`sipcluster up` writes one into run/secret; set it alike on every host)")
         return 2
+    if config.dispatcher.inter_host_port and settings.control_host.startswith("127."):
+        # Another host's worker handling one of this relay's calls would reach its own
+        # relay of the same index at this address, not this one.
+        logging.getLogger("relay").warning(
+            "dispatcher.inter_host_port is set (several hosts) but relay control is on %s: "
+            "other hosts cannot reach this relay; set dispatcher.inter_host_address or "
+            "media.control_address", settings.control_host)
     store = Store(config.redis.url, timeout=REDIS_TIMEOUT, max_connections=4)
     relay = Relay(settings, store)
     signal.signal(signal.SIGTERM, relay.stop)
