@@ -30,13 +30,14 @@ from pathlib import Path
 
 import redis
 
-from cluster.relayctl import RelayClient, StreamSpec
+from cluster.relayctl import RelayClient, StreamSpec, control_key
 from cluster.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR_SOURCE = ROOT / "bench" / "rtpgen.c"
 # Below Linux's ephemeral range (32768-60999), so the generator's free ports never collide.
 PORT_MIN, PORT_MAX = 28000, 32699
+SECRET = "bench-relay-secret"  # the relay and the client derive the control key from it
 PACKET_BYTES, PPS = 172, 50
 GENERATOR_SOCKETS = 16
 CONTROL_SECONDS = 3.0
@@ -63,7 +64,7 @@ def main() -> dict:
         try:
             relay = start_relay(url)
             store = Store(url, timeout=1.0)
-            client = RelayClient(store)
+            client = RelayClient(store, key=control_key(SECRET))
             wait_for_relay(client)
             figures = control_bench(client)
             best = None
@@ -130,7 +131,7 @@ def start_relay(url: str) -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": url, "SIPCLUSTER_RELAY_INDEX": "0",
            "SIPCLUSTER_MEDIA_RELAYS": "1", "SIPCLUSTER_MEDIA_RTP_PORT_MIN": str(PORT_MIN),
            "SIPCLUSTER_MEDIA_RTP_PORT_MAX": str(PORT_MAX), "SIPCLUSTER_MEDIA_BIND": "127.0.0.1",
-           "SIPCLUSTER_SIP_HOST_ID": "bench",
+           "SIPCLUSTER_SIP_HOST_ID": "bench", "SIPCLUSTER_AUTH_SECRET": SECRET,
            "SIPCLUSTER_LOG_LEVEL": os.environ.get("RELAY_LOG", "WARNING")}
     profile = os.environ.get("RELAY_PROFILE")  # a cProfile output file, to study the relay
     prefix = ["-m", "cProfile", "-o", profile] if profile else []

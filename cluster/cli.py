@@ -209,8 +209,10 @@ def cmd_regs(args, config: Config, store: Store) -> int:
                          "expires_in": int(b.expires_at - now),
                          "expires_at": round(b.expires_at, 3), "nat": b.nat,
                          "instance": b.instance or ""})
-    _print_rows(rows, ["aor", "contact", "source", "transport", "expires_in", "user_agent"],
-                args.json)
+    # "host": the host whose SIP socket the phone registered through (its NAT lets in
+    # only what that host sends).
+    _print_rows(rows, ["aor", "contact", "source", "host", "transport", "expires_in",
+                       "user_agent"], args.json)
     return 0
 
 
@@ -232,7 +234,7 @@ def cmd_calls(args, config: Config, store: Store) -> int:
         row["codec"] = codec_of(heads.get(tag, []))
         row["relay"] = _relay_of(store, tag, record)[0] if with_relays else ""
         rows.append(row)
-    _print_rows(rows, ["caller", "callee", "state", "age", "worker", "relay", "codec",
+    _print_rows(rows, ["caller", "callee", "state", "age", "host", "worker", "relay", "codec",
                        "a_call_id", "b_call_id"], args.json)
     return 0
 
@@ -246,6 +248,8 @@ def call_summary(tag: str, record: dict, now: float) -> dict:
             "state": record.get("state", ""),
             "age": round(now - record.get("created", now), 1),
             "worker": record.get("worker", ""),
+            # The host whose SIP socket took the caller's INVITE (with several hosts).
+            "host": record["a"].get("host", ""),
             "a_call_id": _text(record["a"]["call_id"]),
             "b_call_id": ",".join(_text(leg["call_id"]) for leg in b_legs),
             "legs": [leg_summary(record["a"])] + [leg_summary(leg) for leg in forks],

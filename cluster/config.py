@@ -220,6 +220,9 @@ class MediaConfig:
     relays: int = 2
     bind: str = "127.0.0.1"
     advertised_address: str = ""
+    # Where each relay binds and announces its control port (IPv4); empty: the
+    # dispatcher's inter-host address when the host has one (several hosts), else loopback.
+    control_address: str = ""
     media_timeout: float = 60.0
     media_timeout_hold: float = 3600.0
 
@@ -297,6 +300,16 @@ class Config:
     @property
     def advertised_port(self) -> int:
         return self.sip.effective_port
+
+    @property
+    def relay_control_address(self) -> str:
+        """The address relay control ports bind and announce: workers of every host
+        reach it when there are several hosts (a session is changed at its owner)."""
+        if self.media.control_address:
+            return self.media.control_address
+        if self.dispatcher.inter_host_port and self.dispatcher.inter_host_address:
+            return self.dispatcher.inter_host_address
+        return "127.0.0.1"
 
 
 SECTIONS: dict[str, type] = {
@@ -699,6 +712,14 @@ def _validate_media(media: MediaConfig) -> None:
         "media: need 1024 <= rtp_port_min < rtp_port_max <= 65535",
     )
     _require(media.relays >= 1, "media.relays must be at least 1")
+    if media.control_address:
+        try:
+            control = ipaddress.IPv4Address(media.control_address)
+        except ValueError:
+            control = None
+        _require(control is not None and not control.is_unspecified,
+                 "media.control_address must be one IPv4 address of this host (it is "
+                 f"announced to the other hosts), not {media.control_address!r}")
     _require(0 < media.media_timeout <= media.media_timeout_hold,
              "media: need 0 < media_timeout <= media_timeout_hold")
     # Each relay owns an even-aligned slice with room for at least one RTP/RTCP pair.

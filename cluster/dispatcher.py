@@ -20,6 +20,14 @@ announced, so every host's dispatcher drops it too.  Bans issued elsewhere (by
 another host, by a worker that saw a scanner, by the operator) arrive over
 pub/sub.
 
+With several hosts it also takes hand-offs (``dispatcher.inter_host_port``): SIP
+messages another host's workers need sent from this host's SIP socket, to a phone
+whose NAT knows only this host.  They are forwarded only when they come from an
+announced host's inter-host address and are sealed with the cluster's hand-off key
+within the time window, once (cluster/clusterauth.py); anything else is counted,
+logged at most once per 10 s, and dropped, since this port would otherwise send
+whatever anyone asks from the SIP port.
+
 Those copies keep the SIP sockets open when the dispatcher dies (kill -9): the
 port stays bound, and datagrams queue in the sockets' buffers.  A restarted
 dispatcher that finds the port taken asks the first worker that reconnects for
@@ -46,7 +54,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import envelope
+from . import clusterauth, envelope
 from .config import Config, load_or_exit
 from .envelope import SLOTS, affinity_key
 from .limits import Bans, Limiter, ban_line, reason_of
@@ -70,6 +78,15 @@ HANDBACK_TIMEOUT = 1.0  # seconds a worker has to answer the reclaim request
 # Seconds after start the SIP sockets wait for every configured worker to join; past
 # it they are read as soon as one has.
 STARTUP_GRACE = 2.0
+# The host announcement (host:<id>) lives this long after the last one, renewed every
+# second: the other hosts' workers stop handing off to a dead host once it lapses (and
+# their 1 s cache of it: workers/sip/transport.py), 2 to 4 s after the death, where a
+# 5 s TTL and a 5 s cache made it up to 10 s.  Three renewals must fail in a row (a
+# Redis outage of 3 s) before a live host looks dead; meanwhile its phones are sent to
+# straight, not through it, which only a strict NAT drops.
+HOST_TTL = 3.0
+HOSTS_REFRESH = 1.0  # seconds between reads of the cluster's hosts (hand-off sources)
+HOST_TRUSTED_FOR = 86_400.0  # a host announced this recently may hand off (it restarts)
 
 
 class BindError(Exception):
@@ -95,6 +112,9 @@ class Counters:
     stun: int = 0
     egress: int = 0
     banned_dropped: int = 0  # datagrams from banned sources, dropped unread
+    handoff_foreign: int = 0  # hand-offs from an address that is no host of the cluster
+    handoff_unauthenticated: int = 0  # not sealed with the hand-off key, or out of the window
+    handoff_replayed: int = 0  # a second copy of a sealed hand-off
 
 
 class Dispatcher:
@@ -126,6 +146,10 @@ class Dispatcher:
         self.forward.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECV_BUFFER)
         self.forward.bind(("127.0.0.1", 0))
         self.egress = self._bind_egress()
+        self.handoff_key = clusterauth.handoff_key(config.auth.secret)
+        self.handoff_sources: frozenset[str] = frozenset()  # set by the publishing thread
+        self.handoff_replays = clusterauth.Replays()
+        self.handoff_log = clusterauth.RateLimitedLog(log)
         if handed_by is not None:
             self._welcome(handed_by)  # the worker that handed them back is the first link
 
@@ -383,15 +407,40 @@ class Dispatcher:
     def _read_egress(self) -> None:
         for _ in range(BURST):
             try:
-                data = self.egress.recv(65535)
+                data, source = self.egress.recvfrom(65535)
             except BlockingIOError:
                 return
+            except OSError:
+                self.counters.dropped += 1
+                return
             try:
-                dest, index, payload = envelope.unwrap(data)
+                sealed = self._handoff(data, source)
+            except clusterauth.Rejected as exc:
+                self.handoff_log.warning("hand-off from %s:%d dropped: %s", source[0],
+                                         source[1], exc.reason)
+                continue
+            try:
+                dest, index, payload = envelope.unwrap(sealed)
                 self.sip_sockets[index].sendto(payload, dest)
                 self.counters.egress += 1
             except (ValueError, IndexError, OSError):
                 self.counters.dropped += 1
+
+    def _handoff(self, data: bytes, source: tuple) -> bytes:
+        """The envelope of a hand-off from another host of the cluster; Rejected (counted)
+        for anything else."""
+        if source[0] not in self.handoff_sources:
+            self.counters.handoff_foreign += 1
+            raise clusterauth.Rejected("not a host of the cluster")
+        try:
+            nonce, body = clusterauth.unseal(self.handoff_key, data)
+        except clusterauth.Rejected:
+            self.counters.handoff_unauthenticated += 1
+            raise
+        if not self.handoff_replays.first(nonce):
+            self.counters.handoff_replayed += 1
+            raise clusterauth.Rejected("replayed")
+        return body
 
     # ---------------------------------------------------------------- workers
     def _accept(self) -> None:
@@ -495,6 +544,7 @@ class Dispatcher:
         metrics.start(self.config, self.host)  # this host's Prometheus endpoint
         store = Store(self.config.redis.url, timeout=1.0, max_connections=2)
         backoff = Backoff(log, "heartbeat")
+        next_hosts = 0.0
         while self.running:
             info = {"role": "dispatcher", "host": self.host, "name": "dispatcher",
                     "pid": os.getpid(), "started": self.started, "seen": time.time(),
@@ -508,7 +558,10 @@ class Dispatcher:
                     bound, port = self.egress.getsockname()[:2]
                     # What other hosts send to: a bind address of 0.0.0.0 reaches no one.
                     host["egress"] = [self.config.dispatcher.inter_host_address or bound, port]
-                store.announce_host(self.host, host, ttl=5)
+                store.announce_host(self.host, host, ttl=HOST_TTL)
+                if self.egress is not None and time.monotonic() >= next_hosts:
+                    self.handoff_sources = _handoff_sources(store.hosts())
+                    next_hosts = time.monotonic() + HOSTS_REFRESH
             except Exception as exc:  # whatever it is, this thread must not end (it did)
                 time.sleep(backoff.failed(exc))
                 continue
@@ -517,6 +570,15 @@ class Dispatcher:
 
     def stop(self, *_args) -> None:
         self.running = False
+
+
+def _handoff_sources(hosts: dict[str, dict]) -> frozenset[str]:
+    """The addresses hand-offs may come from: every recently announced host's egress IP
+    (workers send hand-offs from it: workers/sip/transport.py)."""
+    now = time.time()
+    return frozenset(str(info["egress"][0]) for info in hosts.values()
+                     if info.get("egress") and now - float(info.get("seen", 0))
+                     <= HOST_TRUSTED_FOR)
 
 
 def _udp_socket(family: int, host: str, port: int) -> socket.socket:

@@ -1,8 +1,20 @@
 """Talking to the RTP relays: the control protocol and the client the B2BUA uses.
 
-Protocol: one msgpack map per UDP datagram to a relay's control port (on
-loopback), answered by one map carrying the same ``id``.  Every command is
-idempotent, so a client that hears nothing sends the same datagram again:
+Protocol: one msgpack map per UDP datagram to a relay's control port, answered
+by one map carrying the same ``id``.  Every command is idempotent, so a client
+that hears nothing sends the same datagram again.  Requests and replies are
+sealed with the cluster's relay-control key (cluster/clusterauth.py: HMAC, time
+window, nonce): a relay ignores, and counts, any datagram that is not, from
+whichever address it comes.  The control port is on loopback for one host; with
+several hosts each relay binds and announces an address the other hosts reach
+(``media.control_address``), since any worker on any host may have to change a
+call's session at the relay that owns it.
+
+Why straight to the owning relay rather than through the inter-host hand-off: the
+hand-off is one-way (a datagram leaves another host's SIP socket) and has no way
+back for the reply; carrying replies through it would add two dispatcher hops (~7 µs
+of CPU each, design figures) and a second failure point to every command, where
+sealing and opening cost ~3 µs each per message (cluster/clusterauth.py).
 
   {"id": <bytes>, "cmd": "offer",  "call_id": str, "leg": str, "streams": [stream...],
    "hold": bool, "other_family": 4|6, "latch_any": bool}
@@ -38,6 +50,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from cluster import clusterauth
 from cluster import store as store_module
 from cluster.store import Store, pack, unpack
 
@@ -91,6 +104,11 @@ def decode(data: bytes) -> dict:
 
 def new_request_id() -> bytes:
     return os.urandom(8)
+
+
+def control_key(secret: str | bytes) -> bytes:
+    """The relay-control key every host derives from the cluster's ``auth.secret``."""
+    return clusterauth.derive_key(secret, clusterauth.PURPOSE_RELAY)
 
 
 # --------------------------------------------------------------------------- records
@@ -159,12 +177,15 @@ def address_family(address: str) -> int:
 class RelayClient:
     """The worker side: picks relays, sends commands, retries, falls back.
 
-    ``host`` limits new sessions to this host's relays (control ports are on
-    loopback); None allows any.  Safe to share between greenlets and threads.
+    ``host`` limits new sessions to this host's relays (media stays near the host
+    that set the call up); None allows any.  A session that exists is always changed
+    at the relay that owns it, on whichever host.  ``key`` seals the commands
+    (``control_key``).  Safe to share between greenlets and threads.
     """
 
     store: Store
     host: str | None = None
+    key: bytes = b""
     new_session_timeouts: Sequence[float] = NEW_SESSION_TIMEOUTS
     owner_timeouts: Sequence[float] = OWNER_TIMEOUTS
     dead_after: float = RELAY_DEAD_AFTER
@@ -173,6 +194,8 @@ class RelayClient:
     _suspect: dict[str, float] = field(default_factory=dict, repr=False)
     _picked: dict[str, int] = field(default_factory=dict, repr=False)
     _spare: dict[tuple, list[socket.socket]] = field(default_factory=dict, repr=False)
+    # Hosts known dead (media.follow_dead_hosts): their relays are not waited for.
+    dead_hosts: set[str] = field(default_factory=set, repr=False)
 
     # ---------------------------------------------------------------- commands
     def offer(self, call_id: str, leg: str, streams: Sequence[StreamSpec], *, hold: bool = False,
@@ -273,6 +296,8 @@ class RelayClient:
         return None if record is None else record["relay"]
 
     def _to_owner(self, relay_id: str, call_id: str, message: dict) -> dict:
+        if relay_id.split("/", 1)[0] in self.dead_hosts:
+            raise RelayUnavailable(f"relay {relay_id} is on a dead host")
         control = self._control_of(relay_id, call_id)
         return _checked(self._exchange(control, message, self.owner_timeouts))
 
@@ -289,7 +314,11 @@ class RelayClient:
     def _exchange(self, control: tuple[str, int], message: dict,
                   timeouts: Sequence[float]) -> dict:
         request_id = new_request_id()
-        data = encode({"id": request_id, **message})
+        try:
+            data = clusterauth.seal(self.key, encode({"id": request_id, **message}),
+                                    nonce=request_id)
+        except ValueError as exc:  # no key: auth.secret is empty
+            raise RelayError(str(exc)) from None
         control = tuple(control)
         sock = self._socket(control)
         try:
@@ -299,7 +328,7 @@ class RelayClient:
                     sock.send(data)
                 except ConnectionRefusedError:
                     pass
-                reply = _receive(sock, request_id, deadline)
+                reply = _receive(sock, request_id, deadline, self.key)
                 if reply is not None:
                     self._spare.setdefault(control, []).append(sock)  # (answers matched by id)
                     sock = None
@@ -326,7 +355,8 @@ class RelayClient:
         return sock
 
 
-def _receive(sock: socket.socket, request_id: bytes, deadline: float) -> dict | None:
+def _receive(sock: socket.socket, request_id: bytes, deadline: float,
+             key: bytes) -> dict | None:
     while (left := deadline - time.monotonic()) > 0:
         sock.settimeout(left)
         try:
@@ -337,8 +367,8 @@ def _receive(sock: socket.socket, request_id: bytes, deadline: float) -> dict | 
             time.sleep(max(0.0, deadline - time.monotonic()))
             return None
         try:
-            reply = decode(data)
-        except ValueError:
+            reply = decode(clusterauth.unseal(key, data)[1])
+        except ValueError:  # (Rejected is one): not the relay's
             continue
         if reply.get("id") == request_id:
             return reply

@@ -74,6 +74,10 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    "started", "seen", ...counters}.  TTL: a few heartbeats.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
                                    so other hosts can send through it (invariant 12).  TTL: idem.
+  hosts                            hash of every host announced: field = host id, value the same
+                                   map plus "seen"; a dispatcher takes hand-offs only from the
+                                   egress addresses of hosts seen lately.  TTL: a day, refreshed
+                                   by every announcement.
   relay:nodes                      hash of RTP relays, field = relay id "<host>/relay-<n>", value
                                    {"id", "host", "name", "pid", "control": [ip, port],
                                    "addresses": {"4": ip, "6": ip}, "ports": [lo, hi], "sessions",
@@ -260,6 +264,10 @@ def proc_key(role: str, host: str, name: str) -> str:
 
 def host_key(host: str) -> str:
     return f"host:{host}"
+
+
+HOSTS_KEY = "hosts"
+HOSTS_TTL = 86_400  # seconds; refreshed by every announcement
 
 
 # --------------------------------------------------------------------------- records
@@ -869,7 +877,16 @@ class Store:
         self._call(self.redis.set, proc_key(role, host, name), pack(info), px=int(ttl * 1000))
 
     def announce_host(self, host: str, info: dict, ttl: float) -> None:
-        self._call(self.redis.set, host_key(host), pack(info), px=int(ttl * 1000))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(host_key(host), pack(info), px=int(ttl * 1000))
+        pipe.hset(HOSTS_KEY, host, pack({**info, "seen": time.time()}))
+        pipe.expire(HOSTS_KEY, HOSTS_TTL)
+        self._call(pipe.execute)
+
+    def hosts(self) -> dict[str, dict]:
+        """Every host announced (live or not: callers judge by "seen")."""
+        raw = self._call(self.redis.hgetall, HOSTS_KEY)
+        return {key.decode(): unpack(value) for key, value in raw.items()}
 
     def host_info(self, host: str) -> dict | None:
         data = self._call(self.redis.get, host_key(host))

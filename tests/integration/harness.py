@@ -1,7 +1,9 @@
 """A real cluster for integration tests: supervisord, dispatcher, workers, on free ports.
 
 It renders the same supervisord configuration ``make run`` uses, into a
-temporary folder, against the test's own redis-server.
+temporary folder, against the test's own redis-server.  ``netns`` starts
+supervisord (and so every process of the cluster) inside a network namespace
+the test made, as one host of several (tests/integration/netns.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ SECRET = "integration-test-secret"
 
 class Cluster:
     def __init__(self, tmp: Path, redis_url: str, *, workers: int = 2,
-                 settings: dict | None = None):
+                 settings: dict | None = None, netns: str | None = None,
+                 client_bind: str = "127.0.0.1"):
         self.tmp = tmp
+        self.netns = netns
+        self.client_bind = client_bind  # where the readiness probe sends from
         self.redis_url = redis_url
         self.sip_port = free_udp_port()
         self.run_dir = tmp / "run"
@@ -65,11 +70,13 @@ class Cluster:
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.sip_port)
+        return (self.config.sip.bind, self.config.sip.port)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 20.0) -> Cluster:
-        subprocess.run(supervisord_command(self.conf), check=True, cwd=ROOT, env=self.env)
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        subprocess.run([*prefix, *supervisord_command(self.conf)], check=True, cwd=ROOT,
+                       env=self.env)
         self.wait_ready(timeout)
         return self
 
@@ -77,7 +84,7 @@ class Cluster:
         """Until every worker has joined the dispatcher and OPTIONS is answered."""
         from sipua import UA
         deadline = time.monotonic() + timeout
-        with UA(self.address) as ua:
+        with UA(self.address, bind=self.client_bind) as ua:
             while time.monotonic() < deadline:
                 if self.joined_workers() >= self.config.workers.count:
                     if ua.options(timeout=0.5) is not None:

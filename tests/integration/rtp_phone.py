@@ -417,23 +417,29 @@ class Phone:
     """A SIP phone for one call, with one audio stream (``media``).
 
     ``codecs`` are the payload types it offers or answers with; ``announce_rtcp``
-    adds a=rtcp to its SDP.  Everything it receives is kept in ``messages``.
+    adds a=rtcp to its SDP; ``host`` is the address it binds (SIP and media) and
+    names in its Via and Contact; ``respond_to_source`` sends its responses to where the
+    request came from instead of its Via (as phones and NAT helpers behind NAT often do).
+    Everything it receives is kept in ``messages``.
     """
 
     def __init__(self, server: tuple[str, int], user: str, password: str, *,
                  domain: str = "127.0.0.1", media: Media | None = None,
-                 codecs=(0, 8, 101), announce_rtcp: bool = True):
+                 codecs=(0, 8, 101), announce_rtcp: bool = True, host: str = "127.0.0.1",
+                 respond_to_source: bool = False):
         self.server = server
+        self.host = host
+        self.respond_to_source = respond_to_source
         self.user = user
         self.password = password
         self.domain = domain
-        self.media = media or Media()
+        self.media = media or Media(host)
         self.codecs = tuple(codecs)
         self.announce_rtcp = announce_rtcp
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
-        self.contact = f"<sip:{user}@127.0.0.1:{self.port}>"
+        self.contact = f"<sip:{user}@{host}:{self.port}>"
         self.messages: list[SipMessage] = []  # everything received, in order
         self.sdp_version = 1
         self.session_id = int.from_bytes(os.urandom(4), "big")
@@ -646,7 +652,7 @@ class Phone:
     def _on_request(self, request: SipMessage) -> None:
         key = (request.call_id, request.cseq, request.method)
         if request.method != "ACK" and key in self._answered:
-            self.sock.sendto(self._answered[key], self._via_address(request))  # retransmission
+            self.sock.sendto(self._answered[key], self._response_address(request))  # again
             return
         self._keep(request)
         if request.method == "INVITE" and _tag(request.header("To")):
@@ -692,7 +698,7 @@ class Phone:
                       dest: tuple[str, int], branch: str | None = None) -> str:
         branch = branch or "z9hG4bK" + os.urandom(6).hex()
         lines = [f"{method} {uri} SIP/2.0",
-                 f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch};rport",
+                 f"Via: SIP/2.0/UDP {self.host}:{self.port};branch={branch};rport",
                  "Max-Forwards: 70", f"From: {from_}", f"To: {to}", f"Call-ID: {call_id}",
                  f"CSeq: {cseq} {method}", *headers, "User-Agent: rtp_phone"]
         if body:
@@ -732,7 +738,10 @@ class Phone:
         lines.append(f"Content-Length: {len(body)}")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
         self._answered[(request.call_id, request.cseq, request.method)] = data
-        self.sock.sendto(data, self._via_address(request))
+        self.sock.sendto(data, self._response_address(request))
+
+    def _response_address(self, request: SipMessage) -> tuple[str, int]:
+        return request.source if self.respond_to_source else self._via_address(request)
 
     @staticmethod
     def _via_address(request: SipMessage) -> tuple[str, int]:

@@ -26,7 +26,7 @@ from harness import Cluster, running_cluster
 from rtp_phone import Media, Phone, SipMessage, in_order_without_loss
 
 from cluster import store as store_module
-from cluster.relayctl import RelayClient
+from cluster.relayctl import RelayClient, control_key
 
 DB = 14  # this module's Redis database on the session's redis-server
 PORT_MIN, PORT_MAX = 27000, 27999  # the relays' range: below the kernel's ephemeral ports
@@ -52,7 +52,7 @@ def cluster(tmp_path_factory, redis_server) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def relays(cluster) -> RelayClient:
-    return RelayClient(cluster.store)
+    return RelayClient(cluster.store, key=control_key(cluster.config.auth.secret))
 
 
 # ------------------------------------------------------------------ a call between two phones

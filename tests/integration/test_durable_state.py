@@ -56,7 +56,7 @@ from sipp import SIPP
 
 from cluster import launch
 from cluster.config import load
-from cluster.relayctl import RelayClient
+from cluster.relayctl import RelayClient, control_key
 from cluster.store import Store, relay_session
 from conftest import ROOT, RedisServer, free_tcp_port, require_redis_server
 
@@ -300,7 +300,8 @@ def start(cluster: Cluster) -> None:
 
 def wait_relays(cluster: Cluster, timeout: float = 20.0) -> None:
     """Until every relay announces itself: a call offered before gets 503 (no relay)."""
-    client = RelayClient(cluster.store, host=cluster.config.sip.effective_host_id)
+    client = RelayClient(cluster.store, host=cluster.config.sip.effective_host_id,
+                         key=control_key(cluster.config.auth.secret))
 
     def live() -> bool:
         client._nodes_read = -1e9  # read relay:nodes again now
@@ -416,11 +417,11 @@ def test_demo_users_go_only_into_an_empty_directory(tmp_path, redis_url):
 def test_a_relay_started_before_redis_answers_restores_its_sessions_later(redis_url):
     """After a host restart the relays may start while Redis still loads its data: they
     read their sessions again once it answers, instead of starting empty."""
-    from test_relay import Phone, RelayProcs, call, receive, rtp, wait_for_relays
+    from test_relay import KEY, Phone, RelayProcs, call, receive, rtp, wait_for_relays
 
     ports = {"rtp_port_min": "38800", "rtp_port_max": "38999", "media_timeout": "30"}
     store = Store(redis_url, timeout=2.0)
-    client = RelayClient(store, host="relay-test")
+    client = RelayClient(store, host="relay-test", key=KEY)
     relays = RelayProcs(redis_url)
     a, b = Phone(), Phone()
     try:
@@ -481,13 +482,13 @@ def test_a_relay_session_set_up_while_redis_is_down_is_kept(tmp_path):
     session's first record is written once Redis answers, and the session is not taken for
     one whose record was deleted (the callee's answer would then find no session, and the
     call would never be answered)."""
-    from test_relay import Phone, RelayProcs, receive, rtp, wait_for_relays
+    from test_relay import KEY, Phone, RelayProcs, receive, rtp, wait_for_relays
 
     require_redis_server()
     server = RedisServer(tmp_path / "redis", appendonly=True).start()
     ports = {"rtp_port_min": "38800", "rtp_port_max": "38999", "media_timeout": "30"}
     store = Store(server.url, timeout=2.0)
-    client = RelayClient(store, host="relay-test")
+    client = RelayClient(store, host="relay-test", key=KEY)
     relays = RelayProcs(server.url)
     a, b = Phone(), Phone()
     try:

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import pytest
 from harness import wait_for
 
+from cluster import clusterauth
 from cluster import store as st
-from cluster.relayctl import RelayClient, RelayError, StreamSpec, decode, encode
+from cluster.relayctl import RelayClient, RelayError, StreamSpec, control_key, decode, encode
 from cluster.store import Store
 from conftest import ROOT
 
@@ -29,6 +30,8 @@ from conftest import ROOT
 # in use by a running cluster only when someone runs one.
 PORT_MIN, PORT_MAX = 26000, 26999
 HOST = "relay-test"
+SECRET = "relay-test-secret"
+KEY = control_key(SECRET)
 
 
 def rtp(seq: int, ssrc: int = 0x11, payload: bytes = b"\xd5" * 160) -> bytes:
@@ -87,7 +90,8 @@ class RelayProcs:
                "SIPCLUSTER_MEDIA_RTP_PORT_MIN": str(PORT_MIN),
                "SIPCLUSTER_MEDIA_RTP_PORT_MAX": str(PORT_MAX),
                "SIPCLUSTER_MEDIA_RELAYS": "2", "SIPCLUSTER_MEDIA_BIND": "127.0.0.1",
-               "SIPCLUSTER_SIP_HOST_ID": HOST, "SIPCLUSTER_LOG_LEVEL": "INFO", **self.env}
+               "SIPCLUSTER_SIP_HOST_ID": HOST, "SIPCLUSTER_LOG_LEVEL": "INFO",
+               "SIPCLUSTER_AUTH_SECRET": SECRET, **self.env}
         env.update({f"SIPCLUSTER_MEDIA_{k.upper()}": v for k, v in settings.items()})
         proc = subprocess.Popen([sys.executable, "-m", "workers.relay"], env=env, cwd=ROOT)
         self.procs[index] = proc
@@ -135,7 +139,7 @@ def wait_for_relays(client: RelayClient, count: int, timeout: float = 10.0) -> N
 
 @pytest.fixture
 def client(store) -> RelayClient:
-    return RelayClient(store, host=HOST)
+    return RelayClient(store, host=HOST, key=KEY)
 
 
 @pytest.fixture
@@ -320,20 +324,48 @@ def test_offer_is_idempotent_and_retries_get_the_same_answer(relay, client, phon
     first = client.offer("idem", "a", [a.spec()])
     assert client.offer("idem", "a", [a.spec()]) == first
     control = client.relays()[0].control
-    message = encode({"id": b"retry-1", "cmd": "offer", "call_id": "idem2", "leg": "a",
-                      "streams": [a.spec().to_message()]})
+    message = clusterauth.seal(KEY, encode({"id": b"retry-1", "cmd": "offer", "call_id": "idem2",
+                                            "leg": "a", "streams": [a.spec().to_message()]}),
+                               nonce=b"retry-1!")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(1.0)
         replies = []
         for _ in range(2):
             sock.sendto(message, control)
-            replies.append(decode(sock.recv(65535)))
-        sock.sendto(b"\xc1garbage", control)  # dropped and counted, the relay lives on
-        sock.sendto(encode({"id": b"q", "cmd": "query", "call_id": "nope"}), control)
-        assert decode(sock.recv(65535)) == {"id": b"q", "ok": True, "found": False}
+            replies.append(decode(clusterauth.unseal(KEY, sock.recv(65535))[1]))
+        sock.sendto(clusterauth.seal(KEY, b"\xc1garbage"), control)  # dropped and counted
+        sock.sendto(clusterauth.seal(KEY, encode({"id": b"q", "cmd": "query",
+                                                  "call_id": "nope"})), control)
+        assert decode(clusterauth.unseal(KEY, sock.recv(65535))[1]) == {
+            "id": b"q", "ok": True, "found": False}
     assert replies[0] == replies[1] and replies[0]["id"] == b"retry-1"
     with pytest.raises(RelayError, match="no session"):
         client.answer("unknown-call", "b", [a.spec()], relay=first.relay)
+
+
+def test_commands_not_sealed_with_the_cluster_key_are_ignored_and_counted(relay, client, store,
+                                                                         phones):
+    """A local process without the key (or a replayed capture) cannot create, change or
+    end a session: no answer, nothing done, one count each."""
+    a, b = phones
+    call(client, a, b, call_id="owned")
+    control = client.relays()[0].control
+    offer = {"cmd": "offer", "call_id": "forged", "leg": "a", "streams": [a.spec().to_message()]}
+    delete = {"cmd": "delete", "call_id": "owned"}
+    wrong = control_key("another-secret")
+    forged = [encode({"id": b"plain-1", **offer}),  # unsealed msgpack, as before the keys
+              encode({"id": b"plain-2", **delete}),
+              clusterauth.seal(wrong, encode({"id": b"wrong-1", **offer})),  # another key
+              clusterauth.seal(KEY, encode({"id": b"stale-1", **delete}),  # too old
+                               now=time.time() - 3 * clusterauth.WINDOW)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for datagram in forged:
+            sock.sendto(datagram, control)
+        assert receive(sock, 0.5) is None
+    assert client.query("forged") is None and client.query("owned") is not None
+    node = wait_for(lambda: next((n for n in st.relay_nodes(store)
+                                  if n.get("control_unauthenticated", 0) >= 4), None), 5.0)
+    assert node is not None and node["control_unauthenticated"] == 4
 
 
 # --------------------------------------------------------------------------- Redis

@@ -48,6 +48,7 @@ def test_a_ringing_call_lists_every_fork():
     assert (summary["call"], summary["caller"], summary["callee"], summary["state"]) == (
         TAG, "1002", "1009", "trying")
     assert summary["age"] == 12.3
+    assert summary["host"] == record["a"]["host"] != ""  # the host that took the INVITE
     forks = [f"sc7.{TAG}.0", f"sc7.{TAG}.1"]
     assert summary["a_call_id"] == record["a"]["call_id"].decode()
     assert summary["b_call_id"] == ",".join(forks)

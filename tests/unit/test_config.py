@@ -173,6 +173,9 @@ def test_bad_toml_is_an_error_naming_the_setting(tmp_path, text, message):
     ({"SIPCLUSTER_LIMITS_ALLOW": "10.0.0.0/8,not-a-net"}, "limits.allow"),
     ({"SIPCLUSTER_LIMITS_INVITE_RATE": "-1"}, "limits.invite_rate"),
     ({"SIPCLUSTER_LIMITS_BAN_SECONDS": "0"}, "limits.ban_seconds"),
+    ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "0.0.0.0"}, "media.control_address"),
+    ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "::1"}, "media.control_address"),
+    ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "relay.example"}, "media.control_address"),
 ])
 def test_impossible_values_are_rejected(tmp_path, env, message):
     with pytest.raises(ConfigError, match=message):
@@ -283,3 +286,17 @@ def test_the_home_folder_outside_a_checkout(monkeypatch, tmp_path):
     monkeypatch.setattr(cfg, "checkout_root", lambda: None)  # an installed package
     assert cfg.home_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "sipcluster"
     assert cfg.home_dir({}) == Path.home() / ".local" / "state" / "sipcluster"
+
+
+def test_relay_control_address_follows_the_inter_host_address(tmp_path):
+    """One host: loopback.  Several: the address the other hosts reach this one at, unless
+    media.control_address names another."""
+    assert load_env(tmp_path, {}).relay_control_address == "127.0.0.1"
+    several = {"SIPCLUSTER_DISPATCHER_INTER_HOST_PORT": "5070",
+               "SIPCLUSTER_DISPATCHER_INTER_HOST_ADDRESS": "10.0.0.11"}
+    assert load_env(tmp_path, several).relay_control_address == "10.0.0.11"
+    assert load_env(tmp_path, {**several, "SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "10.0.1.11"}
+                    ).relay_control_address == "10.0.1.11"
+    # An inter-host address without the hand-off port is a single host still.
+    assert load_env(tmp_path, {"SIPCLUSTER_DISPATCHER_INTER_HOST_ADDRESS": "10.0.0.11"}
+                    ).relay_control_address == "127.0.0.1"

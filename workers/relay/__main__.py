@@ -1,8 +1,9 @@
 """Entry point of one RTP relay process (run under supervisord as relay-<index>).
 
 SIPCLUSTER_RELAY_INDEX picks the relay's slice of [media.rtp_port_min,
-media.rtp_port_max]; the first port of the slice is its control port on
-127.0.0.1, the rest are RTP/RTCP pairs.
+media.rtp_port_max]; the first port of the slice is its control port (on
+``media.control_address``: loopback for one host, the host's inter-host address
+for several), the rest are RTP/RTCP pairs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 from cluster.config import Config, load_or_exit
 from cluster.logsetup import setup_logging
+from cluster.relayctl import control_key
 from cluster.store import Store
 
 from .ports import relay_slice
@@ -34,7 +36,8 @@ def settings_for(config: Config, index: int) -> RelaySettings:
         relay_id=f"{host}/{name}", host=host, name=name, bind=media.bind,
         advertised=media.advertised_address, port_lo=lo, port_hi=hi,
         media_timeout=float(media.media_timeout),
-        media_timeout_hold=float(media.media_timeout_hold))
+        media_timeout_hold=float(media.media_timeout_hold),
+        control_host=config.relay_control_address, key=control_key(config.auth.secret))
 
 
 def main() -> int:
@@ -47,6 +50,18 @@ def main() -> int:
     except ValueError as exc:
         logging.getLogger("relay").error("%s", exc)
         return 2
+    if not settings.key:
+        logging.getLogger("relay").error(
+            "auth.secret is empty: relay commands could not be authenticated "
+            "(`sipcluster up` writes one into run/secret; set it alike on every host)")
+        return 2
+    if config.dispatcher.inter_host_port and settings.control_host.startswith("127."):
+        # Another host's worker handling one of this relay's calls would reach its own
+        # relay of the same index at this address, not this one.
+        logging.getLogger("relay").warning(
+            "dispatcher.inter_host_port is set (several hosts) but relay control is on %s: "
+            "other hosts cannot reach this relay; set dispatcher.inter_host_address or "
+            "media.control_address", settings.control_host)
     store = Store(config.redis.url, timeout=REDIS_TIMEOUT, max_connections=4)
     relay = Relay(settings, store)
     signal.signal(signal.SIGTERM, relay.stop)

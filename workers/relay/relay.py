@@ -27,6 +27,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
+from cluster import clusterauth
 from cluster import store as st
 from cluster.relayctl import decode, encode
 from cluster.sip.rtp import clock_rate_for
@@ -76,7 +77,8 @@ class RelaySettings:
     media_timeout: float = 60.0
     media_timeout_hold: float = 3600.0
     grace: float = GRACE
-    control_host: str = "127.0.0.1"
+    control_host: str = "127.0.0.1"  # media.control_address: what workers of every host reach
+    key: bytes = b""  # relay-control key (relayctl.control_key): unsealed commands are ignored
 
     @property
     def control(self) -> tuple[str, int]:
@@ -115,6 +117,8 @@ class Relay:
         self.control = self._bind_control()
         self.counters: Counter[str] = Counter()
         self.replies: OrderedDict[bytes, bytes] = OrderedDict()
+        self.replays = clusterauth.Replays()
+        self.refused_log = clusterauth.RateLimitedLog(log)
         self.urgent: set[str] = set()  # sessions to save at the next tick (latching)
         # Sessions set up while Redis was down: no record yet, so a refresh would find them
         # "gone" and drop them; the next flush creates their records instead.
@@ -303,7 +307,16 @@ class Relay:
         to_drop: list[str] = []
         for data, address in batch:
             try:
-                message = decode(data)
+                nonce, body = clusterauth.unseal(self.settings.key, data)
+            except clusterauth.Rejected as exc:
+                # Not sealed with the cluster's key: whoever sent it, from this host or
+                # another, it is not carried out (design invariant 14).
+                self.counters["control_unauthenticated"] += 1
+                self.refused_log.warning("control datagram from %s:%d ignored: %s",
+                                         address[0], address[1], exc.reason)
+                continue
+            try:
+                message = decode(body)
             except ValueError:
                 self.counters["control_malformed"] += 1
                 continue
@@ -314,9 +327,14 @@ class Relay:
                 self.counters["control_retransmitted"] += 1
                 answers.append((address, cached, None))
                 continue
+            if not self.replays.first(nonce):
+                # A copy of a command already carried out whose answer is no longer kept:
+                # a client's retransmission never waits that long, a replayed capture does.
+                self.counters["control_replayed"] += 1
+                continue
             reply = self._command(message, to_save, to_drop)
             reply["id"] = request_id
-            answers.append((address, encode(reply), key))
+            answers.append((address, clusterauth.seal(self.settings.key, encode(reply)), key))
         for _address, data, key in answers:
             if key is not None:
                 self.replies[key] = data

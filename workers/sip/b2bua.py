@@ -83,8 +83,13 @@ class B2BUA:
         self.routes = [(re.compile(r.match), r) for r in cfg.routes]
         self.trusted = {r.trusted_source for r in cfg.routes if r.trusted_source}
 
-    def ctx(self, source: tuple[str, int] | None, media, now: float) -> Ctx:
-        return Ctx(now, self.ids, self.settings, source, media)
+    def ctx(self, source: tuple[str, int] | None, media, now: float, arrival=None) -> Ctx:
+        """``arrival``: the Source a request came in through (its host and SIP socket): the
+        answers to it leave from there."""
+        if arrival is None:
+            return Ctx(now, self.ids, self.settings, source, media)
+        return Ctx(now, self.ids, self.settings, source, media,
+                   host=arrival.host, sock_index=arrival.sock_index)
 
     # ---------------------------------------------------------------- requests
     def on_request(self, req: Request, source) -> None:
@@ -110,6 +115,12 @@ class B2BUA:
         """No RTP either way for media.media_timeout (a relay said so): hang up both legs."""
         self._call_log(tag).info("media timeout: hanging up call %s", tag)
         self.hangup(tag, MEDIA_TIMEOUT)
+
+    def host_down(self, tag: str, relay: str) -> bool:
+        """The host of the call's relay died: no media can flow, hang up both legs."""
+        from .call import HOST_DOWN
+        self._call_log(tag).info("relay %s is on a dead host: hanging up call %s", relay, tag)
+        return self.hangup(tag, HOST_DOWN)
 
     def on_timer(self, tag: str, name: str, due: float) -> None:
         self._with_call(tag, lambda call, ctx: call.on_timer(name, due, ctx), None, None)
@@ -279,12 +290,13 @@ class B2BUA:
                                              source.addr)])
             now = time.time()
             where = source.addr if source is not None else None
+            arrival = source if req is not None else None  # a request: answered from there
 
-            def run(media, record=record, now=now, where=where):
+            def run(media, record=record, now=now, where=where, arrival=arrival):
                 call = Call.from_record(record)  # afresh each run: nothing of one is kept
                 timers = call.timer_entries()
                 call.prune(now)
-                return call, timers, event(call, self.ctx(where, media, now))
+                return call, timers, event(call, self.ctx(where, media, now, arrival))
 
             call, timers, actions = decide(run, self.media)
             call.worker = self.worker.name

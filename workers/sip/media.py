@@ -12,6 +12,7 @@ session when the call ends, for any reason, and returns its final figures.
 from __future__ import annotations
 
 import logging
+import time
 
 import gevent
 
@@ -25,6 +26,16 @@ from cluster.sip.errors import SipError
 log = logging.getLogger("media")
 EVENTS_GROUP = "b2bua"
 CLAIM_AFTER_MS = 30_000  # an event read but not acknowledged this long is taken over
+# A host is dead when its dispatcher's announcement has lapsed (3 s after its last one)
+# and its relays have been silent this long: a relay that supervisord restarts, or a
+# host restarted quickly (supervisord stopped and started again), is back well within it
+# and its calls carry on (invariant 13).  Past it no media can flow through its relays.
+DEAD_HOST_AFTER = 10.0
+DEAD_HOST_CHECK = 1.0  # seconds between looks at the relays' heartbeats
+# ...and its announcement must have been missing at every look for this long: right after
+# Redis comes back from an outage every heartbeat looks old until the next one (1 s), and
+# a live host must not be taken for dead then.
+DEAD_HOST_CONFIRM = 4.0
 
 
 class Bypass:
@@ -44,8 +55,10 @@ class Relayed:
 
     mode = "relay"
 
-    def __init__(self, store, host: str):
-        self.client = RelayClient(store, host=host)
+    def __init__(self, store, host: str, key: bytes):
+        # New sessions on this host's relays; a call's session is changed at its owner,
+        # whichever host's worker handles the message (its announced control address).
+        self.client = RelayClient(store, host=host, key=key)
 
     def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
         described = sdp.parse(body)
@@ -82,7 +95,9 @@ class Relayed:
 
 
 def media_for(config, store, host: str):
-    return Relayed(store, host) if config.media.mode == "relay" else Bypass()
+    if config.media.mode != "relay":
+        return Bypass()
+    return Relayed(store, host, relayctl.control_key(config.auth.secret))
 
 
 def follow_media_timeouts(worker) -> None:
@@ -93,7 +108,8 @@ def follow_media_timeouts(worker) -> None:
     No trouble ends this loop: it backs off and goes on, and the store makes the group
     anew when a fresh Redis (or a deleted stream) lacks it.  An event whose hang-up
     failed is not acknowledged, so it is claimed again after ``CLAIM_AFTER_MS``."""
-    store, name = worker.store, worker.name
+    # One consumer per worker of the cluster: "worker-0" of every host would be one.
+    store, name = worker.store, f"{worker.host}/{worker.name}"
     backoff = Backoff(log, "media events")
     grouped = False
     while getattr(worker.b2bua, "running", True):
@@ -116,4 +132,48 @@ def follow_media_timeouts(worker) -> None:
             gevent.sleep(0.05)  # never spin, should a read come back empty at once
 
 
-__all__ = ["Bypass", "Relayed", "media_for", "follow_media_timeouts", "relayctl"]
+def follow_dead_hosts(worker) -> None:
+    """End the calls whose relay is on a dead host (BYE to both sides, a CDR with cause
+    38 NETWORK_OUT_OF_ORDER): nothing else would, since the relay that would report
+    their media timeout is gone.  Every worker of every host looks; the call's
+    compare-and-set lets one hang it up, the others find it ended."""
+    store, host = worker.store, worker.host
+    media = worker.b2bua.media
+    backoff = Backoff(log, "dead hosts")
+    missing_since: dict[str, float] = {}  # host -> when its announcement was first missed
+    while getattr(worker.b2bua, "running", True):
+        gevent.sleep(DEAD_HOST_CHECK)
+        try:
+            now, mono = time.time(), time.monotonic()
+            silent: dict[str, list[str]] = {}
+            others: set[str] = set()
+            for node in store_module.relay_nodes(store):
+                if node.get("host") and node["host"] != host:
+                    others.add(node["host"])
+                    if now - float(node.get("seen", 0)) > DEAD_HOST_AFTER:
+                        silent.setdefault(node["host"], []).append(node["id"])
+            for other in others:
+                if store.host_info(other) is None:
+                    missing_since.setdefault(other, mono)
+                else:
+                    missing_since.pop(other, None)
+            for other in [h for h in missing_since if h not in others]:
+                del missing_since[other]
+            dead = {h for h, since in missing_since.items()
+                    if mono - since >= DEAD_HOST_CONFIRM and h in silent}
+            media.client.dead_hosts = dead
+            for relay_id in (r for h in dead for r in silent[h]):
+                for record in store_module.relay_owned_sessions(store, relay_id):
+                    worker.b2bua.host_down(record["call_id"], relay_id)
+                    # The session dies with its relay; its record would keep the call
+                    # pointing at it.
+                    store_module.relay_drop_sessions(store, relay_id, [record["call_id"]])
+        except Exception as exc:  # whatever it is, the watch goes on
+            missing_since.clear()  # what was missed meanwhile says nothing of the hosts
+            gevent.sleep(backoff.failed(exc))
+            continue
+        backoff.ok()
+
+
+__all__ = ["Bypass", "Relayed", "media_for", "follow_dead_hosts", "follow_media_timeouts",
+           "relayctl"]

@@ -4,7 +4,10 @@ Datagrams arrive from the dispatcher on a loopback UDP port, wrapped with
 their source address.  Answers leave through copies of the dispatcher's SIP
 sockets (received over the control connection), so they come from the SIP
 port; requests for a phone registered through another host go to that host's
-dispatcher (its egress port), which sends them from its own SIP socket.
+dispatcher (its egress port), which sends them from its own SIP socket.  Those
+hand-offs are sealed with the cluster's hand-off key (cluster/clusterauth.py) and
+leave from this host's inter-host address: the receiving dispatcher forwards
+nothing else.
 
 When the dispatcher dies the control connection reaches end of file at once; a
 greenlet waiting on it reconnects every ``RECONNECT_EVERY`` seconds while the
@@ -24,7 +27,7 @@ from collections import Counter
 import gevent
 import msgpack
 
-from cluster import envelope
+from cluster import clusterauth, envelope
 from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -36,11 +39,15 @@ RECONNECT_EVERY = 0.1  # seconds between attempts to reach a missing dispatcher
 CONTROL_TIMEOUT = 2.0  # seconds a dispatcher has to answer a connecting worker
 STILL_MISSING_EVERY = 10.0  # seconds between log lines while the dispatcher stays away
 REFUSED_LOG_EVERY = 10.0  # seconds between log lines about envelopes from elsewhere
+# Seconds another host's hand-off address is kept: one Redis GET per host and second at
+# most, and a dead host (its announcement lapses 3 s after its death) is noticed 1 s later.
+EGRESS_CACHE = 1.0
 
 
 class Transport:
     def __init__(self, control_path: str, name: str, host: str, heartbeat_interval: float,
-                 store: Store, on_datagram, load=lambda: 0, counters: Counter | None = None):
+                 store: Store, on_datagram, load=lambda: 0, counters: Counter | None = None,
+                 handoff_key: bytes = b"", egress_bind: str = ""):
         self.control_path = control_path
         self.name = name
         self.host = host
@@ -52,6 +59,11 @@ class Transport:
         self.inbound.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
         self.inbound.bind(("127.0.0.1", 0))
         self.egress = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if egress_bind:
+            # Other hosts' dispatchers take hand-offs only from the hosts' announced
+            # inter-host addresses: leave from this one, whatever the routing table picks.
+            self.egress.bind((egress_bind, 0))
+        self.handoff_key = handoff_key
         self.sip_sockets: list[socket.socket] = []
         self.control: socket.socket | None = None
         # Where envelopes may come from: the current dispatcher's forwarding socket (named
@@ -242,7 +254,14 @@ class Transport:
         if host and host != self.host:
             egress = self._egress_of(host)
             if egress is not None:
-                self.egress.sendto(envelope.wrap(dest, sock_index, data), egress)
+                try:
+                    sealed = clusterauth.seal(self.handoff_key,
+                                              envelope.wrap(dest, sock_index, data))
+                    self.egress.sendto(sealed, egress)
+                except (ValueError, OSError) as exc:  # no key (auth.secret empty), or sending
+                    call_log(log, scan.call_id(data) or b"-").warning(
+                        "hand-off to host %s at %s:%d failed: %s", host, *egress, exc)
+                    return
                 self._count(data)
                 return
         if ":" in dest[0]:
@@ -277,5 +296,5 @@ class Transport:
             except StoreUnavailable:
                 info = None
             egress = tuple(info["egress"]) if info and info.get("egress") else None
-            cached = self._hosts[host] = (now + 5.0, egress)
+            cached = self._hosts[host] = (now + EGRESS_CACHE, egress)
         return cached[1]

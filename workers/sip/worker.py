@@ -21,9 +21,11 @@ from collections import Counter
 import gevent
 import gevent.pool
 
+from cluster import clusterauth
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
 from cluster.config import Config
+from cluster.escape import escape_controls
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.errors import SipError
@@ -41,7 +43,7 @@ from cluster.store import Store, StoreUnavailable
 
 from .auth import Authenticator
 from .b2bua import B2BUA
-from .media import follow_media_timeouts
+from .media import follow_dead_hosts, follow_media_timeouts
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
@@ -118,7 +120,9 @@ class Worker:
         self.transport = Transport(
             config.dispatcher.control_path, name, self.host,
             config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
-            load=lambda: len(self.pool), counters=self.counters)
+            load=lambda: len(self.pool), counters=self.counters,
+            handoff_key=clusterauth.handoff_key(config.auth.secret),
+            egress_bind=config.dispatcher.inter_host_address)
         self.scanners = ScanWatch(self.store, config.limits, by=f"{name}@{self.host}",
                                   counters=self.counters)
         self.transport.watch = self.scanners.note_answer
@@ -150,6 +154,7 @@ class Worker:
         greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
             greenlets.append(gevent.spawn(follow_media_timeouts, self))
+            greenlets.append(gevent.spawn(follow_dead_hosts, self))
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGINT, self.drain)
         gevent.joinall(greenlets, raise_error=True)
@@ -281,7 +286,17 @@ class Worker:
                 return  # a broken response is dropped, never answered
             raise exc
         if isinstance(msg, Response):
-            self.on_response(msg, source)
+            try:
+                self.on_response(msg, source)
+            except SipError as exc:
+                # A response cannot be answered: what its handling refused (a relay that
+                # would not take the callee's SDP, say) is said here, or the call just
+                # stalls until its timers give up.
+                self.counters["response_errors"] += 1
+                call_log(log, msg.call_id or b"-").warning(
+                    "%d %s from %s:%d not carried out: %d %s", msg.status,
+                    escape_controls(msg.reason), *source.addr, exc.status,
+                    escape_controls(exc.reason))
             return
         try:
             self.on_request(msg, source)

@@ -18,6 +18,7 @@ from .state import IGNORED, TABLE, CallState, Event
 from .wire import (
     ADMIN_HANGUP,
     COMPLETED_ELSEWHERE,
+    HOST_DOWN,
     MEDIA_TIMEOUT,
     NO_ANSWER,
     NORMAL_CLEARING,
@@ -35,7 +36,8 @@ from .wire import (
 )
 
 __all__ = [
-    "ACTIONS", "ADMIN_HANGUP", "COMPLETED_ELSEWHERE", "IGNORED", "MEDIA_TIMEOUT", "NO_ANSWER",
+    "ACTIONS", "ADMIN_HANGUP", "COMPLETED_ELSEWHERE", "HOST_DOWN", "IGNORED", "MEDIA_TIMEOUT",
+    "NO_ANSWER",
     "NORMAL_CLEARING", "ORIGINATOR_CANCEL", "RECOVERY_ON_TIMER_EXPIRE", "RELAYED_HEADERS",
     "RELAYED_METHODS", "STATUS_CAUSES", "TABLE", "WAIT_ONLY", "Action", "Actions", "Call",
     "CallState", "Cdr", "Ctx", "Event", "Ids", "Leg", "LegState", "Out", "Reply", "Settings",

@@ -23,7 +23,7 @@ from cluster.sip.transaction import (
 from .actions import Actions, Reply
 from .legs import RINGING, Leg, LegState
 from .state import CONNECTING, Event
-from .wire import CALL_TIMERS, RECOVERY_ON_TIMER_EXPIRE, RELAYED_METHODS, Ctx, our_via
+from .wire import CALL_TIMERS, RECOVERY_ON_TIMER_EXPIRE, RELAYED_METHODS, Ctx, arrival, our_via
 
 if TYPE_CHECKING:
     from .machine import Call
@@ -70,7 +70,7 @@ class Inbound:
             return [Reply(482, "Loop Detected")]
         actions = tx.on_request(req, ctx.now)
         self._save_tx(key, tx)
-        out = self._run(self.leg(entry["leg"]), actions)
+        out = self._run(self.leg(entry["leg"]), actions, entry)
         if req.method == "ACK" and any(isinstance(a, Deliver) for a in actions):
             out += self._acked(self.leg(entry["leg"]), req, ctx)
         return out
@@ -110,7 +110,8 @@ class Inbound:
         """Answer an in-dialog request ourselves, through a server transaction."""
         stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers)
         stx.on_request(req, ctx.now)
-        self.txs[stx.key] = {"leg": leg.name, "role": "local", "tx": stx.to_record()}
+        self.txs[stx.key] = {"leg": leg.name, "role": "local", "tx": stx.to_record(),
+                             **arrival(ctx)}
         response = build_response(req, status, headers=[*headers, (b"Server", ctx.cfg.user_agent)])
         return self._respond(stx.key, response, ctx.now)
 
@@ -264,7 +265,7 @@ class Inbound:
         actions = tx.on_timer(timer, ctx.now, due)
         self._save_tx(key, tx)
         leg = self.leg(entry["leg"])
-        out = self._run(leg, actions)
+        out = self._run(leg, actions, entry)
         for action in actions:
             if isinstance(action, TimedOut):
                 out += self._timed_out(entry, leg, ctx)

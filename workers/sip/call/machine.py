@@ -222,15 +222,17 @@ class Call(Inbound, Handlers, Outbound):
         tx = transaction_from_record(entry["tx"])
         actions = tx.send_response(response, now)
         self._save_tx(key, tx)
-        return self._run(self.leg(entry["leg"]), actions)
+        return self._run(self.leg(entry["leg"]), actions, entry)
 
     @staticmethod
-    def _run(leg: Leg, actions: list[Action]) -> Actions:
-        """A transaction's sends, as the call's: out via the leg's host.  Its timers are in
-        its record (``timer_entries``); what it delivers, the caller of ``_run`` reads from
-        ``actions`` itself; nothing else goes up."""
-        return [Out(a.data, a.dest, leg.host, leg.sock_index) for a in actions
-                if isinstance(a, Send)]
+    def _run(leg: Leg, actions: list[Action], entry: dict | None = None) -> Actions:
+        """A transaction's sends, as the call's: out via the leg's host, or for a server
+        transaction ``entry``, the host that received its request (see Ctx.host).  Its
+        timers are in its record (``timer_entries``); what it delivers, the caller of
+        ``_run`` reads from ``actions`` itself; nothing else goes up."""
+        entry = entry or {}
+        host, sock_index = entry.get("host", leg.host), entry.get("sock", leg.sock_index)
+        return [Out(a.data, a.dest, host, sock_index) for a in actions if isinstance(a, Send)]
 
 
 _CALL_FIELDS = fields(Call)

@@ -12,7 +12,7 @@ from cluster.sip.transaction import response_dest, server_transaction, transacti
 from .actions import Actions, Cdr, Out
 from .legs import RINGING, Leg, LegState
 from .state import CallState
-from .wire import Ctx, carried, contact, reason
+from .wire import Ctx, arrival, carried, contact, reason
 
 if TYPE_CHECKING:
     from .machine import Call
@@ -67,7 +67,8 @@ class Outbound:
         stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers)
         stx.on_request(req, ctx.now)
         role = "reinvite" if req.method == "INVITE" else "relayed"
-        self.txs[stx.key] = {"leg": leg.name, "role": role, "tx": stx.to_record()}
+        self.txs[stx.key] = {"leg": leg.name, "role": role, "tx": stx.to_record(),
+                             **arrival(ctx)}
         dialog = Dialog.from_record(other.dialog)
         request, _ = dialog.create_request(
             req.method, branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,

@@ -17,6 +17,7 @@ ORIGINATOR_CANCEL = ("ORIGINATOR_CANCEL", 487)
 NO_ANSWER = ("NO_ANSWER", 19)
 RECOVERY_ON_TIMER_EXPIRE = ("RECOVERY_ON_TIMER_EXPIRE", 102)
 MEDIA_TIMEOUT = ("MEDIA_TIMEOUT", 102)
+HOST_DOWN = ("NETWORK_OUT_OF_ORDER", 38)  # the host carrying the call's media died
 ADMIN_HANGUP = ("NORMAL_CLEARING", 16)
 COMPLETED_ELSEWHERE = ("Call completed elsewhere", 200)
 # SIP status of the failed call -> Q.850 cause (RFC 3398 section 8.2.6.1, abridged).
@@ -61,6 +62,16 @@ class Ctx:
     cfg: Settings
     source: tuple[str, int] | None = None
     media: PassThrough | Answers = PASS_THROUGH  # see media.py
+    # The host (and its SIP socket) that received the message: the answers to an in-dialog
+    # request leave from there, since the phone sent it there (with several hosts it may
+    # be another one than the host its leg was set up through).
+    host: str | None = None
+    sock_index: int = 0
+
+
+def arrival(ctx: Ctx) -> dict:
+    """What a server transaction keeps of where its request arrived (see Ctx.host)."""
+    return {} if ctx.host is None else {"host": ctx.host, "sock": ctx.sock_index}
 
 
 @dataclass(frozen=True)
