@@ -77,6 +77,12 @@ class LazyCluster:
         return self._client
 
     def __getattr__(self, name):
+        if callable(getattr(RedisCluster, name, None)):
+            # A method: the client is made when it is called, so that ``store.redis.get``
+            # is evaluated outside the store's error handling without raising.
+            def method(*args, **kwargs):
+                return getattr(self.client(), name)(*args, **kwargs)
+            return method
         return getattr(self.client(), name)
 
     def get_encoder(self):

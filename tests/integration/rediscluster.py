@@ -99,13 +99,18 @@ class RedisClusterSet:
         return result.stdout
 
     def settled(self) -> bool:
-        """Every node says the cluster is ok and sees the other five."""
+        """Every node says the cluster is ok and sees the other five; every replica has
+        its primary's data (a WAIT would count it)."""
         for node in self.nodes:
             client = node.client()
             try:
                 info = client.execute_command("CLUSTER INFO")  # parsed into a dict
                 if (info.get("cluster_state") != "ok"
                         or str(info.get("cluster_known_nodes")) != str(len(self.nodes))):
+                    return False
+                replication = client.info("replication")
+                if (replication.get("role") == "slave"
+                        and replication.get("master_link_status") != "up"):
                     return False
             except redis.RedisError:
                 return False
