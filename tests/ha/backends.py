@@ -5,8 +5,8 @@ fsync every second) and can be killed with SIGKILL, paused with SIGSTOP, made to
 writes (maxmemory) and started again on the same port and folder.  ``SentinelRedis`` is a
 primary, a replica and three sentinels (tests/integration/sentinels.py); its fault is the
 primary's death and the replica's promotion.  ``ClusterRedis`` is a 6-node Redis Cluster
-(tests/integration/rediscluster.py); its faults are a live resharding and a primary's
-replica taking over (CLUSTER FAILOVER).
+(tests/integration/rediscluster.py); its faults are a live resharding, a primary's
+replica taking over (CLUSTER FAILOVER) and a primary killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -133,6 +133,25 @@ class ClusterRedis:
                         timeout, step=0.05):
             raise RuntimeError("the replica did not take over")
         return f"127.0.0.1:{replica.port}", time.monotonic() - started
+
+    def kill_primary(self, timeout: float = 30.0) -> tuple[str, float]:
+        """SIGKILL of the primary serving slot 0: its replica is elected once the others
+        have not heard from it for the node timeout.  The killed node is started again
+        (empty: it rejoins as a replica).  (new primary, seconds until it served)."""
+        primary = next(n for n in self.set.primaries() if self._serves(n, 0))
+        primary_id = self._id(primary)
+        replica = next(n for n in self.set.nodes
+                       if n is not primary and self._primary_of(n) == primary_id)
+        primary.stop()
+        killed = time.monotonic()
+        if not wait_for(lambda: self.set.role(replica) == "master" and self._serves(replica, 0),
+                        timeout, step=0.05):
+            raise RuntimeError("no replica took over")
+        took = time.monotonic() - killed
+        primary.start()
+        if not wait_for(self.set.settled, timeout, step=0.2):
+            raise RuntimeError("the cluster did not settle with the old primary back")
+        return f"127.0.0.1:{replica.port}", took
 
     @staticmethod
     def _id(node) -> str:

@@ -146,6 +146,11 @@ def cluster_failover(world: World) -> None:
     world.notes["promoted"] = f"{promoted} after {took:.2f} s"
 
 
+def cluster_primary_killed(world: World) -> None:
+    promoted, took = world.backend.kill_primary()
+    world.notes["promoted"] = f"{promoted} after {took:.2f} s"
+
+
 # ------------------------------------------------------------------ the load
 @dataclass
 class Probe:
@@ -363,6 +368,12 @@ def test_redis_cluster_primary_failover(tmp_path):
     require_redis_cli()
     run_cell(tmp_path, ClusterRedis(tmp_path / "rcluster"), cluster_failover,
              "redis cluster failover")
+
+
+def test_redis_cluster_primary_killed(tmp_path):
+    require_redis_cli()
+    run_cell(tmp_path, ClusterRedis(tmp_path / "rcluster"), cluster_primary_killed,
+             "redis cluster primary killed")
 
 
 def test_sentinel_primary_failover(tmp_path):
