@@ -31,6 +31,7 @@ from conftest import ROOT
 PASSWORD = "1234"
 REGISTERING = [str(user) for user in range(3100, 3120)]  # 20 REGISTERs
 CALLING = [(str(3120 + 2 * i), str(3121 + 2 * i)) for i in range(6)]  # 6 calls
+HUNG_UP = ("3140", "3141")  # a call the operator ends
 SETTINGS = {"media": {"mode": "relay", "relays": 1, "rtp_port_min": 38200,
                       "rtp_port_max": 38399}}
 
@@ -137,7 +138,7 @@ def cluster(tmp_path_factory, redis_cluster):  # noqa: F811
     redis_cluster.flushall()  # what the store's test above left
     with running_cluster(tmp_path_factory.mktemp("on-redis-cluster"), redis_cluster.url,
                          workers=2, settings=SETTINGS) as running:
-        for user in [*REGISTERING, *(u for pair in CALLING for u in pair)]:
+        for user in [*REGISTERING, *(u for pair in CALLING for u in pair), *HUNG_UP]:
             running.add_user(user, PASSWORD)
         yield running
 
@@ -185,9 +186,22 @@ def test_six_calls_with_relay_media_bye_and_one_cdr_each(cluster):
     assert {c["hangup_cause"] for c in cdrs} == {"NORMAL_CLEARING"}
 
 
+def test_sipctl_call_and_hangup_reach_a_worker_through_the_hangup_stream(cluster):
+    with call_between(cluster, int(HUNG_UP[0]), int(HUNG_UP[1])) as call:
+        shown = json.loads(sipctl(cluster, "call", call.caller.call_id, "--json"))
+        assert shown["call"] == call.tag and shown["state"] == "answered", shown
+        done = sipctl(cluster, "hangup", call.caller.call_id)
+        assert "ended" in done, done
+        for phone in (call.caller, call.callee):
+            bye = phone.wait_request("BYE")
+            assert bye is not None and "NORMAL_CLEARING" in bye.header("Reason")
+        cdr = wait_cdr(cluster, call.caller.call_id)
+        assert cdr is not None and cdr["hangup_side"] == "operator", cdr
+
+
 def test_sipctl_listings_and_metrics_read_every_primary(cluster, redis_cluster):  # noqa: F811
     users = json.loads(sipctl(cluster, "users", "list", "--json"))
-    assert len(users) == len(REGISTERING) + 2 * len(CALLING)
+    assert len(users) == len(REGISTERING) + 2 * len(CALLING) + len(HUNG_UP)
     listed = json.loads(sipctl(cluster, "cluster", "--json"))
     roles = sorted(p["role"] for p in listed)
     assert roles.count("worker") == 2 and "dispatcher" in roles and "relay" in roles, listed
