@@ -26,6 +26,7 @@ follows MOVED/ASK/TRYAGAIN.  Two things the store needs it does not give:
 from __future__ import annotations
 
 import threading
+import time
 
 import redis
 from redis.client import Pipeline
@@ -34,6 +35,7 @@ from redis.commands.core import Script
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    MaxConnectionsError,
     NoScriptError,
     RedisClusterException,
     TryAgainError,
@@ -42,6 +44,7 @@ from redis.exceptions import (
 # Replies that say "this command did not run here, now": run it again through the client.
 _REDIRECTED = (AskError, TryAgainError, ClusterDownError)  # AskError: also MovedError
 _SCRIPT_COMMANDS = ("EVALSHA", "EVAL", "EVALSHA_RO", "EVAL_RO")
+REFRESH_EVERY = 0.5  # seconds between two readings of the slot map after connection trouble
 
 
 def routing_key(args: tuple):
@@ -65,6 +68,7 @@ class LazyCluster:
         self._lock = threading.Lock()
         self._encoder = redis.Redis().get_encoder()  # a client's default (utf-8) encoder
         self.scripts: dict[str, Script] = {}  # sha -> script, to load where one is missing
+        self._refreshed = 0.0
 
     def client(self) -> RedisCluster:
         if self._client is None:
@@ -119,6 +123,17 @@ class LazyCluster:
         # With the node named, RedisCluster does not follow a MOVED itself: the store's
         # caller sees Redis trouble once and the next read goes where the slot went.
         return client.execute_command(*args, target_nodes=client.get_node_from_key(stream))
+
+    def refresh(self) -> None:
+        """Read the slot map again (at most once per REFRESH_EVERY seconds)."""
+        now = time.monotonic()
+        if self._client is None or now - self._refreshed < REFRESH_EVERY:
+            return
+        self._refreshed = now
+        try:
+            self._client.nodes_manager.initialize()
+        except (redis.RedisError, RedisClusterException, OSError):
+            pass  # no node answers: the next command tries again
 
     def close(self) -> None:
         if self._client is not None:
@@ -192,10 +207,13 @@ class SlotPipeline(Pipeline):
                     except redis.ResponseError as exc:
                         replies[i] = exc
             clean = True
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             # A node went away (a failover?): ask for the slot map again before the next
-            # command, as RedisCluster does for its own commands.
-            self._refresh(client)
+            # command, as RedisCluster does for its own commands; not for a pool that is
+            # merely full (the worker's own load), and once per REFRESH_EVERY at most, so
+            # a node that stopped answering does not make every greenlet read the map.
+            if not isinstance(exc, MaxConnectionsError):
+                self.cluster.refresh()
             raise
         finally:
             for redis_node, connection, _indexes in taken:
@@ -215,9 +233,3 @@ class SlotPipeline(Pipeline):
             return False  # the NOSCRIPT stands: the store reloads and retries on its own
         return True
 
-    @staticmethod
-    def _refresh(client: RedisCluster) -> None:
-        try:
-            client.nodes_manager.initialize()
-        except (redis.RedisError, RedisClusterException, OSError):
-            pass  # no node answers: the next command tries again
