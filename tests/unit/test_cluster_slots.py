@@ -185,3 +185,16 @@ def test_the_timer_shards_sit_in_different_slots_spread_over_the_slot_space():
     # An evenly split 3-primary cluster (0-5460, 5461-10922, 10923-16383) gets every third.
     thirds = {s * 3 // 16384 for s in slots}
     assert thirds == {0, 1, 2}, slots
+
+
+def test_the_global_keys_do_not_all_sit_on_one_primary():
+    """Streams, the relay table and the timer shards are one key (one slot) each: placed, not
+    sharded; an evenly split 3-primary cluster serves each third of them from another node."""
+    globals_ = [store_module.CDR_STREAM, store_module.HANGUP_STREAM,
+                store_module.RELAY_EVENTS_KEY, store_module.RELAY_NODES_KEY,
+                *(store_module.timer_key(s) for s in range(store_module.TIMER_SHARDS))]
+    thirds = {}
+    for key in globals_:
+        thirds.setdefault(slot(key) * 3 // 16384, []).append(key)
+    assert set(thirds) == {0, 1, 2}, thirds
+    assert max(len(keys) for keys in thirds.values()) <= 3, thirds
