@@ -86,6 +86,11 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
 
 Every function turns Redis trouble into ``StoreUnavailable`` so callers can
 answer 503 instead of crashing.
+
+On a Redis Cluster (``redis+cluster://``, cluster/clusterclient.py) every script and every
+multi-key command touches the keys of one hash tag (tests/unit/test_cluster_slots.py); a
+pipeline may span slots (each primary gets its share, one round trip); the keys without a
+tag (the streams, ``relay:nodes``, ``proc:``/``host:``) are one slot each.
 """
 
 from __future__ import annotations
