@@ -122,6 +122,46 @@ def test_the_store_works_on_the_cluster(redis_cluster):  # noqa: F811
     assert heard[0] == ("source", "192.0.2.9", 5.0)
 
 
+def test_pipelines_follow_a_slot_migrating_and_then_moved(redis_cluster):  # noqa: F811
+    """A slot moved by hand while a store holds the old slot map: during the migration a new
+    call in that slot is written through ASK, after it the store's pipeline meets MOVED and
+    is run again where the slot went; the timers armed with it land in their own slots."""
+    store = Store(redis_cluster.url, timeout=2.0)
+    tag = "5107" * 6
+    slot = key_slot(call_key(tag).encode())
+    version = store.save_call(tag, 0, {"n": 1}, 60, arm=[(tag, "A", time.time() + 300)])
+    assert version  # the store has read the slot map
+    other = next(t for t in (f"{n:024x}" for n in range(1, 10**6))
+                 if key_slot(call_key(t).encode()) == slot)  # another call in that slot
+    source_port = node_of(redis_cluster, call_key(tag))
+    nodes = {n.port: n for n in redis_cluster.primaries()}
+    target_port = next(p for p in nodes if p != source_port)
+    source, target = nodes[source_port].client(), nodes[target_port].client()
+    try:
+        source_id = source.execute_command("CLUSTER MYID")
+        target_id = target.execute_command("CLUSTER MYID")
+        target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        # The new call's key is not on the source: ASK sends it to the target.
+        assert store.save_call(other, 0, {"n": 2}, 60, arm=[(other, "A", time.time() + 300)])
+        assert store.load_call(other)[1] == {"n": 2}
+        keys = source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+        source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+        for client in (target, source, *(nodes[p].client() for p in nodes
+                                         if p not in (source_port, target_port))):
+            client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    finally:
+        source.close()
+        target.close()
+    # The store still believes the source serves the slot: MOVED, then the right node.
+    newer = store.save_call(tag, version, {"n": 3}, 60, arm=[(tag, "B", time.time() + 300)])
+    assert newer and store.load_call(tag) == (newer, {"n": 3})
+    assert store.redis.get_node_from_key(call_key(tag)).port == target_port
+    assert node_of(redis_cluster, call_key(tag)) == target_port
+    armed = {(t, n) for t, n, _ in store.pop_due_timers(time.time() + 400)}
+    assert armed == {(tag, "A"), (other, "A"), (tag, "B")}
+
+
 def test_a_cluster_away_at_start_is_redis_trouble_not_a_crash():
     store = Store("redis+cluster://127.0.0.1:1,127.0.0.1:2/", timeout=0.2)  # nothing there
     with pytest.raises(StoreUnavailable):
