@@ -8,8 +8,9 @@ deployment's.  ``load()`` reads the TOML file, then applies, in this order:
 * ``SIPCLUSTER_<SECTION>_<KEY>``: any single setting, for example
   ``SIPCLUSTER_SIP_PORT=5070`` or ``SIPCLUSTER_AUTH_ALGORITHMS=SHA-256,MD5``.
 
-A ``redis+sentinel://`` URL (cluster/redisclient.py), wherever it comes from,
-turns ``redis.managed`` off as well: the launcher runs no replicated Redis.
+A ``redis+sentinel://`` or ``redis+cluster://`` URL (cluster/redisclient.py), wherever
+it comes from, turns ``redis.managed`` off as well: the launcher runs no replicated Redis
+and no Redis Cluster.
 
 Unknown sections and keys are errors in both places: a misspelt setting that
 silently keeps its default is worse than a process that refuses to start.
@@ -40,7 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .redisclient import is_sentinel_url, parse_sentinel_url, redacted
+from .redisclient import (
+    is_cluster_url,
+    is_sentinel_url,
+    parse_cluster_url,
+    parse_sentinel_url,
+    redacted,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The example configuration and the supervisord template, shipped inside the package (in a
@@ -353,7 +360,7 @@ def load(
         env = {**read_overrides(Path(overrides_file)), **env}
     _apply_env(values, env)
     redis = values.get("redis", {})
-    if is_sentinel_url(str(redis.get("url", ""))):
+    if is_sentinel_url(str(redis.get("url", ""))) or is_cluster_url(str(redis.get("url", ""))):
         redis["managed"] = False  # a replicated Redis is run elsewhere, never by the launcher
     sections = {name: _build_section(name, values.get(name, {})) for name in SECTIONS}
     config = Config(**sections, routes=routes, source=str(config_path.resolve()))
@@ -660,8 +667,18 @@ def _validate_redis(redis: RedisConfig) -> None:
         _require(not redis.managed, "redis.managed must be false with a redis+sentinel:// URL "
                  "(the launcher runs no Sentinel)")
         return
+    if is_cluster_url(redis.url):
+        try:
+            parse_cluster_url(redis.url)
+        except ValueError as e:
+            raise ConfigError(f"redis.url: bad redis+cluster:// URL {redacted(redis.url)!r}: "
+                              f"{e}") from None
+        _require(not redis.managed, "redis.managed must be false with a redis+cluster:// URL "
+                 "(the launcher runs no Redis Cluster)")
+        return
     _require(redis.url.startswith(("redis://", "rediss://", "unix://")),
-             "redis.url must be a redis://, rediss://, unix:// or redis+sentinel:// URL, "
+             "redis.url must be a redis://, rediss://, unix://, redis+sentinel:// or "
+             "redis+cluster:// URL, "
              f"not {redacted(redis.url)!r}")
 
 

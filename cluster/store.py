@@ -29,11 +29,14 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    the call lives (refreshed), 2 min once it ended.
                                    The tag is a hash of the A-leg Call-ID; B-leg Call-IDs
                                    carry it as "sc<slot>.<tag>.<n>".
-  timers:<shard>                   sorted set of due timers, score = due time (epoch s),
+  timers:{<shard>}                 sorted set of due timers, score = due time (epoch s),
                                    member "<call tag>|<timer name>|<due time>".  A worker
                                    claims a due entry atomically (ZREM wins); the call record
                                    says whether the timer is still pending.  No TTL: entries
-                                   leave when they fire.
+                                   leave when they fire.  Each shard (0-3) is its own hash
+                                   tag, so on a Redis Cluster the shards sit in different
+                                   slots (13907, 9842, 5649, 1584: spread over the primaries
+                                   of an evenly split cluster) instead of all on one node.
   trace:{<call tag>}               list of the call's SIP messages in order (msgpack each:
                                    {"t", "dir": "in"/"out", "leg", "peer", "first", "data"}),
                                    capped at calls.trace_max; TTL calls.trace_ttl, extended
@@ -99,6 +102,11 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
 
 Every function turns Redis trouble into ``StoreUnavailable`` so callers can
 answer 503 instead of crashing.
+
+On a Redis Cluster (``redis+cluster://``, cluster/clusterclient.py) every script and every
+multi-key command touches the keys of one hash tag (tests/unit/test_cluster_slots.py); a
+pipeline may span slots (each primary gets its share, one round trip); the keys without a
+tag (the streams, ``relay:nodes``, ``proc:``/``host:``) are one slot each.
 """
 
 from __future__ import annotations
@@ -150,9 +158,12 @@ _UNAVAILABLE_CLASSES = (
     redis.ConnectionError,  # also BusyLoadingError (LOADING), AuthenticationError (NOAUTH...)
     redis.TimeoutError, OSError, redis.exceptions.InvalidResponse,
     redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ClusterDownError,  # also MasterDownError (MASTERDOWN)
+    redis.exceptions.ClusterError,  # also ClusterDownError, MasterDownError (MASTERDOWN)
     redis.exceptions.AskError,  # also MovedError
-    redis.exceptions.TryAgainError, redis.exceptions.NoPermissionError)
+    redis.exceptions.TryAgainError, redis.exceptions.NoPermissionError,
+    redis.exceptions.SlotNotCoveredError)  # a Redis Cluster slot without a primary (failover)
+# What a Redis client raises: RedisCluster's own trouble is no RedisError.
+REDIS_ERRORS = (redis.RedisError, OSError, redis.exceptions.RedisClusterException)
 _UNAVAILABLE_CODES = frozenset((
     "BUSY", "MISCONF", "NOREPLICAS", "LOADING", "READONLY", "OOM", "MASTERDOWN", "CLUSTERDOWN",
     "TRYAGAIN", "MOVED", "ASK", "NOPERM", "NOAUTH", "WRONGPASS", "UNBLOCKED"))
@@ -171,7 +182,13 @@ def error_code(exc: BaseException) -> str:
 def is_unavailable(exc: BaseException) -> bool:
     """Whether a Redis error means "unavailable for now" (503), not a bug."""
     return isinstance(exc, _UNAVAILABLE_CLASSES) or (
-        isinstance(exc, redis.ResponseError) and error_code(exc) in _UNAVAILABLE_CODES)
+        isinstance(exc, redis.ResponseError) and error_code(exc) in _UNAVAILABLE_CODES) or (
+        # RedisCluster when no node gives it a slot map, or a command no node to go to;
+        # a cross-slot command (a bug here) says "hash to the same slot" and is not this.
+        isinstance(exc, redis.exceptions.RedisClusterException)
+        and any(text in str(exc) for text in ("cannot be connected", "No targets",
+                                              "could not agree", "are not covered",
+                                              "has no redis_connection")))
 
 
 def is_nogroup(exc: BaseException) -> bool:
@@ -223,7 +240,7 @@ def trace_key(tag: str) -> str:
 
 
 def timer_key(shard: int) -> str:
-    return f"timers:{shard}"
+    return f"timers:{{{shard}}}"
 
 
 CDR_STREAM = "cdr"
@@ -472,7 +489,7 @@ class Store:
     def _call(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if not self._unavailable(exc):
                 raise  # a bug (wrong type, bad arguments...): not Redis's state
             raise StoreUnavailable(str(exc)) from exc
@@ -481,8 +498,11 @@ class Store:
         """Whether ``exc`` is Redis trouble that passes; mends what can be mended first."""
         if isinstance(exc, redis.exceptions.ReadOnlyError):
             # A primary demoted to a replica: drop every connection, so the next command
-            # connects anew (and finds the new primary when it is discovered).
-            self.redis.connection_pool.disconnect(inuse_connections=False)
+            # connects anew (and finds the new primary when it is discovered).  (A Redis
+            # Cluster answers MOVED instead, which its client follows.)
+            pool = getattr(self.redis, "connection_pool", None)
+            if pool is not None:
+                pool.disconnect(inuse_connections=False)
         elif isinstance(exc, redis.exceptions.NoScriptError):
             # Redis restarted or SCRIPT FLUSH: load them again; the caller retries.
             self._reload_scripts()
@@ -493,8 +513,8 @@ class Store:
         scripts = [s for s in vars(self).values() if isinstance(s, redis.commands.core.Script)]
         try:
             for script in scripts:
-                script.sha = self.redis.script_load(script.script)
-        except (redis.RedisError, OSError):
+                script.sha = self.redis.script_load(script.script)  # every primary of a cluster
+        except REDIS_ERRORS:
             pass  # Redis is away again: the next NOSCRIPT loads them
 
     def ping(self) -> bool:
@@ -542,9 +562,10 @@ class Store:
 
     def _scan(self, pattern: str) -> Iterator[str]:
         try:
+            # On a Redis Cluster, scan_iter walks every primary in turn.
             for key in self.redis.scan_iter(match=pattern, count=1000):
                 yield key.decode()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if not self._unavailable(exc):
                 raise
             raise StoreUnavailable(str(exc)) from exc
@@ -758,7 +779,7 @@ class Store:
                 else:
                     ip, _, seconds = text.partition(" ")
                     yield "source", ip, float(seconds or 0)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             if not self._unavailable(exc):
                 raise
             raise StoreUnavailable(str(exc)) from exc

@@ -4,7 +4,9 @@
 fsync every second) and can be killed with SIGKILL, paused with SIGSTOP, made to refuse
 writes (maxmemory) and started again on the same port and folder.  ``SentinelRedis`` is a
 primary, a replica and three sentinels (tests/integration/sentinels.py); its fault is the
-primary's death and the replica's promotion.
+primary's death and the replica's promotion.  ``ClusterRedis`` is a 6-node Redis Cluster
+(tests/integration/rediscluster.py); its faults are a live resharding, a primary's
+replica taking over (CLUSTER FAILOVER) and a primary killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import wait_for
+from rediscluster import RedisClusterSet
 from sentinels import SentinelSet, start_replica
 
 from conftest import RedisServer
@@ -79,6 +82,106 @@ class SentinelRedis:
         self.set.primary, self.set.replica = self.set.replica, start_replica(
             old.directory, 0, port=old_port)
         return promoted
+
+    def stop(self) -> None:
+        self.set.stop()
+
+
+class ClusterRedis:
+    """The fault matrix's view of a 6-node Redis Cluster (3 primaries, 3 replicas)."""
+
+    def __init__(self, directory: Path):
+        self.set = RedisClusterSet(directory)
+
+    @property
+    def url(self) -> str:
+        return self.set.url
+
+    def start(self) -> ClusterRedis:
+        self.set.start()
+        return self
+
+    def reshard(self, slots: int) -> tuple[str, str, float]:
+        """Move ``slots`` slots (and their keys, with MIGRATE: clients meet ASK and MOVED
+        meanwhile) from the primary serving slot 0 to another primary; (from, to, seconds)."""
+        primaries = self.set.primaries()
+        source = next(n for n in primaries if self._serves(n, 0))
+        target = next(n for n in primaries if n is not source)
+        started = time.monotonic()
+        self.set.cli("--cluster", "reshard", f"127.0.0.1:{source.port}",
+                     "--cluster-from", self._id(source), "--cluster-to", self._id(target),
+                     "--cluster-slots", str(slots), "--cluster-yes")
+        took = time.monotonic() - started
+        if not wait_for(self.set.settled, 20.0, step=0.2):
+            raise RuntimeError("the cluster did not settle after the resharding")
+        return f"127.0.0.1:{source.port}", f"127.0.0.1:{target.port}", took
+
+    def fail_over(self, timeout: float = 20.0) -> tuple[str, float]:
+        """CLUSTER FAILOVER on the replica of the primary serving slot 0: it takes over the
+        primary's slots (the old primary becomes its replica).  (new primary, seconds)."""
+        primary = next(n for n in self.set.primaries() if self._serves(n, 0))
+        primary_id = self._id(primary)
+        replica = next(n for n in self.set.nodes
+                       if n is not primary and self._primary_of(n) == primary_id)
+        started = time.monotonic()
+        client = replica.client()
+        try:
+            client.execute_command("CLUSTER FAILOVER")
+        finally:
+            client.close()
+        if not wait_for(lambda: self.set.role(replica) == "master" and self.set.settled(),
+                        timeout, step=0.05):
+            raise RuntimeError("the replica did not take over")
+        return f"127.0.0.1:{replica.port}", time.monotonic() - started
+
+    def kill_primary(self, timeout: float = 30.0) -> tuple[str, float]:
+        """SIGKILL of the primary serving slot 0: its replica is elected once the others
+        have not heard from it for the node timeout.  The killed node is started again
+        (empty: it rejoins as a replica).  (new primary, seconds until it served)."""
+        primary = next(n for n in self.set.primaries() if self._serves(n, 0))
+        primary_id = self._id(primary)
+        replica = next(n for n in self.set.nodes
+                       if n is not primary and self._primary_of(n) == primary_id)
+        primary.stop()
+        killed = time.monotonic()
+        if not wait_for(lambda: self.set.role(replica) == "master" and self._serves(replica, 0),
+                        timeout, step=0.05):
+            raise RuntimeError("no replica took over")
+        took = time.monotonic() - killed
+        primary.start()
+        if not wait_for(self.set.settled, timeout, step=0.2):
+            raise RuntimeError("the cluster did not settle with the old primary back")
+        return f"127.0.0.1:{replica.port}", took
+
+    @staticmethod
+    def _id(node) -> str:
+        client = node.client()
+        try:
+            value = client.execute_command("CLUSTER MYID")
+            return value.decode() if isinstance(value, bytes) else str(value)
+        finally:
+            client.close()
+
+    @staticmethod
+    def _serves(node, slot: int) -> bool:
+        client = node.client()
+        try:
+            return int(client.execute_command("CLUSTER COUNTKEYSINSLOT", slot)) >= 0 and any(
+                start <= slot <= end and int(primary[1]) == node.port
+                for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"))
+        finally:
+            client.close()
+
+    def _primary_of(self, node) -> str | None:
+        client = node.client()
+        try:
+            info = client.info("replication")
+            if info.get("role") != "slave":
+                return None
+            port = int(info["master_port"])
+        finally:
+            client.close()
+        return next((self._id(n) for n in self.set.nodes if n.port == port), None)
 
     def stop(self) -> None:
         self.set.stop()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from backends import AofRedis, SentinelRedis
+from backends import AofRedis, ClusterRedis, SentinelRedis
 from calls_helpers import (
     PASSWORD,
     SipMessage,
@@ -38,6 +38,7 @@ from calls_helpers import (
     start_listening,
 )
 from harness import Cluster, wait_for
+from rediscluster import require_redis_cli
 from rtp_phone import Phone
 from sentinels import require_sentinel
 from sip_probe import OptionsProbe
@@ -76,7 +77,7 @@ def _tools():
 @dataclass
 class World:
     cluster: Cluster
-    backend: AofRedis | SentinelRedis
+    backend: AofRedis | SentinelRedis | ClusterRedis
     tmp: Path
     notes: dict = field(default_factory=dict)
 
@@ -130,6 +131,24 @@ def restart_host(world: World) -> None:
 
 def sentinel_failover(world: World) -> None:
     world.notes["promoted_after_s"] = round(world.backend.fail_over(), 2)
+
+
+RESHARD_SLOTS = 2000  # of the 5461 the first primary has: timer shard 3 (slot 1584) moves
+
+
+def cluster_reshard(world: World) -> None:
+    source, target, took = world.backend.reshard(RESHARD_SLOTS)
+    world.notes["resharded"] = f"{RESHARD_SLOTS} slots {source} -> {target} in {took:.2f} s"
+
+
+def cluster_failover(world: World) -> None:
+    promoted, took = world.backend.fail_over()
+    world.notes["promoted"] = f"{promoted} after {took:.2f} s"
+
+
+def cluster_primary_killed(world: World) -> None:
+    promoted, took = world.backend.kill_primary()
+    world.notes["promoted"] = f"{promoted} after {took:.2f} s"
 
 
 # ------------------------------------------------------------------ the load
@@ -337,6 +356,24 @@ def test_redis_refusing_writes_5_seconds(tmp_path):
 
 def test_whole_host_restart(tmp_path):
     run_cell(tmp_path, AofRedis(tmp_path / "redis"), restart_host, "host restart")
+
+
+def test_redis_cluster_live_resharding(tmp_path):
+    require_redis_cli()
+    run_cell(tmp_path, ClusterRedis(tmp_path / "rcluster"), cluster_reshard,
+             "redis cluster resharding")
+
+
+def test_redis_cluster_primary_failover(tmp_path):
+    require_redis_cli()
+    run_cell(tmp_path, ClusterRedis(tmp_path / "rcluster"), cluster_failover,
+             "redis cluster failover")
+
+
+def test_redis_cluster_primary_killed(tmp_path):
+    require_redis_cli()
+    run_cell(tmp_path, ClusterRedis(tmp_path / "rcluster"), cluster_primary_killed,
+             "redis cluster primary killed")
 
 
 def test_sentinel_primary_failover(tmp_path):

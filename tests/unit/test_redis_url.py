@@ -9,7 +9,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from cluster import launch, redisclient
 from cluster.config import ConfigError, load
-from cluster.redisclient import SentinelURL, parse_sentinel_url
+from cluster.redisclient import ClusterURL, SentinelURL, parse_cluster_url, parse_sentinel_url
 
 THREE = "redis+sentinel://10.0.0.1:26379,10.0.0.2:26380,10.0.0.3/sipcluster"
 
@@ -71,7 +71,8 @@ def test_config_error_hides_the_passwords(tmp_path):
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "sentinel://s1/m", "127.0.0.1:6379"])
 def test_other_schemes_are_refused_naming_the_sentinel_one(tmp_path, url):
-    with pytest.raises(ConfigError, match=r"redis://, rediss://, unix:// or redis\+sentinel"):
+    with pytest.raises(ConfigError,
+                       match=r"redis://, rediss://, unix://, redis\+sentinel:// or redis\+cluster"):
         load_url(tmp_path, url)
 
 
@@ -150,3 +151,69 @@ def test_wait_settings_are_checked(tmp_path, env, message):
     empty.write_text("")
     with pytest.raises(ConfigError, match=message):
         load(empty, env=env, secret_file=None)
+
+
+# ------------------------------------------------------------------ redis+cluster://
+@pytest.mark.parametrize("url, expected", [
+    ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001,10.0.0.3/",
+     ClusterURL((("10.0.0.1", 7000), ("10.0.0.2", 7001), ("10.0.0.3", 6379)))),
+    ("redis+cluster://n1", ClusterURL((("n1", 6379),))),
+    ("redis+cluster://n1:7000/0", ClusterURL((("n1", 7000),))),
+    ("redis+cluster://:pa%40ss@n1,n2/", ClusterURL((("n1", 6379), ("n2", 6379)), None, "pa@ss")),
+    ("redis+cluster://app:secret@[::1]:7000,[fd00::2]/",
+     ClusterURL((("::1", 7000), ("fd00::2", 6379)), "app", "secret")),
+    ("REDIS+CLUSTER://n1:7000/", ClusterURL((("n1", 7000),))),
+])
+def test_good_cluster_urls(url, expected):
+    assert parse_cluster_url(url) == expected
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis+cluster:///", "no node named"),
+    ("redis+cluster://:pw@/", "no node named"),
+    ("redis+cluster://n1:0/", "'n1:0': port must be 1-65535"),
+    ("redis+cluster://n1:/", "the port is empty"),
+    ("redis+cluster://n1,,n2/", "bad node address ''"),
+    ("redis+cluster://n1/3", "only database 0, not /3"),
+    ("redis+cluster://n1/0/x", "only database 0"),
+    ("redis+cluster://user@n1/", "password is missing"),
+    ("redis+cluster://n1/?read_from_replicas=1", "no option"),
+    ("redis+cluster://n1/#x", "fragment"),
+])
+def test_bad_cluster_urls_are_config_errors_that_say_why(tmp_path, url, message):
+    with pytest.raises(ValueError, match=message):
+        parse_cluster_url(url)
+    with pytest.raises(ConfigError, match=rf"redis\.url: bad redis\+cluster:// URL .*{message}"):
+        load_url(tmp_path, url)
+
+
+def test_a_cluster_url_turns_managed_off_and_the_launcher_runs_no_redis(tmp_path: Path):
+    url = "redis+cluster://:p%ss@127.0.0.1:7000,127.0.0.1:7001/"
+    toml = tmp_path / "cluster.toml"
+    toml.write_text(f'[redis]\nurl = "{url}"\nmanaged = true\n')
+    assert load(toml, env={}, secret_file=None).redis.managed is False
+    env = {"REDIS_URL": url, "SIPCLUSTER_LOG_DIR": str(tmp_path / "log")}
+    config = load(env=env, secret_file=None)
+    launch.check_tools(config)
+    text = launch.render_supervisord(config, run_dir=tmp_path, python="/opt/venv/bin/python",
+                                     env=env)
+    assert "[program:redis]" not in text and "redis-server" not in text
+    assert redisclient.redacted(url) == "redis+cluster://:***@127.0.0.1:7000,127.0.0.1:7001/"
+
+
+def test_connect_makes_a_cluster_client_without_connecting():
+    from cluster.clusterclient import LazyCluster
+
+    client = redisclient.connect("redis+cluster://app:pw@127.0.0.1:1,127.0.0.1:2/",
+                                 timeout=0.25, max_connections=5)
+    assert isinstance(client, LazyCluster)
+    options = client._kwargs
+    assert [(n.host, n.port) for n in options["startup_nodes"]] == [("127.0.0.1", 1),
+                                                                   ("127.0.0.1", 2)]
+    assert (options["username"], options["password"]) == ("app", "pw")
+    assert options["socket_timeout"] == options["socket_connect_timeout"] == 0.25
+    assert options["max_connections"] == 5
+    assert client._client is None  # nothing asked of the cluster yet
+    script = client.register_script("return 1")
+    assert client.scripts == {script.sha: script}
+    assert callable(client.get) and client._client is None

@@ -55,6 +55,12 @@ UNAVAILABLE = [
     reply_error("ERR invalid password"),
     reply_error("ERR max number of clients reached"),
     rx.InvalidResponse("Protocol Error: x"),
+    # What RedisCluster raises itself (a failover, a cluster away, redirections exhausted).
+    rx.SlotNotCoveredError('Slot "3999" not covered by the cluster. '
+                           '"require_full_coverage=True"'),
+    rx.RedisClusterException("Redis Cluster cannot be connected. Please provide at least "
+                             "one reachable node: Error 111"),
+    rx.ClusterError("TTL exhausted."),
 ]
 
 BUGS = [
@@ -66,6 +72,7 @@ BUGS = [
     reply_error("ERR Error running script (call to f_abc): @user_script:1: bad"),
     reply_error("CROSSSLOT Keys in request don't hash to the same slot"),
     rx.DataError("Invalid input of type: 'dict'."),
+    rx.RedisClusterException("DEL - all keys must map to the same key slot"),
 ]
 
 
