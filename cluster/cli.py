@@ -45,10 +45,11 @@ from .store import (
     Store,
     StoreUnavailable,
     aor_of,
+    bindings_of,
     call_records,
     cdrs_after,
+    live_counts,
     post_hangup,
-    registration_counts,
     relay_nodes,
     relay_session,
     trace_heads,
@@ -153,8 +154,8 @@ def cmd_regs(args, config: Config, store: Store) -> int:
     else:
         aors = store.registered_aors()
     rows = []
-    for aor in aors:
-        for b in store.bindings(aor, now):
+    for aor, bindings in bindings_of(store, aors, now).items():
+        for b in bindings:
             rows.append({"aor": aor, "contact": b.contact.decode("latin-1"),
                          "source": f"{b.source[0]}:{b.source[1]}", "transport": b.transport,
                          "host": b.host, "user_agent": b.user_agent,
@@ -434,12 +435,10 @@ def gather_stats(store: Store, now: float | None = None) -> dict:
     for proc in processes:
         by_role.setdefault(proc.get("role", "?"), []).append(proc)
     workers = _sum_counters(by_role.get("worker", []))
-    calls = [r for _tag, r in call_records(store) if r.get("method", "INVITE") == "INVITE"]
-    states = {state: 0 for state in (*CALL_STATES, "ended")}
-    for record in calls:
-        states[record["state"]] = states.get(record["state"], 0) + 1
-    created = sum(1 for r in calls if r.get("created", 0) >= now - 60)
-    aors, contacts = registration_counts(store, now)
+    counts = live_counts(store, now)  # the counting indexes: no SCAN of calls or bindings
+    states = {state: counts["calls"].get(state, 0) for state in CALL_STATES}
+    created = counts["calls_last_minute"]
+    aors, contacts = counts["aors"], counts["contacts"]
     auth = _with_prefix(workers, "auth_")
     stats = {
         "processes": {role: len(procs) for role, procs in sorted(by_role.items())},

@@ -172,6 +172,9 @@ class CallsConfig:
     trace_max: int = 200
     trace_ttl: int = 3600
     allow_from_mismatch: bool = False
+    # Header carrying the A-leg Call-ID on every request to a B-leg, so sngrep (sip.xcid)
+    # and Homer show both legs as one call; "" leaves it out.
+    xcid_header: str = "X-Call-ID"
 
 
 @dataclass(frozen=True)
@@ -449,6 +452,8 @@ def validate(config: Config) -> None:
              "calls.no_answer_timeout and calls.max_duration must not be negative")
     _require(calls.trace_max >= 0 and calls.trace_ttl >= 0,
              "calls.trace_max and calls.trace_ttl must not be negative")
+    _require(re.fullmatch(r"[A-Za-z0-9!%*_+`'~.-]*", calls.xcid_header) is not None,
+             "calls.xcid_header must be a header name (a token) or empty")
 
 
 def _validate_redis(redis: RedisConfig) -> None:

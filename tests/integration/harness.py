@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster.cli import ha1_hashes
 from cluster.config import load
 from cluster.launch import render_supervisord, supervisord_command
-from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key
+from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key, registration_index_keys
 from conftest import ROOT, free_tcp_port, free_udp_port
 
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
@@ -136,6 +136,7 @@ class Cluster:
         client = self.store.redis
         for aor in self.store.registered_aors():
             client.delete(reg_key(aor))
+        client.delete(*registration_index_keys())
         for pattern in ("nc:*", f"{TX_PREFIX}:*", "authfail:*", "authuser:*", "authlock:*"):
             for key in client.scan_iter(match=pattern, count=1000):
                 client.delete(key)

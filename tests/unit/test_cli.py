@@ -211,33 +211,29 @@ def test_cdrs_are_read_page_after_page(monkeypatch):
 def test_stats_add_up_the_live_processes_and_the_shared_state(monkeypatch):
     processes = [
         {"role": "worker", "pid": 1, "seen": NOW, "started": NOW - 9, "requests_INVITE": 3,
-         "responses_2xx": 4, "received_1xx": 1, "auth_forbidden": 2, "calls": 2,
+         "responses_200": 4, "received_180": 1, "auth_forbidden": 2, "calls": 2,
          "parse_errors": 1, "inflight": 1},
         {"role": "worker", "pid": 2, "seen": NOW, "started": NOW - 9, "requests_INVITE": 1,
-         "responses_2xx": 1, "auth_throttled": 5, "calls_ended": 1,
+         "responses_200": 1, "auth_throttled": 5, "calls_ended": 1,
          "retransmissions_absorbed": 7},
         {"role": "dispatcher", "pid": 3, "received": 10, "forwarded": 9, "dropped": 1,
          "workers": ["w0", "w1"]},
         {"role": "relay", "pid": 4, "sessions": 1, "streams": 2, "pps": 50.0,
          "forwarded": 500, "media_timeouts": 1, "free_pairs": 10},
     ]
-    calls = [("t1", {"state": "answered", "created": NOW - 10}),
-             ("t2", {"state": "ringing", "created": NOW - 70}),
-             ("t3", {"state": "ended", "created": NOW - 30}),
-             ("t4", {"state": "ended", "created": NOW - 5, "method": "MESSAGE"})]
-    monkeypatch.setattr(cli, "call_records", lambda store: calls)
-    monkeypatch.setattr(cli, "registration_counts", lambda store, now: (3, 4))
+    counts = {"aors": 3, "contacts": 4, "calls_last_minute": 2,
+              "calls": {"trying": 0, "ringing": 1, "early": 0, "answered": 1}}
+    monkeypatch.setattr(cli, "live_counts", lambda store, now: counts)
     store = SimpleNamespace(processes=lambda: processes)
     stats = cli.gather_stats(store, NOW)
     assert stats["processes"] == {"dispatcher": 1, "relay": 1, "worker": 2}
     assert stats["calls_created_last_minute"] == 2 and stats["calls_per_second"] == 0.033
     assert stats["active_calls"] == 2
-    assert stats["calls_by_state"] == {"trying": 0, "ringing": 1, "early": 0, "answered": 1,
-                                       "ended": 1}
+    assert stats["calls_by_state"] == {"trying": 0, "ringing": 1, "early": 0, "answered": 1}
     assert stats["registrations"] == {"aors": 3, "contacts": 4}
     assert stats["requests_received"] == {"INVITE": 4}
-    assert stats["responses_sent"] == {"2xx": 5}
-    assert stats["responses_received"] == {"1xx": 1}
+    assert stats["responses_sent"] == {"200": 5}
+    assert stats["responses_received"] == {"180": 1}
     assert stats["auth_failures"] == {"total": 7, "forbidden": 2, "throttled": 5}
     assert (stats["calls_set_up"], stats["calls_ended"]) == (2, 1)
     assert (stats["parse_errors"], stats["retransmissions_absorbed"]) == (1, 7)

@@ -80,7 +80,7 @@ class B2BUA:
         cfg = worker.config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
-            user_agent=cfg.sip.user_agent.encode(),
+            user_agent=cfg.sip.user_agent.encode(), xcid_header=cfg.calls.xcid_header.encode(),
             timers=TimerConfig(t1=cfg.timers.t1, t2=cfg.timers.t2, t4=cfg.timers.t4),
             no_answer_timeout=cfg.calls.no_answer_timeout,
             max_duration=cfg.calls.max_duration,
@@ -294,6 +294,7 @@ class B2BUA:
                     return True
                 continue  # the remembered record is out of date: load it and decide again
             if self._commit(tag, version, call, actions, req, source, after, timers):
+                self._observe_progress(record, after)
                 return True
             self.worker.counters["cas_conflicts"] += 1
             gevent.sleep(0.001)
@@ -325,6 +326,18 @@ class B2BUA:
             gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
         self._perform(tag, actions, req, source)
         return True
+
+    def _observe_progress(self, before: dict, after: dict) -> None:
+        """Feed the call-setup histograms once per call: the write that moved the call on
+        wins its compare-and-set once, on whichever worker."""
+        if after.get("method", "INVITE") != "INVITE" or not after.get("created"):
+            return
+        elapsed = time.time() - after["created"]
+        hists = self.worker.histograms
+        if not _callee_answered(before) and _callee_answered(after):
+            hists["invite_first_response"].observe(elapsed)
+        if before.get("state") == "trying" and after.get("state") in ("ringing", "early"):
+            hists["post_dial_delay"].observe(elapsed)
 
     def _note_unsure(self, tag: str, call: Call, actions: list) -> None:
         """A write that ends a call failed, but may have reached Redis all the same (a
@@ -502,3 +515,8 @@ def _user_of(uri) -> str | None:
 
 def _callee_of(req: Request) -> str | None:
     return _user_of(req.uri)
+
+
+def _callee_answered(record: dict) -> bool:
+    """Whether any fork of the call has had a response (100 Trying included)."""
+    return any(leg.get("provisional") or leg.get("final") for leg in record.get("forks", ()))

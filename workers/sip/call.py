@@ -69,6 +69,7 @@ class Settings:
     max_duration: float = 0.0
     allow: bytes = b"INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, NOTIFY, REFER"
     supported: bytes = b"timer"
+    xcid_header: bytes = b"X-Call-ID"  # the A-leg Call-ID on B-leg requests; b"" = none
     # Route table row -> (username, password) answering a gateway's 401/407; kept out of
     # the call record so no password is ever written to Redis.
     gateway_credentials: dict[int, tuple[str, str]] = field(default_factory=dict)
@@ -311,9 +312,16 @@ class Call:
         if method == "INVITE":
             headers += [(b"Contact", _contact(self.caller, ctx.cfg)), (b"Allow", ctx.cfg.allow),
                         (b"Supported", ctx.cfg.supported)]
-        headers += [(b"User-Agent", ctx.cfg.user_agent), *_carried(invite)]
+        headers += [(b"User-Agent", ctx.cfg.user_agent), *_carried(invite), *self._xcid(leg, ctx)]
         request = build_request(method, target.uri, headers, body)
         return self._start_client(leg, request, "invite", ctx)
+
+    def _xcid(self, leg: Leg, ctx: Ctx) -> tuple[tuple[bytes, bytes], ...]:
+        """The header naming the A-leg's Call-ID, for a request to a B-leg (sngrep's
+        sip.xcid, Homer's correlation): none on the A-leg, none when configured off."""
+        if leg.name == "a" or not ctx.cfg.xcid_header:
+            return ()
+        return ((ctx.cfg.xcid_header, self.a.call_id),)
 
     # ---------------------------------------------------------------- transactions
     def _arm(self, name: str, at: float) -> Arm:
@@ -448,7 +456,7 @@ class Call:
         dialog = Dialog.from_record(leg.dialog)
         ack, _ = dialog.create_request(
             "ACK", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
-            contact=_contact_uri(self, leg, ctx.cfg), body=body,
+            contact=_contact_uri(self, leg, ctx.cfg), body=body, headers=self._xcid(leg, ctx),
             content_type=content_type if body else None, cseq=cseq)
         leg.dialog = dialog.to_record()
         leg.last_ack = ack.to_bytes()
@@ -510,7 +518,8 @@ class Call:
         dialog = Dialog.from_record(other.dialog)
         request, _ = dialog.create_request(
             req.method, branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
-            contact=_contact_uri(self, other, ctx.cfg), headers=tuple(_carried(req)),
+            contact=_contact_uri(self, other, ctx.cfg),
+            headers=(*_carried(req), *self._xcid(other, ctx)),
             body=self._sdp(ctx, leg, req.body, req.content_type, offer=True), content_type=None)
         other.dialog = dialog.to_record()
         out = self._start_client(other, request, "relay", ctx, server=stx.key)
@@ -765,7 +774,7 @@ class Call:
                    (b"Call-ID", request.call_id), (b"CSeq", b"%d CANCEL" % request.cseq.number)]
         if reason is not None:
             headers.append((b"Reason", _reason(reason)))
-        cancel = build_request("CANCEL", request.uri_raw, headers)
+        cancel = build_request("CANCEL", request.uri_raw, [*headers, *self._xcid(leg, ctx)])
         return self._start_client(leg, cancel, "cancel", ctx)
 
     def _send_bye(self, leg: Leg | None, cause: tuple[str, int], ctx: Ctx) -> list:
@@ -775,7 +784,8 @@ class Call:
         bye, _ = dialog.create_request(
             "BYE", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
             contact=b"",
-            headers=((b"Reason", _reason(cause)), (b"User-Agent", ctx.cfg.user_agent)))
+            headers=((b"Reason", _reason(cause)), (b"User-Agent", ctx.cfg.user_agent),
+                     *self._xcid(leg, ctx)))
         leg.dialog = dialog.to_record()
         leg.state = "ended"
         return self._start_client(leg, bye, "bye", ctx)

@@ -228,7 +228,7 @@ class Transport:
     def _count(self, data: bytes) -> None:
         self.sent += 1
         if data.startswith(b"SIP/2.0 "):
-            self.counters[f"responses_{data[8:9].decode('latin-1')}xx"] += 1
+            self.counters["responses_" + data[8:11].decode("latin-1")] += 1
         else:
             self.counters["sent_" + data[:data.find(b" ")].decode("latin-1")] += 1
 
