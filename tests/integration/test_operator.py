@@ -266,6 +266,12 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
     for party in (uac, uas):
         byes = [m for m in party.messages if m.direction == "received" and m.method == "BYE"]
         assert len(byes) == 1 and "NORMAL_CLEARING" in byes[0].header("Reason")
+    # X-Call-ID (calls.xcid_header): every request the callee got names the caller's Call-ID,
+    # so sngrep and Homer group both legs; nothing the caller got carries it.
+    to_callee = [m for m in uas.messages if m.direction == "received" and not m.is_response]
+    assert {m.method for m in to_callee} >= {"INVITE", "ACK", "BYE"}
+    assert [m.header("X-Call-ID") for m in to_callee] == [a_call_id] * len(to_callee)
+    assert not [m for m in uac.messages if m.direction == "received" and m.header("X-Call-ID")]
 
     # After the call: the whole ladder matches, the call is no longer listed as live.
     after_call = wait_for(lambda: _matching_ladder(cluster, a_call_id, uac, uas), timeout=5)
