@@ -12,12 +12,15 @@ what the test itself caused.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -289,11 +292,28 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
     assert (cdr["hangup_side"], cdr["hangup_cause"], cdr["sip_status"]) == (
         "operator", "NORMAL_CLEARING", 200)
     assert cdr["answer"] == pytest.approx(call["answered"], abs=0.002)
-    assert cdr["duration"] == pytest.approx(cdr["end"] - cdr["answer"], abs=0.002)
-    assert HOLD <= cdr["duration"] <= hung_up_at - call["answered"] + 1.0
-    csv_lines = sipctl(cluster, "cdr", "--since", f"{started:.3f}", "--format", "csv").stdout
-    assert csv_lines.splitlines()[0].startswith("id,caller,callee,")
-    assert any(a_call_id in line for line in csv_lines.splitlines()[1:])
+    assert cdr["start"] == pytest.approx(call["created"], abs=0.002)
+    assert cdr["billsec"] == pytest.approx(cdr["end"] - cdr["answer"], abs=0.002)
+    assert cdr["duration"] == pytest.approx(cdr["end"] - cdr["start"], abs=0.002)
+    assert HOLD <= cdr["billsec"] < cdr["duration"] <= hung_up_at - call["created"] + 1.0
+    uac_port = next(m for m in uac.messages if m.direction == "sent").header("Via")
+    assert cdr["caller_source"] == "127.0.0.1:" + re.search(r":(\d+)", uac_port).group(1)
+    assert cdr["codec"] == "PCMU/8000"
+    assert (cdr["media_a_packets"], cdr["media_b_packets"]) == (0, 0)  # SIPp sends no RTP
+    assert cdr["start_time"] == datetime.fromtimestamp(cdr["start"], UTC).isoformat(
+        timespec="milliseconds")
+    # The CSV a billing system takes: fixed columns, ISO 8601 times, no JSON in a cell.
+    csv_text = sipctl(cluster, "cdr", "--since", f"{started:.3f}", "--format", "csv").stdout
+    rows = [r for r in csv.DictReader(io.StringIO(csv_text)) if r["a_call_id"] == a_call_id]
+    assert len(rows) == 1
+    row = rows[0]
+    assert list(row)[:9] == ["id", "caller", "callee", "caller_source", "start_time",
+                             "answer_time", "end_time", "duration", "billsec"]
+    assert datetime.fromisoformat(row["answer_time"]).timestamp() == pytest.approx(
+        cdr["answer"], abs=0.001)
+    assert float(row["billsec"]) == cdr["billsec"] and row["codec"] == "PCMU/8000"
+    assert row["media_a_packets"] == "0" and row["caller_source"] == cdr["caller_source"]
+    assert not [v for v in row.values() if "{" in v or "[" in v]
 
     # The metrics endpoint: the workers' counters moved by exactly what this test did.
     moved = wait_for(lambda: (found := deltas(before, scrape(cluster))) == EXPECTED_DELTAS

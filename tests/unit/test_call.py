@@ -342,8 +342,9 @@ def test_bye_from_the_caller(rig):
     assert cdr == {
         "caller": "1002", "callee": "1009", "a_call_id": flow.caller.invite.call_id.decode(),
         "b_call_id": f"sc{SLOT}.{TAG}.0", "start": START, "answer": START,
-        "end": START + 30, "duration": 30.0, "hangup_cause": "NORMAL_CLEARING", "q850": 16,
-        "hangup_side": "caller", "sip_status": 200}
+        "end": START + 30, "duration": 30.0, "billsec": 30.0,
+        "caller_source": "{}:{}".format(*CALLER_ADDR), "hangup_cause": "NORMAL_CLEARING",
+        "q850": 16, "hangup_side": "caller", "sip_status": 200}
     assert rig.call.state == "ended"
     done = flow.from_callee(flow.callee.answer(bye))
     assert done.outs == [] and done.cdrs == []
@@ -623,7 +624,8 @@ def test_cancel_from_the_caller(rig):
     [cdr] = acts.cdrs
     assert (cdr["hangup_cause"], cdr["q850"], cdr["hangup_side"], cdr["sip_status"]) == (
         "ORIGINATOR_CANCEL", 487, "caller", 487)
-    assert (cdr["answer"], cdr["duration"], cdr["end"]) == ("", 0, START + 3)
+    assert (cdr["answer"], cdr["billsec"], cdr["duration"], cdr["end"]) == (
+        "", 0, 3.0, START + 3)
 
     late = flow.from_callee(flow.callees[1].respond(180), 1)
     assert [summary(m) for m in late.sent()] == ["CANCEL"]
@@ -704,7 +706,7 @@ def test_session_timer(rig):
     assert acts.one(flow.callee.addr).method == "BYE" and acts.one(flow.callee.addr).header(
         "reason") == reason
     [cdr] = acts.cdrs
-    assert (cdr["hangup_cause"], cdr["hangup_side"], cdr["duration"]) == (
+    assert (cdr["hangup_cause"], cdr["hangup_side"], cdr["billsec"]) == (
         "RECOVERY_ON_TIMER_EXPIRE", "system", 1800)
 
 
@@ -731,7 +733,7 @@ def test_max_duration(make_rig):
     acts = rig.fire("max-duration")
     assert acts.one(CALLER_ADDR).method == "BYE" and acts.one(flow.callee.addr).method == "BYE"
     [cdr] = acts.cdrs
-    assert (cdr["hangup_cause"], cdr["duration"]) == ("RECOVERY_ON_TIMER_EXPIRE", 3600)
+    assert (cdr["hangup_cause"], cdr["billsec"]) == ("RECOVERY_ON_TIMER_EXPIRE", 3600)
 
 
 def test_no_max_duration_by_default(rig):
@@ -966,7 +968,7 @@ def test_hangup_now_on_an_answered_call_byes_both_legs(rig):
                call_id=flow.callee.invite.call_id, from_tag=b_tag(rig), to_tag=flow.callee.tag,
                cseq=2)
     [cdr] = acts.cdrs
-    assert (cdr["hangup_side"], cdr["duration"], cdr["sip_status"]) == ("system", 12, 200)
+    assert (cdr["hangup_side"], cdr["billsec"], cdr["sip_status"]) == ("system", 12, 200)
     assert rig.hangup(ADMIN_HANGUP) == []
 
 
@@ -1033,3 +1035,17 @@ def test_x_call_id_can_be_renamed_or_left_out(make_rig, name, present):
     head = header_block(flow.callee.invite)
     assert b"X-Call-ID" not in head
     assert (b"X-CID: " + flow.caller.invite.call_id in head) is present
+
+
+def test_the_cdr_bills_from_the_answer_and_lasts_from_the_invite(rig):
+    flow = begin(rig)
+    flow.from_callee(flow.callee.respond(180))
+    rig.advance(4.25)
+    flow.caller.learn(flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP))
+                      .one(CALLER_ADDR))
+    flow.from_caller(flow.caller.ack())
+    rig.advance(10.5)
+    [cdr] = flow.from_caller(flow.caller.request("BYE")).cdrs
+    assert (cdr["start"], cdr["answer"], cdr["end"]) == (START, START + 4.25, START + 14.75)
+    assert (cdr["duration"], cdr["billsec"]) == (14.75, 10.5)
+    assert cdr["caller_source"] == "{}:{}".format(*CALLER_ADDR)

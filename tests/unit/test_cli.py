@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from callkit import START, TAG, Rig, roundtrip
 
-from cluster import cli
+from cluster import cli, ladder
 from cluster.sip.rtp import StreamStats
 from cluster.store import StoreUnavailable
 from conftest import FIXTURES
@@ -75,19 +75,19 @@ def test_an_answered_call_lists_the_answering_fork_only():
 def test_the_codec_is_the_first_format_of_the_answer_the_caller_got():
     trace = [entry("04-invite", "in", "a"), entry("06-invite", "out", "b0"),
              entry("10-200", "in", "b0"), entry("12-200", "out", "a")]
-    assert cli.codec_of(trace) == "PCMA/8000"
+    assert ladder.codec_of(trace) == "PCMA/8000"
 
 
 def test_before_the_answer_the_codec_is_the_callers_first_offer():
     # Zoiper's offer: m=audio 62715 RTP/AVP 3 101 ... (3 is GSM, a static payload type)
-    assert cli.codec_of([entry("04-invite", "in", "a")]) == "GSM/8000"
-    assert cli.codec_of([entry("03-ack", "in", "a")]) == ""
-    assert cli.codec_of([]) == ""
+    assert ladder.codec_of([entry("04-invite", "in", "a")]) == "GSM/8000"
+    assert ladder.codec_of([entry("03-ack", "in", "a")]) == ""
+    assert ladder.codec_of([]) == ""
 
 
 def test_a_broken_sdp_gives_no_codec():
     broken = seed("12-200").replace(b"v=0", b"v=9")
-    assert cli.codec_of([{"dir": "out", "leg": "a", "data": broken}]) == ""
+    assert ladder.codec_of([{"dir": "out", "leg": "a", "data": broken}]) == ""
 
 
 def test_stream_figures_come_from_the_relays_raw_counters():
@@ -140,6 +140,23 @@ def test_cdrs_in_json_have_numbers_and_nulls():
     assert typed["caller"] == "1002" and typed["id"] == CDR["id"]
 
 
+def test_a_cdr_in_json_has_iso_times_beside_the_epochs_and_flat_media_as_numbers():
+    typed = cli.typed_cdr(dict(CDR, billsec="3.064", codec="PCMU/8000", media_a_packets="150",
+                               media_a_jitter_ms="0.4"))
+    assert typed["start_time"] == "2026-11-25T11:44:08.585+00:00"
+    assert typed["start"] == 1795607048.585 and typed["billsec"] == 3.064
+    assert (typed["media_a_packets"], typed["media_a_jitter_ms"]) == (150, 0.4)
+    assert typed["codec"] == "PCMU/8000"
+
+
+def test_a_csv_cdr_holds_no_json_even_from_an_older_version():
+    media = '{"a": {"packets": 150, "bytes": 25800, "lost": 0, "jitter_ms": 0.4}, "b": {}}'
+    flat = cli.flat_cdr(dict(CDR, media=media))
+    assert "media" not in flat and "start" not in flat
+    assert (flat["media_a_packets"], flat["media_a_jitter_ms"]) == (150, 0.4)
+    assert not [v for v in flat.values() if "{" in str(v)]
+
+
 def test_the_relay_figures_of_a_cdr_become_an_object():
     media = '{"a": {"packets": 150, "bytes": 25800, "lost": 0, "jitter_ms": 0.4}}'
     assert cli.typed_cdr(dict(CDR, media=media))["media"] == {
@@ -186,8 +203,14 @@ def test_cdr_formats(cdr_output):
     assert json.loads(cdr_output("--format", "json")) == [cli.typed_cdr(CDR)]
     assert json.loads(cdr_output("--json")) == [cli.typed_cdr(CDR)]
     rows = list(csv.DictReader(io.StringIO(cdr_output("--format", "csv"))))
-    assert rows == [CDR]
-    assert list(rows[0])[:3] == ["id", "caller", "callee"]
+    assert list(rows[0]) == cli.CDR_CSV_FIELDS  # the same columns whatever the CDR holds
+    assert rows[0]["start_time"] == "2026-11-25T11:44:08.585+00:00"
+    assert rows[0]["answer_time"] == "2026-11-25T11:44:08.594+00:00"
+    assert rows[0]["end_time"] == "2026-11-25T11:44:11.658+00:00"
+    assert {k: v for k, v in rows[0].items() if v} == {
+        **{k: v for k, v in CDR.items() if k not in ("start", "answer", "end")},
+        "start_time": rows[0]["start_time"], "answer_time": rows[0]["answer_time"],
+        "end_time": rows[0]["end_time"]}
     table = cdr_output().splitlines()
     assert table[0].split()[:3] == ["START", "CALLER", "CALLEE"]
     assert "NORMAL_CLEARING" in table[1] and "operator" in table[1]

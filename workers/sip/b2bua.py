@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -21,18 +20,20 @@ import time
 import gevent
 import gevent.lock
 
+from cluster import ladder
 from cluster.backoff import Backoff
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
-from cluster.sip.uri import SipURI, parse_uri
-from cluster.store import StoreUnavailable, aor_of, tx_key
+from cluster.sip.uri import SipURI, hostport, parse_uri
+from cluster.store import StoreUnavailable, aor_of, trace_heads, tx_key
 
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Ids, Out, Reply, Settings, Target
 from .media import media_for
+from .registrar import Source
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -148,7 +149,7 @@ class B2BUA:
             clog.info("call from %s to %s: %d", caller, callee, failure)
             self._fail_statelessly(req, source, failure, stored_key)
             if req.method == "INVITE":  # an attempt that never rang still gets its CDR
-                self._unrouted_cdr(req, caller, callee, failure)
+                self._unrouted_cdr(req, source, caller, callee, failure)
             return
         call, actions = Call.start(
             tag=tag, slot=affinity_key(req.call_id), invite=req, source=source.addr,
@@ -226,15 +227,17 @@ class B2BUA:
         self.trace(call_tag(req.call_id), [_raw_entry("out", data, "a", source.addr)])
         self.worker.keep_answer(stored_key, data)
 
-    def _unrouted_cdr(self, req: Request, caller: str, callee: str | None, status: int) -> None:
+    def _unrouted_cdr(self, req: Request, source: Source, caller: str, callee: str | None,
+                      status: int) -> None:
         # Not registered is "subscriber absent" (Q.850 20), not "no answer" as after ringing.
         cause, q850 = (("SUBSCRIBER_ABSENT", 20) if status == 480
                        else STATUS_CAUSES.get(status, ("CALL_REJECTED", 21)))
         now = round(time.time(), 3)
         self.store.add_cdr({
             "caller": caller, "callee": callee or "", "a_call_id": req.call_id.decode("latin-1"),
-            "b_call_id": "", "start": now, "answer": "", "end": now, "duration": 0,
-            "hangup_cause": cause, "q850": q850, "hangup_side": "system", "sip_status": status})
+            "b_call_id": "", "start": now, "answer": "", "end": now, "duration": 0, "billsec": 0,
+            "caller_source": hostport(*source.addr[:2]), "hangup_cause": cause, "q850": q850,
+            "hangup_side": "system", "sip_status": status})
 
     # ---------------------------------------------------------------- the loop
     @contextlib.contextmanager
@@ -397,9 +400,7 @@ class B2BUA:
             elif isinstance(action, Reply) and req is not None:
                 self._reply(req, source, action.status, action.reason)
             elif isinstance(action, Cdr):
-                figures = self.media.end(tag)
-                if figures:
-                    action.record["media"] = json.dumps(_media_summary(figures))
+                self._complete_cdr(tag, action.record)
                 worker.counters["calls_ended"] += 1
                 call_log(log, action.record["a_call_id"]).info(
                     "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
@@ -407,6 +408,22 @@ class B2BUA:
                 self.store.add_cdr(action.record)
         if sent and self.config.calls.trace:
             self.trace(tag, [self._sent_entry(tag, out) for out in sent])
+
+    def _complete_cdr(self, tag: str, record: dict) -> None:
+        """What the call record does not hold: the codec (from the call's trace: the answer
+        the caller got) and the relay's figures per leg, as flat fields (``media_<leg>_<x>``)
+        a billing import takes as columns."""
+        figures = self.media.end(tag)
+        for leg, values in _media_summary(figures or {}).items():
+            for name, value in values.items():
+                record[f"media_{leg}_{name}"] = value
+        record["codec"] = ""
+        if self.config.calls.trace:
+            try:
+                heads = trace_heads(self.store, [tag], ladder.CODEC_HEAD)
+                record["codec"] = ladder.codec_of(heads.get(tag, []))
+            except StoreUnavailable:
+                pass  # the CDR matters more than its codec
 
     # ---------------------------------------------------------------- message trace
     def trace(self, tag: str, entries: list[dict], brief: bool = False) -> None:

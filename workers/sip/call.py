@@ -36,6 +36,7 @@ from cluster.sip.transaction import (
     server_transaction,
     transaction_from_record,
 )
+from cluster.sip.uri import hostport
 
 # Q.850 causes (name, number) used in Reason headers and CDRs.
 NORMAL_CLEARING = ("NORMAL_CLEARING", 16)
@@ -829,7 +830,9 @@ class Call:
                 "latin-1"), "b_call_id": b.call_id.decode("latin-1") if b else "",
             "start": round(self.created, 3), "answer": round(self.answered, 3) if self.answered
             else "", "end": round(now, 3),
-            "duration": round(now - self.answered, 3) if self.answered else 0,
+            "duration": round(now - self.created, 3),
+            "billsec": round(now - self.answered, 3) if self.answered else 0,
+            "caller_source": hostport(*self.a.peer),
             "hangup_cause": cause[0], "q850": cause[1], "hangup_side": side,
             "sip_status": status}
         return [Cdr(record)]
