@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,8 @@ from calls_helpers import (
 from harness import running_cluster
 from sipp import SIPP, Sipp
 from sipua import UA
+
+from conftest import documented_metrics
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
 
@@ -349,3 +352,25 @@ def _ladder_report(cluster, call_id: str, uac, uas) -> str:
     return (sipctl(cluster, "call", call_id, check=False).stdout
             + f"\nUAC: {sipp_arrows(uac.messages)}\nUAS: {sipp_arrows(uas.messages)}\n"
             + cluster.log_tail())
+
+
+# ------------------------------------------------------------------ the real scrape
+PROMTOOL = shutil.which("promtool")
+
+
+def test_a_real_scrape_has_every_documented_metric_and_passes_promtool(cluster):
+    """After the call above (histograms filled, response codes seen) the scrape holds every
+    metric deploy/README.md names, and promtool (when installed: the `prometheus` package,
+    too big for CI's install list) finds nothing to lint in it."""
+    url = f"http://127.0.0.1:{cluster.config.metrics.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    names = {re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split()[0])
+             for line in text.splitlines() if line and not line.startswith("#")}
+    missing = sorted(n for n in documented_metrics() if n not in names)
+    assert missing == []
+    if PROMTOOL is None:
+        pytest.skip("promtool is not installed (apt package prometheus)")
+    lint = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=30)
+    assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import subprocess
 import threading
 import urllib.error
 import urllib.request
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import metrics
 from cluster.store import StoreUnavailable
+from conftest import ROOT, documented_metrics
 
 NOW = 1_800_000_000.0
 PID = os.getpid()  # a process whose /proc entry exists, for the process_* figures
@@ -220,12 +223,32 @@ def test_every_documented_metric_is_exported_from_the_start():
     assert documented_metrics() == exported
 
 
-def documented_metrics() -> set[str]:
-    """The metric names in deploy/README.md's metrics table (`name` in its first column)."""
-    text = (Path(__file__).parents[2] / "deploy" / "README.md").read_text()
-    start = text.index("<!-- metrics -->")
-    end = text.index("<!-- /metrics -->")
-    return set(re.findall(r"^\| `((?:sipcluster|process)_[a-z_]+)", text[start:end], re.M))
+# The names the alert rules and the dashboard use must be metrics the endpoint exports (the
+# documented list, which the test above ties to the exposition).
+METRIC_NAME = re.compile(r"\b((?:sipcluster|process)_[a-z_]+?)(?:_bucket|_sum|_count)?\b")
+PROMTOOL = shutil.which("promtool")
+
+
+def _used(text: str) -> set[str]:
+    return {m.group(1) for m in METRIC_NAME.finditer(text)}
+
+
+def test_the_alert_rules_and_the_dashboard_use_exported_metrics_only():
+    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "sipcluster.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    documented = documented_metrics()
+    assert _used(rules) and _used(exprs)
+    assert sorted(_used(rules) - documented) == []
+    assert sorted(_used(exprs) - documented) == []
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt package prometheus)")
+def test_promtool_accepts_the_rules_and_the_scrape_configuration():
+    for args in (["check", "rules", str(ROOT / "deploy" / "prometheus" / "alerts.yml")],
+                 ["check", "config", str(ROOT / "deploy" / "prometheus.yml")]):
+        done = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def serve(collector) -> tuple[ThreadingHTTPServer, str]:
