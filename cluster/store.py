@@ -327,12 +327,16 @@ local ops = cmsgpack.unpack(ARGV[6])
 -- current[key] = {b = decoded record, p = packed bytes as stored (never re-packed, so
 -- binary fields keep their msgpack type)}
 local current, count = {}, 0
-local function unindex(k) redis.call('ZREM', KEYS[4], ops.aor .. '|' .. k) end
+local indexed = #KEYS >= 5  -- without the index keys (another slot), no counting here
+local function unindex(k)
+  if indexed then redis.call('ZREM', KEYS[4], ops.aor .. '|' .. k) end
+end
 local function index_aor()
   local latest = 0
   for _, entry in pairs(current) do
     if entry.b.expires_at > latest then latest = entry.b.expires_at end
   end
+  if not indexed then return latest end
   if latest > 0 then redis.call('ZADD', KEYS[5], latest, ops.aor)
   else redis.call('ZREM', KEYS[5], ops.aor) end
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -384,7 +388,7 @@ for i = 7, #ARGV, 2 do
   local k, packed = ARGV[i], ARGV[i + 1]
   redis.call('HSET', KEYS[1], k, packed)
   current[k] = {b = cmsgpack.unpack(packed), p = packed}
-  redis.call('ZADD', KEYS[4], current[k].b.expires_at, ops.aor .. '|' .. k)
+  if indexed then redis.call('ZADD', KEYS[4], current[k].b.expires_at, ops.aor .. '|' .. k) end
 end
 local out = {}
 for k, entry in pairs(current) do table.insert(out, entry.p) end
@@ -409,7 +413,7 @@ local old = redis.call('HGET', KEYS[1], 's') or ''
 redis.call('HSET', KEYS[1], 'v', ARGV[4], 'd', ARGV[2], 's', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local now = tonumber(ARGV[7])
-if v == 0 and ARGV[5] ~= '' then
+if v == 0 and ARGV[5] ~= '' and #KEYS >= 2 then
   redis.call('ZADD', KEYS[2], now, ARGV[6])
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
 end
@@ -443,6 +447,7 @@ return due
 _DROP_BINDING_LUA = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
+  if #KEYS < 3 then return 1 end
   redis.call('ZREM', KEYS[2], ARGV[3] .. '|' .. ARGV[1])
   local latest = 0
   for _, packed in ipairs(redis.call('HVALS', KEYS[1])) do
@@ -1196,8 +1201,10 @@ def cdrs_after(store: Store, after: str, count: int = 1000) -> list[dict]:
 # (ZREMRANGEBYSCORE in the same scripts) and ignored by readers meanwhile.
 #
 # These keys carry no hash tag: the scripts touch them beside the AOR's or call's own keys,
-# which works on one server and under Sentinel; on Redis Cluster they would have to become
-# per-slot keys (one script may only touch one slot).
+# which works on one server and under Sentinel.  On Redis Cluster a script may touch one slot
+# only: the scripts then run without the index keys (they count nothing when given none:
+# ``registration_index_keys``/``call_index_keys`` are the one place to leave them out), and
+# the counts need another way (per-slot index keys summed by the reader, or a second write).
 REG_CONTACTS_INDEX = "stats:reg:contacts"  # member "<aor>|<binding key>", score its expiry
 REG_AORS_INDEX = "stats:reg:aors"  # member "<aor>", score its latest binding's expiry
 CALLS_INDEX = "stats:calls"  # member call tag, score its creation: the last minute's calls
