@@ -139,6 +139,10 @@ FAMILIES: tuple[Fam, ...] = (
         W, key="receive_errors"),
     Fam("replica_wait_short", "counter", "Call writes and CDRs not on redis.wait_replicas "
         "replicas within redis.wait_timeout (WAIT).", W, key="replica_wait_short"),
+    Fam("hep_packets_sent", "counter", "SIP messages copied to the HEP collector (hep.address).",
+        W, key="hep_sent"),
+    Fam("hep_send_errors", "counter", "HEP copies that could not be sent (dropped).", W,
+        key="hep_errors"),
     Fam("worker_inflight_requests", "gauge", "Requests a worker is handling now.", W,
         key="inflight"),
     # RTP relays (rtpengine-like shapes)

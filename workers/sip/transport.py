@@ -58,6 +58,7 @@ class Transport:
         # What leaves, for the heartbeat: responses_<N>xx by class, sent_<METHOD> requests.
         self.counters = Counter() if counters is None else counters
         self.leaving = False
+        self.mirror = None  # a HepMirror when hep.address is set: a copy of every message
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> list[gevent.Greenlet]:
@@ -194,6 +195,8 @@ class Transport:
                     addr, index, payload = envelope.unwrap(data)
                 except ValueError:
                     continue
+                if self.mirror is not None:
+                    self.mirror.received(payload, addr)
                 self.on_datagram(payload, addr, index)
             except Exception as exc:  # one datagram's trouble must not stop the others
                 self.counters["receive_errors"] += 1
@@ -207,7 +210,7 @@ class Transport:
             egress = self._egress_of(host)
             if egress is not None:
                 self.egress.sendto(envelope.wrap(dest, sock_index, data), egress)
-                self._count(data)
+                self._count(data, dest)
                 return
         if ":" in dest[0]:
             sock_index = next((i for i, s in enumerate(self.sip_sockets)
@@ -220,13 +223,15 @@ class Transport:
             sock_index = 0
         try:
             self.sip_sockets[sock_index].sendto(data, dest)
-            self._count(data)
+            self._count(data, dest)
         except OSError as exc:
             call_log(log, scan.call_id(data) or b"-").warning(
                 "send to %s:%d failed: %s", dest[0], dest[1], exc)
 
-    def _count(self, data: bytes) -> None:
+    def _count(self, data: bytes, dest: tuple[str, int]) -> None:
         self.sent += 1
+        if self.mirror is not None:
+            self.mirror.sent(data, dest)
         if data.startswith(b"SIP/2.0 "):
             self.counters["responses_" + data[8:11].decode("latin-1")] += 1
         else:

@@ -41,6 +41,7 @@ from cluster.store import Store, StoreUnavailable
 
 from .auth import Authenticator
 from .b2bua import B2BUA
+from .hep import HepMirror
 from .media import follow_media_timeouts
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
@@ -105,6 +106,8 @@ class Worker:
             config.dispatcher.control_path, name, self.host,
             config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
             load=lambda: len(self.pool), counters=self.counters)
+        if config.hep.address:
+            self.transport.mirror = HepMirror(config, self.counters)
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
