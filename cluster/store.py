@@ -1198,7 +1198,8 @@ def cdrs_after(store: Store, after: str, count: int = 1000) -> list[dict]:
 # the dispatcher 560 ms of CPU per scrape).  Each is a sorted set scored by the member's
 # expiry (epoch ms), so a count is ``ZCOUNT key <now> +inf``: exact at any moment, with no
 # process watching TTLs.  Members whose expiry passed are trimmed by the writers
-# (ZREMRANGEBYSCORE in the same scripts) and ignored by readers meanwhile.
+# (ZREMRANGEBYSCORE in the same scripts) and ignored by readers meanwhile.  Measured cost:
+# the register script takes ~30 us of redis-server CPU instead of ~20 us (20,000 AORs).
 #
 # These keys carry no hash tag: the scripts touch them beside the AOR's or call's own keys,
 # which works on one server and under Sentinel.  On Redis Cluster a script may touch one slot
