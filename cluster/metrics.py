@@ -244,19 +244,9 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class _Families:
-    """Metric families by name, built once per scrape."""
-
-    def __init__(self) -> None:
-        self.by_name: dict[str, Metric] = {}
-
-    def get(self, fam: Fam) -> Metric:
-        metric = self.by_name.get(fam.name)
-        if metric is None:
-            cls = CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily
-            metric = cls(PREFIX + fam.name, fam.help, labels=[*LABELS, *fam.label_names])
-            self.by_name[fam.name] = metric
-        return metric
+def _family(fam: Fam) -> Metric:
+    cls = CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily
+    return cls(PREFIX + fam.name, fam.help, labels=[*LABELS, *fam.label_names])
 
 
 PATTERNS = [(re.compile(f.pattern), f) for f in FAMILIES if f.pattern]
@@ -266,13 +256,11 @@ KEYED = {(role, f.key): f for f in FAMILIES if f.key for role in f.roles}
 def process_metrics(processes: list[dict], now: float) -> list[Metric]:
     """The families of these heartbeats (pure): every family of ``FAMILIES`` whatever the
     heartbeats hold, each process's counters, its histograms."""
-    out = _Families()
+    families = {fam.name: _family(fam) for fam in FAMILIES}  # all of them, samples or not
     up = GaugeMetricFamily(PREFIX + "up", "A process whose heartbeat is in Redis.",
                            labels=LABELS)
     age = GaugeMetricFamily(PREFIX + "heartbeat_age_seconds", "Seconds since the last "
                             "heartbeat.", labels=LABELS)
-    for fam in FAMILIES:
-        out.get(fam)
     hist = {spec.name: HistogramMetricFamily(PREFIX + spec.name + "_seconds", spec.help,
                                              labels=LABELS) for spec in HISTOGRAMS}
     extra: dict[str, CounterMetricFamily] = {}
@@ -312,12 +300,12 @@ def process_metrics(processes: list[dict], now: float) -> list[Metric]:
             else:
                 values.setdefault((fam.name, ()), 0)
         for (name, extra_labels), value in values.items():
-            out.by_name[name].add_metric([*labels, *extra_labels], value)
+            families[name].add_metric([*labels, *extra_labels], value)
         for spec in HISTOGRAMS:
             if role == "worker" and not isinstance(proc.get("hist_" + spec.name), list):
                 _add_histogram(hist[spec.name], spec, labels, [])
-    extras = [extra[name] for name in sorted(extra) if name not in out.by_name]
-    return [up, age, *out.by_name.values(), *hist.values(), *extras]
+    extras = [extra[name] for name in sorted(extra) if name not in families]
+    return [up, age, *families.values(), *hist.values(), *extras]
 
 
 def _family_of(role: str, key: str) -> tuple[Fam | None, tuple[str, ...]]:
