@@ -47,6 +47,7 @@ from .store import (
     bindings_of,
     call_records,
     cdrs_after,
+    live_call_records,
     live_counts,
     post_hangup,
     relay_nodes,
@@ -172,7 +173,8 @@ CALL_STATES = ("trying", "ringing", "early", "answered")
 
 def cmd_calls(args, config: Config, store: Store) -> int:
     now = time.time()
-    records = [(tag, r) for tag, r in call_records(store)
+    found = call_records(store) if args.all else live_call_records(store)  # --all: a SCAN
+    records = [(tag, r) for tag, r in found
                if r.get("method", "INVITE") == "INVITE" and (args.all or r["state"] != "ended")]
     records.sort(key=lambda item: item[1].get("created", 0))
     heads = trace_heads(store, [tag for tag, _ in records], ladder.CODEC_HEAD)

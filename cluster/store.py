@@ -1313,3 +1313,22 @@ def bindings_of(store: Store, aors: list[str], now: float | None = None
             found[aor] = sorted((b for b in live if b.expires_at > now),
                                 key=lambda b: b.registered_at)
     return found
+
+
+def live_call_records(store: Store, now: float | None = None) -> list[tuple[str, dict]]:
+    """(tag, record) of the calls not ended, found through the state indexes (no SCAN):
+    what ``sipctl calls`` lists."""
+    now_ms = int((time.time() if now is None else now) * 1000)
+    pipe = store.redis.pipeline(transaction=False)
+    for state in COUNTED_CALL_STATES:
+        pipe.zrangebyscore(f"{CALLS_INDEX}:{state}", f"({now_ms}", "+inf")
+    tags = sorted({_text(t) for found in store._call(pipe.execute) for t in found})
+    records = []
+    for batch in _batches(tags, PIPELINE_BATCH):
+        pipe = store.redis.pipeline(transaction=False)
+        for tag in batch:
+            pipe.hget(call_key(tag), "d")
+        for tag, data in zip(batch, store._call(pipe.execute), strict=True):
+            if data is not None:
+                records.append((tag, unpack(data)))
+    return records

@@ -157,8 +157,10 @@ def test_every_path_that_changes_a_binding_or_a_call_keeps_the_counts(redis_url)
     assert calls()[0] == {"trying": 1, "ringing": 1, "early": 0, "answered": 0}
     version = store.save_call("t1", version, {"state": "answered"}, ttl=60)
     assert calls()[0] == {"trying": 1, "ringing": 0, "early": 0, "answered": 1}
+    assert sorted(tag for tag, _ in st.live_call_records(store)) == ["t1", "t2"]
     store.save_call("t1", version, {"state": "ended"}, ttl=120)
     assert calls() == ({"trying": 1, "ringing": 0, "early": 0, "answered": 0}, 2)
+    assert st.live_call_records(store) == [("t2", {"state": "trying"})]  # what sipctl calls lists
     # A call record that expires unended (its TTL) leaves the count at its expiry.
     store.save_call("t3", 0, {"state": "early"}, ttl=1.0)
     assert calls()[0]["early"] == 1
