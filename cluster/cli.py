@@ -40,7 +40,7 @@ import re
 import socket
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 
 from . import ladder
 from .config import (
@@ -54,18 +54,19 @@ from .config import (
 )
 from .escape import escape_controls, escape_lines
 from .redisclient import redacted
-from .sip import digest, sdp
-from .sip.errors import SipError
+from .sip import digest
 from .sip.ids import call_tag
 from .sip.rtp import StreamStats
 from .store import (
     Store,
     StoreUnavailable,
     aor_of,
+    bindings_of,
     call_records,
     cdrs_after,
+    live_call_records,
+    live_counts,
     post_hangup,
-    registration_counts,
     relay_nodes,
     relay_session,
     trace_heads,
@@ -201,8 +202,8 @@ def cmd_regs(args, config: Config, store: Store) -> int:
     else:
         aors = store.registered_aors()
     rows = []
-    for aor in aors:
-        for b in store.bindings(aor, now):
+    for aor, bindings in bindings_of(store, aors, now).items():
+        for b in bindings:
             rows.append({"aor": aor, "contact": b.contact.decode("latin-1"),
                          "source": f"{b.source[0]}:{b.source[1]}", "transport": b.transport,
                          "host": b.host, "user_agent": b.user_agent,
@@ -218,20 +219,20 @@ def cmd_regs(args, config: Config, store: Store) -> int:
 
 # --------------------------------------------------------------------------- calls
 CALL_STATES = ("trying", "ringing", "early", "answered")
-TRACE_HEAD = 24  # trace entries read per call for its codec: the offer/answer are early
 
 
 def cmd_calls(args, config: Config, store: Store) -> int:
     now = time.time()
-    records = [(tag, r) for tag, r in call_records(store)
+    found = call_records(store) if args.all else live_call_records(store)  # --all: a SCAN
+    records = [(tag, r) for tag, r in found
                if r.get("method", "INVITE") == "INVITE" and (args.all or r["state"] != "ended")]
     records.sort(key=lambda item: item[1].get("created", 0))
-    heads = trace_heads(store, [tag for tag, _ in records], TRACE_HEAD)
+    heads = trace_heads(store, [tag for tag, _ in records], ladder.CODEC_HEAD)
     with_relays = bool(relay_nodes(store))
     rows = []
     for tag, record in records:
         row = call_summary(tag, record, now)
-        row["codec"] = codec_of(heads.get(tag, []))
+        row["codec"] = ladder.codec_of(heads.get(tag, []))
         row["relay"] = _relay_of(store, tag, record)[0] if with_relays else ""
         rows.append(row)
     _print_rows(rows, ["caller", "callee", "state", "age", "host", "worker", "relay", "codec",
@@ -269,43 +270,6 @@ def leg_summary(leg: dict) -> dict:
                        "remote_cseq": dialog.get("remote_seq"),
                        "remote_target": _text(dialog.get("remote_target", b""))}
             if dialog else None}
-
-
-def codec_of(entries: list[dict]) -> str:
-    """The call's audio codec: the first format of the answer the caller got, else of the
-    caller's offer (RFC 3264: the answer's first format is the one in use)."""
-    offer = answer = None
-    for entry in entries:
-        data = entry.get("data") or b""
-        if entry.get("leg") != "a" or not isinstance(data, bytes):
-            continue
-        body = data.partition(b"\r\n\r\n")[2]
-        if not body.strip():
-            continue
-        if entry.get("dir") == "out" and data.startswith(b"SIP/2.0 "):
-            answer = body
-        elif entry.get("dir") == "in" and offer is None:
-            offer = body
-    for body in (answer, offer):
-        codec = _first_audio_codec(body)
-        if codec:
-            return codec
-    return ""
-
-
-def _first_audio_codec(body: bytes | None) -> str:
-    if not body:
-        return ""
-    try:
-        description = sdp.parse(body)
-    except SipError:
-        return ""
-    for media, codecs in description.codecs():
-        if media == "audio" and codecs:
-            codec = codecs[0]
-            name = codec.name or str(codec.pt)
-            return f"{name}/{codec.clock}" if codec.clock else name
-    return ""
 
 
 def _relay_of(store: Store, tag: str, record: dict) -> tuple[str, dict | None]:
@@ -347,13 +311,13 @@ def cmd_call(args, config: Config, store: Store) -> int:
         summary["media"] = session
         for side in (s for leg in (session or {}).get("legs", []) for s in leg.get("sides", [])):
             side["figures"] = stream_figures(side)
-        summary["codec"] = codec_of(entries)
+        summary["codec"] = ladder.codec_of(entries)
         summary["ladder"] = [a.to_json() | ({"message": a.data.decode("utf-8", "replace")}
                                             if args.full else {}) for a in ladder.arrows(entries)]
         print(json.dumps(summary, indent=2, default=_json_default))
         return 0
     if record:
-        _print_call(summary, codec_of(entries), relay_id, session)
+        _print_call(summary, ladder.codec_of(entries), relay_id, session)
     else:
         print(f"call {tag}: no call record left (ended, or an attempt that never became a call)")
     print()
@@ -484,12 +448,10 @@ def gather_stats(store: Store, now: float | None = None) -> dict:
     for proc in processes:
         by_role.setdefault(proc.get("role", "?"), []).append(proc)
     workers = _sum_counters(by_role.get("worker", []))
-    calls = [r for _tag, r in call_records(store) if r.get("method", "INVITE") == "INVITE"]
-    states = {state: 0 for state in (*CALL_STATES, "ended")}
-    for record in calls:
-        states[record["state"]] = states.get(record["state"], 0) + 1
-    created = sum(1 for r in calls if r.get("created", 0) >= now - 60)
-    aors, contacts = registration_counts(store, now)
+    counts = live_counts(store, now)  # the counting indexes: no SCAN of calls or bindings
+    states = {state: counts["calls"].get(state, 0) for state in CALL_STATES}
+    created = counts["calls_last_minute"]
+    aors, contacts = counts["aors"], counts["contacts"]
     auth = _with_prefix(workers, "auth_")
     stats = {
         "processes": {role: len(procs) for role, procs in sorted(by_role.items())},
@@ -584,10 +546,20 @@ def _bracket(values: dict) -> str:
 
 
 # --------------------------------------------------------------------------- CDRs
-CDR_FIELDS = ["id", "caller", "callee", "start", "answer", "end", "duration", "hangup_cause",
-              "q850", "hangup_side", "sip_status", "a_call_id", "b_call_id"]
-CDR_TYPES = {"start": float, "answer": float, "end": float, "duration": float, "q850": int,
-               "sip_status": int, "media": json.loads}  # media: the relay's figures (JSON)
+# CSV columns, always these in this order (a billing import maps columns once): times in
+# ISO 8601 with their UTC offset, the relay's figures one column each (``media_<leg>_<x>``),
+# then any field a later version adds, sorted.  ``duration`` runs from the INVITE to the
+# end, ``billsec`` from the answer to the end (0 unanswered), both in seconds to the ms.
+MEDIA_LEGS = ("a", "b")
+MEDIA_FIGURES = ("packets", "bytes", "lost", "jitter_ms")
+CDR_CSV_FIELDS = ["id", "caller", "callee", "caller_source", "start_time", "answer_time",
+                  "end_time", "duration", "billsec", "hangup_cause", "q850", "hangup_side",
+                  "sip_status", "codec", "a_call_id", "b_call_id",
+                  *(f"media_{leg}_{x}" for leg in MEDIA_LEGS for x in MEDIA_FIGURES)]
+CDR_EPOCHS = {"start": "start_time", "answer": "answer_time", "end": "end_time"}
+CDR_TYPES = {"start": float, "answer": float, "end": float, "duration": float,
+             "billsec": float, "q850": int, "sip_status": int,
+             "media": json.loads}  # media: the relay's figures as JSON (CDRs of older versions)
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 CDR_PAGE = 1000
 
@@ -618,20 +590,55 @@ def read_cdrs(store: Store, since: float = 0.0) -> list[dict]:
 
 
 def typed_cdr(record: dict) -> dict:
-    """A CDR with numbers as numbers, the relay figures as an object and empty fields as
-    null (the stream keeps text)."""
+    """A CDR with numbers as numbers, empty fields as null (the stream keeps text), and the
+    times also in ISO 8601 (``start_time``...)."""
     typed: dict = {}
     for key, value in record.items():
         if value == "":
             typed[key] = None
-        elif key in CDR_TYPES:
+        elif key in CDR_TYPES or key.startswith("media_"):
             try:
-                typed[key] = CDR_TYPES[key](value)
+                typed[key] = CDR_TYPES.get(key, _number)(value)
             except ValueError:
                 typed[key] = value
         else:
             typed[key] = value
+    for epoch, iso in CDR_EPOCHS.items():
+        if epoch in record:
+            typed[iso] = iso_time(record[epoch])
     return typed
+
+
+def flat_cdr(record: dict) -> dict:
+    """A CDR as CSV columns: ISO times instead of epochs, and the relay figures of a CDR
+    written by an older version (one JSON ``media`` field) spread into their columns."""
+    flat = {k: v for k, v in record.items() if k not in CDR_EPOCHS and k != "media"}
+    for epoch, iso in CDR_EPOCHS.items():
+        flat[iso] = iso_time(record.get(epoch, ""))
+    try:
+        media = json.loads(record["media"]) if record.get("media") else {}
+    except ValueError:
+        media = {}
+    for leg, figures in (media.items() if isinstance(media, dict) else ()):
+        for name, value in (figures.items() if isinstance(figures, dict) else ()):
+            flat.setdefault(f"media_{leg}_{name}", value)
+    return flat
+
+
+def iso_time(epoch) -> str:
+    """ISO 8601 in UTC to the millisecond ("" for an empty field)."""
+    try:
+        seconds = float(epoch)
+    except (TypeError, ValueError):
+        return ""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def cmd_cdr(args, config: Config, store: Store) -> int:
@@ -641,8 +648,9 @@ def cmd_cdr(args, config: Config, store: Store) -> int:
     if fmt == "json":
         print(json.dumps([typed_cdr(r) for r in records], indent=2))
         return 0
-    fields = CDR_FIELDS + sorted({k for r in records for k in r} - set(CDR_FIELDS))
     if fmt == "csv":
+        records = [flat_cdr(r) for r in records]
+        fields = CDR_CSV_FIELDS + sorted({k for r in records for k in r} - set(CDR_CSV_FIELDS))
         # Fields escaped (no CR, LF or other control left), then quoted where the csv
         # module must (a comma or a quote): every record is one line of the output.
         out = io.StringIO()
@@ -654,8 +662,8 @@ def cmd_cdr(args, config: Config, store: Store) -> int:
         print(out.getvalue(), end="")
         return 0
     rows = [{**r, "start": _clock(float(r["start"])) if r.get("start") else ""} for r in records]
-    _print_rows(rows, ["start", "caller", "callee", "duration", "hangup_cause", "hangup_side",
-                       "sip_status", "a_call_id"], False)
+    _print_rows(rows, ["start", "caller", "callee", "duration", "billsec", "hangup_cause",
+                       "hangup_side", "sip_status", "codec", "a_call_id"], False)
     return 0
 
 

@@ -252,6 +252,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HepConfig:
+    address: str = ""  # HEP3 collector (Homer); "" = no capture
+    port: int = 9060
+    capture_id: int = 2001
+    password: str = ""  # the collector's auth key, if it wants one
+
+
+@dataclass(frozen=True)
 class CallsConfig:
     no_answer_timeout: int = 60
     max_duration: int = 0
@@ -259,6 +267,9 @@ class CallsConfig:
     trace_max: int = 200
     trace_ttl: int = 3600
     allow_from_mismatch: bool = False
+    # Header carrying the A-leg Call-ID on every request to a B-leg, so sngrep (sip.xcid)
+    # and Homer show both legs as one call; "" leaves it out.
+    xcid_header: str = "X-Call-ID"
 
 
 @dataclass(frozen=True)
@@ -290,6 +301,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    hep: HepConfig = field(default_factory=HepConfig)
     routes: tuple[Route, ...] = ()
     # The file this was loaded from ("" when built in code); the launcher
     # hands it on to the processes it starts.
@@ -654,6 +666,10 @@ def validate(config: Config) -> None:
              "calls.no_answer_timeout and calls.max_duration must not be negative")
     _require(calls.trace_max >= 0 and calls.trace_ttl >= 0,
              "calls.trace_max and calls.trace_ttl must not be negative")
+    _require(0 < config.hep.port < 65536 and 0 <= config.hep.capture_id < 2**32,
+             "hep.port must be a port and hep.capture_id a 32-bit number")
+    _require(re.fullmatch(r"[A-Za-z0-9!%*_+`'~.-]*", calls.xcid_header) is not None,
+             "calls.xcid_header must be a header name (a token) or empty")
 
 
 def _validate_redis(redis: RedisConfig) -> None:

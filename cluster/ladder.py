@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .escape import escape_controls
+from .sip import sdp
+from .sip.errors import SipError
 
 LANE = 30  # characters between two column bars
 TIME_WIDTH = 9
@@ -182,3 +184,44 @@ def _has_sdp(data: bytes) -> bool:
         return False
     content_type = _header_value(head, (b"content-type", b"c")).lower()
     return content_type.startswith(b"application/sdp")
+
+
+# --------------------------------------------------------------------------- codec
+CODEC_HEAD = 24  # trace entries read per call for its codec: the offer/answer are early
+
+
+def codec_of(entries: list[dict]) -> str:
+    """The call's audio codec: the first format of the answer the caller got, else of the
+    caller's offer (RFC 3264: the answer's first format is the one in use)."""
+    offer = answer = None
+    for entry in entries:
+        data = entry.get("data") or b""
+        if entry.get("leg") != "a" or not isinstance(data, bytes):
+            continue
+        body = data.partition(b"\r\n\r\n")[2]
+        if not body.strip():
+            continue
+        if entry.get("dir") == "out" and data.startswith(b"SIP/2.0 "):
+            answer = body
+        elif entry.get("dir") == "in" and offer is None:
+            offer = body
+    for body in (answer, offer):
+        codec = _first_audio_codec(body)
+        if codec:
+            return codec
+    return ""
+
+
+def _first_audio_codec(body: bytes | None) -> str:
+    if not body:
+        return ""
+    try:
+        description = sdp.parse(body)
+    except SipError:
+        return ""
+    for media, codecs in description.codecs():
+        if media == "audio" and codecs:
+            codec = codecs[0]
+            name = codec.name or str(codec.pt)
+            return f"{name}/{codec.clock}" if codec.clock else name
+    return ""

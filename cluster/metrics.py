@@ -1,260 +1,445 @@
-"""The Prometheus text endpoint: one per host, served by the host's dispatcher.
+"""The Prometheus endpoint: one per host, served by the host's dispatcher.
 
 Every process of the cluster pushes its counters in its heartbeat
-(``proc:<role>:<host>:<name>`` in Redis, about once a second).  On each scrape
-this endpoint reads the heartbeats of its own host's processes and prints them
-in the Prometheus text format (version 0.0.4), one series per process with the
-labels ``role`` (dispatcher, worker, relay), ``process`` (its name) and ``host``,
-plus cluster-wide gauges read from the shared state (calls by state,
-registrations), which every host's endpoint reports alike.
+(``proc:<role>:<host>:<name>`` in Redis, about once a second).  On each scrape a custom
+``prometheus_client`` collector reads the heartbeats of its own host's processes (through
+the ``procs`` index, no SCAN) and exports them, one series per process with the labels
+``role`` (dispatcher, worker, relay), ``process`` (its name) and ``host``; it adds the
+standard ``process_*`` figures of each of those processes (read from /proc, as
+prometheus_client's ProcessCollector does) and the cluster-wide gauges (calls by state,
+registrations), read from the counting indexes the registrar and the B2BUA keep (a few
+ZCOUNTs, whatever the number of registrations), which every host's endpoint reports alike.
 
-Counter names in heartbeats map to metric families:
-
-  requests_<METHOD>      sipcluster_sip_requests_received_total{method}
-  sent_<METHOD>          sipcluster_sip_requests_sent_total{method}
-  responses_<N>xx        sipcluster_sip_responses_sent_total{class}
-  received_<N>xx         sipcluster_sip_responses_received_total{class}
-  auth_<outcome>         sipcluster_auth_failures_total{outcome}     (forbidden, throttled, locked)
-  cmd_<command>_<result> sipcluster_relay_commands_total{command, result}
-  bans_<reason>          sipcluster_bans_issued_total{reason}        (flood_invite, scan_users...)
-  anything else          sipcluster_<name>_total
-
-Counters restart from zero when a process restarts; Prometheus' rate() and
-increase() take care of that.
+Every family in ``FAMILIES`` is exported from the first scrape on, at zero for each process
+of its role, so an alert on ``increase()`` works before the first event.  Heartbeat
+counters no family claims are exported as ``sipcluster_<name>_total`` with the same labels.
+Counters restart from zero when a process restarts; rate() and increase() handle that.
+deploy/README.md lists every family; a test checks that list against a scrape.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
 from .config import Config
-from .store import Store, StoreUnavailable, call_records, registration_counts
+from .store import COUNTED_CALL_STATES, Store, StoreUnavailable, live_counts
 
 log = logging.getLogger("metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "sipcluster_"
-CLUSTER_FIGURES_TTL = 5.0  # seconds a scrape reuses the cluster-wide figures (SCANs)
+LABELS = ("role", "process", "host")
 
 # Heartbeat fields that describe a process rather than count events.
 IDENTITY_FIELDS = frozenset({"role", "host", "name", "pid", "started", "seen", "id", "control",
-                             "addresses", "ports", "workers"})
-# Heartbeat fields that are levels, not running totals.
-GAUGES = {
-    "inflight": "Requests a worker is handling now.",
-    "sessions": "Media sessions a relay holds now.",
-    "streams": "Media streams a relay forwards now.",
-    "pps": "Packets per second a relay forwarded over its last heartbeat period.",
-    "free_pairs": "RTP port pairs a relay has left.",
-}
-# Counter name patterns -> (family, help, label names); the groups fill the labels.
-FAMILIES: list[tuple[re.Pattern, str, str, tuple[str, ...]]] = [
-    (re.compile(r"requests_([A-Za-z]+)$"), "sip_requests_received_total",
-     "SIP requests received, by method.", ("method",)),
-    (re.compile(r"sent_([A-Za-z]+)$"), "sip_requests_sent_total",
-     "SIP requests sent, by method (retransmissions included).", ("method",)),
-    (re.compile(r"responses_([1-6]xx)$"), "sip_responses_sent_total",
-     "SIP responses sent, by class.", ("class",)),
-    (re.compile(r"received_([1-6]xx)$"), "sip_responses_received_total",
-     "SIP responses received, by class.", ("class",)),
-    (re.compile(r"auth_([a-z]+)$"), "auth_failures_total",
-     "Digest authentications refused: wrong credentials or a throttled source.",
-     ("outcome",)),
-    (re.compile(r"bans_([a-z_]+)$"), "bans_issued_total",
-     "Sources banned (dropped unanswered for limits.ban_seconds), by reason.", ("reason",)),
-    (re.compile(r"cmd_([a-z]+)_([a-z]+)$"), "relay_commands_total",
-     "Relay control commands, by command and result.", ("command", "result")),
-]
-COUNTER_HELP = {
-    "received": "Datagrams received.",
-    "forwarded": "Datagrams or packets passed on.",
-    "dropped": "Datagrams dropped.",
-    "banned_dropped": "Datagrams from banned sources dropped unread by the dispatcher.",
-    "banned_unanswered": "Answers a worker did not send: their destination is banned.",
-    "calls": "Calls set up (INVITEs accepted for routing).",
-    "calls_ended": "Calls ended (a CDR written).",
-    "parse_errors": "Messages that did not parse.",
-    "envelopes_refused": "Envelopes a worker dropped: not from its dispatcher.",
-    "retransmissions_absorbed": "Retransmitted requests absorbed while the first copy was "
-                                "being handled.",
-    "shed": "Requests refused with 503 because the worker was full.",
-    "store_unavailable": "Events that found Redis slow or gone.",
-    "held_for_retransmission": "Requests left unanswered for their retransmission because "
-                               "Redis was unavailable (workers.outage_hold).",
-    "hangups_deferred": "BYEs and CANCELs left unanswered while Redis was unavailable "
-                        "(a retransmission is carried out once it is back).",
-    "media_timeouts": "Calls reported for lack of RTP.",
-    "replica_wait_short": "Call writes and CDRs not on redis.wait_replicas replicas within "
-                          "redis.wait_timeout (WAIT).",
-}
+                             "addresses", "ports", "workers", "pps"})
+# Methods a label may name; anything else from the wire is counted as "OTHER" (a label
+# value per token a scanner invents would grow the series without bound).
+METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "MESSAGE", "INFO",
+           "UPDATE", "PRACK", "REFER", "NOTIFY", "SUBSCRIBE", "PUBLISH")
+RELAY_COMMANDS = ("ping", "offer", "answer", "delete", "query")
+BAN_REASONS = ("flood_register", "flood_invite", "flood_other", "flood_dialog", "scan_users",
+               "scan_errors")
 
 
-# --------------------------------------------------------------------------- the text
-@dataclass
-class Family:
-    name: str
-    kind: str  # "counter" or "gauge"
+@dataclass(frozen=True)
+class Fam:
+    """One exported family: its heartbeat source and the label values present at zero."""
+
+    name: str  # without PREFIX; counters without the _total suffix
+    kind: str  # counter, gauge
     help: str
-    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+    roles: tuple[str, ...]
+    key: str = ""  # heartbeat field (plain families)
+    pattern: str = ""  # heartbeat field regex whose groups fill ``label_names``
+    label_names: tuple[str, ...] = ()
+    zero: tuple[tuple[str, ...], ...] = ()  # label values exported at zero
+    template: str = ""  # heartbeat field for zero label values, e.g. "requests_{}"
 
 
-class Exposition:
-    """Metric families in first-seen order; each family's samples printed together."""
+W, D, R = ("worker",), ("dispatcher",), ("relay",)
+FAMILIES: tuple[Fam, ...] = (
+    # SIP datagrams (the dispatcher's from the network, a worker's handed on to it)
+    Fam("sip_datagrams_received", "counter", "SIP datagrams received: by the dispatcher "
+        "from the network, by a worker from the dispatcher.", D + W, key="received"),
+    Fam("sip_datagrams_forwarded", "counter", "SIP datagrams the dispatcher passed to a "
+        "worker.", D, key="forwarded"),
+    Fam("sip_datagrams_dropped", "counter", "SIP datagrams the dispatcher dropped (no live "
+        "worker for their slot, or a socket error).", D, key="dropped"),
+    Fam("sip_keepalives_received", "counter", "CRLF keep-alives received (answered by "
+        "nothing, dropped).", D, key="keepalives"),
+    Fam("stun_requests_received", "counter", "STUN binding requests received and answered.",
+        D, key="stun"),
+    Fam("sip_handoff_datagrams_sent", "counter", "SIP datagrams sent from this host's port "
+        "on behalf of a worker of another host (NAT hand-off).", D, key="egress"),
+    Fam("workers_joined", "gauge", "Workers the dispatcher routes to.", D, key="workers"),
+    Fam("sip_banned_dropped", "counter", "SIP datagrams from banned sources, dropped unread "
+        "by the dispatcher.", D, key="banned_dropped"),
+    Fam("bans_issued", "counter", "Sources banned (dropped unanswered for limits.ban_seconds), "
+        "by reason: flood_<class> by a dispatcher, scan_users / scan_errors by a worker.",
+        D + W, pattern=r"bans_([a-z_]+)$", label_names=("reason",),
+        zero=tuple((r,) for r in BAN_REASONS), template="bans_{}"),
+    Fam("handoff_foreign", "counter", "Hand-off datagrams from an address that is no host of "
+        "the cluster (dropped).", D, key="handoff_foreign"),
+    Fam("handoff_unauthenticated", "counter", "Hand-off datagrams not sealed with the "
+        "cluster's hand-off key, or outside its time window (dropped).", D,
+        key="handoff_unauthenticated"),
+    Fam("handoff_replayed", "counter", "Second copies of a sealed hand-off (dropped).", D,
+        key="handoff_replayed"),
+    # SIP signalling (workers)
+    Fam("sip_requests_received", "counter", "SIP requests received, by method (OTHER: an "
+        "unknown method).", W, pattern=r"requests_(.+)$", label_names=("method",),
+        zero=tuple((m,) for m in METHODS), template="requests_{}"),
+    Fam("sip_requests_sent", "counter", "SIP requests sent, by method (retransmissions "
+        "included).", W, pattern=r"sent_(.+)$", label_names=("method",),
+        zero=tuple((m,) for m in METHODS), template="sent_{}"),
+    Fam("sip_responses_sent", "counter", "SIP responses sent, by status code.", W,
+        pattern=r"responses_(\d{3})$", label_names=("code",)),
+    Fam("sip_responses_received", "counter", "SIP responses received, by status code.", W,
+        pattern=r"received_(\d{3})$", label_names=("code",)),
+    Fam("auth_failures", "counter", "Digest authentications refused, by outcome: forbidden "
+        "(wrong credentials), throttled (the source), locked (the user).", W,
+        pattern=r"auth_([a-z]+)$", label_names=("outcome",),
+        zero=(("forbidden",), ("throttled",), ("locked",)), template="auth_{}"),
+    Fam("calls_started", "counter", "Calls set up (INVITEs accepted for routing).", W,
+        key="calls"),
+    Fam("calls_ended", "counter", "Calls ended (a CDR written).", W, key="calls_ended"),
+    Fam("sip_parse_errors", "counter", "Messages that did not parse.", W, key="parse_errors"),
+    Fam("sip_bad_requests", "counter", "Requests refused with a 4xx before any work (RFC 3261 "
+        "8.2 checks, bad headers).", W, key="bad_requests"),
+    Fam("sip_bad_extension", "counter", "Requests refused with 420 Bad Extension.", W,
+        key="bad_extension"),
+    Fam("internal_errors", "counter", "Messages that met a bug (answered 500).", W,
+        key="internal_errors"),
+    Fam("retransmissions_absorbed", "counter", "Retransmitted requests absorbed while the "
+        "first copy was being handled.", W, key="retransmissions_absorbed"),
+    Fam("retransmissions_answered", "counter", "Retransmitted requests answered again from "
+        "the worker's memory of the answer.", W, key="retransmissions_answered"),
+    Fam("sip_shed", "counter", "Requests refused with 503 because the worker was full.", W,
+        key="shed"),
+    Fam("store_unavailable", "counter", "Events that found Redis slow or gone.", W,
+        key="store_unavailable"),
+    Fam("held_for_retransmission", "counter", "Requests left unanswered for their "
+        "retransmission because Redis was unavailable (workers.outage_hold).", W,
+        key="held_for_retransmission"),
+    Fam("hangups_deferred", "counter", "BYEs and CANCELs left unanswered while Redis was "
+        "unavailable (a retransmission is carried out once it is back).", W,
+        key="hangups_deferred"),
+    Fam("hangups_retried", "counter", "Deferred hang-ups carried out once Redis was back.", W,
+        key="hangups_retried"),
+    Fam("sip_stray_responses", "counter", "Responses that matched no call.", W,
+        key="stray_responses"),
+    Fam("call_write_conflicts", "counter", "Call writes that lost a compare-and-set to "
+        "another writer and were decided again.", W, key="cas_conflicts"),
+    Fam("trace_lost", "counter", "Call trace entries that could not be written.", W,
+        key="trace_lost"),
+    Fam("operator_hangups", "counter", "Calls ended by `sipctl hangup`.", W,
+        key="operator_hangups"),
+    Fam("receive_errors", "counter", "Envelopes from the dispatcher that could not be read.",
+        W, key="receive_errors"),
+    Fam("replica_wait_short", "counter", "Call writes and CDRs not on redis.wait_replicas "
+        "replicas within redis.wait_timeout (WAIT).", W, key="replica_wait_short"),
+    Fam("hep_packets_sent", "counter", "SIP messages copied to the HEP collector (hep.address).",
+        W, key="hep_sent"),
+    Fam("hep_send_errors", "counter", "HEP copies that could not be sent (dropped).", W,
+        key="hep_errors"),
+    Fam("sip_banned_unanswered", "counter", "Answers a worker did not send: their "
+        "destination is banned.", W, key="banned_unanswered"),
+    Fam("envelopes_refused", "counter", "Envelopes a worker dropped: not from its "
+        "dispatcher's forwarding socket.", W, key="envelopes_refused"),
+    Fam("sip_response_errors", "counter", "Responses that could not be handled (logged with "
+        "their Call-ID).", W, key="response_errors"),
+    Fam("call_unhandled_actions", "counter", "Actions of the call machine the worker had no "
+        "way to perform (a bug; logged).", W, key="unhandled_actions"),
+    Fam("worker_inflight_requests", "gauge", "Requests a worker is handling now.", W,
+        key="inflight"),
+    # RTP relays (rtpengine-like shapes)
+    Fam("rtp_packets_forwarded", "counter", "RTP/RTCP packets a relay passed between the "
+        "legs.", R, key="forwarded"),
+    Fam("relay_sessions", "gauge", "Media sessions a relay holds now.", R, key="sessions"),
+    Fam("relay_streams", "gauge", "Media streams a relay forwards now.", R, key="streams"),
+    Fam("relay_free_port_pairs", "gauge", "RTP port pairs a relay has left.", R,
+        key="free_pairs"),
+    Fam("relay_sessions_created", "counter", "Media sessions created.", R,
+        key="sessions_created"),
+    Fam("relay_closed_sessions", "counter", "Media sessions closed, by reason: deleted "
+        "(signalling ended the call), expired (idle past its hard limit), orphaned (its "
+        "record vanished from Redis).", R, pattern=r"sessions_(deleted|expired|orphaned)$",
+        label_names=("reason",), zero=(("deleted",), ("expired",), ("orphaned",)),
+        template="sessions_{}"),
+    Fam("relay_media_timeouts", "counter", "Calls reported for lack of RTP.", R,
+        key="media_timeouts"),
+    Fam("relay_commands", "counter", "Relay control commands, by command and result.", R,
+        pattern=r"cmd_([a-z]+)_([a-z]+)$", label_names=("command", "result"),
+        zero=tuple((c, r) for c in RELAY_COMMANDS for r in ("ok", "error")),
+        template="cmd_{}_{}"),
+    Fam("relay_latched", "counter", "Streams latched to the source actually seen.", R,
+        key="latched"),
+    Fam("relay_ports_exhausted", "counter", "Offers refused because no port pair was free.",
+        R, key="ports_exhausted"),
+    Fam("relay_sessions_restored", "counter", "Sessions re-bound from Redis at a restart.", R,
+        key="restored"),
+    Fam("relay_control_malformed", "counter", "Control messages that did not parse.", R,
+        key="control_malformed"),
+    Fam("relay_control_retransmitted", "counter", "Control retransmissions answered again.",
+        R, key="control_retransmitted"),
+    Fam("relay_control_unauthenticated", "counter", "Control commands not sealed with the "
+        "cluster's relay key, or outside its time window (ignored).", R,
+        key="control_unauthenticated"),
+    Fam("relay_control_replayed", "counter", "Second copies of a sealed control command "
+        "(ignored).", R, key="control_replayed"),
+    Fam("relay_loop_errors", "counter", "Errors caught in the relay's packet loop.", R,
+        key="loop_errors"),
+    Fam("relay_redis_errors", "counter", "Redis errors met by a relay.", R,
+        key="redis_errors"),
+)
 
-    def __init__(self) -> None:
-        self.families: dict[str, Family] = {}
 
-    def add(self, name: str, kind: str, help_text: str, labels: dict[str, str],
-            value: float) -> None:
-        family = self.families.get(name)
-        if family is None:
-            family = self.families[name] = Family(name, kind, help_text)
-        family.samples.append((labels, value))
-
-    def text(self) -> str:
-        lines = []
-        for family in self.families.values():
-            lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-            lines.append(f"# TYPE {family.name} {family.kind}")
-            for labels, value in family.samples:
-                lines.append(f"{family.name}{_labels(labels)} {_number(value)}")
-        return "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------- histograms
+@dataclass(frozen=True)
+class HistogramSpec:
+    name: str
+    help: str
+    buckets: tuple[float, ...]  # upper bounds; +Inf is implied
 
 
-def render(processes: list[dict], cluster: dict | None, now: float) -> str:
-    """The exposition for these heartbeats and cluster-wide figures (pure)."""
-    out = Exposition()
+# The buckets: REGISTER is one Lua round trip (~0.2 ms measured on 2 cores) plus queueing,
+# and a phone retransmits at T1 = 500 ms, so 1 ms..1 s at ~2.5x steps shows both the normal
+# case and the approach of T1.  The callee's first answer (often its 100 Trying) is network
+# plus the phone: tens of ms normally, T1 and its doublings when the INVITE was lost, up to
+# Timer B (32 s).  Post-dial delay is human scale (ITU-T E.721 means of 3-8 s for the PSTN):
+# 100 ms..30 s.
+HISTOGRAMS: tuple[HistogramSpec, ...] = (
+    HistogramSpec("register_latency", "REGISTER: its arrival at a worker to the worker's "
+                  "final answer sent.",
+                  (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)),
+    HistogramSpec("invite_first_response", "A call's INVITE arriving to the callee's first "
+                  "response (100 Trying included) arriving.",
+                  (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)),
+    HistogramSpec("post_dial_delay", "A call's INVITE arriving to the first 180 or 183 from "
+                  "the callee (post-dial delay).",
+                  (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0)),
+)
+HISTOGRAM_SPECS = {spec.name: spec for spec in HISTOGRAMS}
+
+
+class Histogram:
+    """What a worker keeps of one histogram: counts per bucket (not cumulative, +Inf last)
+    and the sum, sent in its heartbeat as ``hist_<name>: [counts..., sum]``."""
+
+    def __init__(self, spec: HistogramSpec):
+        self.spec = spec
+        self.counts = [0] * (len(spec.buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.spec.buckets, seconds)] += 1
+        self.sum += seconds
+
+    def heartbeat(self) -> list:
+        return [*self.counts, round(self.sum, 6)]
+
+
+def histograms() -> dict[str, Histogram]:
+    return {spec.name: Histogram(spec) for spec in HISTOGRAMS}
+
+
+def histogram_fields(hists: dict[str, Histogram]) -> dict[str, list]:
+    return {f"hist_{name}": h.heartbeat() for name, h in hists.items()}
+
+
+# --------------------------------------------------------------------------- the collector
+def _labels(proc: dict) -> list[str]:
+    return [str(proc.get("role", "")), str(proc.get("name", "")), str(proc.get("host", ""))]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _family(fam: Fam) -> Metric:
+    cls = CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily
+    return cls(PREFIX + fam.name, fam.help, labels=[*LABELS, *fam.label_names])
+
+
+PATTERNS = [(re.compile(f.pattern), f) for f in FAMILIES if f.pattern]
+KEYED = {(role, f.key): f for f in FAMILIES if f.key for role in f.roles}
+
+
+def process_metrics(processes: list[dict], now: float) -> list[Metric]:
+    """The families of these heartbeats (pure): every family of ``FAMILIES`` whatever the
+    heartbeats hold, each process's counters, its histograms."""
+    families = {fam.name: _family(fam) for fam in FAMILIES}  # all of them, samples or not
+    up = GaugeMetricFamily(PREFIX + "up", "A process whose heartbeat is in Redis.",
+                           labels=LABELS)
+    age = GaugeMetricFamily(PREFIX + "heartbeat_age_seconds", "Seconds since the last "
+                            "heartbeat.", labels=LABELS)
+    hist = {spec.name: HistogramMetricFamily(PREFIX + spec.name + "_seconds", spec.help,
+                                             labels=LABELS) for spec in HISTOGRAMS}
+    extra: dict[str, CounterMetricFamily] = {}
     for proc in processes:
-        add_process(out, proc, now)
-    if cluster:
-        add_cluster(out, cluster)
-    return out.text()
+        role, labels = str(proc.get("role", "")), _labels(proc)
+        up.add_metric(labels, 1)
+        age.add_metric(labels, round(max(0.0, now - float(proc.get("seen", now))), 3))
+        values: dict[tuple[str, tuple[str, ...]], float] = {}
+        for key, value in proc.items():
+            if key in IDENTITY_FIELDS and key != "workers":
+                continue
+            if key == "workers" and role == "dispatcher" and isinstance(value, list):
+                value = len(value)
+            if key.startswith("hist_") and key[5:] in HISTOGRAM_SPECS \
+                    and isinstance(value, list):
+                _add_histogram(hist[key[5:]], HISTOGRAM_SPECS[key[5:]], labels, value)
+                continue
+            if not _is_number(value):
+                continue
+            fam, extra_labels = _family_of(role, key)
+            if fam is None:
+                name = _name(key)
+                metric = extra.get(name)
+                if metric is None:
+                    metric = extra[name] = CounterMetricFamily(
+                        PREFIX + name, f"Heartbeat counter {key}.", labels=LABELS)
+                metric.add_metric(labels, value)
+                continue
+            slot = (fam.name, extra_labels)
+            values[slot] = values.get(slot, 0) + value
+        for fam in FAMILIES:
+            if role not in fam.roles:
+                continue
+            if fam.label_names:
+                for zero in fam.zero:
+                    values.setdefault((fam.name, zero), 0)
+            else:
+                values.setdefault((fam.name, ()), 0)
+        for (name, extra_labels), value in values.items():
+            families[name].add_metric([*labels, *extra_labels], value)
+        for spec in HISTOGRAMS:
+            if role == "worker" and not isinstance(proc.get("hist_" + spec.name), list):
+                _add_histogram(hist[spec.name], spec, labels, [])
+    extras = [extra[name] for name in sorted(extra) if name not in families]
+    return [up, age, *families.values(), *hist.values(), *extras]
 
 
-def add_process(out: Exposition, proc: dict, now: float) -> None:
-    labels = {"role": str(proc.get("role", "")), "process": str(proc.get("name", "")),
-              "host": str(proc.get("host", ""))}
-    out.add(PREFIX + "up", "gauge", "A process whose heartbeat is in Redis.", labels, 1)
-    out.add(PREFIX + "heartbeat_age_seconds", "gauge", "Seconds since the last heartbeat.",
-            labels, round(max(0.0, now - float(proc.get("seen", now))), 3))
-    if "started" in proc:
-        out.add(PREFIX + "process_start_time_seconds", "gauge",
-                "When the process started (epoch seconds).", labels, float(proc["started"]))
-    if proc.get("role") == "dispatcher" and isinstance(proc.get("workers"), list):
-        out.add(PREFIX + "workers_joined", "gauge", "Workers the dispatcher routes to.",
-                labels, len(proc["workers"]))
-    for key in sorted(proc):
-        value = proc[key]
-        if key in IDENTITY_FIELDS or isinstance(value, bool) or \
-                not isinstance(value, (int, float)):
+def _family_of(role: str, key: str) -> tuple[Fam | None, tuple[str, ...]]:
+    fam = KEYED.get((role, key))
+    if fam is not None:
+        return fam, ()
+    for pattern, fam in PATTERNS:
+        if role in fam.roles:
+            match = pattern.match(key)
+            if match:
+                groups = match.groups()
+                if fam.label_names == ("method",) and groups[0] not in METHODS:
+                    groups = ("OTHER",)
+                return fam, groups
+    return None, ()
+
+
+def _add_histogram(metric: HistogramMetricFamily, spec: HistogramSpec, labels: list[str],
+                   fields: list) -> None:
+    counts = list(fields[:-1]) if len(fields) == len(spec.buckets) + 2 else \
+        [0] * (len(spec.buckets) + 1)
+    total = float(fields[-1]) if len(fields) == len(spec.buckets) + 2 else 0.0
+    buckets, running = [], 0
+    for bound, count in zip([*map(_bound, spec.buckets), "+Inf"], counts, strict=True):
+        running += count
+        buckets.append((bound, running))
+    metric.add_metric(labels, buckets, total)
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def cluster_metrics(counts: dict) -> list[Metric]:
+    """The cluster-wide gauges from ``store.live_counts`` (pure)."""
+    calls = GaugeMetricFamily(PREFIX + "active_calls", "Calls in progress, by state "
+                              "(cluster-wide).", labels=["state"])
+    for state in COUNTED_CALL_STATES:
+        calls.add_metric([state], counts["calls"].get(state, 0))
+    aors = GaugeMetricFamily(PREFIX + "registered_aors", "Addresses of record with a live "
+                             "binding (cluster-wide).")
+    aors.add_metric([], counts["aors"])
+    contacts = GaugeMetricFamily(PREFIX + "registered_contacts", "Registered contacts not "
+                                 "expired (cluster-wide).")
+    contacts.add_metric([], counts["contacts"])
+    return [calls, aors, contacts]
+
+
+def os_process_metrics(processes: list[dict], proc_root: str = "/proc") -> list[Metric]:
+    """process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+    process_start_time_seconds... of each local process, labelled like its counters."""
+    merged: dict[str, Metric] = {}
+    for proc in processes:
+        pid = proc.get("pid")
+        if not isinstance(pid, int):
             continue
-        if key in GAUGES:
-            out.add(PREFIX + _name(key), "gauge", GAUGES[key], labels, value)
-            continue
-        name, help_text, extra = counter_family(key)
-        out.add(name, "counter", help_text, {**labels, **extra}, value)
+        collector = ProcessCollector(namespace="", pid=lambda p=pid: p, proc=proc_root,
+                                     registry=None)
+        labels = dict(zip(LABELS, _labels(proc), strict=True))
+        for metric in collector.collect():
+            target = merged.get(metric.name)
+            if target is None:
+                target = merged[metric.name] = Metric(metric.name, metric.documentation,
+                                                      metric.type)
+            for sample in metric.samples:
+                target.add_sample(sample.name, {**labels, **sample.labels}, sample.value)
+    return list(merged.values())
 
 
-def counter_family(key: str) -> tuple[str, str, dict[str, str]]:
-    """(metric name, help, extra labels) of a heartbeat counter."""
-    for pattern, family, help_text, label_names in FAMILIES:
-        match = pattern.match(key)
-        if match:
-            return PREFIX + family, help_text, dict(zip(label_names, match.groups(), strict=True))
-    name = _name(key)
-    return PREFIX + name + "_total", COUNTER_HELP.get(key, f"Heartbeat counter {key}."), {}
+class ClusterCollector:
+    """The prometheus_client collector of one host's endpoint."""
+
+    def __init__(self, store: Store, host: str, clock: Callable[[], float] = time.time,
+                 proc_root: str = "/proc"):
+        self.store = store
+        self.host = host
+        self.clock = clock
+        self.proc_root = proc_root
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        processes = [p for p in self.store.processes() if p.get("host") == self.host]
+        yield from process_metrics(processes, now)
+        yield from os_process_metrics(processes, self.proc_root)
+        yield from cluster_metrics(live_counts(self.store, now))
 
 
-def add_cluster(out: Exposition, cluster: dict) -> None:
-    for state, count in sorted(cluster.get("calls", {}).items()):
-        out.add(PREFIX + "calls", "gauge", "Calls in Redis by state (ended ones are kept "
-                "2 minutes).", {"state": state}, count)
-    if "calls_created_last_minute" in cluster:
-        out.add(PREFIX + "calls_created_last_minute", "gauge",
-                "Calls created over the last 60 seconds.", {},
-                cluster["calls_created_last_minute"])
-    if "aors" in cluster:
-        out.add(PREFIX + "registered_aors", "gauge", "Addresses of record with a binding.", {},
-                cluster["aors"])
-        out.add(PREFIX + "registered_contacts", "gauge", "Registered contacts (not expired).",
-                {}, cluster["contacts"])
-
-
-def cluster_figures(store: Store, now: float | None = None) -> dict:
-    """Cluster-wide figures from the shared state (SCANs: cache them)."""
-    now = time.time() if now is None else now
-    calls = [record for _tag, record in call_records(store)
-             if record.get("method", "INVITE") == "INVITE"]  # a relayed MESSAGE is no call
-    states: dict[str, int] = {s: 0 for s in ("trying", "ringing", "early", "answered", "ended")}
-    for call in calls:
-        states[call["state"]] = states.get(call["state"], 0) + 1
-    aors, contacts = registration_counts(store, now)
-    return {"calls": states, "aors": aors, "contacts": contacts,
-            "calls_created_last_minute": sum(1 for c in calls if c["created"] >= now - 60)}
+def exposition(collector: ClusterCollector) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry)
 
 
 def _name(key: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", key).lower()
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-    return "{" + inner + "}"
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
 # --------------------------------------------------------------------------- the server
-class MetricsSource:
-    """What one scrape reads: this host's heartbeats, and the cluster figures (cached)."""
-
-    def __init__(self, store: Store, host: str, clock: Callable[[], float] = time.time):
-        self.store = store
-        self.host = host
-        self.clock = clock
-        self._cluster: tuple[float, dict] | None = None
-        self._lock = threading.Lock()
-
-    def text(self) -> str:
-        now = self.clock()
-        processes = [p for p in self.store.processes() if p.get("host") == self.host]
-        return render(processes, self._cluster_figures(now), now)
-
-    def _cluster_figures(self, now: float) -> dict | None:
-        with self._lock:
-            if self._cluster is None or now - self._cluster[0] > CLUSTER_FIGURES_TTL:
-                self._cluster = (now, cluster_figures(self.store, now))
-            return self._cluster[1]
-
-
-def _handler(source: MetricsSource):
+def _handler(collector: ClusterCollector):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
             if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                 self.send_error(404, "try /metrics")
                 return
             try:
-                body = source.text().encode()
+                body = exposition(collector)
                 status = 200
             except StoreUnavailable as exc:
                 body, status = f"redis unavailable: {exc}\n".encode(), 503
@@ -282,7 +467,7 @@ def start(config: Config, host: str | None = None) -> ThreadingHTTPServer | None
     address = (config.metrics.bind, config.metrics.port)
     server_class = _IPv6Server if ":" in config.metrics.bind else ThreadingHTTPServer
     try:
-        server = server_class(address, _handler(MetricsSource(store, host)))
+        server = server_class(address, _handler(ClusterCollector(store, host)))
     except OSError as exc:
         log.warning("metrics endpoint not started on %s:%d: %s", *address, exc)
         return None

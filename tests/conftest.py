@@ -8,6 +8,7 @@ where a missing redis-server must fail the run instead of hiding it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -114,6 +115,13 @@ def _wait_for_ping(process: subprocess.Popen, port: int, timeout: float) -> bool
         return False
     finally:
         client.close()
+
+
+def documented_metrics() -> set[str]:
+    """The metric names in deploy/README.md's metrics table (`name` in its first column)."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    table = text[text.index("<!-- metrics -->"):text.index("<!-- /metrics -->")]
+    return set(re.findall(r"^\| `((?:sipcluster|process)_[a-z_]+)", table, re.M))
 
 
 def require_redis_server() -> None:

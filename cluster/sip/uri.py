@@ -214,3 +214,8 @@ def _split_hostport(hostport: bytes) -> tuple[str, int | None]:
             raise SipError(400, "Malformed port")
         port = int(port_raw)
     return host.decode("ascii").lower(), port
+
+
+def hostport(host: str, port: int) -> str:
+    """"host:port", an IPv6 address in brackets (as in a URI)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,7 +21,7 @@ from pathlib import Path
 from cluster.cli import ha1_hashes
 from cluster.config import load
 from cluster.launch import render_supervisord, supervisord_command
-from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key
+from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key, registration_index_keys
 from conftest import ROOT, free_tcp_port, free_udp_port
 
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
@@ -144,6 +144,9 @@ class Cluster:
         client = self.store.redis
         for aor in self.store.registered_aors():
             client.delete(reg_key(aor))
+        indexes = registration_index_keys(self.store)
+        if indexes:
+            client.delete(*indexes)
         for pattern in ("nc:*", f"{TX_PREFIX}:*", "authfail:*", "authuser:*", "authlock:*"):
             for key in client.scan_iter(match=pattern, count=1000):
                 client.delete(key)

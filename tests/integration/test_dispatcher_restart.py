@@ -155,7 +155,7 @@ def test_kill9_of_the_dispatcher_with_a_call_ringing_and_one_answered(cluster, t
     assert answer.at > killed_at and float(cdr["answer"]) > killed_at  # answered afterwards
     cdr = assert_both_legs_ended(cluster, answered, "1002", answered_tag)
     assert float(cdr["answer"]) < killed_at < float(cdr["end"])
-    assert 3.5 <= float(cdr["duration"]) <= 6.0, cdr
+    assert 3.5 <= float(cdr["billsec"]) <= 6.0, cdr
     table = wait_settled(cluster, {"dispatcher": old})
     assert table["dispatcher"][1] != old
     assert "took the SIP socket(s) back" in cluster.read_log("dispatcher")

@@ -54,7 +54,11 @@ def test_message_is_challenged_then_relayed_and_answered(cluster):
         assert data.startswith(b"MESSAGE sip:1009@127.0.0.1:")
         assert data.endswith(b"\r\n\r\nhello")
         assert b"Content-Type: text/plain" in data
-        assert caller.call_id.encode() not in data  # a fresh Call-ID on the callee's side
+        # A fresh Call-ID on the callee's side; the caller's only in X-Call-ID (sngrep).
+        head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        assert b"X-Call-ID: " + caller.call_id.encode() in head
+        assert caller.call_id.encode() not in b"\r\n".join(
+            line for line in head if not line.startswith(b"X-Call-ID:"))
         answer(callee, data, addr, "200 OK")
         reply = caller.receive()
         assert reply is not None and reply.status == 200

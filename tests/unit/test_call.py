@@ -119,7 +119,11 @@ def test_start_sends_100_to_the_caller_and_a_fresh_invite_to_the_callee(rig):
     assert invite.max_forwards == 69
     assert (invite.cseq.number, invite.cseq.method) == (1, "INVITE")
     assert invite.body == caller.invite.body and invite.content_type == b"application/sdp"
-    head = header_block(invite)
+    # Nothing of the A-leg but its Call-ID in X-Call-ID (calls.xcid_header, for sngrep and
+    # Homer to group the legs; test_x_call_id_* below).
+    assert invite.header("x-call-id") == caller.invite.call_id
+    head = b"\r\n".join(line for line in header_block(invite).split(b"\r\n")
+                         if not line.startswith(b"X-Call-ID:"))
     for leak in (caller.invite.call_id, b"192.168.31.142", b"55747", CALLER_TAG.encode(),
                  caller.invite.via.branch.encode(), b"Proxy-Authorization", b"Zoiper"):
         assert leak not in head, leak
@@ -296,8 +300,9 @@ def test_bye_from_the_caller(rig):
     assert cdr == {
         "caller": "1002", "callee": "1009", "a_call_id": flow.caller.invite.call_id.decode(),
         "b_call_id": f"sc{SLOT}.{TAG}.0", "start": START, "answer": START,
-        "end": START + 30, "duration": 30.0, "hangup_cause": "NORMAL_CLEARING", "q850": 16,
-        "hangup_side": "caller", "sip_status": 200}
+        "end": START + 30, "duration": 30.0, "billsec": 30.0,
+        "caller_source": "{}:{}".format(*CALLER_ADDR), "hangup_cause": "NORMAL_CLEARING",
+        "q850": 16, "hangup_side": "caller", "sip_status": 200}
     assert rig.call.state == "ended"
     done = flow.from_callee(flow.callee.answer(bye))
     assert done.outs == [] and done.cdrs == []
@@ -577,7 +582,8 @@ def test_cancel_from_the_caller(rig):
     [cdr] = acts.cdrs
     assert (cdr["hangup_cause"], cdr["q850"], cdr["hangup_side"], cdr["sip_status"]) == (
         "ORIGINATOR_CANCEL", 487, "caller", 487)
-    assert (cdr["answer"], cdr["duration"], cdr["end"]) == ("", 0, START + 3)
+    assert (cdr["answer"], cdr["billsec"], cdr["duration"], cdr["end"]) == (
+        "", 0, 3.0, START + 3)
 
     late = flow.from_callee(flow.callees[1].respond(180), 1)
     assert [summary(m) for m in late.sent()] == ["CANCEL"]
@@ -658,7 +664,7 @@ def test_session_timer(rig):
     assert acts.one(flow.callee.addr).method == "BYE" and acts.one(flow.callee.addr).header(
         "reason") == reason
     [cdr] = acts.cdrs
-    assert (cdr["hangup_cause"], cdr["hangup_side"], cdr["duration"]) == (
+    assert (cdr["hangup_cause"], cdr["hangup_side"], cdr["billsec"]) == (
         "RECOVERY_ON_TIMER_EXPIRE", "system", 1800)
 
 
@@ -685,7 +691,7 @@ def test_max_duration(make_rig):
     acts = rig.fire("max-duration")
     assert acts.one(CALLER_ADDR).method == "BYE" and acts.one(flow.callee.addr).method == "BYE"
     [cdr] = acts.cdrs
-    assert (cdr["hangup_cause"], cdr["duration"]) == ("RECOVERY_ON_TIMER_EXPIRE", 3600)
+    assert (cdr["hangup_cause"], cdr["billsec"]) == ("RECOVERY_ON_TIMER_EXPIRE", 3600)
 
 
 def test_no_max_duration_by_default(rig):
@@ -920,7 +926,7 @@ def test_hangup_now_on_an_answered_call_byes_both_legs(rig):
                call_id=flow.callee.invite.call_id, from_tag=b_tag(rig), to_tag=flow.callee.tag,
                cseq=2)
     [cdr] = acts.cdrs
-    assert (cdr["hangup_side"], cdr["duration"], cdr["sip_status"]) == ("system", 12, 200)
+    assert (cdr["hangup_side"], cdr["billsec"], cdr["sip_status"]) == ("system", 12, 200)
     assert rig.hangup(ADMIN_HANGUP) == []
 
 
@@ -948,3 +954,56 @@ def test_events_after_the_end_produce_no_second_cdr(rig):
     assert rig.hangup(ADMIN_HANGUP) == []
     assert rig.fire("no-answer", START + 60) == []
     assert rig.request(flow.callee.seed_bye(), flow.callee.addr).cdrs == []
+
+
+# --------------------------------------------------------------------------- X-Call-ID
+def test_x_call_id_names_the_caller_call_on_every_b_leg_request_and_never_on_the_a_leg(rig):
+    flow = answered(rig)
+    a_call_id = flow.caller.invite.call_id
+    assert flow.callee.invite.header("x-call-id") == a_call_id
+    dtmf = b"Signal=1\r\n"
+    info = flow.caller.request("INFO", body=dtmf, content_type=b"application/dtmf-relay")
+    relayed = flow.from_caller(info).one(flow.callee.addr)
+    assert relayed.method == "INFO" and relayed.header("x-call-id") == a_call_id
+    flow.from_callee(flow.callee.answer(relayed))
+    back = flow.callee.request("INFO", body=dtmf, content_type=b"application/dtmf-relay")
+    to_caller = rig.request(back, flow.callee.addr).one(CALLER_ADDR)
+    assert to_caller.method == "INFO" and to_caller.header("x-call-id") is None
+    rig.response(flow.caller.answer(to_caller), CALLER_ADDR)
+    bye = flow.from_caller(flow.caller.request("BYE")).one(flow.callee.addr)
+    assert bye.method == "BYE" and bye.header("x-call-id") == a_call_id
+
+
+def test_x_call_id_on_the_ack_and_the_cancel(rig):
+    flow = begin(rig)
+    acts = flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP))
+    ack = acts.one(flow.callee.addr)
+    assert ack.method == "ACK" and ack.header("x-call-id") == flow.caller.invite.call_id
+    other = begin(rig)
+    other.from_callee(other.callee.respond(180))
+    cancel = other.from_caller(other.caller.cancel()).one(other.callee.addr)
+    assert cancel.method == "CANCEL"
+    assert cancel.header("x-call-id") == other.caller.invite.call_id
+
+
+@pytest.mark.parametrize(("name", "present"), [(b"", False), (b"X-CID", True)])
+def test_x_call_id_can_be_renamed_or_left_out(make_rig, name, present):
+    rig = make_rig(xcid_header=name)
+    flow = begin(rig)
+    head = header_block(flow.callee.invite)
+    assert b"X-Call-ID" not in head
+    assert (b"X-CID: " + flow.caller.invite.call_id in head) is present
+
+
+def test_the_cdr_bills_from_the_answer_and_lasts_from_the_invite(rig):
+    flow = begin(rig)
+    flow.from_callee(flow.callee.respond(180))
+    rig.advance(4.25)
+    flow.caller.learn(flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP))
+                      .one(CALLER_ADDR))
+    flow.from_caller(flow.caller.ack())
+    rig.advance(10.5)
+    [cdr] = flow.from_caller(flow.caller.request("BYE")).cdrs
+    assert (cdr["start"], cdr["answer"], cdr["end"]) == (START, START + 4.25, START + 14.75)
+    assert (cdr["duration"], cdr["billsec"]) == (14.75, 10.5)
+    assert cdr["caller_source"] == "{}:{}".format(*CALLER_ADDR)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from callkit import START, TAG, Rig, roundtrip
 
-from cluster import cli
+from cluster import cli, ladder
 from cluster.sip.rtp import StreamStats
 from cluster.store import StoreUnavailable
 from conftest import FIXTURES
@@ -76,19 +76,19 @@ def test_an_answered_call_lists_the_answering_fork_only():
 def test_the_codec_is_the_first_format_of_the_answer_the_caller_got():
     trace = [entry("04-invite", "in", "a"), entry("06-invite", "out", "b0"),
              entry("10-200", "in", "b0"), entry("12-200", "out", "a")]
-    assert cli.codec_of(trace) == "PCMA/8000"
+    assert ladder.codec_of(trace) == "PCMA/8000"
 
 
 def test_before_the_answer_the_codec_is_the_callers_first_offer():
     # Zoiper's offer: m=audio 62715 RTP/AVP 3 101 ... (3 is GSM, a static payload type)
-    assert cli.codec_of([entry("04-invite", "in", "a")]) == "GSM/8000"
-    assert cli.codec_of([entry("03-ack", "in", "a")]) == ""
-    assert cli.codec_of([]) == ""
+    assert ladder.codec_of([entry("04-invite", "in", "a")]) == "GSM/8000"
+    assert ladder.codec_of([entry("03-ack", "in", "a")]) == ""
+    assert ladder.codec_of([]) == ""
 
 
 def test_a_broken_sdp_gives_no_codec():
     broken = seed("12-200").replace(b"v=0", b"v=9")
-    assert cli.codec_of([{"dir": "out", "leg": "a", "data": broken}]) == ""
+    assert ladder.codec_of([{"dir": "out", "leg": "a", "data": broken}]) == ""
 
 
 def test_stream_figures_come_from_the_relays_raw_counters():
@@ -141,6 +141,23 @@ def test_cdrs_in_json_have_numbers_and_nulls():
     assert typed["caller"] == "1002" and typed["id"] == CDR["id"]
 
 
+def test_a_cdr_in_json_has_iso_times_beside_the_epochs_and_flat_media_as_numbers():
+    typed = cli.typed_cdr(dict(CDR, billsec="3.064", codec="PCMU/8000", media_a_packets="150",
+                               media_a_jitter_ms="0.4"))
+    assert typed["start_time"] == "2026-11-25T11:44:08.585+00:00"
+    assert typed["start"] == 1795607048.585 and typed["billsec"] == 3.064
+    assert (typed["media_a_packets"], typed["media_a_jitter_ms"]) == (150, 0.4)
+    assert typed["codec"] == "PCMU/8000"
+
+
+def test_a_csv_cdr_holds_no_json_even_from_an_older_version():
+    media = '{"a": {"packets": 150, "bytes": 25800, "lost": 0, "jitter_ms": 0.4}, "b": {}}'
+    flat = cli.flat_cdr(dict(CDR, media=media))
+    assert "media" not in flat and "start" not in flat
+    assert (flat["media_a_packets"], flat["media_a_jitter_ms"]) == (150, 0.4)
+    assert not [v for v in flat.values() if "{" in str(v)]
+
+
 def test_the_relay_figures_of_a_cdr_become_an_object():
     media = '{"a": {"packets": 150, "bytes": 25800, "lost": 0, "jitter_ms": 0.4}}'
     assert cli.typed_cdr(dict(CDR, media=media))["media"] == {
@@ -187,8 +204,14 @@ def test_cdr_formats(cdr_output):
     assert json.loads(cdr_output("--format", "json")) == [cli.typed_cdr(CDR)]
     assert json.loads(cdr_output("--json")) == [cli.typed_cdr(CDR)]
     rows = list(csv.DictReader(io.StringIO(cdr_output("--format", "csv"))))
-    assert rows == [CDR]
-    assert list(rows[0])[:3] == ["id", "caller", "callee"]
+    assert list(rows[0]) == cli.CDR_CSV_FIELDS  # the same columns whatever the CDR holds
+    assert rows[0]["start_time"] == "2026-11-25T11:44:08.585+00:00"
+    assert rows[0]["answer_time"] == "2026-11-25T11:44:08.594+00:00"
+    assert rows[0]["end_time"] == "2026-11-25T11:44:11.658+00:00"
+    assert {k: v for k, v in rows[0].items() if v} == {
+        **{k: v for k, v in CDR.items() if k not in ("start", "answer", "end")},
+        "start_time": rows[0]["start_time"], "answer_time": rows[0]["answer_time"],
+        "end_time": rows[0]["end_time"]}
     table = cdr_output().splitlines()
     assert table[0].split()[:3] == ["START", "CALLER", "CALLEE"]
     assert "NORMAL_CLEARING" in table[1] and "operator" in table[1]
@@ -212,33 +235,29 @@ def test_cdrs_are_read_page_after_page(monkeypatch):
 def test_stats_add_up_the_live_processes_and_the_shared_state(monkeypatch):
     processes = [
         {"role": "worker", "pid": 1, "seen": NOW, "started": NOW - 9, "requests_INVITE": 3,
-         "responses_2xx": 4, "received_1xx": 1, "auth_forbidden": 2, "calls": 2,
+         "responses_200": 4, "received_180": 1, "auth_forbidden": 2, "calls": 2,
          "parse_errors": 1, "inflight": 1},
         {"role": "worker", "pid": 2, "seen": NOW, "started": NOW - 9, "requests_INVITE": 1,
-         "responses_2xx": 1, "auth_throttled": 5, "calls_ended": 1,
+         "responses_200": 1, "auth_throttled": 5, "calls_ended": 1,
          "retransmissions_absorbed": 7},
         {"role": "dispatcher", "pid": 3, "received": 10, "forwarded": 9, "dropped": 1,
          "workers": ["w0", "w1"]},
         {"role": "relay", "pid": 4, "sessions": 1, "streams": 2, "pps": 50.0,
          "forwarded": 500, "media_timeouts": 1, "free_pairs": 10},
     ]
-    calls = [("t1", {"state": "answered", "created": NOW - 10}),
-             ("t2", {"state": "ringing", "created": NOW - 70}),
-             ("t3", {"state": "ended", "created": NOW - 30}),
-             ("t4", {"state": "ended", "created": NOW - 5, "method": "MESSAGE"})]
-    monkeypatch.setattr(cli, "call_records", lambda store: calls)
-    monkeypatch.setattr(cli, "registration_counts", lambda store, now: (3, 4))
+    counts = {"aors": 3, "contacts": 4, "calls_last_minute": 2,
+              "calls": {"trying": 0, "ringing": 1, "early": 0, "answered": 1}}
+    monkeypatch.setattr(cli, "live_counts", lambda store, now: counts)
     store = SimpleNamespace(processes=lambda: processes)
     stats = cli.gather_stats(store, NOW)
     assert stats["processes"] == {"dispatcher": 1, "relay": 1, "worker": 2}
     assert stats["calls_created_last_minute"] == 2 and stats["calls_per_second"] == 0.033
     assert stats["active_calls"] == 2
-    assert stats["calls_by_state"] == {"trying": 0, "ringing": 1, "early": 0, "answered": 1,
-                                       "ended": 1}
+    assert stats["calls_by_state"] == {"trying": 0, "ringing": 1, "early": 0, "answered": 1}
     assert stats["registrations"] == {"aors": 3, "contacts": 4}
     assert stats["requests_received"] == {"INVITE": 4}
-    assert stats["responses_sent"] == {"2xx": 5}
-    assert stats["responses_received"] == {"1xx": 1}
+    assert stats["responses_sent"] == {"200": 5}
+    assert stats["responses_received"] == {"180": 1}
     assert stats["auth_failures"] == {"total": 7, "forbidden": 2, "throttled": 5}
     assert (stats["calls_set_up"], stats["calls_ended"]) == (2, 1)
     assert (stats["parse_errors"], stats["retransmissions_absorbed"]) == (1, 7)

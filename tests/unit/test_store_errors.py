@@ -154,7 +154,7 @@ def test_readonly_drops_every_connection():
     store, stub = stub_store(reply_error("READONLY You can't write against a read only "
                                          "replica."))
     with pytest.raises(StoreUnavailable):
-        store.heartbeat("worker", "h", "w", {}, ttl=5)
+        store.announce_host("h", {}, ttl=5)
     assert stub.disconnects == 1
 
 

@@ -11,7 +11,6 @@ writer that loses the race re-reads and decides again.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import time
@@ -19,6 +18,7 @@ import time
 import gevent
 import gevent.lock
 
+from cluster import ladder
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
 from cluster.envelope import affinity_key
@@ -28,14 +28,15 @@ from cluster.sip.ids import call_tag
 from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
-from cluster.sip.uri import SipURI, parse_uri
-from cluster.store import StoreUnavailable, aor_of, pack, tx_key
+from cluster.sip.uri import SipURI, hostport, parse_uri
+from cluster.store import StoreUnavailable, aor_of, pack, trace_heads, tx_key
 
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
 from .call.state import CallState
 from .media import media_for
 from .mediastep import decide
+from .registrar import Source
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -74,7 +75,7 @@ class B2BUA:
         cfg = worker.config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
-            user_agent=cfg.sip.user_agent.encode(),
+            user_agent=cfg.sip.user_agent.encode(), xcid_header=cfg.calls.xcid_header.encode(),
             timers=TimerConfig(t1=cfg.timers.t1, t2=cfg.timers.t2, t4=cfg.timers.t4),
             no_answer_timeout=cfg.calls.no_answer_timeout,
             max_duration=cfg.calls.max_duration,
@@ -153,7 +154,7 @@ class B2BUA:
             clog.info("call from %s to %s: %d", caller, callee, failure)
             self._fail_statelessly(req, source, failure, stored_key)
             if req.method == "INVITE":  # an attempt that never rang still gets its CDR
-                self._unrouted_cdr(req, caller, callee, failure)
+                self._unrouted_cdr(req, source, caller, callee, failure)
             return
         now = time.time()
         call, actions = decide(lambda media: Call.start(
@@ -232,15 +233,17 @@ class B2BUA:
         self.trace(call_tag(req.call_id), [_raw_entry("out", data, "a", source.addr)])
         self.worker.keep_answer(stored_key, data)
 
-    def _unrouted_cdr(self, req: Request, caller: str, callee: str | None, status: int) -> None:
+    def _unrouted_cdr(self, req: Request, source: Source, caller: str, callee: str | None,
+                      status: int) -> None:
         # Not registered is "subscriber absent" (Q.850 20), not "no answer" as after ringing.
         cause, q850 = (("SUBSCRIBER_ABSENT", 20) if status == 480
                        else STATUS_CAUSES.get(status, ("CALL_REJECTED", 21)))
         now = round(time.time(), 3)
         self.store.add_cdr({
             "caller": caller, "callee": callee or "", "a_call_id": req.call_id.decode("latin-1"),
-            "b_call_id": "", "start": now, "answer": "", "end": now, "duration": 0,
-            "hangup_cause": cause, "q850": q850, "hangup_side": "system", "sip_status": status})
+            "b_call_id": "", "start": now, "answer": "", "end": now, "duration": 0, "billsec": 0,
+            "caller_source": hostport(*source.addr[:2]), "hangup_cause": cause, "q850": q850,
+            "hangup_side": "system", "sip_status": status})
 
     # ---------------------------------------------------------------- the loop
     @contextlib.contextmanager
@@ -307,6 +310,7 @@ class B2BUA:
                     return True
                 continue  # the remembered record is out of date: load it and decide again
             if self._commit(tag, version, call, actions, req, source, after, timers):
+                self._observe_progress(record, after)
                 return True
             self.worker.counters["cas_conflicts"] += 1
             gevent.sleep(0.001)
@@ -338,6 +342,18 @@ class B2BUA:
             gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
         self._perform(tag, actions, req, source)
         return True
+
+    def _observe_progress(self, before: dict, after: dict) -> None:
+        """Feed the call-setup histograms once per call: the write that moved the call on
+        wins its compare-and-set once, on whichever worker."""
+        if after.get("method", "INVITE") != "INVITE" or not after.get("created"):
+            return
+        elapsed = time.time() - after["created"]
+        hists = self.worker.histograms
+        if not _callee_answered(before) and _callee_answered(after):
+            hists["invite_first_response"].observe(elapsed)
+        if before.get("state") == "trying" and after.get("state") in ("ringing", "early"):
+            hists["post_dial_delay"].observe(elapsed)
 
     def _note_unsure(self, tag: str, call: Call, actions: list) -> None:
         """A write that ends a call failed, but may have reached Redis all the same (a
@@ -407,14 +423,28 @@ class B2BUA:
             self.trace(tag, [self._sent_entry(tag, out) for out in sent])
 
     def _write_cdr(self, tag: str, action: Cdr) -> None:
-        figures = self.media.end(tag)
-        if figures:
-            action.record["media"] = json.dumps(_media_summary(figures))
+        self._complete_cdr(tag, action.record)
         self.worker.counters["calls_ended"] += 1
         call_log(log, action.record["a_call_id"]).info(
             "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
             action.record["hangup_side"], action.record["duration"])
         self.store.add_cdr(action.record)
+
+    def _complete_cdr(self, tag: str, record: dict) -> None:
+        """What the call record does not hold: the codec (from the call's trace: the answer
+        the caller got) and the relay's figures per leg, as flat fields (``media_<leg>_<x>``)
+        a billing import takes as columns."""
+        figures = self.media.end(tag)
+        for leg, values in _media_summary(figures or {}).items():
+            for name, value in values.items():
+                record[f"media_{leg}_{name}"] = value
+        record["codec"] = ""
+        if self.config.calls.trace:
+            try:
+                heads = trace_heads(self.store, [tag], ladder.CODEC_HEAD)
+                record["codec"] = ladder.codec_of(heads.get(tag, []))
+            except StoreUnavailable:
+                pass  # the CDR matters more than its codec
 
     # ---------------------------------------------------------------- message trace
     def trace(self, tag: str, entries: list[dict], brief: bool = False) -> None:
@@ -522,3 +552,8 @@ def _user_of(uri) -> str | None:
 
 def _callee_of(req: Request) -> str | None:
     return _user_of(req.uri)
+
+
+def _callee_answered(record: dict) -> bool:
+    """Whether any fork of the call has had a response (100 Trying included)."""
+    return any(leg.get("provisional") or leg.get("final") for leg in record.get("forks", ()))

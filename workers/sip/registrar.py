@@ -33,6 +33,7 @@ class Source:
     sock_index: int = 0
     answered: bool = False  # a final answer went out: Redis trouble after it must not add a 503
     keep_until: float = 0.0  # a deferred hang-up tried again: when the worker gives up on it
+    arrived: float = 0.0  # time.monotonic() when the worker got it (0: unknown)
 
 
 @dataclass

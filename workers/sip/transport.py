@@ -78,6 +78,7 @@ class Transport:
         self.leaving = False
         # Asked with (data, dest) before anything is sent: False keeps it (a banned source).
         self.watch = None
+        self.mirror = None  # a HepMirror when hep.address is set: a copy of every message
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> list[gevent.Greenlet]:
@@ -225,6 +226,8 @@ class Transport:
                     addr, index, payload = envelope.unwrap(data)
                 except ValueError:
                     continue
+                if self.mirror is not None:
+                    self.mirror.received(payload, addr)
                 self.on_datagram(payload, addr, index)
             except Exception as exc:  # one datagram's trouble must not stop the others
                 self.counters["receive_errors"] += 1
@@ -262,7 +265,7 @@ class Transport:
                     call_log(log, scan.call_id(data) or b"-").warning(
                         "hand-off to host %s at %s:%d failed: %s", host, *egress, exc)
                     return
-                self._count(data)
+                self._count(data, dest)
                 return
         if ":" in dest[0]:
             sock_index = next((i for i, s in enumerate(self.sip_sockets)
@@ -275,15 +278,17 @@ class Transport:
             sock_index = 0
         try:
             self.sip_sockets[sock_index].sendto(data, dest)
-            self._count(data)
+            self._count(data, dest)
         except OSError as exc:
             call_log(log, scan.call_id(data) or b"-").warning(
                 "send to %s:%d failed: %s", dest[0], dest[1], exc)
 
-    def _count(self, data: bytes) -> None:
+    def _count(self, data: bytes, dest: tuple[str, int]) -> None:
         self.sent += 1
+        if self.mirror is not None:
+            self.mirror.sent(data, dest)
         if data.startswith(b"SIP/2.0 "):
-            self.counters[f"responses_{data[8:9].decode('latin-1')}xx"] += 1
+            self.counters["responses_" + data[8:11].decode("latin-1")] += 1
         else:
             self.counters["sent_" + data[:data.find(b" ")].decode("latin-1")] += 1
 

@@ -21,7 +21,7 @@ from collections import Counter
 import gevent
 import gevent.pool
 
-from cluster import clusterauth
+from cluster import clusterauth, metrics
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
 from cluster.config import Config
@@ -43,6 +43,7 @@ from cluster.store import Store, StoreUnavailable
 
 from .auth import Authenticator
 from .b2bua import B2BUA
+from .hep import HepMirror
 from .media import follow_dead_hosts, follow_media_timeouts
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
@@ -92,6 +93,7 @@ class Worker:
         self.store = Store(config.redis.url, timeout=config.workers.redis_timeout,
                            max_connections=2 * config.workers.max_inflight)
         self.counters: Counter[str] = Counter()
+        self.histograms = metrics.histograms()  # sent in the heartbeat beside the counters
         self.store.replica_wait = (config.redis.wait_replicas,
                                    int(config.redis.wait_timeout * 1000))
         self.store.wait_counters = self.counters
@@ -126,6 +128,8 @@ class Worker:
         self.scanners = ScanWatch(self.store, config.limits, by=f"{name}@{self.host}",
                                   counters=self.counters)
         self.transport.watch = self.scanners.note_answer
+        if config.hep.address:
+            self.transport.mirror = HepMirror(config, self.counters)
         self.user_agent = config.sip.user_agent.encode()
         self.started = time.time()
         self.b2bua = B2BUA(self)
@@ -193,8 +197,9 @@ class Worker:
                 self.transport.send(answered[1], answered[2], sock_index=sock_index)
                 return
             self.working.add(mark)
-        self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index), mark,
-                        time.monotonic())
+        arrived = time.monotonic()
+        self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index, arrived=arrived),
+                        mark, arrived)
 
     def _overloaded(self, data: bytes) -> bool:
         """Admission control, cheapest first.  Work that finishes something already begun
@@ -433,6 +438,8 @@ class Worker:
         data = answer if isinstance(answer, bytes) else answer.to_bytes()
         dest = response_dest(req, source.addr)
         self.transport.send(data, dest, sock_index=source.sock_index)
+        if source.arrived:
+            self.histograms["register_latency"].observe(time.monotonic() - source.arrived)
         self.remember_answer(req, data, dest)
         if tx is not None and fresh:
             self.keep_answer(tx, data)
@@ -452,7 +459,7 @@ class Worker:
             log.warning("could not keep %d answer(s): %s", len(answers), exc)
 
     def on_response(self, resp: Response, source: Source) -> None:
-        self.counters[f"received_{resp.status // 100}xx"] += 1
+        self.counters[f"received_{resp.status}"] += 1
         if is_ping(resp.call_id):
             self.pinger.on_response(resp)
         else:
@@ -478,7 +485,7 @@ class Worker:
         while True:
             info = {"role": "worker", "host": self.host, "name": self.name, "pid": os.getpid(),
                     "started": self.started, "seen": time.time(), "inflight": len(self.pool),
-                    **self.counters}
+                    **self.counters, **metrics.histogram_fields(self.histograms)}
             try:
                 self.store.heartbeat("worker", self.host, self.name, info, ttl=5)
             except Exception as exc:  # whatever it is, the heartbeat goes on

@@ -189,7 +189,7 @@ class Call(Inbound, Handlers, Outbound):
         if method == "INVITE":
             headers += [(b"Contact", contact(self.caller, ctx.cfg)), (b"Allow", ctx.cfg.allow),
                         (b"Supported", ctx.cfg.supported)]
-        headers += [(b"User-Agent", ctx.cfg.user_agent), *carried(invite)]
+        headers += [(b"User-Agent", ctx.cfg.user_agent), *carried(invite), *self._xcid(leg, ctx)]
         request = build_request(method, target.uri, headers, body)
         return self._start_client(leg, request, "invite", ctx)
 

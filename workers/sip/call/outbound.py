@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from cluster.sip.dialog import Dialog
 from cluster.sip.message import Request, Response, build_request, build_response, parse
 from cluster.sip.transaction import response_dest, server_transaction, transaction_from_record
+from cluster.sip.uri import hostport
 
 from .actions import Actions, Cdr, Out
 from .legs import RINGING, Leg, LegState
@@ -34,7 +35,7 @@ class Outbound:
         dialog = Dialog.from_record(leg.dialog)
         ack, _ = dialog.create_request(
             "ACK", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
-            contact=self._contact_uri(leg, ctx), body=body,
+            contact=self._contact_uri(leg, ctx), body=body, headers=self._xcid(leg, ctx),
             content_type=content_type if body else None, cseq=cseq)
         leg.dialog = dialog.to_record()
         leg.last_ack = ack.to_bytes()
@@ -72,7 +73,8 @@ class Outbound:
         dialog = Dialog.from_record(other.dialog)
         request, _ = dialog.create_request(
             req.method, branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
-            contact=self._contact_uri(other, ctx), headers=tuple(carried(req)),
+            contact=self._contact_uri(other, ctx),
+            headers=(*carried(req), *self._xcid(other, ctx)),
             body=self._sdp(ctx, leg, req.body, req.content_type, offer=True), content_type=None)
         other.dialog = dialog.to_record()
         out = self._start_client(other, request, "relay", ctx, server=stx.key)
@@ -169,7 +171,7 @@ class Outbound:
                    (b"Call-ID", request.call_id), (b"CSeq", b"%d CANCEL" % request.cseq.number)]
         if cause is not None:
             headers.append((b"Reason", reason(cause)))
-        cancel = build_request("CANCEL", request.uri_raw, headers)
+        cancel = build_request("CANCEL", request.uri_raw, [*headers, *self._xcid(leg, ctx)])
         return self._start_client(leg, cancel, "cancel", ctx)
 
     def _send_bye(self: Call, leg: Leg | None, cause: Cause, ctx: Ctx) -> Actions:
@@ -179,7 +181,8 @@ class Outbound:
         bye, _ = dialog.create_request(
             "BYE", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
             contact=b"",
-            headers=((b"Reason", reason(cause)), (b"User-Agent", ctx.cfg.user_agent)))
+            headers=((b"Reason", reason(cause)), (b"User-Agent", ctx.cfg.user_agent),
+                     *self._xcid(leg, ctx)))
         leg.dialog = dialog.to_record()
         leg.state = LegState.ENDED
         return self._start_client(leg, bye, "bye", ctx)
@@ -211,6 +214,13 @@ class Outbound:
     def _contact_uri(self: Call, leg: Leg, ctx: Ctx) -> bytes:
         return contact(self._user_for(leg), ctx.cfg)[1:-1]
 
+    def _xcid(self: Call, leg: Leg, ctx: Ctx) -> tuple[tuple[bytes, bytes], ...]:
+        """The header naming the A-leg's Call-ID, for a request to a B-leg (sngrep's
+        sip.xcid, Homer's correlation): none on the A-leg, none when configured off."""
+        if leg.name == "a" or not ctx.cfg.xcid_header:
+            return ()
+        return ((ctx.cfg.xcid_header, self.a.call_id),)
+
     # ---------------------------------------------------------------- the end
     def _end(self: Call, cause: Cause, side: str, now: float, status: int) -> Actions:
         if self.state == CallState.ENDED:
@@ -227,7 +237,9 @@ class Outbound:
                 "latin-1"), "b_call_id": b.call_id.decode("latin-1") if b else "",
             "start": round(self.created, 3), "answer": round(self.answered, 3) if self.answered
             else "", "end": round(now, 3),
-            "duration": round(now - self.answered, 3) if self.answered else 0,
+            "duration": round(now - self.created, 3),
+            "billsec": round(now - self.answered, 3) if self.answered else 0,
+            "caller_source": hostport(*self.a.peer),
             "hangup_cause": cause[0], "q850": cause[1], "hangup_side": side,
             "sip_status": status}
         return [Cdr(record)]

@@ -47,6 +47,7 @@ class Settings:
     max_duration: float = 0.0
     allow: bytes = ALLOW
     supported: bytes = b"timer"
+    xcid_header: bytes = b"X-Call-ID"  # the A-leg Call-ID on B-leg requests; b"" = none
     # Route table row -> (username, password) answering a gateway's 401/407; kept out of
     # the call record so no password is ever written to Redis.
     gateway_credentials: dict[int, tuple[str, str]] = field(default_factory=dict)
