@@ -224,7 +224,7 @@ def passed_env(env: Mapping[str, str]) -> dict[str, str]:
 CONCERNS: dict[str, tuple[str, ...]] = {
     "dispatcher": ("sip", "dispatcher", "redis", "limits", "log", "metrics"),
     "relay": ("sip", "media", "redis", "log", "metrics"),
-    "worker": ("sip", "dispatcher", "workers", "redis", "auth", "limits", "registrar",
+    "worker": ("sip", "dispatcher", "workers", "redis", "auth", "limits", "registrar", "hep",
                "timers", "media", "log", "metrics", "calls", "routes"),
 }
 

@@ -1380,6 +1380,8 @@ def counted_state(record: dict) -> str:
 
 def unindex_registrations(store: Store, aor: str, binding_keys: list[str]) -> None:
     """Take a deleted AOR's bindings out of the indexes (``sipctl users del``)."""
+    if not store.indexed:
+        return
     pipe = store.redis.pipeline(transaction=False)
     if binding_keys:
         pipe.zrem(REG_CONTACTS_INDEX, *(f"{aor}|{k}" for k in binding_keys))

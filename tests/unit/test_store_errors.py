@@ -154,7 +154,7 @@ def test_readonly_drops_every_connection():
     store, stub = stub_store(reply_error("READONLY You can't write against a read only "
                                          "replica."))
     with pytest.raises(StoreUnavailable):
-        store.announce_host("h", {}, ttl=5)
+        store.put_user("alice", "example.com", {"MD5": "x"})
     assert stub.disconnects == 1
 
 
