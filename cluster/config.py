@@ -673,24 +673,19 @@ def validate(config: Config) -> None:
 
 
 def _validate_redis(redis: RedisConfig) -> None:
-    if is_sentinel_url(redis.url):
+    # The launcher runs one redis-server, never a replicated set or a cluster.
+    for scheme, is_kind, parse_url, runs in (
+            ("redis+sentinel", is_sentinel_url, parse_sentinel_url, "Sentinel"),
+            ("redis+cluster", is_cluster_url, parse_cluster_url, "Redis Cluster")):
+        if not is_kind(redis.url):
+            continue
         try:
-            parse_sentinel_url(redis.url)
+            parse_url(redis.url)
         except ValueError as e:
-            raise ConfigError(f"redis.url: bad redis+sentinel:// URL {redacted(redis.url)!r}: "
+            raise ConfigError(f"redis.url: bad {scheme}:// URL {redacted(redis.url)!r}: "
                               f"{e}") from None
-        # The launcher runs one redis-server, never a replicated set with its sentinels.
-        _require(not redis.managed, "redis.managed must be false with a redis+sentinel:// URL "
-                 "(the launcher runs no Sentinel)")
-        return
-    if is_cluster_url(redis.url):
-        try:
-            parse_cluster_url(redis.url)
-        except ValueError as e:
-            raise ConfigError(f"redis.url: bad redis+cluster:// URL {redacted(redis.url)!r}: "
-                              f"{e}") from None
-        _require(not redis.managed, "redis.managed must be false with a redis+cluster:// URL "
-                 "(the launcher runs no Redis Cluster)")
+        _require(not redis.managed, f"redis.managed must be false with a {scheme}:// URL "
+                 f"(the launcher runs no {runs})")
         return
     _require(redis.url.startswith(("redis://", "rediss://", "unix://")),
              "redis.url must be a redis://, rediss://, unix://, redis+sentinel:// or "

@@ -124,13 +124,17 @@ def documented_metrics() -> set[str]:
     return set(re.findall(r"^\| `((?:sipcluster|process)_[a-z_]+)", table, re.M))
 
 
-def require_redis_server() -> None:
-    """Skip when redis-server is missing on a developer machine; fail in CI."""
-    if REDIS_SERVER is not None:
+def require_tool(found: str | None, reason: str) -> None:
+    """Skip when a tool the test drives is missing on a developer machine; fail in CI."""
+    if found is not None:
         return
     if IN_CI:
-        pytest.fail(NO_REDIS_REASON, pytrace=False)
-    pytest.skip(NO_REDIS_REASON)
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def require_redis_server() -> None:
+    require_tool(REDIS_SERVER, NO_REDIS_REASON)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 import redis
 from harness import wait_for
 
-from conftest import IN_CI, REDIS_SERVER, _wait_for_ping, free_tcp_port, require_redis_server
+from conftest import REDIS_SERVER, _wait_for_ping, free_tcp_port, require_redis_server, require_tool
 
 REDIS_CLI = shutil.which("redis-cli")
 NO_CLI_REASON = ("redis-cli is not installed (apt-get install -y redis-tools); "
@@ -27,11 +27,7 @@ NODE_TIMEOUT_MS = 2000  # how long a primary may be silent before its replica ta
 
 def require_redis_cli() -> None:
     require_redis_server()
-    if REDIS_CLI is not None:
-        return
-    if IN_CI:
-        pytest.fail(NO_CLI_REASON, pytrace=False)
-    pytest.skip(NO_CLI_REASON)
+    require_tool(REDIS_CLI, NO_CLI_REASON)
 
 
 @dataclass

@@ -757,3 +757,23 @@ class Phone:
         if (rport := re.search(r";\s*rport=(\d+)", via)) is not None:
             port = int(rport.group(1))
         return host, port
+
+
+@dataclass
+class Call:
+    """Two test phones in an answered call through the cluster."""
+
+    caller: Phone
+    callee: Phone
+    invite: SipMessage  # as the callee received it
+    ok: SipMessage  # the 200 as the caller received it
+    tag: str  # the cluster's call tag: the relay session id
+
+    @property
+    def caller_relay_port(self) -> int:
+        """The relay port the caller sends to and receives from."""
+        return self.ok.sdp.media[0].port
+
+    @property
+    def callee_relay_port(self) -> int:
+        return self.invite.sdp.media[0].port

@@ -11,11 +11,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import redis
 from harness import wait_for
 
-from conftest import IN_CI, RedisServer, free_tcp_port, require_redis_server
+from conftest import RedisServer, free_tcp_port, require_redis_server, require_tool
 
 REDIS_SENTINEL = shutil.which("redis-sentinel")
 NO_SENTINEL_REASON = ("redis-sentinel is not installed (apt-get install -y redis-sentinel); "
@@ -27,11 +26,7 @@ FAILOVER_TIMEOUT_MS = 3000
 
 def require_sentinel() -> None:
     require_redis_server()
-    if REDIS_SENTINEL is not None:
-        return
-    if IN_CI:
-        pytest.fail(NO_SENTINEL_REASON, pytrace=False)
-    pytest.skip(NO_SENTINEL_REASON)
+    require_tool(REDIS_SENTINEL, NO_SENTINEL_REASON)
 
 
 @dataclass

@@ -18,11 +18,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
 from harness import Cluster, running_cluster
-from rtp_phone import Media, Phone, SipMessage, in_order_without_loss
+from rtp_phone import Call, Media, Phone, SipMessage, in_order_without_loss
 
 from cluster import store as store_module
 from cluster.relayctl import RelayClient, control_key
@@ -55,24 +54,6 @@ def relays(cluster) -> RelayClient:
 
 
 # ------------------------------------------------------------------ a call between two phones
-@dataclass
-class Call:
-    caller: Phone
-    callee: Phone
-    invite: SipMessage  # as the callee received it
-    ok: SipMessage  # the 200 as the caller received it
-    tag: str  # the cluster's call tag: the relay session id
-
-    @property
-    def caller_relay_port(self) -> int:
-        """The relay port the caller sends to and receives from."""
-        return self.ok.sdp.media[0].port
-
-    @property
-    def callee_relay_port(self) -> int:
-        return self.invite.sdp.media[0].port
-
-
 @contextmanager
 def call_between(cluster: Cluster, caller_user: int, callee_user: int, *,
                  caller_kwargs: dict | None = None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pytest
 from harness import SECRET, Cluster, wait_for
 from netns import LAN_ADDRESS, Topology, require_netns
-from rtp_phone import Phone, RtpPacket, SipMessage, in_order_without_loss
+from rtp_phone import Call, Phone, RtpPacket, in_order_without_loss
 
 from cluster import clusterauth, envelope
 from cluster import store as st
@@ -143,15 +143,6 @@ def _pings(store: Store) -> bool:
 
 
 # ------------------------------------------------------------------ calls between hosts
-@dataclass
-class Call:
-    caller: Phone
-    callee: Phone
-    invite: SipMessage  # as the callee received it
-    ok: SipMessage  # the 200 as the caller received it
-    tag: str
-
-
 def phone(hosts: Hosts, host: int, user: str, **kwargs) -> Phone:
     return Phone(hosts.address(host), user, PASSWORD, domain=REALM, host=LAN_ADDRESS, **kwargs)
 

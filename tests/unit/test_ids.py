@@ -3,13 +3,13 @@ identifiers and the Allow list; and cluster/ never reaching into workers/ for th
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import itertools
 import zlib
 from pathlib import Path
 
 import pytest
+from importscan import absolute_imports
 
 from cluster.envelope import SLOTS, affinity_key
 from cluster.sip import ids
@@ -93,16 +93,8 @@ def test_one_allow_list_with_every_method_the_b2bua_relays():
 
 def workers_imports(path: Path) -> list[tuple[int, str]]:
     """(line, module) of every import of workers/ in ``path``, at any depth."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found += [(node.lineno, n) for n in names if n.split(".")[0] == "workers"]
-    return found
+    return [(line, name) for line, name in absolute_imports(path.read_text(), str(path))
+            if name.split(".")[0] == "workers"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "cluster").rglob("*.py")),

@@ -5,10 +5,10 @@ exhaustively and deterministically."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from importscan import absolute_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 SIP_CORE = ROOT / "cluster" / "sip"
@@ -21,16 +21,8 @@ FORBIDDEN = frozenset({
 
 def forbidden_imports(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
     """(line, module) for every import of a forbidden top-level module in ``source``."""
-    found = []
-    for node in ast.walk(ast.parse(source, filename)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found += [(node.lineno, name) for name in names if name.split(".")[0] in FORBIDDEN]
-    return found
+    return [(line, name) for line, name in absolute_imports(source, filename)
+            if name.split(".")[0] in FORBIDDEN]
 
 
 def core_modules() -> list[Path]:
@@ -71,17 +63,8 @@ def foreign_imports(source: str, filename: str = "<source>") -> list[tuple[int, 
     """(line, module) of every import of project code outside the SIP core: the call
     machine may use cluster.sip and its own package (relative imports), nothing that
     reaches Redis, relays or sockets (cluster.store, workers.sip.media...)."""
-    found = []
-    for node in ast.walk(ast.parse(source, filename)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found += [(node.lineno, n) for n in names if n.split(".")[0] in ("cluster", "workers")
-                  and not n.startswith("cluster.sip")]
-    return found
+    return [(line, name) for line, name in absolute_imports(source, filename)
+            if name.split(".")[0] in ("cluster", "workers") and not name.startswith("cluster.sip")]
 
 
 @pytest.mark.parametrize("path", sorted(CALL_MACHINE.rglob("*.py")),
