@@ -123,6 +123,7 @@ tag (the streams, ``relay:nodes``, ``proc:``/``host:``) are one slot each.
 from __future__ import annotations
 
 import random
+import re
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -1358,6 +1359,11 @@ REG_AORS_INDEX = "stats:reg:aors"  # member "<aor>", score its latest binding's 
 CALLS_INDEX = "stats:calls"  # member call tag, score its creation: the last minute's calls
 COUNTED_CALL_STATES = ("trying", "ringing", "early", "answered")  # stats:calls:<state>
 PROCS_INDEX = "procs"  # member proc:<role>:<host>:<name>, score its heartbeat's expiry
+# The keys that have no TTL by design (the rest expire or are deleted by the path that ends
+# them): the directory, the timer shards, the streams (trimmed by length), the counting
+# indexes and the host list (their members carry their own expiry as a score or a record).
+PERSISTENT_KEYS = re.compile(r"^(user:\{.*\}|timers:\{\d+\}|cdr|hangup|relay:events|"
+                             r"stats:.+|procs|hosts)$")
 
 
 def registration_index_keys(store: Store) -> list[str]:

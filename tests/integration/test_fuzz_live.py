@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-import re
 import socket
 import sys
 import threading
@@ -28,6 +27,7 @@ import pytest
 from calls_helpers import CallRun, callee, caller, finish, provision, register, start_listening
 from harness import running_cluster, wait_for
 
+from cluster import store as st
 from conftest import TESTS
 
 DB = 10  # this module's Redis database on the session's redis-server
@@ -45,7 +45,6 @@ CALLS, CALL_RATE, CALL_HOLD_MS = 40, 1.0, 500
 RSS_GROWTH_MB = 40
 # Keys the schema keeps without a TTL (cluster/store.py): the directory, the timer shards and
 # the streams (capped by MAXLEN).
-PERSISTENT = re.compile(r"^(user:\{.*\}|timers:\d+|cdr|hangup|relay:events)$")
 
 
 def _mutator():
@@ -216,5 +215,6 @@ def test_junk_beside_calls_kills_nothing_and_leaks_nothing(cluster, tmp_path):
     # Redis: every key junk or the calls left has a TTL, but the documented persistent ones.
     client = cluster.store.redis
     immortal = [key for key in client.scan_iter(count=1000)
-                if client.ttl(key) == -1 and not PERSISTENT.match(key.decode(errors="replace"))]
+                if client.ttl(key) == -1
+                and not st.PERSISTENT_KEYS.match(key.decode(errors="replace"))]
     assert immortal == [], immortal[:20]
