@@ -52,6 +52,8 @@ GAUGES = {
     "streams": "Media streams a relay forwards now.",
     "pps": "Packets per second a relay forwarded over its last heartbeat period.",
     "free_pairs": "RTP port pairs a relay has left.",
+    "trusted_sources": "Source addresses a dispatcher gives the trusted rates "
+                       "(a request from them authenticated within limits.trust_seconds).",
 }
 # Counter name patterns -> (family, help, label names); the groups fill the labels.
 FAMILIES: list[tuple[re.Pattern, str, str, tuple[str, ...]]] = [
@@ -89,6 +91,7 @@ COUNTER_HELP = {
     "hangups_deferred": "BYEs and CANCELs left unanswered while Redis was unavailable "
                         "(a retransmission is carried out once it is back).",
     "media_timeouts": "Calls reported for lack of RTP.",
+    "trust_written": "Trusted sources a worker wrote and announced (new, or refreshed).",
     "replica_wait_short": "Call writes and CDRs not on redis.wait_replicas replicas within "
                           "redis.wait_timeout (WAIT).",
 }
