@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from calls_helpers import PASSWORD, Party, callee, caller, provision, start_listening
+from flooder import Flooder
 from harness import Cluster, running_cluster, wait_for
 from sipp import Sipp
 from sipua import UA
@@ -165,3 +166,15 @@ def test_a_registration_benchmark_of_many_users_is_trusted_not_banned(redis_url,
         assert len(cluster.store.registered_aors()) == REGISTER_USERS
         # counted as a scanner only until its first registration was accepted
         assert counted < cluster.config.limits.scan_users, counted
+
+        # trusted, it may send 50 times the rates, not a flood: 20,000 OPTIONS a second
+        # spend the trusted other bucket (2,500, +5,000/s) in about 0.17 s
+        flood = Flooder(cluster.address, BENCH, 20_000, 1.0, methods=("OPTIONS",)).start()
+        flood.wait(linger=0.5)
+        ban = {b["ip"]: b for b in cluster.store.bans()}.get(BENCH)
+        print(f"trusted flood: sent={flood.sent} answered={len(flood.answers)} ban={ban}")
+        assert ban is not None and ban["reason"] == "flood-other", ban
+        assert ban["at"] - flood.started < 0.5, (ban, flood.started)
+        limits = cluster.config.limits
+        factor = limits.trusted_factor  # its burst, and its rate over the 0.5 s allowed
+        assert len(flood.answers) <= (limits.other_burst + limits.other_rate * 0.5) * factor
