@@ -146,3 +146,18 @@ def test_no_trust_when_trust_seconds_is_zero():
     watch = ScanWatch(MemoryStore(), LimitsConfig(trust_seconds=0), by="w")
     watch.note_trusted("192.0.2.50")
     assert not watch._trust and not watch.is_trusted("192.0.2.50")
+
+
+def test_the_trusted_sources_kept_are_bounded(monkeypatch):
+    import workers.sip.scanners as scanners
+
+    monkeypatch.setattr(scanners, "TRUSTED_MAX", 3)
+    watch = ScanWatch(MemoryStore(), LimitsConfig(trust_seconds=600), by="w")
+    for n in range(3):
+        watch.note_trusted(f"192.0.2.{n}")
+    watch._heard_trust("192.0.2.10", 600)  # full of live trust: not kept
+    watch.note_trusted("192.0.2.11")
+    assert sorted(watch.trusted) == ["192.0.2.0", "192.0.2.1", "192.0.2.2"]
+    watch.trusted["192.0.2.0"] = 0.0  # lapsed: its place is taken
+    watch.note_trusted("192.0.2.11")
+    assert sorted(watch.trusted) == ["192.0.2.1", "192.0.2.11", "192.0.2.2"]

@@ -38,6 +38,7 @@ from cluster.store import Store
 log = logging.getLogger("ban")  # the security line of a ban (deploy/fail2ban/)
 FLUSH_SECONDS = 0.2
 LOCAL_SOURCES_MAX = 50_000  # sources remembered per window: made-up ones must not grow it
+TRUSTED_MAX = 200_000  # trusted sources known per worker (each one proved a password)
 USER_CHARS = 64  # of a user name counted: a distinct prefix is distinct enough
 
 
@@ -74,8 +75,8 @@ class ScanWatch:
         until = self.trusted.get(ip)
         if until is not None and until - now > 0.9 * self.trust_seconds:
             return  # written (here or by another process) within the last tenth
-        if len(self.trusted) >= LOCAL_SOURCES_MAX and until is None:
-            self.trusted = {k: v for k, v in self.trusted.items() if v > now}
+        if until is None and not self._room_for_trust(now):
+            return  # full of live trust: this source is merely counted like any other
         self.trusted[ip] = now + self.trust_seconds
         self._trust.add(ip)
         if until is None or until <= now:
@@ -83,9 +84,16 @@ class ScanWatch:
 
     def _heard_trust(self, ip: str, seconds: float) -> None:
         now = time.monotonic()
-        if len(self.trusted) >= LOCAL_SOURCES_MAX and ip not in self.trusted:
-            self.trusted = {k: v for k, v in self.trusted.items() if v > now}
+        if ip not in self.trusted and not self._room_for_trust(now):
+            return
         self.trusted[ip] = max(self.trusted.get(ip, 0.0), now + seconds)
+
+    def _room_for_trust(self, now: float) -> bool:
+        """Whether another source fits (the lapsed ones are dropped when it is full)."""
+        if len(self.trusted) < TRUSTED_MAX:
+            return True
+        self.trusted = {k: v for k, v in self.trusted.items() if v > now}
+        return len(self.trusted) < TRUSTED_MAX
 
     def note_request(self, addr: tuple[str, int], user: str) -> None:
         """An out-of-dialog request from ``addr`` for ``user``."""
