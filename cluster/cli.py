@@ -18,6 +18,7 @@
   sipctl cluster [--json]                 live dispatchers, workers and relays
   sipctl stats [--json]                   calls per second, calls, registrations, counters
   sipctl bans [--json]                    banned sources: address, reason, seconds left, who
+  sipctl bans --trusted [--json]          trusted sources (a request from them authenticated)
                                           banned it (their datagrams are dropped unanswered)
   sipctl bans unban IP                    let a banned source in again (every host, at once)
   sipctl cdr [--since T] [--format table|csv|json]
@@ -701,6 +702,14 @@ def cmd_bans(args, config: Config, store: Store) -> int:
         print(f"sipctl: {args.ip} is not banned (its counters are reset anyway)",
               file=sys.stderr)
         return 1
+    if args.trusted:
+        rows = [{"source": t["ip"], "left": int(round(t["left"])), "since": _clock(t.get("at")),
+                 "by": t.get("by", "")} for t in store.trusted()]
+        if not args.json:
+            for row in rows:
+                row["left"] = f"{row['left']}s"
+        _print_rows(rows, ["source", "left", "since", "by"], args.json)
+        return 0
     now = time.time()
     rows = [{"source": ban["ip"], "reason": ban["reason"], "left": int(round(ban["left"])),
              "since": _clock(ban.get("at")), "seconds": ban.get("seconds"),
@@ -769,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bans = sub.add_parser("bans", help="banned sources")
     bans.add_argument("--json", action="store_true")
+    bans.add_argument("--trusted", action="store_true",
+                      help="the trusted sources instead (limits.trust_seconds)")
     bans_sub = bans.add_subparsers(dest="action")
     unban = bans_sub.add_parser("unban", help="let a banned source in again")
     unban.add_argument("ip")

@@ -189,7 +189,7 @@ class LimitsConfig:
     bucket off."""
 
     register_rate: float = 100.0
-    register_burst: int = 50
+    register_burst: int = 200
     invite_rate: float = 100.0
     invite_burst: int = 50
     other_rate: float = 100.0
@@ -200,6 +200,8 @@ class LimitsConfig:
     scan_users: int = 500
     scan_errors: int = 200
     scan_window: int = 60
+    trust_seconds: int = 600
+    trusted_factor: float = 50.0
     allow: tuple[str, ...] = ()
 
 
@@ -716,6 +718,8 @@ def _validate_limits(limits: LimitsConfig) -> None:
     _require(limits.scan_users >= 0 and limits.scan_errors >= 0,
              "limits.scan_users and limits.scan_errors must be 0 (off) or more")
     _require(limits.scan_window >= 1, "limits.scan_window must be at least 1")
+    _require(limits.trust_seconds >= 0, "limits.trust_seconds must be 0 (off) or more")
+    _require(limits.trusted_factor >= 1, "limits.trusted_factor must be at least 1")
     for cidr in limits.allow:
         try:
             ipaddress.ip_network(cidr, strict=False)

@@ -18,7 +18,8 @@ Then the per-source token buckets (cluster/limits.py) are charged; a source
 that empties one is banned here at once, and the ban is written to Redis and
 announced, so every host's dispatcher drops it too.  Bans issued elsewhere (by
 another host, by a worker that saw a scanner, by the operator) arrive over
-pub/sub.
+pub/sub, and so do the trusted sources (a request from them authenticated; the
+workers announce them): their buckets are limits.trusted_factor times larger.
 
 With several hosts it also takes hand-offs (``dispatcher.inter_host_port``): SIP
 messages another host's workers need sent from this host's SIP socket, to a phone
@@ -57,7 +58,7 @@ import msgpack
 from . import clusterauth, envelope
 from .config import Config, load_or_exit
 from .envelope import SLOTS, affinity_key
-from .limits import Bans, Limiter, ban_line, reason_of
+from .limits import Bans, Limiter, Trusted, ban_line, reason_of
 from .logsetup import setup_logging
 from .sip import scan, stun
 
@@ -125,7 +126,8 @@ class Dispatcher:
         self.slots: list[WorkerLink | None] = [None] * SLOTS
         self.counters = Counters()
         self.bans = Bans()
-        self.limiter = Limiter.from_config(config.limits)
+        self.trusted = Trusted()  # proven sources, as the workers announce them
+        self.limiter = Limiter.from_config(config.limits, self.trusted)
         self.ban_seconds = float(config.limits.ban_seconds)
         self.bans_issued: dict[str, int] = {}  # bans_<reason> -> count (metrics)
         self.to_announce: queue.SimpleQueue = queue.SimpleQueue()  # (ip, reason) for Redis
@@ -396,7 +398,9 @@ class Dispatcher:
             try:
                 for event, ip, seconds, _reason in store.ban_events():
                     backoff.ok()
-                    if event == "unban":
+                    if event == "trust":
+                        self.trusted.add(ip, seconds, time.monotonic())
+                    elif event == "unban":
                         self.bans.remove(ip)
                         self.limiter.forget(ip)
                     elif ip not in self.limiter.allow:
@@ -549,7 +553,8 @@ class Dispatcher:
             info = {"role": "dispatcher", "host": self.host, "name": "dispatcher",
                     "pid": os.getpid(), "started": self.started, "seen": time.time(),
                     "workers": sorted(link.name for link in self.links.values() if link.addr),
-                    **vars(self.counters), **self.bans_issued}
+                    **vars(self.counters), **self.bans_issued,
+                    "trusted_sources": self.trusted.live(time.monotonic())}
             try:
                 store.heartbeat("dispatcher", self.host, "dispatcher", info, ttl=5)
                 sip = self.sip_sockets[0].getsockname()

@@ -20,6 +20,13 @@ A source that empties a bucket is banned (``flood-<bucket>``) for
 ``limits.ban_seconds``: every datagram from it is dropped unanswered, by the
 dispatcher, before anything else is looked at.  Sources in ``limits.allow``
 (trunks, NAT gateways of many phones) are never rate-banned.
+
+A source from which a request authenticated (a digest the registrar or the B2BUA
+accepted) is *trusted* for ``limits.trust_seconds``: its buckets fill
+``limits.trusted_factor`` times as fast and hold that many times more, so a SIPp
+benchmark, a PBX or a trunk that proves its password is not banned for its load,
+while a flood far past even those rates still is.  ``Trusted`` holds them; the
+workers mark them and announce them over Redis (workers/sip/scanners.py).
 """
 
 from __future__ import annotations
@@ -64,21 +71,52 @@ class AllowList:
         return known
 
 
+class Trusted:
+    """Proven sources: ip -> when their trust ends (monotonic)."""
+
+    def __init__(self):
+        self.until: dict[str, float] = {}
+
+    def add(self, ip: str, seconds: float, now: float) -> None:
+        if len(self.until) >= MAX_SOURCES and ip not in self.until:
+            self.until = {k: v for k, v in list(self.until.items()) if v > now}
+            if len(self.until) >= MAX_SOURCES:
+                return  # full of live trust: the new source keeps the plain rates
+        self.until[ip] = max(self.until.get(ip, 0.0), now + seconds)
+
+    def trusted(self, ip: str, now: float) -> bool:
+        until = self.until.get(ip)
+        if until is None:
+            return False
+        if until <= now:
+            self.until.pop(ip, None)
+            return False
+        return True
+
+    def live(self, now: float) -> int:
+        return sum(1 for until in list(self.until.values()) if until > now)
+
+
 class Limiter:
-    """Token buckets per (class, source address)."""
+    """Token buckets per (class, source address); trusted sources get ``factor`` times
+    the rate and the burst of each class."""
 
     def __init__(self, rates: dict[str, tuple[float, int]], allow: AllowList | None = None,
-                 clock=time.monotonic):
-        # kind -> (rate per second, burst, {ip: [tokens, last refill]}); rate 0: unlimited
-        self.buckets = {kind: (float(rate), int(burst), {})
+                 clock=time.monotonic, trusted: Trusted | None = None, factor: float = 1.0):
+        # kind -> (rate per second, burst, {ip: [tokens, last refill]}, trusted rate,
+        # trusted burst); rate 0: unlimited
+        factor = max(1.0, float(factor))
+        self.buckets = {kind: (float(rate), int(burst), {}, rate * factor, burst * factor)
                         for kind, (rate, burst) in rates.items() if rate > 0}
         self.allow = allow or AllowList(())
         self.clock = clock
+        self.trusted = trusted or Trusted()
 
     @classmethod
-    def from_config(cls, limits) -> Limiter:
+    def from_config(cls, limits, trusted: Trusted | None = None) -> Limiter:
         return cls({kind: (getattr(limits, f"{kind}_rate"), getattr(limits, f"{kind}_burst"))
-                    for kind in KINDS}, AllowList(limits.allow))
+                    for kind in KINDS}, AllowList(limits.allow), trusted=trusted,
+                   factor=limits.trusted_factor)
 
     @staticmethod
     def kind_of(data: bytes) -> str | None:
@@ -102,7 +140,9 @@ class Limiter:
         entry = self.buckets.get(kind)
         if entry is None:
             return None
-        rate, burst, buckets = entry
+        rate, burst, buckets, trusted_rate, trusted_burst = entry
+        if self.trusted.until and self.trusted.trusted(ip, now):
+            rate, burst = trusted_rate, trusted_burst
         bucket = buckets.get(ip)
         if bucket is None:
             if ip in self.allow:
@@ -125,7 +165,7 @@ class Limiter:
 
     def forget(self, ip: str) -> None:
         """A source unbanned starts with full buckets."""
-        for _rate, _burst, buckets in self.buckets.values():
+        for _rate, _burst, buckets, _trusted_rate, _trusted_burst in self.buckets.values():
             buckets.pop(ip, None)
 
 

@@ -94,6 +94,9 @@ FAMILIES: tuple[Fam, ...] = (
         "by reason: flood_<class> by a dispatcher, scan_users / scan_errors by a worker.",
         D + W, pattern=r"bans_([a-z_]+)$", label_names=("reason",),
         zero=tuple((r,) for r in BAN_REASONS), template="bans_{}"),
+    Fam("trusted_sources", "gauge", "Source addresses a dispatcher gives the trusted rates (a "
+        "request from them authenticated within limits.trust_seconds).", D,
+        key="trusted_sources"),
     Fam("handoff_foreign", "counter", "Hand-off datagrams from an address that is no host of "
         "the cluster (dropped).", D, key="handoff_foreign"),
     Fam("handoff_unauthenticated", "counter", "Hand-off datagrams not sealed with the "
@@ -158,6 +161,8 @@ FAMILIES: tuple[Fam, ...] = (
         W, key="hep_sent"),
     Fam("hep_send_errors", "counter", "HEP copies that could not be sent (dropped).", W,
         key="hep_errors"),
+    Fam("trust_written", "counter", "Trusted sources a worker wrote and announced (new or "
+        "refreshed).", W, key="trust_written"),
     Fam("sip_banned_unanswered", "counter", "Answers a worker did not send: their "
         "destination is banned.", W, key="banned_unanswered"),
     Fam("envelopes_refused", "counter", "Envelopes a worker dropped: not from its "

@@ -74,6 +74,14 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    the first.
   scanerrors:{<ip>}                403/404 answers sent to one source (plain counter), counted
                                    against limits.scan_errors.  TTL: limits.scan_window.
+  trust:{<ip>}                     a proven source (a request from it authenticated):
+                                   {"ip", "at", "by"}.  Its dispatcher buckets are
+                                   limits.trusted_factor times larger and the scanner counts
+                                   skip it.  TTL: limits.trust_seconds, refreshed by later
+                                   successes (at most every tenth of it).
+  trust (channel)                  pub/sub: "<seconds> <ip> <ip>..." when sources are trusted
+                                   or their trust refreshed, so every dispatcher and worker
+                                   applies it at once (heard on the ban subscription).
   proc:<role>:<host>:<name>        a live process's heartbeat: {"role", "host", "name", "pid",
                                    "started", "seen", ...counters}.  TTL: a few heartbeats.
   procs                            sorted set indexing the heartbeats: member
@@ -259,6 +267,8 @@ CDR_STREAM = "cdr"
 AUTHBLOCK_CHANNEL = "authblock"
 AUTHLOCK_CHANNEL = "authlock"
 BAN_CHANNEL = "ban"
+TRUST_CHANNEL = "trust"
+TRUST_ANNOUNCE_MAX = 500  # addresses per trust message
 BLOCKS_POLL = 1.0  # seconds a wait for an authblock message lasts before it starts again
 TIMER_SHARDS = 4
 
@@ -277,6 +287,10 @@ def authlock_key(aor: str) -> str:
 
 def ban_key(ip: str) -> str:
     return f"ban:{{{ip}}}"
+
+
+def trust_key(ip: str) -> str:
+    return f"trust:{{{ip}}}"
 
 
 def scanusers_key(ip: str) -> str:
@@ -892,20 +906,57 @@ class Store:
                 found.append({**unpack(data), "left": int(pttl) / 1000.0})
         return sorted(found, key=lambda b: (b["left"], b["ip"]))
 
+    def trust(self, ips: list[str], seconds: float, by: str) -> None:
+        """Trust ``ips`` cluster-wide for ``seconds`` (or refresh it) and tell every
+        dispatcher and worker, in one pipeline."""
+        pipe = self.redis.pipeline(transaction=False)
+        ttl = max(1, int(seconds))
+        record = {"at": time.time(), "by": by}
+        for ip in ips:
+            pipe.set(trust_key(ip), pack({"ip": ip, **record}), ex=ttl)
+        for start in range(0, len(ips), TRUST_ANNOUNCE_MAX):
+            batch = ips[start:start + TRUST_ANNOUNCE_MAX]
+            pipe.publish(TRUST_CHANNEL, " ".join([str(ttl), *batch]))
+        self._call(pipe.execute)
+
+    def trusted(self) -> list[dict]:
+        """The trusted sources, each with "left" (seconds), soonest to end first."""
+        found = []
+        for keys in _batches(self._scan("trust:*"), PIPELINE_BATCH):
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
+            replies = self._call(pipe.execute)
+            for data, pttl in zip(replies[::2], replies[1::2], strict=True):
+                if data is not None and pttl is not None and int(pttl) > 0:
+                    found.append({**unpack(data), "left": int(pttl) / 1000.0})
+        return sorted(found, key=lambda t: (t["left"], t["ip"]))
+
     def ban_events(self):
-        """Yield ("ban", ip, seconds, reason) and ("unban", ip, 0, "") as they are
-        announced, after ("ban", ...) for every ban already in force (blocking)."""
+        """Yield ("ban", ip, seconds, reason), ("unban", ip, 0, "") and ("trust", ip,
+        seconds, "") as they are announced, after ("ban", ...) for every ban in force and
+        ("trust", ...) for every trusted source (blocking)."""
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(BAN_CHANNEL)  # first: a ban issued during the listing is heard
+            # first: what is issued during the listing is heard
+            pubsub.subscribe(BAN_CHANNEL, TRUST_CHANNEL)
             for ban in self.bans():
                 yield "ban", ban["ip"], ban["left"], ban["reason"]
+            for trust in self.trusted():
+                yield "trust", trust["ip"], trust["left"], ""
             while True:
                 message = pubsub.get_message(timeout=BLOCKS_POLL)
                 if message is None or message.get("type") != "message":
                     continue
-                ip, seconds, reason = (message["data"].decode("utf-8", "replace").split(" ")
-                                       + ["", ""])[:3]
+                text = message["data"].decode("utf-8", "replace")
+                channel = message["channel"]
+                if channel in (TRUST_CHANNEL, TRUST_CHANNEL.encode()):
+                    seconds, *ips = text.split(" ")
+                    for ip in ips:
+                        yield "trust", ip, float(seconds or 0), ""
+                    continue
+                ip, seconds, reason = (text.split(" ") + ["", ""])[:3]
                 if reason == "unban":
                     yield "unban", ip, 0.0, ""
                 else:

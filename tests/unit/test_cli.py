@@ -375,11 +375,11 @@ def test_bans_lists_source_reason_and_seconds_left(capsys):
             return [{"ip": "192.0.2.7", "reason": "flood-invite", "at": time_module.time() - 40,
                      "seconds": 300, "by": "dispatcher@host-a", "left": 259.6}]
 
-    assert cli.cmd_bans(SimpleNamespace(action=None, json=False), None, Bans()) == 0
+    assert cli.cmd_bans(SimpleNamespace(action=None, json=False, trusted=False), None, Bans()) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["SOURCE", "REASON", "LEFT", "SINCE", "BY"]
     assert table[1].split()[:3] == ["192.0.2.7", "flood-invite", "260s"]
-    cli.cmd_bans(SimpleNamespace(action=None, json=True), None, Bans())
+    cli.cmd_bans(SimpleNamespace(action=None, json=True, trusted=False), None, Bans())
     row = json_module.loads(capsys.readouterr().out)[0]
     assert (row["source"], row["reason"], row["left"], row["by"]) == (
         "192.0.2.7", "flood-invite", 260, "dispatcher@host-a")
@@ -427,3 +427,6 @@ def test_password_on_the_command_line_still_works_but_not_with_stdin():
     assert cli.read_password(_add_args("--password", "x1"), _Input("", tty=False)) == "x1"
     with pytest.raises(SystemExit):
         _add_args("--password", "x1", "--password-stdin")
+
+
+    assert cli.build_parser().parse_args(["bans", "--trusted"]).trusted

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.config import LimitsConfig
-from cluster.limits import AllowList, Bans, Limiter
+from cluster.limits import AllowList, Bans, Limiter, Trusted
 
 INVITE = (b"INVITE sip:1002@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKx\r\n"
           b"To: <sip:1002@example.com>\r\nFrom: <sip:1001@example.com>;tag=a\r\n"
@@ -95,3 +95,44 @@ def test_from_config_defaults():
 def test_to_tag_spellings(to_line, tagged):
     data = b"INVITE sip:b@x SIP/2.0\r\n" + to_line + b"\r\nCall-ID: c\r\n\r\n"
     assert Limiter.kind_of(data) == ("dialog" if tagged else "invite")
+
+
+def test_a_trusted_source_gets_factor_times_the_rate_and_burst():
+    trusted = Trusted()
+    limiter = Limiter({"invite": (10.0, 5)}, trusted=trusted, factor=50)
+    # untrusted: 5 at once, the 6th empties the bucket
+    assert [limiter.check("192.0.2.1", INVITE, 1.0) for _ in range(6)] == [None] * 5 + ["invite"]
+    # the same source proven (a bucket already empty): refills at 500/s up to 250
+    trusted.add("192.0.2.1", 600, 1.0)
+    assert limiter.check("192.0.2.1", INVITE, 1.0) == "invite"  # nothing back yet
+    results = [limiter.check("192.0.2.1", INVITE, 2.0) for _ in range(251)]
+    assert results == [None] * 250 + ["invite"]
+    # a fresh trusted source starts with the trusted burst; others keep the plain one
+    trusted.add("192.0.2.2", 600, 2.0)
+    assert [limiter.check("192.0.2.2", INVITE, 2.0) for _ in range(251)] == [None] * 250 + [
+        "invite"]
+    assert [limiter.check("192.0.2.3", INVITE, 2.0) for _ in range(6)] == [None] * 5 + ["invite"]
+    # a flood far past the trusted rate (20,000/s) still empties it within 20 ms
+    trusted.add("192.0.2.4", 600, 3.0)
+    verdicts = [limiter.check("192.0.2.4", INVITE, 3.0 + n / 20_000) for n in range(400)]
+    assert "invite" in verdicts and 250 <= verdicts.index("invite") < 270
+
+
+def test_trust_ends_and_then_the_plain_rates_apply():
+    trusted = Trusted()
+    limiter = Limiter({"register": (10.0, 5)}, trusted=trusted, factor=50)
+    trusted.add("192.0.2.1", 10, 0.0)
+    trusted.add("192.0.2.1", 5, 0.0)  # an older announcement never shortens it
+    assert trusted.trusted("192.0.2.1", 9.9) and trusted.live(9.9) == 1
+    assert not trusted.trusted("192.0.2.1", 10.0) and trusted.live(10.0) == 0
+    # past it, the bucket holds at most the plain burst however long it was idle
+    assert [limiter.check("192.0.2.1", REGISTER, 20.0) for _ in range(6)] == [None] * 5 + [
+        "register"]
+
+
+def test_the_trusted_factor_comes_from_the_configuration():
+    trusted = Trusted()
+    limiter = Limiter.from_config(LimitsConfig(invite_rate=10.0, invite_burst=2,
+                                               trusted_factor=3), trusted)
+    trusted.add("192.0.2.1", 600, 0.0)
+    assert [limiter.check("192.0.2.1", INVITE, 0.0) for _ in range(7)] == [None] * 6 + ["invite"]

@@ -19,6 +19,7 @@ class MemoryStore:
         self.errors: Counter = Counter()
         self.sent_names = 0
         self.banned: dict[str, str] = {}
+        self.trust_writes: list[tuple[list[str], float]] = []
 
     def note_scan(self, users, errors, window):
         for ip, names in users.items():
@@ -34,6 +35,10 @@ class MemoryStore:
             return False
         self.banned[ip] = reason
         return True
+
+
+    def trust(self, ips, seconds, by):
+        self.trust_writes.append((list(ips), seconds))
 
 
 def flush(watch: ScanWatch) -> None:
@@ -94,3 +99,65 @@ def test_no_answer_leaves_for_a_banned_source_but_requests_do():
     assert watch.note_answer(b"SIP/2.0 200 OK\r\n\r\n", ("192.0.2.6", 5060))
     assert watch.note_answer(b"OPTIONS sip:x SIP/2.0\r\n\r\n", ("192.0.2.5", 5060))
     assert watch.counters["banned_unanswered"] == 1
+
+
+def test_a_trusted_source_is_not_counted_as_a_scanner():
+    store = MemoryStore()
+    watch = ScanWatch(store, LIMITS, by="w")
+    watch.note_trusted("192.0.2.30")  # its digest was accepted here
+    watch._heard_trust("192.0.2.31", 600)  # another worker's, heard on the channel
+    for ip in ("192.0.2.30", "192.0.2.31"):
+        for n in range(20):  # a registration benchmark: many users, and 404s
+            watch.note_request((ip, 5060), f"u{n}")
+            watch.note_answer(b"SIP/2.0 404 Not Found\r\n\r\n", (ip, 5060))
+    # an untrusted source still is
+    for n in range(6):
+        watch.note_request(("192.0.2.32", 5060), f"u{n}")
+    flush(watch)
+    assert store.banned == {"192.0.2.32": "scan-users"}
+    assert set(store.users) == {"192.0.2.32"} and not store.errors
+
+
+def test_trust_is_written_at_once_when_new_and_refreshed_sparingly(monkeypatch):
+    import workers.sip.scanners as scanners
+
+    clock = [1000.0]
+    monkeypatch.setattr(scanners.time, "monotonic", lambda: clock[0])
+    store = MemoryStore()
+    watch = ScanWatch(store, LimitsConfig(trust_seconds=600), by="w")
+    watch.note_trusted("192.0.2.40")
+    assert watch._trust_now.is_set() and watch._trust == {"192.0.2.40"}  # new: at once
+    watch._trust_now.clear()
+    watch._trust.clear()
+    for _ in range(100):  # every call of a benchmark: nothing more to write
+        watch.note_trusted("192.0.2.40")
+    assert not watch._trust
+    clock[0] += 61  # past a tenth of trust_seconds: refreshed at the next flush, not at once
+    watch.note_trusted("192.0.2.40")
+    assert watch._trust == {"192.0.2.40"} and not watch._trust_now.is_set()
+    clock[0] += 600  # lapsed: new again
+    watch._trust.clear()
+    watch.note_trusted("192.0.2.40")
+    assert watch._trust_now.is_set()
+    assert watch.is_trusted("192.0.2.40") and not watch.is_trusted("192.0.2.41")
+
+
+def test_no_trust_when_trust_seconds_is_zero():
+    watch = ScanWatch(MemoryStore(), LimitsConfig(trust_seconds=0), by="w")
+    watch.note_trusted("192.0.2.50")
+    assert not watch._trust and not watch.is_trusted("192.0.2.50")
+
+
+def test_the_trusted_sources_kept_are_bounded(monkeypatch):
+    import workers.sip.scanners as scanners
+
+    monkeypatch.setattr(scanners, "TRUSTED_MAX", 3)
+    watch = ScanWatch(MemoryStore(), LimitsConfig(trust_seconds=600), by="w")
+    for n in range(3):
+        watch.note_trusted(f"192.0.2.{n}")
+    watch._heard_trust("192.0.2.10", 600)  # full of live trust: not kept
+    watch.note_trusted("192.0.2.11")
+    assert sorted(watch.trusted) == ["192.0.2.0", "192.0.2.1", "192.0.2.2"]
+    watch.trusted["192.0.2.0"] = 0.0  # lapsed: its place is taken
+    watch.note_trusted("192.0.2.11")
+    assert sorted(watch.trusted) == ["192.0.2.1", "192.0.2.11", "192.0.2.2"]

@@ -223,6 +223,7 @@ class B2BUA:
             self._reply(req, source, 403, "From does not match the authenticated user",
                         prior=arrived, brief=True)
             return None
+        worker.scanners.note_trusted(source.addr[0])  # a proven source (cluster/limits.py)
         return result.username
 
     def _fail_statelessly(self, req: Request, source, status: int, stored_key: str) -> None:

@@ -155,6 +155,7 @@ class Worker:
         greenlets.append(gevent.spawn(self.pinger.loop))
         greenlets.append(gevent.spawn(self.scanners.loop))
         greenlets.append(gevent.spawn(self.scanners.follow_bans))
+        greenlets.append(gevent.spawn(self.scanners.trust_loop))
         greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
             greenlets.append(gevent.spawn(follow_media_timeouts, self))
@@ -436,6 +437,8 @@ class Worker:
     def _register(self, req: Request, source: Source) -> None:
         answer, tx, fresh = self.registrar.handle(req, source, server_key(req), self._answers)
         data = answer if isinstance(answer, bytes) else answer.to_bytes()
+        if data.startswith(b"SIP/2.0 200 "):  # its digest was accepted: a proven source
+            self.scanners.note_trusted(source.addr[0])
         dest = response_dest(req, source.addr)
         self.transport.send(data, dest, sock_index=source.sock_index)
         if source.arrived:
