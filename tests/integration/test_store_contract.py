@@ -1,0 +1,341 @@
+"""One contract for the store the registrar and the authenticator use, run against both
+implementations: the real Store on a real redis-server and tests/memstore.py's
+MemoryStore (the unit tests' stand-in).  Each test states one behaviour; a difference
+between the two fails here, not in a shell's unit test.
+
+Binding expiry is driven by the ``now`` the registrar passes, so it needs no waiting; key
+TTLs run on Redis's clock, so those tests use short TTLs and wait (at most 1.2 s) on Redis
+and move the memory store's clock instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from memstore import MemoryStore
+
+from cluster.store import Binding, Store, aor_of, tx_key
+
+REALM = "example.com"
+AOR = aor_of("1002", REALM)
+
+
+class FakeClock:
+    def __init__(self, start: float):
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@dataclass
+class Env:
+    store: Store | MemoryStore
+    now: Callable[[], float]
+    wait: Callable[[float], None]  # let this much key-TTL time pass
+
+
+@pytest.fixture(params=["memory", "redis"])
+def env(request):
+    if request.param == "memory":
+        clock = FakeClock(time.time())
+        yield Env(MemoryStore(clock), clock, clock.advance)
+        return
+    store = Store(request.getfixturevalue("redis_url"))
+    try:
+        yield Env(store, time.time, time.sleep)
+    finally:
+        store.redis.close()
+
+
+def binding(key: str, now: float, *, expires: float = 3600, call_id: str = "c1",
+            cseq: int = 1) -> Binding:
+    return Binding(key=key, contact=f"sip:{key}@192.0.2.1:5062".encode(),
+                   expires_at=now + expires, call_id=call_id, cseq=cseq,
+                   source=("192.0.2.1", 5062), host="h1", nat=True, q=0.5,
+                   user_agent="phone/1", registered_at=now, params={"transport": "udp"})
+
+
+_tx_seq = iter(range(1_000_000))
+
+
+def register(env: Env, now: float, *, set_bindings=(), remove=(), star=False, call_id="c1",
+             cseq=1, nonce=None, nc=None, max_contacts=3, tx=None, tx_ttl=32.0,
+             nonce_ttl=300.0):
+    tx = tx or tx_key(AOR, f"z9hG4bK{next(_tx_seq)}")
+    return env.store.register(AOR, tx, now=now, nonce=nonce, nc=nc, nonce_ttl=nonce_ttl,
+                              tx_ttl=tx_ttl, max_contacts=max_contacts, call_id=call_id,
+                              cseq=cseq, set_bindings=list(set_bindings),
+                              remove_keys=list(remove), star=star)
+
+
+def keys(bindings) -> list[str]:
+    return [b.key for b in bindings]
+
+
+# ---------------------------------------------------------------- directory
+
+def test_users_are_written_read_listed_and_deleted(env):
+    store = env.store
+    assert store.get_user("1002", REALM) is None and not store.has_users()
+    store.put_user("1002", REALM, {"MD5": "a" * 32})
+    store.put_user("1001", REALM, {"MD5": "b" * 32})
+    store.put_user("1002", "other.org", {"MD5": "c" * 32})
+    record = store.get_user("1002", REALM)
+    assert (record["user"], record["realm"], record["ha1"]) == ("1002", REALM, {"MD5": "a" * 32})
+    assert abs(record["created"] - env.now()) <= 2
+    assert store.has_users()
+    assert [(u["user"], u["realm"]) for u in store.list_users()] == [
+        ("1001", REALM), ("1002", REALM), ("1002", "other.org")]
+    assert [u["user"] for u in store.list_users("other.org")] == ["1002"]
+    assert store.delete_user("1002", REALM) is True
+    assert store.delete_user("1002", REALM) is False
+    assert store.get_user("1002", REALM) is None
+    assert store.get_user("1002", "other.org") is not None
+
+
+def test_deleting_a_user_drops_its_bindings(env):
+    now = env.now()
+    env.store.put_user("1002", REALM, {"MD5": "a" * 32})
+    assert register(env, now, set_bindings=[binding("a", now)]).outcome == "ok"
+    assert env.store.delete_user("1002", REALM) is True
+    assert env.store.bindings(AOR, now) == [] and env.store.raw_bindings(AOR) == {}
+    assert env.store.registered_aors() == []
+
+
+# ---------------------------------------------------------------- register
+
+def test_a_registered_binding_comes_back_whole(env):
+    now = env.now()
+    sent = binding("a", now)
+    result = register(env, now, set_bindings=[sent])
+    assert result.outcome == "ok" and result.response is None
+    [got] = result.bindings
+    assert got == Binding.from_record(sent.to_record())  # expiry kept to the millisecond
+    assert abs(got.expires_at - sent.expires_at) < 0.001
+    assert env.store.bindings(AOR, now) == [got]
+    assert list(env.store.raw_bindings(AOR)) == ["a"]
+    assert env.store.registered_aors() == [AOR]
+
+
+def test_bindings_are_listed_oldest_registration_first(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("b", now + 1)])
+    result = register(env, now + 2, set_bindings=[binding("a", now + 2)], call_id="c2")
+    assert keys(result.bindings) == ["b", "a"]
+    assert keys(env.store.bindings(AOR, now + 2)) == ["b", "a"]
+
+
+def test_a_refresh_replaces_the_binding(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now, expires=60)])
+    result = register(env, now + 30, set_bindings=[binding("a", now + 30, cseq=2)], cseq=2)
+    assert result.outcome == "ok"
+    [got] = result.bindings
+    assert got.cseq == 2 and abs(got.expires_at - (now + 3630)) < 0.001
+
+
+def test_bindings_lapse_at_their_expiry_and_the_next_register_purges_them(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now, expires=60)])
+    assert keys(env.store.bindings(AOR, now + 59)) == ["a"]
+    assert env.store.bindings(AOR, now + 61) == []
+    assert list(env.store.raw_bindings(AOR)) == ["a"]  # still stored until a REGISTER
+    result = register(env, now + 61, set_bindings=[binding("b", now + 61)], call_id="c2")
+    assert keys(result.bindings) == ["b"]
+    assert list(env.store.raw_bindings(AOR)) == ["b"]
+
+
+def test_expires_zero_removes_that_binding_only(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now), binding("b", now)])
+    result = register(env, now + 1, remove=["a"], cseq=2)
+    assert result.outcome == "ok" and keys(result.bindings) == ["b"]
+    assert register(env, now + 2, remove=["b"], cseq=3).bindings == []
+    assert env.store.raw_bindings(AOR) == {}
+    assert env.store.registered_aors() == []
+
+
+def test_removing_an_unknown_binding_is_no_error(env):
+    now = env.now()
+    result = register(env, now, remove=["nothing"])
+    assert result.outcome == "ok" and result.bindings == []
+
+
+def test_star_removes_every_binding(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now)])
+    register(env, now, set_bindings=[binding("b", now, call_id="c2")], call_id="c2")
+    result = register(env, now + 1, star=True, call_id="c3")
+    assert result.outcome == "ok" and result.bindings == []
+    assert env.store.bindings(AOR, now + 1) == [] and env.store.registered_aors() == []
+
+
+def test_star_with_a_stale_cseq_is_refused_and_keeps_the_bindings(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now, cseq=5)], cseq=5)
+    assert register(env, now + 1, star=True, cseq=5).outcome == "stale-cseq"
+    assert keys(env.store.bindings(AOR, now + 1)) == ["a"]
+
+
+def test_a_cseq_not_above_the_last_of_its_call_id_is_refused(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now, cseq=5)], cseq=5)
+    for cseq in (4, 5):
+        result = register(env, now + 1, set_bindings=[binding("a", now + 1, cseq=cseq)],
+                          cseq=cseq)
+        assert (result.outcome, result.bindings) == ("stale-cseq", [])
+        assert register(env, now + 1, remove=["a"], cseq=cseq).outcome == "stale-cseq"
+    assert env.store.bindings(AOR, now + 1)[0].cseq == 5
+    # Another Call-ID (the phone restarted) starts its own count.
+    other = register(env, now + 1, set_bindings=[binding("a", now + 1, call_id="c9")],
+                     call_id="c9")
+    assert other.outcome == "ok" and other.bindings[0].call_id == "c9"
+
+
+def test_a_refused_register_records_neither_its_transaction_nor_its_count(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now, cseq=5)], cseq=5)
+    tx = tx_key(AOR, "z9hG4bKrefused")
+    assert register(env, now, set_bindings=[binding("a", now)], tx=tx, nonce="n",
+                    nc=1).outcome == "stale-cseq"
+    again = register(env, now, set_bindings=[binding("a", now, cseq=6)], cseq=6, tx=tx,
+                     nonce="n", nc=1)
+    assert again.outcome == "ok"
+
+
+def test_too_many_contacts_are_refused_but_a_full_set_may_refresh(env):
+    now = env.now()
+    full = [binding(k, now) for k in "abc"]
+    assert register(env, now, set_bindings=full).outcome == "ok"
+    result = register(env, now, set_bindings=[binding("d", now)], cseq=2)
+    assert (result.outcome, result.bindings) == ("too-many", [])
+    # (bindings registered at the same moment come in no particular order)
+    assert sorted(keys(env.store.bindings(AOR, now))) == ["a", "b", "c"]
+    refreshed = register(env, now + 1, set_bindings=[binding(k, now + 1, cseq=3) for k in "abc"],
+                         cseq=3)
+    assert refreshed.outcome == "ok" and len(refreshed.bindings) == 3
+    # Replacing one within the same request fits.
+    swap = register(env, now + 2, set_bindings=[binding("d", now + 2, cseq=4)], remove=["a"],
+                    cseq=4)
+    assert swap.outcome == "ok" and sorted(keys(swap.bindings)) == ["b", "c", "d"]
+
+
+def test_a_retransmission_is_a_dup_answered_once_its_answer_is_stored(env):
+    now = env.now()
+    tx = tx_key(AOR, "z9hG4bKretx")
+    assert register(env, now, set_bindings=[binding("a", now)], tx=tx).outcome == "ok"
+    dup = register(env, now, set_bindings=[binding("a", now)], tx=tx, nonce="n", nc=1)
+    assert (dup.outcome, dup.response, dup.bindings) == ("dup", None, [])
+    env.store.store_answers([(tx, b"SIP/2.0 200 OK\r\n\r\n", 32.0)])
+    assert register(env, now, tx=tx).response == b"SIP/2.0 200 OK\r\n\r\n"
+
+
+def test_a_transaction_is_forgotten_after_its_ttl(env):
+    now = env.now()
+    tx = tx_key(AOR, "z9hG4bKshort")
+    register(env, now, set_bindings=[binding("a", now)], tx=tx, tx_ttl=0.2)
+    assert register(env, now, tx=tx).outcome == "dup"
+    env.wait(0.35)
+    assert register(env, now, set_bindings=[binding("a", now, cseq=2)], cseq=2,
+                    tx=tx).outcome == "ok"
+
+
+def test_a_replayed_nonce_count_is_refused_and_a_higher_one_accepted(env):
+    now = env.now()
+    assert register(env, now, set_bindings=[binding("a", now)], nonce="n1", nc=1).outcome == "ok"
+    for nc in (1, 0):
+        result = register(env, now, set_bindings=[binding("a", now, cseq=2)], cseq=2,
+                          nonce="n1", nc=nc)
+        assert (result.outcome, result.bindings) == ("replay", [])
+    assert register(env, now, set_bindings=[binding("a", now, cseq=2)], cseq=2, nonce="n1",
+                    nc=2).outcome == "ok"
+    # Counts are per nonce, and a request without a count is not checked.
+    assert register(env, now, cseq=3, nonce="n2", nc=1).outcome == "ok"
+    assert register(env, now, cseq=4, nonce="n1", nc=None).outcome == "ok"
+
+
+def test_nonce_counts_are_forgotten_after_the_nonce_lifetime(env):
+    now = env.now()
+    register(env, now, nonce="n1", nc=1, nonce_ttl=0.2)
+    assert register(env, now, cseq=2, nonce="n1", nc=1).outcome == "replay"
+    env.wait(0.35)
+    assert register(env, now, cseq=3, nonce="n1", nc=1).outcome == "ok"
+
+
+# ---------------------------------------------------------------- nonce counts elsewhere
+
+def test_accept_nonce_count_refuses_replays_but_not_retransmissions(env):
+    store = env.store
+    assert store.accept_nonce_count(AOR, "n", 1, 300, "tx:a") is True
+    assert store.accept_nonce_count(AOR, "n", 1, 300, "tx:a") is True  # same transaction
+    assert store.accept_nonce_count(AOR, "n", 1, 300, "tx:b") is False  # a replay
+    assert store.accept_nonce_count(AOR, "n", 0, 300, "tx:a") is False
+    assert store.accept_nonce_count(AOR, "n", 2, 300, "tx:b") is True
+    assert store.accept_nonce_count(AOR, "n", 1, 300, "tx:a") is False  # superseded
+    assert store.accept_nonce_count(AOR, "other", 1, 300, "tx:c") is True
+    assert store.accept_nonce_count(AOR, "n", 2, 300, "tx:b c") is False  # tx compared whole
+
+
+def test_a_count_a_register_used_is_not_accepted_again_outside_it(env):
+    now = env.now()
+    register(env, now, nonce="n", nc=3)
+    assert env.store.accept_nonce_count(AOR, "n", 3, 300, "tx:any") is False
+    assert env.store.accept_nonce_count(AOR, "n", 4, 300, "tx:any") is True
+    assert register(env, now, cseq=2, nonce="n", nc=4).outcome == "replay"
+
+
+# ---------------------------------------------------------------- answers and bindings
+
+def test_stored_answers_lapse_after_their_ttl(env):
+    env.store.store_answers([("tx:{a}:1", b"answer", 0.2), ("tx:{a}:2", b"kept", 30.0),
+                             ("tx:{a}:3", b"", 30.0)])
+    assert env.store.stored_answer("tx:{a}:1") == b"answer"
+    assert env.store.stored_answer("tx:{a}:3") is None  # an empty answer is none
+    assert env.store.stored_answer("tx:{a}:missing") is None
+    env.wait(0.35)
+    assert env.store.stored_answer("tx:{a}:1") is None
+    assert env.store.stored_answer("tx:{a}:2") == b"kept"
+
+
+def test_drop_binding_removes_only_the_binding_that_was_read(env):
+    now = env.now()
+    register(env, now, set_bindings=[binding("a", now), binding("b", now)])
+    old = env.store.raw_bindings(AOR)
+    register(env, now + 1, set_bindings=[binding("a", now + 1, cseq=2)], cseq=2)  # refreshed
+    assert env.store.drop_binding(AOR, "a", old["a"]) is False
+    assert env.store.drop_binding(AOR, "b", old["b"]) is True
+    assert env.store.drop_binding(AOR, "b", old["b"]) is False
+    assert keys(env.store.bindings(AOR, now + 1)) == ["a"]
+    assert env.store.registered_aors() == [AOR]
+    assert env.store.drop_binding(AOR, "a", env.store.raw_bindings(AOR)["a"]) is True
+    assert env.store.registered_aors() == [] and env.store.raw_bindings(AOR) == {}
+
+
+# ---------------------------------------------------------------- failure counting
+
+def test_auth_failures_count_per_source_within_their_window(env):
+    store = env.store
+    assert store.auth_failures("192.0.2.7") == 0
+    assert [store.note_auth_failure("192.0.2.7", 1) for _ in range(3)] == [1, 2, 3]
+    assert store.note_auth_failure("192.0.2.8", 1) == 1
+    assert store.auth_failures("192.0.2.7") == 3
+    env.wait(1.2)  # the window (whole seconds) started at the first failure
+    assert store.auth_failures("192.0.2.7") == 0
+    assert store.note_auth_failure("192.0.2.7", 1) == 1
+
+
+def test_a_user_is_locked_once_at_the_threshold(env):
+    store = env.store
+    assert [store.note_user_auth_failure(AOR, 600, 3, 300) for _ in range(2)] == [0.0, 0.0]
+    assert store.user_locked(AOR) == 0.0
+    assert store.note_user_auth_failure(AOR, 600, 3, 300) == 300.0
+    assert store.note_user_auth_failure(AOR, 600, 3, 900) == 300.0  # not extended
+    assert store.user_locked(AOR) == 300.0
+    assert store.user_locked(aor_of("1001", REALM)) == 0.0
