@@ -3,13 +3,16 @@ per-user lockout across sources, the user's registered address spared, unknown u
 counted alike, the digest uri checked first, and the log line of each refusal."""
 
 import logging
-from types import SimpleNamespace
+import time
+from collections import Counter
 
 import pytest
+from memstore import MemoryStore
 
 from cluster.sip import digest
 from cluster.sip.errors import SipError
 from cluster.sip.message import parse
+from cluster.store import Binding, aor_of
 from workers.sip.auth import Authenticator, Verdict
 
 REALM, SECRET = "example.com", b"s" * 32
@@ -17,43 +20,46 @@ USERS = {"1002": "right"}
 LIMIT = 3
 
 
-class MemoryStore:
-    """The few store calls the Authenticator makes, with Redis's counting semantics."""
+class CountingStore(MemoryStore):
+    """The memory store (held to the Redis store's contract), counting the calls these
+    tests watch."""
 
     def __init__(self):
-        self.fails: dict[str, int] = {}
-        self.user_fails: dict[str, int] = {}
-        self.locked: set[str] = set()
-        self.registered: dict[str, list[str]] = {}
+        super().__init__()
+        self.fails: Counter = Counter()
+        self.user_fails: Counter = Counter()
         self.binding_reads = 0
 
-    def get_user(self, user, realm):
-        if user not in USERS:
-            return None
-        return {"ha1": {"MD5": digest.ha1(user, realm, USERS[user])}}
-
     def note_auth_failure(self, ip, window):
-        self.fails[ip] = self.fails.get(ip, 0) + 1
-        return self.fails[ip]
-
-    def announce_block(self, ip, seconds):
-        pass
+        self.fails[ip] += 1
+        return super().note_auth_failure(ip, window)
 
     def note_user_auth_failure(self, aor, window, threshold, lockout):
-        self.user_fails[aor] = self.user_fails.get(aor, 0) + 1
-        if self.user_fails[aor] >= threshold:
-            self.locked.add(aor)
-            return float(lockout)
-        return 0.0
+        self.user_fails[aor] += 1
+        return super().note_user_auth_failure(aor, window, threshold, lockout)
 
-    def bindings(self, aor):
+    def bindings(self, aor, now=None):
         self.binding_reads += 1
-        return [SimpleNamespace(source=(ip, 5060)) for ip in self.registered.get(aor, [])]
+        return super().bindings(aor, now)
+
+    def bind(self, user, ip):
+        """A live binding of ``user`` registered from ``ip``."""
+        now = time.time()
+        contact = f"sip:{user}@{ip}:5062"
+        assert self.register(
+            aor_of(user, REALM), f"tx:{{{user}}}:{ip}", now=now, nonce=None, nc=None,
+            nonce_ttl=300, tx_ttl=32, max_contacts=5, call_id="c0", cseq=1, remove_keys=[],
+            star=False, set_bindings=[Binding(key=contact, contact=contact.encode(),
+                                              expires_at=now + 3600, call_id="c0", cseq=1,
+                                              source=(ip, 5062), host="h1")]).outcome == "ok"
 
 
 @pytest.fixture
 def store():
-    return MemoryStore()
+    store = CountingStore()
+    for user, password in USERS.items():
+        store.put_user(user, REALM, {"MD5": digest.ha1(user, REALM, password)})
+    return store
 
 
 @pytest.fixture
@@ -81,7 +87,7 @@ def reasons(caplog):
 
 def test_many_sources_lock_the_user_but_not_its_registered_address(auth, store, caplog):
     caplog.set_level(logging.WARNING, "auth")
-    store.registered["1002@example.com"] = ["10.0.0.1"]
+    store.bind("1002", "10.0.0.1")
     for n in range(LIMIT):
         result = auth.check(register(auth, "1002", f"guess{n}"), (f"192.0.2.{n}", 5060),
                             proxy=False)
