@@ -227,6 +227,18 @@ def test_too_many_contacts_are_refused_but_a_full_set_may_refresh(env):
     assert swap.outcome == "ok" and sorted(keys(swap.bindings)) == ["b", "c", "d"]
 
 
+def test_a_refused_register_keeps_the_changes_made_before_its_refusal(env):
+    # The registration script applies its steps in order and a refusal does not undo the
+    # earlier ones: the removal before a too-many (or a stale CSeq further on) stays.
+    # Pinned so the memory store follows if the script comes to undo them.
+    now = env.now()
+    register(env, now, set_bindings=[binding(k, now) for k in "abc"])
+    result = register(env, now, set_bindings=[binding("d", now), binding("e", now)],
+                      remove=["a"], cseq=2)
+    assert result.outcome == "too-many"
+    assert sorted(keys(env.store.bindings(AOR, now))) == ["b", "c"]
+
+
 def test_a_retransmission_is_a_dup_answered_once_its_answer_is_stored(env):
     now = env.now()
     tx = tx_key(AOR, "z9hG4bKretx")
