@@ -14,7 +14,9 @@ background (heartbeats, timer polling) is measured over the same duration withou
 calls just before, and subtracted.
 
 Redis: ``commands`` per call from INFO commandstats (reset with CONFIG RESETSTAT
-before each window, the bench's own INFO and CONFIG left out); ``reads`` per call is
+before each window, the bench's own INFO and CONFIG left out; it also counts the
+commands a script run by EVALSHA calls, so it is the work Redis does, not the requests
+sent); ``reads`` per call is
 INFO stats ``total_reads_processed``: the read events redis-server handled, one per
 request or pipeline that arrives in one piece, so it counts round trips (a pipeline
 larger than one socket read would count more than once, so it is an upper bound).
@@ -24,14 +26,20 @@ Then, on the same cluster, a coarse step-down search for the highest passing rat
 2 cores SIPp shares the machine with the cluster, so it is a floor, not the cluster's
 ceiling.  bench_calls.py confirms its best rate (lean, 2 workers) over 30 s.
 
-Not measured: the extra CPU per call of a call handed off between two hosts (it needs
-SIPp inside network namespaces; tests/integration/test_multihost.py checks that such
-calls work, not their cost).
+Two hosts (root and `ip netns` only; a printed reason otherwise): the topology of
+tests/integration/test_multihost.py (tests/integration/netns.py: two clusters of 2
+workers in network namespaces, one Redis on their LAN, shipped configuration), the
+UAS registered through h1; RATE calls/s sent to h1 (no hand-off), then to h2 (every
+call handed off to h1, which sends the INVITE to the UAS).  The difference of CPU per
+call, both hosts and Redis summed, is what a hand-off costs; the UDP datagrams each
+host took in per call show the calls did cross.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,13 +47,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from bench.__main__ import machine_line
 from bench.cluster_run import (
     SCENARIOS,
     UA,
     BenchCluster,
     Sipp,
+    cpu_seconds,
     free_udp_port,
+    ha1_hashes,
 )
 
 RATE = 40
@@ -70,6 +82,18 @@ ROLES = ("dispatcher", "worker", "relay", "redis")
 # SIPp's error for a call whose 200 OK arrived before its 180: with several workers the
 # two responses can be forwarded by different processes and cross on the way.
 OVERTAKEN = "while expecting '180' (index 6), received 'SIP/2.0 200 OK"
+
+
+@dataclass
+class SippFrom(Sipp):
+    """SIPp sending from ``source`` (an address on the LAN of the two-host topology)."""
+
+    source: str = "127.0.0.1"
+
+    def command(self) -> list[str]:
+        command = super().command()
+        command[command.index("-i") + 1] = self.source
+        return command
 
 
 @dataclass
@@ -113,7 +137,8 @@ class Meter:
 
     def __init__(self, bench: BenchCluster):
         self.bench = bench
-        self.client = bench.redis.client()
+        # TwoHosts opens its own client (password, LAN address); BenchCluster has a RedisServer
+        self.client = bench.client() if isinstance(bench, TwoHosts) else bench.redis.client()
 
     def start(self) -> None:
         self.client.config_resetstat()
@@ -131,22 +156,27 @@ class Meter:
         return Window(seconds, by_role(cpu), commands, reads)
 
 
-def calls_window(bench: BenchCluster, callers, workdir: Path, rate: int = RATE,
-                 seconds: int = SECONDS) -> tuple[Window, int, int, int]:
+def calls_window(bench, callers, workdir: Path, rate: int = RATE, seconds: int = SECONDS,
+                 *, register_at=None, call_at=None,
+                 source: str = "127.0.0.1") -> tuple[Window, int, int, int]:
     """``rate`` calls/s for ``seconds`` s: (window, successful calls, failed calls, of
-    those the ones SIPp aborted because the 200 OK overtook the 180)."""
+    those the ones SIPp aborted because the 200 OK overtook the 180).  The UAS registers
+    through ``register_at``, the calls go to ``call_at`` (both the cluster's address by
+    default); SIPp and the test phone send from ``source``."""
+    register_at = register_at or bench.cluster.address
+    call_at = call_at or bench.cluster.address
     calls = rate * seconds
     uas_port = free_udp_port()
-    with UA(bench.cluster.address, user="1009") as ua:
+    with UA(register_at, user="1009", bind=source) as ua:
         ua.register("1234", contacts=["*"], expires=0)  # not the previous window's UAS
-        ua.register("1234", contacts=[f"<sip:1009@127.0.0.1:{uas_port}>"])
-    uas = Sipp(str(SCENARIOS / "call_uas.xml"), bench.cluster.address, workdir / "uas", calls,
-               rate=rate, timeout=seconds + 40, port=uas_port).start()
+        ua.register("1234", contacts=[f"<sip:1009@{source}:{uas_port}>"])
+    uas = SippFrom(str(SCENARIOS / "call_uas.xml"), register_at, workdir / "uas", calls,
+                   rate=rate, timeout=seconds + 40, port=uas_port, source=source).start()
     time.sleep(0.3)
     # A call that meets overload fails within 4 s instead of waiting out its timers.
-    uac = Sipp(str(SCENARIOS / "call_uac.xml"), bench.cluster.address, workdir / "uac", calls,
-               rate=rate, users=callers, timeout=seconds + 30,
-               extra=("-recv_timeout", "4000", "-l", str(max(4 * rate, 100))))
+    uac = SippFrom(str(SCENARIOS / "call_uac.xml"), call_at, workdir / "uac", calls,
+                   rate=rate, users=callers, timeout=seconds + 30, source=source,
+                   extra=("-recv_timeout", "4000", "-l", str(max(4 * rate, 100))))
     meter = Meter(bench)
     meter.start()
     try:
@@ -188,6 +218,13 @@ def measure(workers: int, settings: dict, appendonly: bool, workdir: Path,
         load = load_now()
         busy, ok, failed, overtaken = calls_window(bench, callers, workdir)
         best = highest_passing(bench, callers, workdir) if search else None
+    return net_figures(idle, busy, ok) | {
+        "workers": workers, "ok": ok, "failed": failed, "overtaken": overtaken,
+        "load": load, "best": best, "load_after": load_now()}
+
+
+def net_figures(idle: Window, busy: Window, ok: int) -> dict:
+    """Per successful call, with the idle background (scaled to the busy window) taken off."""
     done = max(ok, 1)
     scale = busy.seconds / idle.seconds
     net = {r: busy.cpu.get(r, 0.0) - idle.cpu.get(r, 0.0) * scale for r in ROLES}
@@ -195,18 +232,12 @@ def measure(workers: int, settings: dict, appendonly: bool, workdir: Path,
     per_command = Counter({c: (n - idle.commands.get(c, 0) * scale) / done
                            for c, n in busy.commands.items()})
     return {
-        "workers": workers, "ok": ok, "failed": failed, "overtaken": overtaken,
-        "seconds": busy.seconds,
         "cpu_ms": sum(net.values()) / done * 1000,
         "role_ms": {r: v / done * 1000 for r, v in net.items()},
-        "gross_cpu_ms": busy.total_cpu / done * 1000,
         "idle_cpu_pct": idle.total_cpu / idle.seconds * 100,
         "commands": (sum(busy.commands.values()) - idle_commands) / done,
         "reads": (busy.reads - idle.reads * scale) / done,
-        "idle_commands_per_s": sum(idle.commands.values()) / idle.seconds,
-        "idle_reads_per_s": idle.reads / idle.seconds,
         "per_command": per_command,
-        "load": load, "best": best, "load_after": load_now(),
     }
 
 
@@ -230,6 +261,144 @@ def show(label: str, row: dict) -> None:
           f"{best:>6}  {row['load']} / {row['load_after']}", flush=True)
 
 
+# ------------------------------------------------------------------ two hosts
+HANDOFF_PORT = 5070
+TWO_HOST_REDIS_PORT = 6391
+TWO_HOST_REDIS_PASSWORD = "bench-scale-redis-password"
+
+
+def netns_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    if shutil.which("ip") is None:
+        return "no ip command"
+    probe = f"scprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return made.stderr.strip() or "ip netns add failed"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def udp_in(namespace: str) -> int:
+    """UDP datagrams the namespace has received so far (its /proc/net/snmp)."""
+    snmp = subprocess.run(["ip", "netns", "exec", namespace, "cat", "/proc/net/snmp"],
+                          capture_output=True, text=True, check=True).stdout
+    header, values = [line.split() for line in snmp.splitlines() if line.startswith("Udp:")][:2]
+    return int(values[header.index("InDatagrams")])
+
+
+@dataclass
+class TwoHosts:
+    """Two clusters (h1, h2) in network namespaces, one Redis on the LAN: what Meter reads."""
+
+    clusters: list
+    redis: object  # the redis-server Popen
+    url: str
+
+    def cpu(self) -> dict[str, float]:
+        cpu = {"redis": cpu_seconds(self.redis.pid)}
+        for index, cluster in enumerate(self.clusters, 1):
+            for program, (state, pid) in cluster.processes().items():
+                if state == "RUNNING" and pid:
+                    cpu[f"{program}@h{index}"] = cpu_seconds(pid)
+        return cpu
+
+    def client(self):
+        return redis.Redis.from_url(self.url)
+
+
+def two_host_settings(index: int, address: str, lan: str) -> dict:
+    return {**SHIPPED,
+            "sip": {"bind": address, "port": 5060, "host_id": f"h{index}"},
+            "dispatcher": {**SHIPPED["dispatcher"], "inter_host_port": HANDOFF_PORT,
+                           "inter_host_address": address},
+            "media": {**SHIPPED["media"], "bind": address},
+            "limits": {"allow": [lan]}}
+
+
+def two_hosts(work: Path) -> dict | None:
+    """CPU per call of calls that stay on h1 and of calls that cross from h2 to a callee
+    registered through h1 (a hand-off), at RATE calls/s, summed over both hosts + Redis."""
+    problem = netns_problem()
+    if problem:
+        print(f"  two hosts: not measured ({problem}; needs root and `ip netns`)")
+        return None
+    from harness import Cluster
+    from netns import LAN_ADDRESS, Topology
+
+    from conftest import REDIS_SERVER
+    work.mkdir(parents=True, exist_ok=True)
+    topology = Topology().up()
+    clusters = []
+    redis_proc = None
+    try:
+        with topology.enter(topology.lan):
+            redis_proc = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(TWO_HOST_REDIS_PORT), "--bind", LAN_ADDRESS,
+                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                 "--dir", str(work), "--requirepass", TWO_HOST_REDIS_PASSWORD],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            url = (f"redis://:{TWO_HOST_REDIS_PASSWORD}@{LAN_ADDRESS}:"
+                   f"{TWO_HOST_REDIS_PORT}/0")
+            hosts = TwoHosts(clusters, redis_proc, url)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    hosts.client().ping()
+                    break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            for index in (1, 2):
+                address = Topology.host_address(index)
+                clusters.append(Cluster(work / f"h{index}", url, workers=2,
+                                        settings=two_host_settings(index, address,
+                                                                   LAN_ADDRESS),
+                                        netns=topology.host_ns(index),
+                                        client_bind=LAN_ADDRESS))
+            for cluster in clusters:
+                cluster.start(30.0)
+            realm = clusters[0].config.realm
+            users = [(str(n), "1234") for n in range(20000, 20000 + CALLERS)] + [("1009", "1234")]
+            clusters[0].store.put_users((u, realm, ha1_hashes(u, realm, p)) for u, p in users)
+            callers = users[:-1]
+            deadline = time.monotonic() + 20
+            while set(clusters[0].store.hosts()) < {"h1", "h2"}:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the two hosts did not see each other")
+                time.sleep(0.2)
+            time.sleep(2.0)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
+            h1 = (Topology.host_address(1), 5060)
+            h2 = (Topology.host_address(2), 5060)
+            idle = idle_window(hosts, SECONDS + 1)
+            load = load_now()
+            rows = {}
+            for label, call_at in (("same", h1), ("crossing", h2)):
+                before = [udp_in(topology.host_ns(i)) for i in (1, 2)]
+                busy, ok, failed, overtaken = calls_window(
+                    hosts, callers, work / label, register_at=h1, call_at=call_at,
+                    source=LAN_ADDRESS)
+                after = [udp_in(topology.host_ns(i)) for i in (1, 2)]
+                rows[label] = net_figures(idle, busy, ok) | {
+                    "ok": ok, "failed": failed, "overtaken": overtaken, "workers": 2,
+                    "load": load, "load_after": load_now(),
+                    # UDP datagrams each host took in per call: h1 takes some in the
+                    # crossing run only if h2 hands the calls off to it.
+                    "udp_in": [(a - b) / max(ok, 1) for a, b in zip(after, before, strict=True)]}
+                load = load_now()
+                time.sleep(1.0)
+            return rows
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+        if redis_proc is not None:
+            redis_proc.kill()
+            redis_proc.wait(timeout=10)
+        topology.down()
+
+
 def main() -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     print(f"  {RATE} calls/s for {SECONDS} s each; CPU in ms per successful call, idle "
@@ -250,8 +419,17 @@ def main() -> dict:
     top = sorted(shipped2["per_command"].items(), key=lambda item: -item[1])[:12]
     print("  Redis commands per call, shipped, 2 workers: "
           + ", ".join(f"{c} {n:.2f}" for c, n in top if n >= 0.05))
-    print("  two hosts (hand-off) extra CPU per call: not measured (SIPp would have to run "
-          "inside network namespaces; not built)")
+    pair = two_hosts(work / "two-hosts")
+    if pair:
+        for label, row in pair.items():
+            show(f"2h-{label}"[:8], row)
+            print(f"           UDP datagrams taken in per call: h1 {row['udp_in'][0]:.1f}, "
+                  f"h2 {row['udp_in'][1]:.1f}")
+        extra = pair["crossing"]["cpu_ms"] - pair["same"]["cpu_ms"]
+        print(f"  two hosts, shipped configuration, 2 workers each: a call handed off from h2 "
+              f"to h1 costs {extra:+.2f} ms CPU more than one staying on h1 "
+              f"({pair['crossing']['cpu_ms']:.2f} vs {pair['same']['cpu_ms']:.2f} ms, both "
+              f"hosts and Redis summed)")
     failed = sum(r["failed"] for r in (*rows, lean))
     overtaken = sum(r["overtaken"] for r in (*rows, lean))
     if failed:
@@ -262,6 +440,9 @@ def main() -> dict:
     figures["scale_cpu_ms_lean_2w"] = round(lean["cpu_ms"], 2)
     figures["scale_redis_commands_per_call"] = round(shipped2["commands"], 1)
     figures["scale_redis_reads_per_call"] = round(shipped2["reads"], 1)
+    if pair:
+        figures["scale_handoff_extra_cpu_ms"] = round(
+            pair["crossing"]["cpu_ms"] - pair["same"]["cpu_ms"], 2)
     figures["scale_failed_calls"] = failed
     figures["scale_failed_200_before_180"] = overtaken
     return figures
