@@ -1,4 +1,4 @@
-"""Scale on one host: CPU per call with 1, 2 and 4 workers, and Redis commands per call.
+"""Scale: CPU per call with 1, 2 and 4 workers, Redis work per call, a hand-off's cost.
 
 The main figures are for the configuration `make run` ships: media through the RTP
 relays (2 relays), a call trace kept in Redis for every call, INFO logs, and a
@@ -16,13 +16,14 @@ calls just before, and subtracted.
 Redis: ``commands`` per call from INFO commandstats (reset with CONFIG RESETSTAT
 before each window, the bench's own INFO and CONFIG left out; it also counts the
 commands a script run by EVALSHA calls, so it is the work Redis does, not the requests
-sent); ``reads`` per call is
-INFO stats ``total_reads_processed``: the read events redis-server handled, one per
-request or pipeline that arrives in one piece, so it counts round trips (a pipeline
-larger than one socket read would count more than once, so it is an upper bound).
+sent); ``reads`` per call is INFO stats ``total_reads_processed``: the read events
+redis-server handled, one per request or pipeline that arrives in one piece, so it
+counts round trips (a pipeline larger than one socket read would count more than once,
+so it is an upper bound).
 
 Then, on the same cluster, a coarse step-down search for the highest passing rate
-(STEP_RATES, highest first, STEP_SECONDS each, the first with zero failed calls); on
+(STEP_RATES, highest first, STEP_SECONDS each, the first whose only failed calls, if
+any, are ones SIPp aborted because the 200 OK overtook the 180); on
 2 cores SIPp shares the machine with the cluster, so it is a floor, not the cluster's
 ceiling.  bench_calls.py confirms its best rate (lean, 2 workers) over 30 s.
 
@@ -427,7 +428,7 @@ def main() -> dict:
                   f"h2 {row['udp_in'][1]:.1f}")
         extra = pair["crossing"]["cpu_ms"] - pair["same"]["cpu_ms"]
         print(f"  two hosts, shipped configuration, 2 workers each: a call handed off from h2 "
-              f"to h1 costs {extra:+.2f} ms CPU more than one staying on h1 "
+              f"to h1 costs {extra:.2f} ms more CPU than one staying on h1 "
               f"({pair['crossing']['cpu_ms']:.2f} vs {pair['same']['cpu_ms']:.2f} ms, both "
               f"hosts and Redis summed)")
     failed = sum(r["failed"] for r in (*rows, lean))
