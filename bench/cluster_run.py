@@ -54,10 +54,11 @@ LOAD_SOURCE = {"limits": {"allow": ["127.0.0.1"]}}
 class BenchCluster:
     workers: int = 2
     settings: dict = field(default_factory=dict)
+    appendonly: bool = False  # True: an append-only file (everysec), as the managed Redis keeps
 
     def __enter__(self) -> BenchCluster:
         self.tmp = Path(tempfile.mkdtemp(prefix="sipcluster-bench-"))
-        self.redis = RedisServer(self.tmp / "redis").start()
+        self.redis = RedisServer(self.tmp / "redis", appendonly=self.appendonly).start()
         self.cluster = Cluster(self.tmp, self.redis.url, workers=self.workers,
                                settings={"log": {"level": "WARNING"}, **LOAD_SOURCE,
                                          **self.settings})
