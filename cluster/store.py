@@ -790,17 +790,25 @@ class Store:
         return []
 
     def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
-        if not entries:
-            return
+        self.add_traces({tag: (entries, ttl)}, limit)
+
+    def add_traces(self, pending: dict[str, tuple[list[dict], float]], limit: int) -> None:
+        """Append the entries of several calls' traces (tag -> (entries in order, TTL))
+        in one pipeline: per call one RPUSH, one LTRIM and the two EXPIREs below."""
         pipe = self.redis.pipeline(transaction=False)
-        key = trace_key(tag)
-        pipe.rpush(key, *(pack(e) for e in entries))
-        pipe.ltrim(key, -limit, -1)
-        # Extend, never shorten: a short-lived entry (an attempt's challenge) written after
-        # the call's own must not cut the call's trace short.
-        pipe.expire(key, int(ttl), nx=True)
-        pipe.expire(key, int(ttl), gt=True)
-        self._call(pipe.execute)
+        for tag, (entries, ttl) in pending.items():
+            if not entries:
+                continue
+            key = trace_key(tag)
+            pipe.rpush(key, *(pack(e) for e in entries))
+            pipe.ltrim(key, -limit, -1)
+            # Extend, never shorten: a short-lived entry (an attempt's challenge) written
+            # after the call's own must not cut the call's trace short (EXPIRE GT leaves a
+            # key without a TTL alone, hence NX first).
+            pipe.expire(key, int(ttl), nx=True)
+            pipe.expire(key, int(ttl), gt=True)
+        if len(pipe):
+            self._call(pipe.execute)
 
     def trace(self, tag: str) -> list[dict]:
         return [unpack(e) for e in self._call(self.redis.lrange, trace_key(tag), 0, -1)]

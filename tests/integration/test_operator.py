@@ -229,10 +229,13 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
                  timeout=30)
     uac.sipp.start()
     try:
-        # During the call: listed with both legs, answered.
+        # During the call: listed with both legs, answered.  The codec comes from the
+        # trace, which reaches Redis up to one flush tick (workers/sip/tracebuf.py) after
+        # the record says answered.
         def answered():
             listed = [c for c in sipctl_json(cluster, "calls") if c["caller"] == CALLER]
-            return listed if listed and listed[0]["state"] == "answered" else None
+            return listed if (listed and listed[0]["state"] == "answered"
+                              and listed[0]["codec"]) else None
         listed = wait_for(answered, timeout=10, step=0.2)
         assert listed, sipctl(cluster, "calls").stdout + cluster.log_tail()
         call = listed[0]

@@ -37,6 +37,7 @@ from .call.state import CallState
 from .media import media_for
 from .mediastep import decide
 from .registrar import Source
+from .tracebuf import TraceBuffer
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -72,6 +73,7 @@ class B2BUA:
         self._disarm_pending = False
         # call tag -> {the "ended" of a write that may have landed: (its CDRs, keep until)}
         self._unsure: dict[str, dict[float, tuple[list, float]]] = {}
+        self.traces = TraceBuffer(worker.store, worker.config.calls.trace_max, worker.counters)
         cfg = worker.config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
@@ -442,6 +444,7 @@ class B2BUA:
         record["codec"] = ""
         if self.config.calls.trace:
             try:
+                self.traces.flush(tag)  # the offer and answer may still wait in the buffer
                 heads = trace_heads(self.store, [tag], ladder.CODEC_HEAD)
                 record["codec"] = ladder.codec_of(heads.get(tag, []))
             except StoreUnavailable:
@@ -452,12 +455,8 @@ class B2BUA:
         """Keep the call's messages for ``sipctl call`` (bounded, expiring); ``brief``
         entries of an attempt that is no call yet live only as long as a transaction."""
         calls = self.config.calls
-        if calls.trace:
-            ttl = self.worker.tx_ttl if brief else calls.trace_ttl
-            try:
-                self.store.add_trace(tag, entries, calls.trace_max, ttl)
-            except StoreUnavailable:  # the trace is for people; a call never waits on it
-                self.worker.counters["trace_lost"] += 1
+        if calls.trace:  # written with the next batch (tracebuf.py)
+            self.traces.add(tag, entries, self.worker.tx_ttl if brief else calls.trace_ttl)
 
     def _reply(self, req: Request, source, status: int, reason: str | None = None, *,
                headers=(), prior: list[dict] = (), brief: bool = False) -> None:

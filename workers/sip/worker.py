@@ -150,6 +150,7 @@ class Worker:
         greenlets = self.transport.start()
         greenlets.append(gevent.spawn(self._heartbeat_loop))
         greenlets.append(gevent.spawn(self.b2bua.timer_loop))
+        greenlets.append(gevent.spawn(self.b2bua.traces.loop))
         greenlets.append(gevent.spawn(hangup_loop, self))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
@@ -179,6 +180,7 @@ class Worker:
         deadline = time.monotonic() + DRAIN_SECONDS
         while len(self.pool) and time.monotonic() < deadline:
             gevent.sleep(0.05)
+        self.b2bua.traces.close()  # the last calls' messages
         log.info("drained; exiting")
         os._exit(0)
 
