@@ -71,20 +71,28 @@ class AllowList:
         return known
 
 
-class Trusted:
-    """Proven sources: ip -> when their trust ends (monotonic)."""
+class Expiring:
+    """Source addresses -> when their standing ends (monotonic), at most ``limit`` of them:
+    past it, ended entries are forgotten, and a new address is refused while the table is
+    full of live ones (the rate limits still hold it)."""
 
-    def __init__(self):
+    def __init__(self, limit: int = MAX_SOURCES, clock=time.monotonic):
         self.until: dict[str, float] = {}
+        self.limit = limit
+        self.clock = clock
 
-    def add(self, ip: str, seconds: float, now: float) -> None:
-        if len(self.until) >= MAX_SOURCES and ip not in self.until:
+    def add(self, ip: str, seconds: float, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        if len(self.until) >= self.limit and ip not in self.until:
             self.until = {k: v for k, v in list(self.until.items()) if v > now}
-            if len(self.until) >= MAX_SOURCES:
-                return  # full of live trust: the new source keeps the plain rates
+            if len(self.until) >= self.limit:
+                return
         self.until[ip] = max(self.until.get(ip, 0.0), now + seconds)
 
-    def trusted(self, ip: str, now: float) -> bool:
+    def remove(self, ip: str) -> None:
+        self.until.pop(ip, None)
+
+    def holds(self, ip: str, now: float) -> bool:
         until = self.until.get(ip)
         if until is None:
             return False
@@ -95,6 +103,12 @@ class Trusted:
 
     def live(self, now: float) -> int:
         return sum(1 for until in list(self.until.values()) if until > now)
+
+
+class Trusted(Expiring):
+    """Proven sources: their digest was accepted within limits.trust_seconds."""
+
+    trusted = Expiring.holds
 
 
 class Limiter:
@@ -179,32 +193,13 @@ def _forget_full(buckets: dict, now: float, refill: float) -> None:
         buckets.clear()
 
 
-class Bans:
-    """Banned sources: ip -> when the ban ends (monotonic)."""
+class Bans(Expiring):
+    """Banned sources: dropped unanswered until the ban ends."""
 
     def __init__(self, clock=time.monotonic):
-        self.until: dict[str, float] = {}
-        self.clock = clock
+        super().__init__(MAX_BANS, clock)
 
-    def add(self, ip: str, seconds: float, now: float | None = None) -> None:
-        now = self.clock() if now is None else now
-        if len(self.until) >= MAX_BANS:
-            self.until = {k: v for k, v in list(self.until.items()) if v > now}
-            if len(self.until) >= MAX_BANS:
-                return  # full of live bans: the rate limit still holds the new source
-        self.until[ip] = max(self.until.get(ip, 0.0), now + seconds)
-
-    def remove(self, ip: str) -> None:
-        self.until.pop(ip, None)
-
-    def banned(self, ip: str, now: float) -> bool:
-        until = self.until.get(ip)
-        if until is None:
-            return False
-        if until <= now:
-            self.until.pop(ip, None)
-            return False
-        return True
+    banned = Expiring.holds
 
 
 def ban_line(addr: tuple, reason: str, seconds: float) -> str:
