@@ -92,6 +92,20 @@ class SentinelSet:
                 client.close()
         return True
 
+    def all_name(self, port: int) -> bool:
+        """Every sentinel names ``port`` as the primary (a failover has reached them all)."""
+        for sentinel in self.sentinel_ports:
+            client = redis.Redis(port=sentinel, socket_timeout=0.5, socket_connect_timeout=0.5)
+            try:
+                _, master = client.sentinel_get_master_addr_by_name(SERVICE)
+                if int(master) != port:
+                    return False
+            except (redis.RedisError, TypeError):
+                return False
+            finally:
+                client.close()
+        return True
+
     def master_port(self) -> int | None:
         """The primary's port as a majority of the sentinels report it."""
         votes: dict[int, int] = {}
