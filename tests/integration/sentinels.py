@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,45 +80,33 @@ class SentinelSet:
             process.wait(timeout=10)
         raise RuntimeError("redis-sentinel did not start")
 
-    def all_see_everything(self) -> bool:
+    def _ask_each(self, question) -> list:
+        """``question(client)`` of every sentinel; None from one that does not answer."""
+        answers = []
         for port in self.sentinel_ports:
             client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
             try:
-                if (len(client.sentinel_slaves(SERVICE)) < 1
-                        or len(client.sentinel_sentinels(SERVICE)) < 2):
-                    return False
-            except redis.RedisError:
-                return False
+                answers.append(question(client))
+            except (redis.RedisError, TypeError):
+                answers.append(None)
             finally:
                 client.close()
-        return True
+        return answers
+
+    def all_see_everything(self) -> bool:
+        return all(self._ask_each(lambda c: len(c.sentinel_slaves(SERVICE)) >= 1
+                                  and len(c.sentinel_sentinels(SERVICE)) >= 2))
+
+    def _named_primaries(self) -> list[int | None]:
+        return self._ask_each(lambda c: int(c.sentinel_get_master_addr_by_name(SERVICE)[1]))
 
     def all_name(self, port: int) -> bool:
         """Every sentinel names ``port`` as the primary (a failover has reached them all)."""
-        for sentinel in self.sentinel_ports:
-            client = redis.Redis(port=sentinel, socket_timeout=0.5, socket_connect_timeout=0.5)
-            try:
-                _, master = client.sentinel_get_master_addr_by_name(SERVICE)
-                if int(master) != port:
-                    return False
-            except (redis.RedisError, TypeError):
-                return False
-            finally:
-                client.close()
-        return True
+        return all(named == port for named in self._named_primaries())
 
     def master_port(self) -> int | None:
         """The primary's port as a majority of the sentinels report it."""
-        votes: dict[int, int] = {}
-        for port in self.sentinel_ports:
-            client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
-            try:
-                _, master = client.sentinel_get_master_addr_by_name(SERVICE)
-                votes[int(master)] = votes.get(int(master), 0) + 1
-            except (redis.RedisError, TypeError):
-                continue
-            finally:
-                client.close()
+        votes = Counter(p for p in self._named_primaries() if p is not None)
         best = max(votes.items(), key=lambda kv: kv[1], default=(None, 0))
         return best[0] if best[1] >= 2 else None
 
