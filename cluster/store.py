@@ -271,6 +271,10 @@ TRUST_CHANNEL = "trust"
 TRUST_ANNOUNCE_MAX = 500  # addresses per trust message
 BLOCKS_POLL = 1.0  # seconds a wait for an authblock message lasts before it starts again
 TIMER_SHARDS = 4
+# Seconds a claimed timer waits for its claimant before it comes due again: far above
+# the few ms a firing takes, so a live claimant is not doubled (a double would be harmless:
+# the call fires a timer only at the exact due time it holds).
+TIMER_LEASE = 3.0
 
 
 def authfail_key(ip: str) -> str:
@@ -499,10 +503,16 @@ return tonumber(ARGV[4])
 # instead of writing from a state Redis no longer has.
 VERSION_STEP = 1 << 20
 
-# Claim up to ARGV[2] timers due at ARGV[1] from one shard.  KEYS: timers shard.
+# Claim up to ARGV[2] timers due at ARGV[1] from one shard for ARGV[3] seconds.  A claim
+# is a lease, not a removal: the worker removes the entry once the call has seen it, and
+# an entry whose claimant never did comes due again.  A claim sent to a paused Redis runs
+# when it resumes, after the worker's read timed out; removing there lost the timer (the
+# only BYE retransmission of a call whose end was written in that pause: one CI run).
+# KEYS: timers shard.
 _POP_TIMERS_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+local again = tonumber(ARGV[1]) + tonumber(ARGV[3])
+for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', again, member) end
 return due
 """
 
@@ -767,11 +777,13 @@ class Store:
                 found.append((key[len("call:{"):-1], unpack(data)))
         return found
 
-    def pop_due_timers(self, now: float, limit: int = 100) -> list[tuple[str, str, float]]:
-        """Claim the due timers of every shard: (call tag, timer name, due)."""
+    def claim_due_timers(self, now: float, lease: float = TIMER_LEASE,
+                         limit: int = 100) -> list[tuple[str, str, float]]:
+        """Claim the due timers of every shard: (call tag, timer name, due).  Each comes
+        due again ``lease`` seconds after ``now`` unless ``remove_timers`` takes it out."""
         def build(pipe):
             for shard in range(TIMER_SHARDS):
-                _evalsha(pipe, self._pop_timers, [timer_key(shard)], [now, limit])
+                _evalsha(pipe, self._pop_timers, [timer_key(shard)], [now, limit, lease])
         return [parse_timer_member(m) for members in self._pipelined(build) for m in members]
 
     def _pipelined(self, build) -> list:

@@ -309,6 +309,22 @@ def paused(server: RedisServer, seconds: float) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+def test_a_timer_claimed_while_redis_is_paused_is_not_lost(server):
+    """The claim reaches Redis, the worker's read times out, Redis runs the claim when it
+    resumes: the timer must come due again, not vanish with the reply nobody read."""
+    store = store_module.Store(f"redis://127.0.0.1:{server.port}/2", timeout=0.25)
+    tag, now = "feed" * 6, time.time()
+    store.save_call(tag, 0, {"state": "ended"}, 60, arm=[(tag, "E", now - 0.1)])
+    with paused(server, 1.0), pytest.raises(store_module.StoreUnavailable):
+        store.claim_due_timers(now)
+    store = store_module.Store(f"redis://127.0.0.1:{server.port}/2", timeout=2.0)
+    assert store.claim_due_timers(now + 1.0) == [], "claimed, yet due again at once"
+    again = store.claim_due_timers(now + store_module.TIMER_LEASE + 0.1)
+    assert again == [(tag, "E", now - 0.1)]
+    store.remove_timers(again)  # seen by its call: gone for good
+    assert store.claim_due_timers(now + 100) == []
+
+
 def test_redis_paused(cluster, server):
     pids = running_pids(cluster)
     with paused(server, 5.0):

@@ -130,7 +130,7 @@ def exercise(store: Store) -> None:
         store_module.relay_report_event(store, {"event": "media-timeout", "call_id": tag},
                                         [(tag, {"relay": "h/relay-0", "version": 2}, 60)],
                                         "h/relay-0")
-    store.pop_due_timers(now)
+    store.claim_due_timers(now)
 
 
 def test_every_script_and_multi_key_command_touches_one_slot(recorded):

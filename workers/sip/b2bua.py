@@ -29,7 +29,7 @@ from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response, build_response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, hostport, parse_uri
-from cluster.store import StoreUnavailable, aor_of, pack, trace_heads, tx_key
+from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, trace_heads, tx_key
 
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
@@ -69,7 +69,7 @@ class B2BUA:
         self._locks: dict[str, list] = {}
         # call tag -> (version, record)
         self._records = BoundedCache(RECORD_CACHE, RECORD_CACHE_BYTES)
-        self._disarm: list[tuple[str, str, float]] = []
+        self._disarm: dict[tuple[str, str, float], None] = {}  # ordered, no repeats
         self._disarm_pending = False
         # call tag -> {the "ended" of a write that may have landed: (its CDRs, keep until)}
         self._unsure: dict[str, dict[float, tuple[list, float]]] = {}
@@ -338,11 +338,8 @@ class B2BUA:
             self._records.pop(tag, None)
             return False
         self._remember(tag, version, record)
-        self._disarm.extend((tag, name, due) for name, due in before.items()
-                            if timers.get(name) != due)
-        if self._disarm and not self._disarm_pending:
-            self._disarm_pending = True
-            gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
+        self._disarm_soon([(tag, name, due) for name, due in before.items()
+                           if timers.get(name) != due])
         self._perform(tag, actions, req, source)
         return True
 
@@ -394,8 +391,16 @@ class B2BUA:
         self._records.put(tag, (version, record),
                           int(len(pack(record)) * RECORD_OBJECT_FACTOR))
 
+    def _disarm_soon(self, entries: list[tuple[str, str, float]]) -> None:
+        """Remove these timer entries in the next batch (a fired timer may be in it twice:
+        once from its call's write, once from its firing)."""
+        self._disarm.update(dict.fromkeys(entries))
+        if self._disarm and not self._disarm_pending:
+            self._disarm_pending = True
+            gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
+
     def _write_disarm(self) -> None:
-        entries, self._disarm = self._disarm, []
+        entries, self._disarm = list(self._disarm), {}
         self._disarm_pending = False
         try:
             self.store.remove_timers(entries)
@@ -484,7 +489,7 @@ class B2BUA:
         while self.running:
             gevent.sleep(TIMER_TICK)
             try:
-                due = self.store.pop_due_timers(time.time())
+                due = self.store.claim_due_timers(time.time())
             except Exception as exc:  # whatever it is, timers go on firing
                 gevent.sleep(backoff.failed(exc))
                 continue
@@ -501,13 +506,17 @@ class B2BUA:
                     settling.ok()
 
     def _fire(self, tag: str, name: str, at: float) -> None:
+        """Fire a claimed timer; its entry goes once the call has seen it (the call's write
+        usually disarms it already), and stays, to come due again, when Redis failed."""
         try:
             self.on_timer(tag, name, at)
         except StoreUnavailable as exc:
-            self._call_log(tag).warning("timer %s of call %s lost to Redis trouble: %s",
-                                        name, tag, exc)
+            self._call_log(tag).warning("timer %s of call %s: Redis trouble (%s); it fires "
+                                        "again in %.0f s", name, tag, exc, TIMER_LEASE)
+            return
         except Exception:
             self._call_log(tag).exception("timer %s of call %s failed", name, tag)
+        self._disarm_soon([(tag, name, at)])
 
     def _call_log(self, tag: str):
         """A logger for call ``tag`` with its A-leg Call-ID, when Redis can still tell it."""
