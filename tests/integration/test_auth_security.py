@@ -12,6 +12,8 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,23 @@ def fail2ban_hosts(lines: list[str]) -> list[str]:
     return [m["host"] for line in lines if (m := regex.search(line))]
 
 
+FAIL2BAN_REGEX = shutil.which("fail2ban-regex")
+
+
+def fail2ban_matched(lines: list[str], tmp_path: Path) -> int:
+    """How many of these log lines fail2ban itself (fail2ban-regex, its date detection
+    included) matches with the shipped filter."""
+    log = tmp_path / "worker.log"
+    log.write_text("".join(line + "\n" for line in lines))
+    out = subprocess.run([FAIL2BAN_REGEX, str(log), str(FILTER)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    m = re.search(r"^Lines: (\d+) lines, (\d+) ignored, (\d+) matched, (\d+) missed", out,
+                  re.M)
+    assert m is not None, out
+    assert int(m[1]) == len(lines), out
+    return int(m[3])
+
+
 def answer(ua: UA, cseq: int, timeout: float = 3.0):
     """The final answer to our request ``cseq`` (others are skipped), or None."""
     while (reply := ua.receive(timeout=timeout)) is not None:
@@ -116,7 +135,7 @@ def test_invite_with_a_digest_for_another_callee_is_a_bad_request(cluster):
 
 
 # ---------------------------------------------------------------- distributed guessing
-def test_guessing_from_40_addresses_is_stopped_while_the_own_phone_registers(cluster):
+def test_guessing_from_40_addresses_is_stopped_while_the_own_phone_registers(cluster, tmp_path):
     """40 addresses x 5 wrong passwords for 1040 (each address stays under its own limit of
     5): the per-user limit stops the checking after 20, while 1040's registered phone (at
     127.0.0.1) keeps registering; even the right password from a new address is refused."""
@@ -153,6 +172,8 @@ def test_guessing_from_40_addresses_is_stopped_while_the_own_phone_registers(clu
     # fail2ban's filter finds the real source address in every line a worker wrote.
     raw = [m.string for m in lines]
     assert fail2ban_hosts(raw) == [m["ip"] for m in lines]
+    if FAIL2BAN_REGEX:  # and fail2ban's own reading of them, when it is installed
+        assert fail2ban_matched(raw, tmp_path) == len(raw)
 
 
 def test_unknown_users_are_counted_and_locked_like_known_ones(cluster):

@@ -1,16 +1,23 @@
 """HEP capture: a cluster with hep.address set copies each SIP message a worker receives or
 sends to the collector, here a UDP socket on loopback, with its addresses and the call's
-correlation id."""
+correlation id; and sngrep, an independent HEP reader, listening as the collector, reads
+the same messages with the same addresses."""
 
 from __future__ import annotations
 
+import shutil
+import signal
 import socket
+import struct
+import subprocess
 import time
 
+import pytest
 from harness import running_cluster
 from sipua import UA
 
 from cluster.sip import hep
+from conftest import free_udp_port
 from workers.sip.b2bua import call_tag
 
 
@@ -54,3 +61,52 @@ def drain(sock: socket.socket) -> list[hep.Packet]:
             found.append(hep.decode(sock.recv(65535)))
         except TimeoutError:
             return found
+
+
+SNGREP = shutil.which("sngrep")
+
+
+@pytest.mark.skipif(SNGREP is None, reason="sngrep is not installed (apt package sngrep)")
+def test_sngrep_as_the_collector_reads_every_message_of_a_registration(tmp_path, redis_url):
+    """sngrep's HEP listener (-L) decodes what the workers send and writes it as a pcap of
+    the original UDP datagrams (-O): the addresses, ports, time and SIP text come back."""
+    port, pcap = free_udp_port(), tmp_path / "hep.pcap"
+    sngrep = subprocess.Popen([SNGREP, "-N", "-q", "-L", f"udp:127.0.0.1:{port}", "-O", str(pcap)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = {"hep": {"address": "127.0.0.1", "port": port, "capture_id": 4242}}
+    try:
+        with running_cluster(tmp_path, redis_url, workers=1, settings=settings) as cluster:
+            cluster.add_user("1002", "secret")
+            with UA(cluster.address, user="1002") as ua:
+                assert ua.register("secret").status == 200
+                ua_addr, call_id = ("127.0.0.1", ua.port), ua.call_id.encode()
+                server = cluster.address
+            time.sleep(0.5)  # the last copies are on their way to sngrep
+    finally:
+        sngrep.send_signal(signal.SIGINT)  # sngrep writes out its capture and exits
+        sngrep.wait(timeout=10)
+    datagrams = [d for d in read_pcap(pcap) if b"Call-ID: " + call_id in d[2]]
+    heads = [(payload.split(b"\r\n", 1)[0].split(b" ")[0 if src == ua_addr else 1], src, dst)
+             for src, dst, payload, _ in datagrams]
+    assert heads == [(b"REGISTER", ua_addr, server), (b"401", server, ua_addr),
+                     (b"REGISTER", ua_addr, server), (b"200", server, ua_addr)]
+    assert all(abs(when - time.time()) < 60 for *_, when in datagrams)
+
+
+def read_pcap(path) -> list[tuple[tuple[str, int], tuple[str, int], bytes, float]]:
+    """The IPv4/UDP datagrams of a little-endian Ethernet pcap: (src, dst, payload, time)."""
+    data = path.read_bytes()
+    magic, _, _, _, _, _, linktype = struct.unpack_from("<IHHiIII", data)
+    assert magic == 0xA1B2C3D4 and linktype == 1, (hex(magic), linktype)
+    found, at = [], 24
+    while at + 16 <= len(data):
+        sec, usec, length, _ = struct.unpack_from("<IIII", data, at)
+        frame, at = data[at + 16:at + 16 + length], at + 16 + length
+        if frame[12:14] != b"\x08\x00" or frame[23] != 17:  # IPv4, UDP
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        src_ip, dst_ip = socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34])
+        sport, dport, ulen = struct.unpack_from("!HHH", frame, 14 + ihl)
+        payload = frame[14 + ihl + 8:14 + ihl + ulen]
+        found.append(((src_ip, sport), (dst_ip, dport), payload, sec + usec / 1e6))
+    return found

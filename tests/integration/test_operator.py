@@ -364,8 +364,8 @@ PROMTOOL = shutil.which("promtool")
 def test_a_real_scrape_has_every_documented_metric_and_passes_promtool(cluster):
     """The scrape has a family for every metric deploy/README.md names (each is typed from
     the first scrape on, samples or not), and after the call above (histograms filled,
-    response codes seen) promtool (when installed: the `prometheus` package, too big for
-    CI's install list) finds nothing to lint in it."""
+    response codes seen) promtool (the `prometheus` package; .ci/run installs it) finds
+    nothing to lint in it."""
     url = f"http://127.0.0.1:{cluster.config.metrics.port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
