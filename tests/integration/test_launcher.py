@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from supervisor.xmlrpc import SupervisorTransport
+from test_calls_relay import PASSWORD, assert_received_all, call_between, settle_and_stop
 
 from conftest import ROOT, free_tcp_port, free_udp_port
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 class Launcher:
     def __init__(self, tmp: Path, redis_url: str, sip_port: int, **sections: dict):
         self.home = tmp / "home"
+        self.address = ("127.0.0.1", sip_port)
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / "cluster.toml"
         values = {"sip": {"port": sip_port, "host_id": f"launch-{sip_port}"},
@@ -139,6 +141,37 @@ def test_overrides_are_kept_and_restart_only_what_they_concern(launcher_factory)
     assert done.returncode == 0, done.stderr
     assert "user 2000@127.0.0.1 saved" in done.stdout
     assert "elsewhere" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_scaling_workers_with_a_call_up_loses_no_rtp_packet(launcher_factory):
+    """More workers restart the worker group only: the relay carrying an answered call keeps
+    every packet in both directions, and the call is still there to hang up."""
+    base = 43000 + os.getpid() % 1000 * 20
+    launcher = launcher_factory(media={"mode": "relay", "relays": 1, "rtp_port_min": base,
+                                       "rtp_port_max": base + 19})
+    started = launcher.run("up")
+    assert started.returncode == 0, started.stdout + started.stderr
+    for user in ("2301", "2302"):
+        added = subprocess.run([sys.executable, "-m", "cluster.cli", "users", "add", user,
+                                "--password", PASSWORD], cwd=ROOT, text=True,
+                               capture_output=True, env=launcher.env, timeout=30)
+        assert added.returncode == 0, added.stderr
+    relay_pid = launcher.processes()["relay:relay-0"][1]
+    with call_between(launcher, 2301, 2302) as call:
+        caller, callee = call.caller, call.callee
+        assert caller.media.wait_packets(25, 3.0) and callee.media.wait_packets(25, 3.0)
+        scaled = launcher.run("up", SIPCLUSTER_WORKERS_COUNT="3")
+        assert scaled.returncode == 0, scaled.stdout + scaled.stderr
+        after = launcher.processes()
+        assert after["relay:relay-0"] == ("RUNNING", relay_pid)
+        assert sorted(after)[-3:] == ["worker:worker-0", "worker:worker-1", "worker:worker-2"]
+        time.sleep(1.0)  # media keeps flowing after the new workers are up
+        settle_and_stop(caller, callee)
+        assert_received_all(callee, caller, call.callee_relay_port)
+        assert_received_all(caller, callee, call.caller_relay_port)
+        assert caller.media.sent >= 100 and callee.media.sent >= 100  # 2 s or more of audio
+        assert caller.hangup().status == 200
+        assert callee.wait_request("BYE") is not None
 
 
 def test_a_redis_url_that_would_drop_the_managed_redis_needs_force(launcher_factory, redis_url):
