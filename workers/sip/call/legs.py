@@ -57,7 +57,9 @@ class Leg:
         # (dataclasses.asdict deep-copies, and was the costliest step of a call event).
         record = {f.name: getattr(self, f.name) for f in _LEG_FIELDS}
         record["peer"] = list(self.peer)
-        record["stray"] = dict(self.stray)
+        stray = record.pop("stray")
+        if stray:  # left out when empty (nearly always): the record stays as it was
+            record["stray"] = dict(stray)
         return record
 
     @classmethod
