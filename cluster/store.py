@@ -393,9 +393,10 @@ if ARGV[2] ~= '' then
 end
 local now = tonumber(ARGV[1])
 local ops = cmsgpack.unpack(ARGV[6])
+-- Every check comes before the first write: a refused REGISTER leaves the AOR as it was.
 -- current[key] = {b = decoded record, p = packed bytes as stored (never re-packed, so
 -- binary fields keep their msgpack type)}
-local current, count = {}, 0
+local current, count, expired, gone = {}, 0, {}, {}  -- gone: the bindings it removes
 local indexed = #KEYS >= 5  -- without the index keys (another slot), no counting here
 local function unindex(k)
   if indexed then redis.call('ZREM', KEYS[4], ops.aor .. '|' .. k) end
@@ -416,8 +417,7 @@ local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   local b = cmsgpack.unpack(all[i + 1])
   if b.expires_at <= now then
-    redis.call('HDEL', KEYS[1], all[i])
-    unindex(all[i])
+    table.insert(expired, all[i])
   else
     current[all[i]] = {b = b, p = all[i + 1]}
     count = count + 1
@@ -429,30 +429,36 @@ end
 if ops.star then
   for k, entry in pairs(current) do
     if stale(entry) then return {'stale-cseq'} end
+    gone[k] = true
   end
-  redis.call('DEL', KEYS[1])
-  for k, _ in pairs(current) do unindex(k) end
-  current, count = {}, 0
+  count = 0
 end
 for _, k in ipairs(ops.remove) do
-  if current[k] then
-    if stale(current[k]) then index_aor(); return {'stale-cseq'} end
-    redis.call('HDEL', KEYS[1], k)
-    unindex(k)
-    current[k] = nil
+  if current[k] and not gone[k] then
+    if stale(current[k]) then return {'stale-cseq'} end
+    gone[k] = true
     count = count - 1
   end
 end
 local added = 0
 for i = 7, #ARGV, 2 do
   local k = ARGV[i]
-  if current[k] then
-    if stale(current[k]) then index_aor(); return {'stale-cseq'} end
+  if current[k] and not gone[k] then
+    if stale(current[k]) then return {'stale-cseq'} end
   else
     added = added + 1
   end
 end
-if added > 0 and count + added > tonumber(ARGV[5]) then index_aor(); return {'too-many'} end
+if added > 0 and count + added > tonumber(ARGV[5]) then return {'too-many'} end
+for _, k in ipairs(expired) do
+  redis.call('HDEL', KEYS[1], k)
+  unindex(k)
+end
+for k, _ in pairs(gone) do
+  redis.call('HDEL', KEYS[1], k)
+  unindex(k)
+  current[k] = nil
+end
 for i = 7, #ARGV, 2 do
   local k, packed = ARGV[i], ARGV[i + 1]
   redis.call('HSET', KEYS[1], k, packed)

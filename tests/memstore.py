@@ -142,8 +142,8 @@ class MemoryStore:
                  nonce_ttl: float, tx_ttl: float, max_contacts: int, call_id: str, cseq: int,
                  set_bindings: list[Binding], remove_keys: list[str], star: bool
                  ) -> RegisterResult:
-        """The registration script, step by step in its order: like the script, a refusal
-        part way keeps what was done before it (expired bindings purged, removals)."""
+        """The registration script, step by step in its order: like the script, every
+        check comes before the first write, so a refusal changes nothing."""
         answer = self._get(tx)
         if answer is not None:
             return RegisterResult("dup", response=answer or None)
@@ -154,16 +154,40 @@ class MemoryStore:
         rkey = reg_key(aor)
         stored = self._hash(rkey)
         current: dict[str, tuple[dict, bytes]] = {}
-        for key, packed in list(stored.items()):
+        expired: list[str] = []
+        for key, packed in stored.items():
             record = unpack(packed)
             if record["expires_at"] <= now_ms:
-                del stored[key]
+                expired.append(key)
             else:
                 current[key] = (record, packed)
-        self._drop_if_empty(rkey)
 
         def stale(record: dict) -> bool:
             return record["call_id"] == call_id and cseq <= record["cseq"]
+
+        gone: set[str] = set()  # the current bindings this request removes
+        if star:
+            if any(stale(r) for r, _ in current.values()):
+                return RegisterResult("stale-cseq")
+            gone = set(current)
+        for key in remove_keys:
+            if key in current and key not in gone:
+                if stale(current[key][0]):
+                    return RegisterResult("stale-cseq")
+                gone.add(key)
+        added = 0
+        for binding in set_bindings:
+            if binding.key in current and binding.key not in gone:
+                if stale(current[binding.key][0]):
+                    return RegisterResult("stale-cseq")
+            else:
+                added += 1
+        if added > 0 and len(current) - len(gone) + added > max_contacts:
+            return RegisterResult("too-many")
+        for key in [*expired, *gone]:
+            stored.pop(key, None)
+            current.pop(key, None)
+        self._drop_if_empty(rkey)
 
         def index_aor() -> int:
             latest = max((r["expires_at"] for r, _ in current.values()), default=0)
@@ -176,30 +200,6 @@ class MemoryStore:
                     del self._aors[other]
             return latest
 
-        if star:
-            if any(stale(r) for r, _ in current.values()):
-                return RegisterResult("stale-cseq")
-            self._delete(rkey)
-            current = {}
-        for key in remove_keys:
-            if key in current:
-                if stale(current[key][0]):
-                    index_aor()
-                    return RegisterResult("stale-cseq")
-                self._hashes.get(rkey, {}).pop(key, None)
-                self._drop_if_empty(rkey)
-                del current[key]
-        added = 0
-        for binding in set_bindings:
-            if binding.key in current:
-                if stale(current[binding.key][0]):
-                    index_aor()
-                    return RegisterResult("stale-cseq")
-            else:
-                added += 1
-        if added > 0 and len(current) + added > max_contacts:
-            index_aor()
-            return RegisterResult("too-many")
         for binding in set_bindings:
             packed = pack(binding.to_record())
             self._hashes.setdefault(rkey, {})[binding.key] = packed

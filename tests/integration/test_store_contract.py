@@ -227,16 +227,27 @@ def test_too_many_contacts_are_refused_but_a_full_set_may_refresh(env):
     assert swap.outcome == "ok" and sorted(keys(swap.bindings)) == ["b", "c", "d"]
 
 
-def test_a_refused_register_keeps_the_changes_made_before_its_refusal(env):
-    # The registration script applies its steps in order and a refusal does not undo the
-    # earlier ones: the removal before a too-many (or a stale CSeq further on) stays.
-    # Pinned so the memory store follows if the script comes to undo them.
+def test_a_refused_register_changes_nothing(env):
+    # Every check comes before the first write: neither the removal it asked for before a
+    # too-many (or before a stale CSeq further on), nor the purge of an expired binding,
+    # nor the AORs index.
     now = env.now()
-    register(env, now, set_bindings=[binding(k, now) for k in "abc"])
-    result = register(env, now, set_bindings=[binding("d", now), binding("e", now)],
-                      remove=["a"], cseq=2)
-    assert result.outcome == "too-many"
-    assert sorted(keys(env.store.bindings(AOR, now))) == ["b", "c"]
+    register(env, now, set_bindings=[binding("a", now), binding("x", now, expires=1)])
+    register(env, now, set_bindings=[binding(k, now, call_id="c2", cseq=5) for k in "bc"],
+             call_id="c2", cseq=5, max_contacts=4)
+    before, aors = env.store.raw_bindings(AOR), env.store.registered_aors()
+    later = now + 2  # "x" has expired
+    too_many = register(env, later, set_bindings=[binding(k, later, cseq=2) for k in "de"],
+                        remove=["a"], cseq=2, max_contacts=3)
+    assert (too_many.outcome, too_many.bindings) == ("too-many", [])
+    stale = register(env, later, set_bindings=[binding("b", later, call_id="c2", cseq=3)],
+                     remove=["a"], call_id="c2", cseq=3)
+    assert stale.outcome == "stale-cseq"
+    star = register(env, later, star=True, call_id="c2", cseq=4)
+    assert star.outcome == "stale-cseq"
+    assert env.store.raw_bindings(AOR) == before
+    assert env.store.registered_aors() == aors
+    assert sorted(keys(env.store.bindings(AOR, later))) == ["a", "b", "c"]
 
 
 def test_a_retransmission_is_a_dup_answered_once_its_answer_is_stored(env):

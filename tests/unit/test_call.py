@@ -23,6 +23,7 @@ from callkit import (
     SLOT,
     START,
     TAG,
+    Callee,
     Caller,
     Rig,
     answered,
@@ -480,6 +481,131 @@ def test_forking_a_late_2xx_from_the_loser_gets_ack_and_bye(rig):
     assert acts.cdrs == [] and rig.call.state == "answered" and rig.call.winner == 0
 
 
+def lost_after_answering(rig: Rig):
+    """Fork 1 rang, fork 0 answered, fork 1 answered too late and got ACK and BYE."""
+    flow = begin(rig, forks=2)
+    flow.from_callee(flow.callees[1].respond(180), 1)
+    flow.caller.learn(flow.from_callee(flow.callees[0].respond(200, body=ANSWER_SDP), 0).one(
+        CALLER_ADDR))
+    flow.from_caller(flow.caller.ack())
+    late = flow.from_callee(flow.callees[1].respond(200, body=ANSWER_SDP), 1)
+    return flow, late
+
+
+def test_forking_the_losers_repeated_late_2xx_gets_the_same_ack_only(rig):
+    flow, late = lost_after_answering(rig)
+    loser = flow.callees[1]
+    [first_ack] = [o.data for o in late.outs if parse(o.data).method == "ACK"]
+    byes = [e for e in rig.call.txs.values() if e["role"] == "bye"]
+    for _ in range(2):
+        again = flow.from_callee(loser.respond(200, body=ANSWER_SDP), 1)
+        assert [(o.data, o.dest) for o in again.outs] == [(first_ack, loser.addr)]
+        assert again.cdrs == []
+    assert [e for e in rig.call.txs.values() if e["role"] == "bye"] == byes
+    assert rig.call.state == "answered" and rig.call.winner == 0
+
+
+def test_forking_the_losers_late_2xx_after_its_transaction_ended_gets_the_same_ack(rig):
+    flow, late = lost_after_answering(rig)
+    loser = flow.callees[1]
+    [first_ack] = [o.data for o in late.outs if parse(o.data).method == "ACK"]
+    rig.advance(40)
+    rig.fire(rig.timer("|M", loser.invite.via.branch))
+    again = flow.from_callee(loser.respond(200, body=ANSWER_SDP), 1)
+    assert [(o.data, o.dest) for o in again.outs] == [(first_ack, loser.addr)]
+
+
+def test_forking_a_bye_from_the_losers_dialog_gets_200_and_leaves_the_call(rig):
+    flow, _ = lost_after_answering(rig)
+    loser = flow.callees[1]
+    acts = rig.request(loser.request("BYE"), loser.addr)
+    assert [summary(m) for m in acts.sent()] == ["200 BYE"]
+    assert acts.one(loser.addr).to.tag == b_tag(rig, 1)
+    assert acts.cdrs == [] and rig.call.state == "answered" and rig.call.winner == 0
+    # The winning dialog is untouched: the caller's BYE goes on to fork 0.
+    acts = flow.from_caller(flow.caller.request("BYE"))
+    assert acts.one(flow.callees[0].addr).to.tag == flow.callees[0].tag
+    assert [c["hangup_side"] for c in acts.cdrs] == ["caller"]
+
+
+@pytest.mark.parametrize("method", ["INFO", "INVITE", "OPTIONS", "UPDATE"])
+def test_forking_other_requests_from_the_losers_dialog_get_481(rig, method):
+    flow, _ = lost_after_answering(rig)
+    loser = flow.callees[1]
+    acts = rig.request(loser.request(method, body=b"x", content_type=b"text/plain"), loser.addr)
+    assert [summary(m) for m in acts.sent()] == [f"481 {method}"]
+    assert rig.call.state == "answered" and rig.call.txs[rig.call.a.invite_key]
+
+
+def test_forking_a_bye_in_a_cancelled_forks_early_dialog_leaves_the_call(rig):
+    flow = begin(rig, forks=2)
+    flow.from_callee(flow.callees[1].respond(180), 1)
+    flow.from_callee(flow.callees[0].respond(200, body=ANSWER_SDP), 0)  # CANCEL to fork 1
+    acts = rig.request(flow.callees[1].request("BYE"), flow.callees[1].addr)
+    assert [summary(m) for m in acts.sent()] == ["200 BYE"]
+    acts = rig.request(flow.callees[1].request("INFO", body=b"x", content_type=b"text/plain"),
+                       flow.callees[1].addr)
+    assert [summary(m) for m in acts.sent()] == ["481 INFO"]
+    assert acts.cdrs == [] and rig.call.state == "answered"
+
+
+def second_phone(flow) -> Callee:
+    """Another phone behind a forking proxy that got fork 0's INVITE too."""
+    return Callee(flow.callee.invite, flow.callee.addr, "calleetag0-second")
+
+
+def test_forking_downstream_a_second_dialog_gets_ack_and_bye_and_is_never_bridged(rig):
+    flow = answered(rig)
+    first = rig.call.forks[0].dialog
+    other = second_phone(flow)
+    acts = flow.from_callee(other.respond(200, body=ANSWER_SDP))
+    assert [summary(m) for m in acts.sent()] == ["ACK", "BYE"]
+    ack, bye = acts.sent(other.addr)
+    assert ack.to.tag == bye.to.tag == other.tag and ack.cseq.number == 1
+    assert_bye(bye, uri=b"sip:1009@192.168.31.50:60119;ob", call_id=other.invite.call_id,
+               from_tag=b_tag(rig), to_tag=other.tag, cseq=2)
+    assert acts.cdrs == [] and rig.call.state == "answered"
+    assert rig.call.forks[0].dialog == first  # the bridged dialog stays the first one
+    # Its 2xx again: the same ACK only.
+    again = flow.from_callee(other.respond(200, body=ANSWER_SDP))
+    assert [(o.data, o.dest) for o in again.outs] == [(ack.to_bytes(), other.addr)]
+    # The first dialog's 2xx again: its own ACK, as before.
+    again = flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP))
+    assert [m.to.tag for m in again.sent()] == [flow.callee.tag]
+    # The answer to our BYE ends that dialog only.
+    assert flow.from_callee(other.answer(bye)).outs == []
+    assert rig.call.state == "answered"
+
+
+def test_forking_downstream_a_bye_on_the_second_dialog_does_not_end_the_call(rig):
+    flow = answered(rig)
+    other = second_phone(flow)
+    flow.from_callee(other.respond(200, body=ANSWER_SDP))
+    bye = other.request("BYE")
+    acts = rig.request(bye, other.addr)
+    assert [summary(m) for m in acts.sent()] == ["200 BYE"]
+    assert acts.cdrs == [] and rig.call.state == "answered"
+    assert [summary(m) for m in rig.request(bye, other.addr).sent()] == ["200 BYE"]
+    acts = rig.request(other.request("INFO", body=b"x", content_type=b"text/plain"), other.addr)
+    assert acts == [Reply(481)]
+    # The call still runs on the first dialog, both ways.
+    acts = rig.request(flow.callee.request("INFO", body=b"x", content_type=b"text/plain"),
+                       flow.callee.addr)
+    assert [summary(m) for m in acts.sent()] == ["INFO"]
+    acts = flow.from_caller(flow.caller.request("BYE"))
+    assert acts.one(flow.callee.addr).to.tag == flow.callee.tag
+
+
+def test_forking_downstream_a_second_dialog_before_the_callers_ack(rig):
+    flow = begin(rig, invite=invite_without_sdp())  # our ACK waits for the caller's answer
+    flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP))
+    other = second_phone(flow)
+    acts = flow.from_callee(other.respond(200, body=ANSWER_SDP))
+    assert [(summary(m), m.to.tag) for m in acts.sent()] == [("ACK", other.tag),
+                                                             ("BYE", other.tag)]
+    assert rig.call.pending_ack["a"]["leg"] == "b0"
+
+
 def test_forking_one_busy_fork_does_not_end_the_call(rig):
     flow = begin(rig, forks=2)
     flow.from_callee(flow.callees[1].respond(180), 1)
@@ -883,6 +1009,35 @@ def test_requests_with_an_unknown_to_tag_get_481(rig):
     acts = rig.request(flow.callee.request("BYE", to_tag="not-ours"), flow.callee.addr)
     assert acts == [Reply(481)]
     assert rig.call.state == "answered"
+
+
+def with_from_tag(req: Request, tag: str) -> Request:
+    req.set_header(b"From", req.header("from").replace(
+        b";tag=" + req.from_.tag.encode(), b";tag=" + tag.encode()))
+    return parse(req.to_bytes())
+
+
+@pytest.mark.parametrize("method", ["BYE", "INFO", "INVITE"])
+def test_requests_with_our_to_tag_and_an_unknown_from_tag_get_481(rig, method):
+    flow = answered(rig)
+    before = rig.call.to_record()
+    req = with_from_tag(flow.caller.request(method, body=b"x", content_type=b"text/plain"),
+                        "not-the-callers")
+    assert flow.from_caller(req) == [Reply(481)]
+    req = with_from_tag(flow.callee.request(method, body=b"x", content_type=b"text/plain"),
+                        "not-the-callees")
+    assert rig.request(req, flow.callee.addr) == [Reply(481)]
+    assert rig.call.to_record() == before
+
+
+def test_an_ack_with_an_unknown_from_tag_is_absorbed(rig):
+    flow = begin(rig, invite=invite_without_sdp())
+    flow.caller.learn(flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP)).one(
+        CALLER_ADDR))
+    acts = flow.from_caller(with_from_tag(flow.caller.ack(body=seed_sdp()), "not-the-callers"))
+    assert acts == [] and "a" in rig.call.pending_ack
+    acts = flow.from_caller(flow.caller.ack(body=seed_sdp()))
+    assert acts.one(flow.callee.addr).method == "ACK"
 
 
 def test_a_request_of_another_call_id_gets_481(rig):

@@ -336,3 +336,42 @@ def test_a_bye_in_a_forks_early_dialog_gets_its_200_only(seen):
     assert seen == [(S.RINGING, E.CALLEE_BYE)]
     assert to_callee(acts) == ["200 BYE"] and to_caller(acts) == []
     assert rig.call.state == S.RINGING
+
+
+def test_a_request_from_a_losing_forks_dialog_is_no_event(seen):
+    # Fork 1 rang (an early dialog), fork 0 won, fork 1's late 2xx got ACK and BYE.
+    rig = Rig(restore=True)
+    flow = ringing(rig)
+    loser = flow.callees[1]
+    fork1(180)(flow)
+    fork0(200, ANSWER_SDP)(flow)
+    fork1(200, ANSWER_SDP)(flow)
+    seen.clear()
+    acts = rig.request(loser.request("BYE"), loser.addr)
+    assert to_callee(acts, 1) == ["200 BYE"]
+    acts = rig.request(loser.request("INFO", body=b"x", content_type=b"text/plain"),
+                       loser.addr)
+    assert to_callee(acts, 1) == ["481 INFO"]
+    assert to_callee(fork1(200, ANSWER_SDP)(flow), 1) == ["ACK"]  # its 2xx again
+    assert seen == [] and rig.call.state == S.ANSWERED
+
+
+def test_a_second_dialog_behind_a_forking_proxy_is_no_event(seen):
+    rig = Rig(restore=True)
+    flow = answered(rig)
+    other = Callee(flow.callee.invite, flow.callee.addr, "calleetag0-second")
+    seen.clear()
+    assert to_callee(flow.from_callee(other.respond(200, body=ANSWER_SDP))) == ["ACK", "BYE"]
+    assert to_callee(flow.from_callee(other.respond(200, body=ANSWER_SDP))) == ["ACK"]
+    assert to_callee(flow.rig.request(other.request("BYE"), other.addr)) == ["200 BYE"]
+    assert seen == [] and rig.call.state == S.ANSWERED
+
+
+def test_a_request_of_another_dialog_on_a_leg_is_no_event(seen):
+    rig = Rig(restore=True)
+    flow = answered(rig)
+    bye = flow.caller.request("BYE")
+    bye.set_header(b"From", bye.header("from").replace(bye.from_.tag.encode(), b"other"))
+    seen.clear()
+    assert [r.status for r in flow.from_caller(parse(bye.to_bytes())).replies] == [481]
+    assert seen == [] and rig.call.state == S.ANSWERED

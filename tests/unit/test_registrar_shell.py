@@ -237,6 +237,33 @@ def test_too_many_contacts_are_refused(registrar, store):
     assert len(store.bindings(AOR)) == 2
 
 
+def port_contacts(*ports, expires=None) -> tuple[str, ...]:
+    suffix = "" if expires is None else f";expires={expires}"
+    return tuple(f"<sip:1002@{PHONE[0]}:{port}>{suffix}" for port in ports)
+
+
+@pytest.mark.parametrize(("contacts", "status"), [
+    # Removing 5062 and adding two: one too many (max 2), refused after the removal.
+    ((*port_contacts(5062, expires=0), *port_contacts(5066, 5068)), 403),
+    # Removing 5062, then an expiry below the minimum on the next contact.
+    ((*port_contacts(5062, expires=0), *port_contacts(5066, expires=30)), 423),
+    # Removing 5062, then a malformed expiry.
+    ((*port_contacts(5062, expires=0), *port_contacts(5066, expires="soon")), 400),
+])
+def test_a_refused_register_leaves_the_bindings_as_they_were(registrar, store, contacts,
+                                                             status):
+    assert handle(registrar, authorized(registrar, contacts=port_contacts(5062, 5064)))[
+        0].status == 200
+    before, aors = store.raw_bindings(AOR), store.registered_aors()
+    req = authorized(registrar, cseq=2, call_id="reg-2", contacts=contacts)
+    try:
+        answer, tx, _ = handle(registrar, req)
+    except SipError as refused:
+        answer, tx = refused, None
+    assert (answer.status, tx) == (status, None)
+    assert store.raw_bindings(AOR) == before and store.registered_aors() == aors
+
+
 def test_a_register_from_behind_a_nat_is_reached_at_its_source(registrar, store):
     handle(registrar, authorized(registrar, via_host="10.0.0.5:5060"))
     [binding] = store.bindings(AOR)

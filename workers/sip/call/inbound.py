@@ -20,10 +20,19 @@ from cluster.sip.transaction import (
     transaction_from_record,
 )
 
-from .actions import Actions, Reply
+from .actions import Actions, Out, Reply
 from .legs import RINGING, Leg, LegState
 from .state import CONNECTING, Event
-from .wire import CALL_TIMERS, RECOVERY_ON_TIMER_EXPIRE, RELAYED_METHODS, Ctx, arrival, our_via
+from .wire import (
+    CALL_TIMERS,
+    NORMAL_CLEARING,
+    RECOVERY_ON_TIMER_EXPIRE,
+    RELAYED_METHODS,
+    Ctx,
+    arrival,
+    our_via,
+    reason,
+)
 
 if TYPE_CHECKING:
     from .machine import Call
@@ -49,6 +58,12 @@ class Inbound:
         if leg.dialog is None or req.to.tag != leg.local_tag:
             return [Reply(481)]
         dialog = Dialog.from_record(leg.dialog)
+        if (req.from_.tag or "") != dialog.remote_tag:  # RFC 3261 12.2.2: not this dialog
+            if req.method == "BYE" and req.from_.tag in leg.stray:
+                return self._answer_locally(leg, req, 200, ctx)  # one we are ending anyway
+            return [Reply(481)]
+        if self._lost(leg):  # its dialog is not the call's: we ended it (ACK and BYE)
+            return self._answer_locally(leg, req, 200 if req.method == "BYE" else 481, ctx)
         if not dialog.check_remote_cseq(req):
             return [Reply(500, "CSeq out of order")]
         dialog.update_from_request(req)
@@ -62,6 +77,11 @@ class Inbound:
         if req.method in RELAYED_METHODS:
             return self.dispatch(Event.IN_DIALOG_REQUEST, ctx, leg=leg, req=req)
         return self._answer_locally(leg, req, 405, ctx, [(b"Allow", ctx.cfg.allow)])
+
+    def _lost(self: Call, leg: Leg) -> bool:
+        """A fork that another fork beat to the answer: nothing from its dialog (an early
+        one, or the one its late 2xx made) reaches the call."""
+        return leg is not self.a and self.winner >= 0 and leg is not self.b
 
     def _retransmission(self: Call, key: str, req: Request, ctx: Ctx) -> Actions:
         entry = self.txs[key]
@@ -77,8 +97,9 @@ class Inbound:
 
     def _ack(self: Call, leg: Leg, req: Request, ctx: Ctx) -> Actions:
         """An ACK for a 2xx we sent (a new branch, in the dialog)."""
-        if leg.dialog is None or req.to.tag != leg.local_tag:
-            return []  # the ACK of a failure answered statelessly: absorbed
+        if leg.dialog is None or req.to.tag != leg.local_tag \
+                or (req.from_.tag or "") != Dialog.from_record(leg.dialog).remote_tag:
+            return []  # the ACK of a failure answered statelessly (or of no dialog of ours)
         for key, entry in list(self.txs.items()):
             if entry["leg"] == leg.name and entry["role"] in ("invite", "reinvite") \
                     and entry["tx"]["kind"] == "ist" and entry["tx"]["state"] == "Accepted":
@@ -178,6 +199,10 @@ class Inbound:
 
     def _fork_2xx(self: Call, leg: Leg, resp: Response, invite_msg: Request | None,
                   ctx: Ctx) -> Actions:
+        if 200 <= leg.final < 300:  # this fork answered already
+            if Dialog.from_record(leg.dialog).remote_tag == resp.to.tag:
+                return self._repeated_2xx(leg)
+            return self._second_dialog(leg, resp, invite_msg, ctx)
         if leg.dialog is None or Dialog.from_record(leg.dialog).remote_tag != resp.to.tag:
             if invite_msg is None:
                 return []
@@ -187,11 +212,37 @@ class Inbound:
         dialog.confirm()
         leg.dialog = dialog.to_record()
         leg.final = resp.status
-        if self.b is leg:  # the winner's 2xx again: our ACK got lost (RFC 3261 13.2.2.4)
-            if "a" in self.pending_ack or not leg.last_ack:
-                return []  # that ACK still waits for the caller's answer
-            return self._resend_ack(leg)
         return self.dispatch(Event.FORK_ANSWERED, ctx, leg=leg, resp=resp)
+
+    def _repeated_2xx(self: Call, leg: Leg) -> Actions:
+        """A fork's 2xx again (our ACK got lost, or crossed it): the same ACK again, and
+        nothing else (RFC 3261 13.2.2.4): a loser got its BYE with the first one."""
+        if not leg.last_ack or (self.b is leg and "a" in self.pending_ack):
+            return []  # the winner's ACK still waits for the caller's answer
+        return self._resend_ack(leg)
+
+    def _second_dialog(self: Call, leg: Leg, resp: Response, invite_msg: Request | None,
+                       ctx: Ctx) -> Actions:
+        """A 2xx from another phone behind a forking proxy, after this fork's first one:
+        a dialog of its own that the call never uses.  ACK it, then BYE it (RFC 3261
+        13.2.2.4); a repeat gets the same ACK only."""
+        tag = resp.to.tag
+        if tag in leg.stray:
+            return [Out(leg.stray[tag], leg.peer, leg.host, leg.sock_index)]
+        if invite_msg is None or not tag:
+            return []
+        dialog = Dialog.from_uac(invite_msg, resp)
+        ack, _ = dialog.create_request(
+            "ACK", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
+            contact=self._contact_uri(leg, ctx), headers=self._xcid(leg, ctx),
+            cseq=resp.cseq.number)
+        bye, _ = dialog.create_request(
+            "BYE", branch=ctx.ids.branch(), via_host=ctx.cfg.address, via_port=ctx.cfg.port,
+            contact=b"", headers=((b"Reason", reason(NORMAL_CLEARING)),
+                                  (b"User-Agent", ctx.cfg.user_agent), *self._xcid(leg, ctx)))
+        leg.stray = {**leg.stray, tag: ack.to_bytes()}
+        out: Actions = [Out(leg.stray[tag], leg.peer, leg.host, leg.sock_index)]
+        return out + self._start_client(leg, bye, "stray-bye", ctx)
 
     def _fork_failed(self: Call, ctx: Ctx) -> Actions:
         """A fork failed: the call fails once no fork may still answer."""
@@ -236,6 +287,8 @@ class Inbound:
 
     def _stray_2xx(self: Call, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
         """A 2xx retransmitted after our INVITE transaction ended: ACK it again (RFC 6026)."""
+        if resp.to.tag in leg.stray:
+            return [Out(leg.stray[resp.to.tag], leg.peer, leg.host, leg.sock_index)]
         if leg.dialog is None or Dialog.from_record(leg.dialog).remote_tag != resp.to.tag:
             return []
         return self._send_ack(leg, resp.cseq.number, b"", None, ctx)

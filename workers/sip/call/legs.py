@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 
@@ -46,12 +46,20 @@ class Leg:
     auth_tried: bool = False
     cancel_reason: list | None = None  # the Reason a CANCEL held back for a 1xx will carry
     last_ack: bytes = b""  # our ACK for this leg's 2xx, sent again for a repeated 2xx
+    # Further dialogs of this leg's INVITE: a forking proxy downstream let more than one
+    # phone answer it (RFC 3261 13.2.2.4).  Each got our ACK and BYE at once; remote tag
+    # -> that ACK, sent again for a repeated 2xx.  Replaced, never changed in place (the
+    # record is a shallow copy).
+    stray: dict[str, bytes] = field(default_factory=dict)
 
     def to_record(self) -> dict:
         # Shallow on purpose: every field is a plain value or an already plain record
         # (dataclasses.asdict deep-copies, and was the costliest step of a call event).
         record = {f.name: getattr(self, f.name) for f in _LEG_FIELDS}
         record["peer"] = list(self.peer)
+        stray = record.pop("stray")
+        if stray:  # left out when empty (nearly always): the record stays as it was
+            record["stray"] = dict(stray)
         return record
 
     @classmethod
@@ -59,6 +67,7 @@ class Leg:
         record = dict(record)
         record["peer"] = tuple(record["peer"])
         record["state"] = LegState(record["state"])
+        record["stray"] = dict(record.get("stray") or {})
         return cls(**record)
 
     @property

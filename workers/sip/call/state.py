@@ -33,12 +33,15 @@ class Event(StrEnum):
 
     FORK_RINGING = "fork ringing"  # a fork's provisional (not 100) without SDP
     FORK_EARLY_MEDIA = "fork early media"  # a fork's provisional with SDP
-    FORK_ANSWERED = "fork answered"  # a fork's first 2xx to our INVITE
+    FORK_ANSWERED = "fork answered"  # a fork's first 2xx to our INVITE (a repeat, or
+    # a second dialog's 2xx behind a forking proxy, is the fork's own bookkeeping)
     FORK_FAILED = "fork failed"  # a fork failed (or timed out); others still ring
     ALL_FORKS_FAILED = "all forks failed"  # the last ringing fork failed
     PAGE_ANSWERED = "page answered"  # a contact's 2xx to a relayed MESSAGE
     CALLER_CANCEL = "caller cancel"  # CANCEL of the caller's INVITE
     CALLER_BYE = "caller bye"  # BYE from the caller's side
+    # Requests reach the table only from the call's own dialogs: the caller's, and a
+    # fork's while none has won, then the winner's (inbound.py answers the rest itself).
     CALLEE_BYE = "callee bye"  # BYE from a fork's side
     IN_DIALOG_REQUEST = "in-dialog request"  # re-INVITE, UPDATE, INFO...: for the other leg
     CALLER_NO_ACK = "caller no ack"  # our 2xx to the caller was never ACKed (Timer L)
