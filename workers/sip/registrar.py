@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from cluster.logsetup import call_log
 from cluster.sip.errors import SipError
 from cluster.sip.headers import NameAddr
-from cluster.sip.message import Request, Response, build_response
+from cluster.sip.message import Request, Response
 from cluster.sip.uri import SipURI
 from cluster.store import Binding, Store, aor_of, tx_key
 
@@ -45,16 +45,17 @@ class RegistrarSettings:
     max_contacts: int
     nonce_lifetime: float
     tx_ttl: float
-    server: bytes = b"sipcluster"
 
 
 class Registrar:
+    """``answers``: builds the answers (answers.py: their To tag and Server header)."""
+
     def __init__(self, store: Store, auth: Authenticator, settings: RegistrarSettings,
-                 new_tag):
+                 answers):
         self.store = store
         self.auth = auth
         self.settings = settings
-        self.new_tag = new_tag
+        self.answers = answers
 
     def handle(self, req: Request, source: Source, server_key: str,
                pending: dict[str, bytes]) -> tuple[Response | bytes, str | None, bool]:
@@ -162,8 +163,7 @@ class Registrar:
 
     def _reply(self, req: Request, status: int, reason: str | None = None, *,
                headers: list[tuple[bytes, bytes]] = ()) -> Response:
-        return build_response(req, status, reason, to_tag=self.new_tag(),
-                              headers=[*headers, (b"Server", self.settings.server)])
+        return self.answers.build(req, status, reason, headers=headers)
 
 
 def _contact_value(binding: Binding, now: float) -> bytes:
