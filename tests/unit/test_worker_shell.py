@@ -2,12 +2,14 @@
 B2BUA and answers.py), over the memory store (tests/memstore.py, held to the Redis
 store's contract by tests/integration/test_store_contract.py) and a transport that
 records what leaves: admission control, the retransmission absorber, stateless answers,
-the challenge of an INVITE and the compare-and-set of a call record another worker wrote.
+the challenge of an INVITE, the compare-and-set of a call record another worker wrote and
+Redis trouble.
 The users are the seed's 1002 (the caller, password 1234) and 1009 (the callee, 5678)."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from itertools import count
 
 import gevent
@@ -20,7 +22,7 @@ from cluster.config import AuthConfig, CallsConfig, Config, MediaConfig, SipConf
 from cluster.sip import digest
 from cluster.sip.ids import call_tag
 from cluster.sip.message import Request, Response, parse
-from cluster.store import aor_of
+from cluster.store import StoreUnavailable, aor_of
 from workers.sip.worker import Worker
 
 REALM = ADDRESS = "192.168.31.109"
@@ -370,3 +372,41 @@ def test_below_half_the_limit_nothing_is_shed(worker, busy):
     gevent.sleep(0.01)  # handled beside the requests that stay in flight
     assert only(worker.transport.take()).status == 401
     assert worker.counters["shed"] == 0
+
+
+def test_a_request_that_waited_past_the_queue_limit_is_shed(worker, monkeypatch):
+    data = register("1002", CALLER)
+    worker.on_datagram(data, CALLER, 0)  # queued in the pool, not yet handled
+    late = time.monotonic() + worker.queue_limit + 0.1
+    monkeypatch.setattr(time, "monotonic", lambda: late)
+    worker.pool.join()
+    [refused] = shed(worker.transport.take())
+    assert refused.header("retry-after") == b"5" and worker.counters["shed"] == 1
+    assert worker.counters["requests_REGISTER"] == 0 and worker.answers.working == set()
+
+
+# --------------------------------------------------------------------------- Redis trouble
+
+
+def unavailable(*args, **kwargs):
+    raise StoreUnavailable("timeout")
+
+
+def test_redis_trouble_holds_a_request_for_its_copy_then_answers_503(store, monkeypatch):
+    monkeypatch.setattr(store, "load_call", unavailable)
+    worker = make_worker(store)
+    data = in_dialog("INFO", "some-call")
+    assert deliver(worker, data, CALLER) == []  # its sender repeats it (Timer E)
+    assert worker.counters["held_for_retransmission"] == 1
+    worker.outage_hold = 0.0  # the outage outlasted the hold
+    refused = only(deliver(worker, data, CALLER))
+    assert (refused.status, refused.header("retry-after")) == (503, b"5")
+
+
+def test_redis_trouble_never_answers_a_hang_up_and_keeps_it(store, monkeypatch):
+    monkeypatch.setattr(store, "load_call", unavailable)
+    worker = make_worker(store)
+    worker.outage_hold = 0.0
+    data = in_dialog("BYE", "some-call")
+    assert deliver(worker, data, CALLER) == []
+    assert worker.counters["hangups_deferred"] == 1 and len(worker._deferred) == 1
