@@ -72,7 +72,8 @@ def register(*, user="1002", cseq=1, call_id="reg-1", contacts=(f"<sip:1002@{PHO
 
 
 def handle(registrar, req, pending=None, source=SOURCE):
-    return registrar.handle(req, source, server_key(req), {} if pending is None else pending)
+    registrar.answers.pending = {} if pending is None else pending
+    return registrar.handle(req, source, server_key(req))
 
 
 def challenge_of(registrar) -> bytes:

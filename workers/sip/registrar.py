@@ -48,7 +48,8 @@ class RegistrarSettings:
 
 
 class Registrar:
-    """``answers``: builds the answers (answers.py: their To tag and Server header)."""
+    """``answers`` (answers.py): builds the answers (their To tag and Server header) and
+    holds this worker's answers not yet written to Redis, which a retransmission gets."""
 
     def __init__(self, store: Store, auth: Authenticator, settings: RegistrarSettings,
                  answers):
@@ -57,11 +58,10 @@ class Registrar:
         self.settings = settings
         self.answers = answers
 
-    def handle(self, req: Request, source: Source, server_key: str,
-               pending: dict[str, bytes]) -> tuple[Response | bytes, str | None, bool]:
+    def handle(self, req: Request, source: Source,
+               server_key: str) -> tuple[Response | bytes, str | None, bool]:
         """The answer to a REGISTER, the transaction key it belongs under (None: not kept),
-        and whether it is new (to be kept).  ``pending``: this worker's answers not yet
-        written to Redis."""
+        and whether it is new (to be kept)."""
         user = self._user_of(req)
         result = self.auth.check(req, source.addr, proxy=False)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
@@ -73,7 +73,7 @@ class Registrar:
         if result.username != user:
             self.auth.refused(req, source.addr, result.username, "user-mismatch")
             return self._reply(req, 403, "Username does not match the To user"), None, False
-        return self._update(req, source, user, result.credentials, server_key, pending)
+        return self._update(req, source, user, result.credentials, server_key)
 
     def _user_of(self, req: Request) -> str:
         to_uri = req.to.uri
@@ -81,8 +81,7 @@ class Registrar:
             raise SipError(400, "To must be a SIP or SIPS address of record")
         return to_uri.user_name  # 400 (SipError) when it decodes to a control
 
-    def _update(self, req: Request, source: Source, user: str, creds, server_key: str,
-                pending: dict[str, bytes]):
+    def _update(self, req: Request, source: Source, user: str, creds, server_key: str):
         now = time.time()
         aor = aor_of(user, self.settings.realm)
         star = req.contact_star
@@ -108,6 +107,7 @@ class Registrar:
             cseq=req.cseq.number, set_bindings=set_bindings, remove_keys=remove_keys, star=star)
         clog = call_log(log, req.call_id)
         if outcome.outcome == "dup":
+            pending = self.answers.pending  # this worker's answers not yet in Redis
             if outcome.response or tx in pending:
                 return outcome.response or pending[tx], tx, False
             # The first copy was registered by a worker that died before it kept its answer

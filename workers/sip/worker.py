@@ -406,7 +406,7 @@ class Worker:
 
     def _register(self, req: Request, source: Source) -> None:
         answers = self.answers
-        answer, tx, fresh = self.registrar.handle(req, source, server_key(req), answers.pending)
+        answer, tx, fresh = self.registrar.handle(req, source, server_key(req))
         data = answer if isinstance(answer, bytes) else answer.to_bytes()
         if data.startswith(b"SIP/2.0 200 "):  # its digest was accepted: a proven source
             self.scanners.note_trusted(source.addr[0])
