@@ -1,5 +1,5 @@
-"""An in-memory stand-in for the part of cluster.store.Store the registrar and the
-authenticator use, for unit tests of those shells.
+"""An in-memory stand-in for the part of cluster.store.Store the registrar, the
+authenticator and the B2BUA use, for unit tests of those shells.
 
 It mirrors the real methods' return types and edge cases (the registration script's
 order of checks, nonce-count parsing, key TTLs, Redis's TTL rounding), records go through
@@ -11,6 +11,7 @@ mirrored here raises NotImplementedError.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +19,9 @@ from collections.abc import Callable, Iterable
 from cluster.store import (
     AUTHBLOCK_CHANNEL,
     AUTHLOCK_CHANNEL,
+    TIMER_LEASE,
+    TIMER_SHARDS,
+    VERSION_STEP,
     Binding,
     RegisterResult,
     Store,
@@ -25,9 +29,13 @@ from cluster.store import (
     authfail_key,
     authlock_key,
     authuser_key,
+    call_key,
+    counted_state,
     nc_key,
     pack,
     reg_key,
+    timer_member,
+    timer_shard,
     unpack,
     user_key,
 )
@@ -48,6 +56,8 @@ class MemoryStore:
         self._expiry: dict[str, float] = {}  # key -> clock time it lapses at
         self._aors: dict[str, int] = {}  # the AORs index: aor -> latest expiry (ms)
         self.published: list[tuple[str, str]] = []  # (channel, message), oldest first
+        self._timers: dict[str, tuple[float, str, str, float]] = {}  # member -> score, entry
+        self._cdrs: list[dict[str, str]] = []  # the CDR stream, oldest first
 
     def __getattr__(self, name: str):
         if hasattr(Store, name):
@@ -262,6 +272,61 @@ class MemoryStore:
 
     def stored_answer(self, tx: str) -> bytes | None:
         return self._get(tx) or None
+
+    # ---------------------------------------------------------------- calls
+    def load_call(self, tag: str) -> tuple[int, dict] | None:
+        fields = self._hash(call_key(tag))
+        if "d" not in fields:
+            return None
+        return int(fields["v"]), unpack(fields["d"])
+
+    def save_call(self, tag: str, version: int, record: dict, ttl: float,
+                  arm: list[tuple[str, str, float]] = ()) -> int | None:
+        """The timers are armed first, whether the compare-and-set then wins or not (as
+        the real store's pipeline does); the counting indexes are not mirrored."""
+        for timer_tag, name, due in arm:
+            self._timers[timer_member(timer_tag, name, due)] = (due, timer_tag, name, due)
+        key = call_key(tag)
+        if int(self._hash(key).get("v", b"0")) != version:
+            return None
+        new = version + random.randrange(1, VERSION_STEP)
+        self._hashes[key] = {"v": str(new).encode(), "d": pack(record),
+                             "s": counted_state(record).encode()}
+        self._expire(key, int(ttl * 1000) / 1000)
+        return new
+
+    def call_version(self, tag: str) -> int:
+        return int(self._hash(call_key(tag)).get("v", b"0"))
+
+    def remove_timers(self, entries: list[tuple[str, str, float]]) -> None:
+        for tag, name, due in entries:
+            self._timers.pop(timer_member(tag, name, due), None)
+
+    def claim_due_timers(self, now: float, lease: float = TIMER_LEASE,
+                         limit: int = 100) -> list[tuple[str, str, float]]:
+        """Per shard in order, up to ``limit`` due entries, earliest first (ties by
+        member, as a sorted set); each comes due again ``lease`` after ``now``."""
+        claimed = []
+        for shard in range(TIMER_SHARDS):
+            due = sorted((score, member) for member, (score, tag, _, _) in self._timers.items()
+                         if timer_shard(tag) == shard and score <= now)[:limit]
+            for _, member in due:
+                _, tag, name, at = self._timers[member]
+                self._timers[member] = (now + lease, tag, name, at)
+                claimed.append((tag, name, at))
+        return claimed
+
+    def add_cdr(self, record: dict) -> None:
+        ms = int(self.clock() * 1000)
+        last = self._cdrs[-1]["id"] if self._cdrs else "0-0"
+        last_ms, last_seq = map(int, last.split("-"))
+        entry_id = f"{last_ms}-{last_seq + 1}" if ms <= last_ms else f"{ms}-0"  # XADD's ids
+        self._cdrs.append({"id": entry_id,
+                           **{k: ("" if v is None else str(v)) for k, v in record.items()}})
+
+    def cdrs(self, since_ms: int = 0, count: int = 10_000) -> list[dict]:
+        return [dict(entry) for entry in self._cdrs
+                if int(entry["id"].split("-")[0]) >= since_ms][:count]
 
     # ---------------------------------------------------------------- auth throttling
     def auth_failures(self, ip: str) -> int:

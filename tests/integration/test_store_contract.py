@@ -362,3 +362,57 @@ def test_a_user_is_locked_once_at_the_threshold(env):
     assert store.note_user_auth_failure(AOR, 600, 3, 900) == 300.0  # not extended
     assert store.user_locked(AOR) == 300.0
     assert store.user_locked(aor_of("1001", REALM)) == 0.0
+
+
+# ---------------------------------------------------------------- calls, timers, CDRs
+
+CALL = "0123456789abcdef01234567"
+RECORD = {"state": "trying", "a": {"call_id": "a@x", "cseq": 1}, "forks": [], "sdp": b"v=0"}
+
+
+def test_a_call_is_written_only_at_the_version_it_was_read_at(env):
+    store = env.store
+    assert store.load_call(CALL) is None and store.call_version(CALL) == 0
+    first = store.save_call(CALL, 0, RECORD, 60)
+    assert first > 0 and store.load_call(CALL) == (first, RECORD)
+    assert store.call_version(CALL) == first
+    assert store.save_call(CALL, 0, {**RECORD, "state": "early"}, 60) is None  # exists now
+    assert store.save_call(CALL, first + 1, {**RECORD, "state": "early"}, 60) is None
+    second = store.save_call(CALL, first, {**RECORD, "state": "early"}, 60)
+    assert second not in (None, first) and store.call_version(CALL) == second
+    assert store.load_call(CALL) == (second, {**RECORD, "state": "early"})
+    assert store.save_call(CALL, first, RECORD, 60) is None  # the version moved on
+
+
+def test_a_call_record_lapses_after_its_ttl(env):
+    env.store.save_call(CALL, 0, RECORD, 0.2)
+    env.wait(0.35)
+    assert env.store.load_call(CALL) is None and env.store.call_version(CALL) == 0
+    assert env.store.save_call(CALL, 0, RECORD, 60) is not None
+
+
+def test_timers_armed_with_a_write_are_claimed_when_due_as_a_lease(env):
+    store, now = env.store, env.now()
+    version = store.save_call(CALL, 0, RECORD, 60,
+                              arm=[(CALL, "B", now - 1.25), (CALL, "A", now + 100.5)])
+    assert store.claim_due_timers(now) == [(CALL, "B", now - 1.25)]
+    assert store.claim_due_timers(now) == []  # claimed: not due again within the lease
+    assert store.claim_due_timers(now + 3.5, lease=3.0) == [(CALL, "B", now - 1.25)]
+    store.remove_timers([(CALL, "B", now - 1.25), (CALL, "missing", now)])
+    assert store.claim_due_timers(now + 60) == []
+    # Armed before the compare-and-set, so armed even when the write loses.
+    assert store.save_call(CALL, version + 1, RECORD, 60, arm=[(CALL, "C", now - 2.0)]) is None
+    assert store.claim_due_timers(now) == [(CALL, "C", now - 2.0)]
+    assert store.claim_due_timers(now + 200) == [(CALL, "C", now - 2.0), (CALL, "A", now + 100.5)]
+
+
+def test_cdrs_are_appended_as_text_in_order(env):
+    env.store.add_cdr({"caller": "1002", "duration": 3, "answer": None, "billsec": 1.5})
+    env.store.add_cdr({"caller": "1001"})
+    first, second = env.store.cdrs()
+    assert {k: v for k, v in first.items() if k != "id"} == {
+        "caller": "1002", "duration": "3", "answer": "", "billsec": "1.5"}
+    assert {k: v for k, v in second.items() if k != "id"} == {"caller": "1001"}
+    ids = [tuple(map(int, c["id"].split("-"))) for c in (first, second)]
+    assert ids[0] < ids[1]
+    assert env.store.cdrs(since_ms=ids[1][0] + 1) == []

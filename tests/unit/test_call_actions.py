@@ -20,13 +20,12 @@ class FakeShell:
 
     def __init__(self) -> None:
         self.sent, self.cdrs, self.replies = [], [], []
-        worker = SimpleNamespace(
-            counters=Counter(), name="w",
-            transport=SimpleNamespace(send=lambda *a, **k: self.sent.append((a, k))),
+        self.b2bua = B2BUA.__new__(B2BUA)
+        self.b2bua.counters, self.b2bua.name = Counter(), "w"
+        self.b2bua.transport = SimpleNamespace(send=lambda *a, **k: self.sent.append((a, k)))
+        self.b2bua.answers = SimpleNamespace(
             reply=lambda req, source, status, reason=None, headers=(): (
                 self.replies.append((status, reason)) or b"SIP/2.0 %d X\r\n\r\n" % status))
-        self.b2bua = B2BUA.__new__(B2BUA)
-        self.b2bua.worker = worker
         self.b2bua.config = SimpleNamespace(calls=SimpleNamespace(trace=False))
         self.b2bua.store = SimpleNamespace(add_cdr=self.cdrs.append, load_call=lambda tag: None)
         self.b2bua.media = SimpleNamespace(end=lambda tag: None)
@@ -45,7 +44,7 @@ def test_the_shell_performs_every_kind_of_action():
     assert shell.sent == [((b"data", ("10.0.0.2", 5062)), {"host": "h", "sock_index": 1})]
     assert shell.replies == [(481, None)]
     assert shell.cdrs == [{**CDR, "codec": ""}]  # completed by the shell (no trace: no codec)
-    assert shell.b2bua.worker.counters == Counter(calls_ended=1)
+    assert shell.b2bua.counters == Counter(calls_ended=1)
     assert set(ACTIONS) == {Out, Reply, Cdr}  # a new kind needs its branch in _perform
 
 
@@ -53,7 +52,7 @@ def test_an_action_the_shell_does_not_know_is_counted_and_logged(caplog):
     shell = FakeShell()
     with caplog.at_level(logging.ERROR, "b2bua"):
         shell.b2bua._perform("t", [Send(b"x", ("10.0.0.2", 5060))], None, None)
-    assert shell.b2bua.worker.counters["unhandled_actions"] == 1
+    assert shell.b2bua.counters["unhandled_actions"] == 1
     assert shell.sent == [] and "no way to perform" in caplog.text
 
 

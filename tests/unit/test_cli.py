@@ -301,7 +301,7 @@ def carried_out(monkeypatch, outcome, age: float = 1.0):
     worker = SimpleNamespace(b2bua=FakeB2BUA(outcome), counters=Counter(), store=None)
     request = {"tag": TAG, "call_id": "a@x", "by": "sipctl@ops",
                "at": f"{operator.time.time() - age:.3f}"}
-    operator.carry_out(worker, "1-0", request)
+    operator.carry_out(worker.b2bua, worker.store, worker.counters, "1-0", request)
     return worker, acked
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter
 from itertools import count
 
 import pytest
@@ -19,6 +20,7 @@ from cluster.sip.errors import SipError
 from cluster.sip.message import Response, parse
 from cluster.sip.transaction import server_key
 from cluster.store import AUTHBLOCK_CHANNEL, aor_of, tx_key
+from workers.sip.answers import Answers
 from workers.sip.auth import Authenticator
 from workers.sip.registrar import Registrar, RegistrarSettings, Source
 
@@ -41,9 +43,11 @@ def registrar(store):
     auth = Authenticator(store, realm=REALM, secret=SECRET, algorithms=("MD5",),
                          nonce_lifetime=300, max_failures=2, failure_window=60)
     tags = count()
+    answers = Answers(None, store, new_tag=lambda: f"totag{next(tags)}", server=b"sipcluster",
+                      tx_ttl=32, counters=Counter())
     return Registrar(store, auth, RegistrarSettings(
         realm=REALM, min_expires=60, max_expires=7200, default_expires=3600, max_contacts=2,
-        nonce_lifetime=300, tx_ttl=32), lambda: f"totag{next(tags)}")
+        nonce_lifetime=300, tx_ttl=32), answers)
 
 
 _branches = count()
@@ -68,7 +72,8 @@ def register(*, user="1002", cseq=1, call_id="reg-1", contacts=(f"<sip:1002@{PHO
 
 
 def handle(registrar, req, pending=None, source=SOURCE):
-    return registrar.handle(req, source, server_key(req), {} if pending is None else pending)
+    registrar.answers.pending = {} if pending is None else pending
+    return registrar.handle(req, source, server_key(req))
 
 
 def challenge_of(registrar) -> bytes:

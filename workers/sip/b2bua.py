@@ -26,7 +26,7 @@ from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.ids import call_tag
 from cluster.sip.ids import leg_name as _leg_name
-from cluster.sip.message import Request, Response, build_response
+from cluster.sip.message import Request, Response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, hostport, parse_uri
 from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, trace_heads, tx_key
@@ -34,7 +34,6 @@ from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, trace_hea
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
 from .call.state import CallState
-from .media import media_for
 from .mediastep import decide
 from .registrar import Source
 from .tracebuf import TraceBuffer
@@ -59,12 +58,26 @@ UNSURE_EVERY = 0.5  # seconds between two looks at them
 
 
 class B2BUA:
-    def __init__(self, worker):
-        self.worker = worker
-        self.store = worker.store
-        self.config = worker.config
-        self.ids = worker.ids
-        self.media = media_for(worker.config, worker.store, worker.host)
+    """``config``: the calls, routes, realm and SIP settings; ``answers``: stateless
+    answers (answers.py); ``media``: where SDP goes (media.py); ``spawn``: runs a fired
+    timer in the worker's pool; ``name`` and ``host``: this worker, written in the call
+    records it handles."""
+
+    def __init__(self, config, *, store, transport, answers, auth, scanners, media, ids,
+                 host: str, name: str, counters, histograms, spawn):
+        self.config = config
+        self.store = store
+        self.transport = transport
+        self.answers = answers
+        self.auth = auth
+        self.scanners = scanners
+        self.media = media
+        self.ids = ids
+        self.host = host
+        self.name = name
+        self.counters = counters
+        self.histograms = histograms
+        self.spawn = spawn
         self.running = True
         self._locks: dict[str, list] = {}
         # call tag -> (version, record)
@@ -73,8 +86,8 @@ class B2BUA:
         self._disarm_pending = False
         # call tag -> {the "ended" of a write that may have landed: (its CDRs, keep until)}
         self._unsure: dict[str, dict[float, tuple[list, float]]] = {}
-        self.traces = TraceBuffer(worker.store, worker.config.calls.trace_max, worker.counters)
-        cfg = worker.config
+        self.traces = TraceBuffer(store, config.calls.trace_max, counters)
+        cfg = config
         self.settings = Settings(
             address=cfg.sip.effective_address, port=cfg.sip.effective_port,
             user_agent=cfg.sip.user_agent.encode(), xcid_header=cfg.calls.xcid_header.encode(),
@@ -106,13 +119,13 @@ class B2BUA:
             self.trace(tag, [self._entry("in", req, _leg_name(req.call_id), source.addr)],
                        brief=True)
         else:
-            self.worker.reply(req, source, 481)
+            self.answers.reply(req, source, 481)
 
     def on_response(self, resp: Response, source) -> None:
         tag = call_tag(resp.call_id)
         if not self._with_call(tag, lambda call, ctx: call.on_response(resp, source.addr, ctx),
                                None, source, inbound=resp):
-            self.worker.counters["stray_responses"] += 1
+            self.counters["stray_responses"] += 1
 
     def media_timeout(self, tag: str) -> None:
         """No RTP either way for media.media_timeout (a relay said so): hang up both legs."""
@@ -135,12 +148,11 @@ class B2BUA:
 
     # ---------------------------------------------------------------- a new call
     def _new_call(self, tag: str, req: Request, source) -> None:
-        worker = self.worker
         clog = call_log(log, req.call_id)
         stored_key = tx_key(tag, server_key(req))
         stored = self.store.stored_answer(stored_key)
         if stored:
-            worker.transport.send(stored, source.addr, sock_index=source.sock_index)
+            self.transport.send(stored, source.addr, sock_index=source.sock_index)
             return
         # Traced with the first answer, in one write; kept briefly until the call exists,
         # so unauthenticated INVITEs cost little memory.
@@ -165,10 +177,10 @@ class B2BUA:
             targets=targets, ctx=self.ctx(source.addr, media, now)), self.media)
         # Its 100 Trying leaves only once the call is written: after a 100 the caller stops
         # repeating the INVITE, so a worker dying before the write must not have sent it.
-        call.worker = worker.name
+        call.worker = self.name
         with self._serialized(tag):
             if self._commit(tag, 0, call, actions, req, source):
-                worker.counters["calls"] += 1
+                self.counters["calls"] += 1
                 clog.info("call %s: %s -> %s, %d contact(s)", tag, caller, callee, len(targets))
             else:  # another worker created it meanwhile: this INVITE is a retransmission there
                 self._with_call_locked(tag, lambda c, ctx: c.on_request(req, source.addr, ctx),
@@ -196,15 +208,15 @@ class B2BUA:
             if not isinstance(parsed, SipURI):
                 continue
             peer = (parsed.param("maddr") or parsed.host_bare, parsed.port or 5060)
-            return [Target(uri, peer, self.worker.host, route=index)], None
+            return [Target(uri, peer, self.host, route=index)], None
         return [], 404
 
     def _authenticate(self, req: Request, source, arrived: list[dict]) -> str | None:
         """The caller's user name, or None when the request was answered (407/403)."""
-        worker = self.worker
-        result = worker.auth.check(req, source.addr, proxy=True)
+        auth = self.auth
+        result = auth.check(req, source.addr, proxy=True)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
-            self._reply(req, source, 407, headers=worker.auth.challenge_headers(
+            self._reply(req, source, 407, headers=auth.challenge_headers(
                 proxy=True, stale=result.verdict is Verdict.STALE), prior=arrived, brief=True)
             return None
         if result.verdict is not Verdict.OK:
@@ -215,26 +227,24 @@ class B2BUA:
         if creds.nc and not self.store.accept_nonce_count(
                 aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime,
                 server_key(req)):
-            worker.auth.refused(req, source.addr, result.username, "replayed-nonce-count")
-            self._reply(req, source, 407, headers=worker.auth.challenge_headers(proxy=True),
+            auth.refused(req, source.addr, result.username, "replayed-nonce-count")
+            self._reply(req, source, 407, headers=auth.challenge_headers(proxy=True),
                         prior=arrived, brief=True)
             return None
         from_user = _user_of(req.from_.uri)
         if from_user != result.username and not self.config.calls.allow_from_mismatch:
-            worker.auth.refused(req, source.addr, result.username, "user-mismatch")
+            auth.refused(req, source.addr, result.username, "user-mismatch")
             self._reply(req, source, 403, "From does not match the authenticated user",
                         prior=arrived, brief=True)
             return None
-        worker.scanners.note_trusted(source.addr[0])  # a proven source (cluster/limits.py)
+        self.scanners.note_trusted(source.addr[0])  # a proven source (cluster/limits.py)
         return result.username
 
     def _fail_statelessly(self, req: Request, source, status: int, stored_key: str) -> None:
-        resp = build_response(req, status, to_tag=self.ids.tag(),
-                              headers=[(b"Server", self.settings.user_agent)])
-        data = resp.to_bytes()
-        self.worker.transport.send(data, source.addr, sock_index=source.sock_index)
+        data = self.answers.build(req, status).to_bytes()
+        self.transport.send(data, source.addr, sock_index=source.sock_index)
         self.trace(call_tag(req.call_id), [_raw_entry("out", data, "a", source.addr)])
-        self.worker.keep_answer(stored_key, data)
+        self.answers.keep(stored_key, data)
 
     def _unrouted_cdr(self, req: Request, source: Source, caller: str, callee: str | None,
                       status: int) -> None:
@@ -305,7 +315,7 @@ class B2BUA:
                 return call, timers, event(call, self.ctx(where, media, now, arrival))
 
             call, timers, actions = decide(run, self.media)
-            call.worker = self.worker.name
+            call.worker = self.name
             after = call.to_record()
             if after == record:
                 if fresh or self.store.call_version(tag) == version:
@@ -315,7 +325,7 @@ class B2BUA:
             if self._commit(tag, version, call, actions, req, source, after, timers):
                 self._observe_progress(record, after)
                 return True
-            self.worker.counters["cas_conflicts"] += 1
+            self.counters["cas_conflicts"] += 1
             gevent.sleep(0.001)
         raise StoreUnavailable(f"call {tag}: too many concurrent writers")
 
@@ -349,7 +359,7 @@ class B2BUA:
         if after.get("method", "INVITE") != "INVITE" or not after.get("created"):
             return
         elapsed = time.time() - after["created"]
-        hists = self.worker.histograms
+        hists = self.histograms
         if not _callee_answered(before) and _callee_answered(after):
             hists["invite_first_response"].observe(elapsed)
         if before.get("state") == "trying" and after.get("state") in ("ringing", "early"):
@@ -411,12 +421,11 @@ class B2BUA:
         """Do what the call decided; every kind of action it can return (call/actions.py)
         has its branch here, and anything else is logged and counted, never dropped
         silently (the unit rig fails a test on it before it gets here)."""
-        worker = self.worker
         sent = []
         for action in actions:
             kind = type(action)
             if kind is Out:
-                worker.transport.send(action.data, action.dest, host=action.host,
+                self.transport.send(action.data, action.dest, host=action.host,
                                       sock_index=action.sock_index)
                 sent.append(action)
             elif kind is Reply:
@@ -425,14 +434,14 @@ class B2BUA:
             elif kind is Cdr:
                 self._write_cdr(tag, action)
             else:
-                worker.counters["unhandled_actions"] += 1
+                self.counters["unhandled_actions"] += 1
                 self._call_log(tag).error("call %s: no way to perform %r", tag, action)
         if sent and self.config.calls.trace:
             self.trace(tag, [self._sent_entry(tag, out) for out in sent])
 
     def _write_cdr(self, tag: str, action: Cdr) -> None:
         self._complete_cdr(tag, action.record)
-        self.worker.counters["calls_ended"] += 1
+        self.counters["calls_ended"] += 1
         call_log(log, action.record["a_call_id"]).info(
             "call %s ended: %s (%s side), %ss", tag, action.record["hangup_cause"],
             action.record["hangup_side"], action.record["duration"])
@@ -461,12 +470,12 @@ class B2BUA:
         entries of an attempt that is no call yet live only as long as a transaction."""
         calls = self.config.calls
         if calls.trace:  # written with the next batch (tracebuf.py)
-            self.traces.add(tag, entries, self.worker.tx_ttl if brief else calls.trace_ttl)
+            self.traces.add(tag, entries, self.answers.tx_ttl if brief else calls.trace_ttl)
 
     def _reply(self, req: Request, source, status: int, reason: str | None = None, *,
                headers=(), prior: list[dict] = (), brief: bool = False) -> None:
         """Answer ``req`` outside any transaction, and trace the answer (after ``prior``)."""
-        data = self.worker.reply(req, source, status, reason, headers=headers)
+        data = self.answers.reply(req, source, status, reason, headers=headers)
         sent = _raw_entry("out", data, _leg_name(req.call_id), response_dest(req, source.addr))
         self.trace(call_tag(req.call_id), [*prior, sent], brief=brief)
 
@@ -495,7 +504,7 @@ class B2BUA:
                 continue
             backoff.ok()
             for tag, name, at in due:
-                self.worker.pool.spawn(self._fire, tag, name, at)
+                self.spawn(self._fire, tag, name, at)
             if self._unsure and time.monotonic() >= next_settle:
                 next_settle = time.monotonic() + UNSURE_EVERY
                 try:

@@ -100,29 +100,28 @@ def media_for(config, store, host: str):
     return Relayed(store, host, relayctl.control_key(config.auth.secret))
 
 
-def follow_media_timeouts(worker) -> None:
+def follow_media_timeouts(b2bua, store, consumer: str) -> None:
     """Hang up calls whose media stopped, once each: the relays' events are read from a
     stream by a consumer group, so an event nobody read yet waits, and one a dead worker
     read but did not finish is claimed by another (design: reliable, not pub/sub).
 
     No trouble ends this loop: it backs off and goes on, and the store makes the group
     anew when a fresh Redis (or a deleted stream) lacks it.  An event whose hang-up
-    failed is not acknowledged, so it is claimed again after ``CLAIM_AFTER_MS``."""
-    # One consumer per worker of the cluster: "worker-0" of every host would be one.
-    store, name = worker.store, f"{worker.host}/{worker.name}"
+    failed is not acknowledged, so it is claimed again after ``CLAIM_AFTER_MS``.
+    ``consumer``: this worker's name in the group, one per worker of the cluster."""
     backoff = Backoff(log, "media events")
     grouped = False
-    while getattr(worker.b2bua, "running", True):
+    while getattr(b2bua, "running", True):
         try:
             if not grouped:
                 store_module.media_events_group(store, EVENTS_GROUP)
                 grouped = True
-            events = store_module.claim_stale_media_events(store, EVENTS_GROUP, name,
+            events = store_module.claim_stale_media_events(store, EVENTS_GROUP, consumer,
                                                            CLAIM_AFTER_MS)
-            events += store_module.read_media_events(store, EVENTS_GROUP, name, block_ms=100)
+            events += store_module.read_media_events(store, EVENTS_GROUP, consumer, block_ms=100)
             for event_id, event in events:
                 if event.get("event") == "media-timeout":
-                    worker.b2bua.media_timeout(event["call_id"])
+                    b2bua.media_timeout(event["call_id"])
                 store_module.ack_media_events(store, EVENTS_GROUP, [event_id])
         except Exception as exc:  # whatever it is, media timeouts go on being followed
             gevent.sleep(backoff.failed(exc))
@@ -132,16 +131,15 @@ def follow_media_timeouts(worker) -> None:
             gevent.sleep(0.05)  # never spin, should a read come back empty at once
 
 
-def follow_dead_hosts(worker) -> None:
+def follow_dead_hosts(b2bua, store, host: str) -> None:
     """End the calls whose relay is on a dead host (BYE to both sides, a CDR with cause
     38 NETWORK_OUT_OF_ORDER): nothing else would, since the relay that would report
     their media timeout is gone.  Every worker of every host looks; the call's
     compare-and-set lets one hang it up, the others find it ended."""
-    store, host = worker.store, worker.host
-    media = worker.b2bua.media
+    media = b2bua.media
     backoff = Backoff(log, "dead hosts")
     missing_since: dict[str, float] = {}  # host -> when its announcement was first missed
-    while getattr(worker.b2bua, "running", True):
+    while getattr(b2bua, "running", True):
         gevent.sleep(DEAD_HOST_CHECK)
         try:
             now, mono = time.time(), time.monotonic()
@@ -164,7 +162,7 @@ def follow_dead_hosts(worker) -> None:
             media.client.dead_hosts = dead
             for relay_id in (r for h in dead for r in silent[h]):
                 for record in store_module.relay_owned_sessions(store, relay_id):
-                    worker.b2bua.host_down(record["call_id"], relay_id)
+                    b2bua.host_down(record["call_id"], relay_id)
                     # The session dies with its relay; its record would keep the call
                     # pointing at it.
                     store_module.relay_drop_sessions(store, relay_id, [record["call_id"]])

@@ -33,33 +33,33 @@ MAX_AGE = 60.0
 SIDE = "operator"  # the CDR's hangup side
 
 
-def hangup_loop(worker) -> None:
-    """Read hangup requests and carry them out (run in its own greenlet)."""
-    consumer = f"{worker.host}/{worker.name}"
-    timeout = worker.config.workers.redis_timeout
+def hangup_loop(b2bua, store, consumer: str, timeout: float, spawn, counters) -> None:
+    """Read hangup requests and carry them out (run in its own greenlet) as ``consumer``
+    of the stream's group; ``timeout``: the store's, which a blocking read stays under;
+    ``spawn``: runs each request in the worker's pool."""
     block_ms = max(1, int(min(BLOCK_SECONDS, timeout / 2) * 1000))
     grouped, next_claim = False, 0.0
     backoff = Backoff(log, "hangup requests")
-    while worker.b2bua.running:
+    while b2bua.running:
         try:
             if not grouped:  # (the store makes it anew too, should Redis lose it later)
-                hangup_group(worker.store)
+                hangup_group(store)
                 grouped = True
-            requests = read_hangups(worker.store, consumer, block_ms=block_ms)
+            requests = read_hangups(store, consumer, block_ms=block_ms)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + CLAIM_AFTER
-                requests += claim_stale_hangups(worker.store, consumer, int(CLAIM_AFTER * 1000))
+                requests += claim_stale_hangups(store, consumer, int(CLAIM_AFTER * 1000))
         except Exception as exc:  # whatever it is, hangup requests go on being read
             gevent.sleep(backoff.failed(exc))
             continue
         backoff.ok()
         for entry_id, request in requests:
-            worker.pool.spawn(carry_out, worker, entry_id, request)
+            spawn(carry_out, b2bua, store, counters, entry_id, request)
         if not requests:
             gevent.sleep(0.05)  # never spin, should a read come back empty at once
 
 
-def carry_out(worker, entry_id: str, request: dict) -> None:
+def carry_out(b2bua, store, counters, entry_id: str, request: dict) -> None:
     tag, call_id = request.get("tag", ""), request.get("call_id", "") or "-"
     clog = call_log(log, call_id)
     try:
@@ -67,16 +67,16 @@ def carry_out(worker, entry_id: str, request: dict) -> None:
         if age > MAX_AGE:
             clog.info("call %s: hangup request from %s dropped, %.0f s old", tag,
                       request.get("by", "?"), age)
-        elif worker.b2bua.hangup(tag, side=SIDE):
-            worker.counters["operator_hangups"] += 1
+        elif b2bua.hangup(tag, side=SIDE):
+            counters["operator_hangups"] += 1
             clog.info("call %s: hung up at the request of %s", tag, request.get("by", "?"))
         else:
             clog.info("call %s: hangup requested by %s, but the call is gone", tag,
                       request.get("by", "?"))
-        ack_hangups(worker.store, [entry_id])
+        ack_hangups(store, [entry_id])
     except StoreUnavailable as exc:  # left pending: claimed again after CLAIM_AFTER
         clog.warning("call %s: hangup request not carried out yet: %s", tag, exc)
     except Exception:
         clog.exception("call %s: hangup request %s failed", tag, entry_id)
         with contextlib.suppress(StoreUnavailable):
-            ack_hangups(worker.store, [entry_id])  # a request that fails would fail again
+            ack_hangups(store, [entry_id])  # a request that fails would fail again

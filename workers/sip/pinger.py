@@ -32,10 +32,18 @@ def _field(key: str) -> str:
 
 
 class Pinger:
-    def __init__(self, worker, index: int, count: int):
-        self.worker = worker
-        self.store = worker.store
-        self.interval = worker.config.registrar.ping_interval
+    """Pings from ``host``'s contacts, the share of worker ``index`` of ``count``;
+    ``address`` and ``port``: ours, in the Via and From."""
+
+    def __init__(self, store, transport, ids, *, host: str, interval: float, address: str,
+                 port: int, user_agent: bytes, index: int, count: int):
+        self.store = store
+        self.transport = transport
+        self.ids = ids
+        self.host = host
+        self.interval = interval
+        self.address, self.port = address, port
+        self.user_agent = user_agent
         self.index, self.count = index, max(count, 1)
 
     def loop(self) -> None:
@@ -57,7 +65,7 @@ class Pinger:
     def _ping_aor(self, aor: str) -> None:
         for key, packed in self.store.raw_bindings(aor).items():
             binding = Binding.from_record(unpack(packed))
-            if binding.host != self.worker.host or binding.destination is None:
+            if binding.host != self.host or binding.destination is None:
                 continue
             field = _field(key)
             unanswered = self.store.count_ping(aor, field, 10 * self.interval)
@@ -70,17 +78,16 @@ class Pinger:
             self._send(aor, field, binding)
 
     def _send(self, aor: str, field: str, binding: Binding) -> None:
-        cfg = self.worker.config
-        host, port = cfg.sip.effective_address, cfg.sip.effective_port
+        host, port = self.address, self.port
         token = base64.urlsafe_b64encode(aor.encode()).decode().rstrip("=")
-        ids = self.worker.ids
+        ids = self.ids
         call_id = PREFIX + f"{token}.{field}.{ids.token(4)}".encode()
         request = build_request("OPTIONS", binding.contact, [
             (b"Via", via(host, port, ids.branch())), (b"Max-Forwards", b"70"),
             (b"From", b"<sip:ping@%s>;tag=%s" % (host_part(host).encode(), ids.tag().encode())),
             (b"To", b"<" + binding.contact + b">"), (b"Call-ID", call_id),
-            (b"CSeq", b"1 OPTIONS"), (b"User-Agent", cfg.sip.user_agent.encode())])
-        self.worker.transport.send(request.to_bytes(), binding.destination, host=binding.host)
+            (b"CSeq", b"1 OPTIONS"), (b"User-Agent", self.user_agent)])
+        self.transport.send(request.to_bytes(), binding.destination, host=binding.host)
 
     def on_response(self, resp: Response) -> None:
         """Any answer, even an error, shows the phone is there."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from cluster.logsetup import call_log
 from cluster.sip.errors import SipError
 from cluster.sip.headers import NameAddr
-from cluster.sip.message import Request, Response, build_response
+from cluster.sip.message import Request, Response
 from cluster.sip.uri import SipURI
 from cluster.store import Binding, Store, aor_of, tx_key
 
@@ -45,22 +45,23 @@ class RegistrarSettings:
     max_contacts: int
     nonce_lifetime: float
     tx_ttl: float
-    server: bytes = b"sipcluster"
 
 
 class Registrar:
+    """``answers`` (answers.py): builds the answers (their To tag and Server header) and
+    holds this worker's answers not yet written to Redis, which a retransmission gets."""
+
     def __init__(self, store: Store, auth: Authenticator, settings: RegistrarSettings,
-                 new_tag):
+                 answers):
         self.store = store
         self.auth = auth
         self.settings = settings
-        self.new_tag = new_tag
+        self.answers = answers
 
-    def handle(self, req: Request, source: Source, server_key: str,
-               pending: dict[str, bytes]) -> tuple[Response | bytes, str | None, bool]:
+    def handle(self, req: Request, source: Source,
+               server_key: str) -> tuple[Response | bytes, str | None, bool]:
         """The answer to a REGISTER, the transaction key it belongs under (None: not kept),
-        and whether it is new (to be kept).  ``pending``: this worker's answers not yet
-        written to Redis."""
+        and whether it is new (to be kept)."""
         user = self._user_of(req)
         result = self.auth.check(req, source.addr, proxy=False)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
@@ -72,7 +73,7 @@ class Registrar:
         if result.username != user:
             self.auth.refused(req, source.addr, result.username, "user-mismatch")
             return self._reply(req, 403, "Username does not match the To user"), None, False
-        return self._update(req, source, user, result.credentials, server_key, pending)
+        return self._update(req, source, user, result.credentials, server_key)
 
     def _user_of(self, req: Request) -> str:
         to_uri = req.to.uri
@@ -80,8 +81,7 @@ class Registrar:
             raise SipError(400, "To must be a SIP or SIPS address of record")
         return to_uri.user_name  # 400 (SipError) when it decodes to a control
 
-    def _update(self, req: Request, source: Source, user: str, creds, server_key: str,
-                pending: dict[str, bytes]):
+    def _update(self, req: Request, source: Source, user: str, creds, server_key: str):
         now = time.time()
         aor = aor_of(user, self.settings.realm)
         star = req.contact_star
@@ -107,6 +107,7 @@ class Registrar:
             cseq=req.cseq.number, set_bindings=set_bindings, remove_keys=remove_keys, star=star)
         clog = call_log(log, req.call_id)
         if outcome.outcome == "dup":
+            pending = self.answers.pending  # this worker's answers not yet in Redis
             if outcome.response or tx in pending:
                 return outcome.response or pending[tx], tx, False
             # The first copy was registered by a worker that died before it kept its answer
@@ -162,8 +163,7 @@ class Registrar:
 
     def _reply(self, req: Request, status: int, reason: str | None = None, *,
                headers: list[tuple[bytes, bytes]] = ()) -> Response:
-        return build_response(req, status, reason, to_tag=self.new_tag(),
-                              headers=[*headers, (b"Server", self.settings.server)])
+        return self.answers.build(req, status, reason, headers=headers)
 
 
 def _contact_value(binding: Binding, now: float) -> bytes:

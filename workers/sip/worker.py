@@ -30,21 +30,15 @@ from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.errors import SipError
 from cluster.sip.ids import ALLOW, ALLOWED, Ids
-from cluster.sip.message import (
-    KNOWN_METHODS,
-    Request,
-    Response,
-    build_response,
-    error_response,
-    parse,
-)
+from cluster.sip.message import KNOWN_METHODS, Request, Response, parse
 from cluster.sip.transaction import response_dest, server_key
 from cluster.store import Store, StoreUnavailable
 
+from .answers import Answers, mark_of
 from .auth import Authenticator
 from .b2bua import B2BUA
 from .hep import HepMirror
-from .media import follow_dead_hosts, follow_media_timeouts
+from .media import follow_dead_hosts, follow_media_timeouts, media_for
 from .operator import hangup_loop
 from .pinger import Pinger, is_ping
 from .registrar import Registrar, RegistrarSettings, Source
@@ -54,15 +48,6 @@ from .transport import Transport
 log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
 DRAIN_SECONDS = 5.0
-RECENT_ANSWERS = 50_000  # stateless answers remembered for retransmissions
-# ... and the bytes they may take.  A typical entry (key ~100 B, a 401 or 200 of ~500 B, ~200 B
-# of objects) costs ~800 B: 16 MB keeps ~20,000, the answers of the last ~6 s at 3,500
-# REGISTERs/s on one worker (more than the prototype's whole-cluster peak), and copies come
-# within T2 (4 s) but for the last of Timer J's.  Junk with large Call-IDs (remembered twice:
-# in the key and in the answer that echoes it) grew a worker by ~350 MB when only the count
-# bounded it.
-RECENT_ANSWERS_BYTES = 16 * 1024 * 1024
-ANSWER_BATCH_SECONDS = 0.002
 DEFERRED_KEEP = 3600.0  # seconds a hang-up Redis could not take is kept for a retry
 DEFERRED_MAX = 10_000
 # Whole datagrams (up to 64 KB each), kept only while Redis is in trouble: 16 MB holds ~10,000
@@ -85,27 +70,32 @@ def new_tag() -> str:
 
 
 class Worker:
-    def __init__(self, config: Config, name: str):
+    """The composition root of a worker process (it builds the parts and hands each what
+    it uses) and its admission control (what is taken, shed or absorbed as a copy).
+
+    ``store`` and ``transport`` are made from the configuration unless given (a test
+    gives its own; a given transport is not wired to ``on_datagram``)."""
+
+    def __init__(self, config: Config, name: str, *, store=None, transport=None):
         self.config = config
         self.name = name
-        self.host = config.sip.effective_host_id
-        self.ids = IDS
-        self.store = Store(config.redis.url, timeout=config.workers.redis_timeout,
-                           max_connections=2 * config.workers.max_inflight)
+        self.host = host = config.sip.effective_host_id
+        if store is None:
+            store = Store(config.redis.url, timeout=config.workers.redis_timeout,
+                          max_connections=2 * config.workers.max_inflight)
+            store.replica_wait = (config.redis.wait_replicas,
+                                  int(config.redis.wait_timeout * 1000))
+        self.store = store
         self.counters: Counter[str] = Counter()
         self.histograms = metrics.histograms()  # sent in the heartbeat beside the counters
-        self.store.replica_wait = (config.redis.wait_replicas,
-                                   int(config.redis.wait_timeout * 1000))
-        self.store.wait_counters = self.counters
+        store.wait_counters = self.counters
         self.max_inflight = config.workers.max_inflight
         # Room beyond max_inflight for what must not be refused (responses, ACK, BYE...).
         self.pool = gevent.pool.Pool(2 * config.workers.max_inflight)
         self.queue_limit = config.workers.queue_limit
-        self.working: set[bytes] = set()  # (Call-ID, branch) of requests being handled here
-        timers = config.timers
-        self.tx_ttl = 64 * timers.t1
+        self.tx_ttl = 64 * config.timers.t1
         self.auth = Authenticator(
-            self.store, realm=config.realm, secret=config.auth.secret.encode(),
+            store, realm=config.realm, secret=config.auth.secret.encode(),
             algorithms=tuple(config.auth.algorithms),
             nonce_lifetime=config.auth.nonce_lifetime,
             max_failures=config.auth.max_failures, failure_window=config.auth.failure_window,
@@ -113,31 +103,39 @@ class Worker:
             user_failure_window=config.auth.user_failure_window,
             user_lockout=config.auth.user_lockout,
             counters=self.counters)
+        if transport is None:
+            transport = Transport(
+                config.dispatcher.control_path, name, host,
+                config.dispatcher.heartbeat_interval, store, self.on_datagram,
+                load=lambda: len(self.pool), counters=self.counters,
+                handoff_key=clusterauth.handoff_key(config.auth.secret),
+                egress_bind=config.dispatcher.inter_host_address)
+        self.transport = transport
+        self.answers = Answers(transport, store, new_tag=new_tag,
+                               server=config.sip.user_agent.encode(), tx_ttl=self.tx_ttl,
+                               counters=self.counters)
         reg = config.registrar
-        self.registrar = Registrar(self.store, self.auth, RegistrarSettings(
+        self.registrar = Registrar(store, self.auth, RegistrarSettings(
             realm=config.realm, min_expires=reg.min_expires, max_expires=reg.max_expires,
             default_expires=reg.default_expires, max_contacts=reg.max_contacts,
-            nonce_lifetime=config.auth.nonce_lifetime, tx_ttl=self.tx_ttl,
-            server=config.sip.user_agent.encode()), new_tag)
-        self.transport = Transport(
-            config.dispatcher.control_path, name, self.host,
-            config.dispatcher.heartbeat_interval, self.store, self.on_datagram,
-            load=lambda: len(self.pool), counters=self.counters,
-            handoff_key=clusterauth.handoff_key(config.auth.secret),
-            egress_bind=config.dispatcher.inter_host_address)
-        self.scanners = ScanWatch(self.store, config.limits, by=f"{name}@{self.host}",
+            nonce_lifetime=config.auth.nonce_lifetime, tx_ttl=self.tx_ttl), self.answers)
+        self.scanners = ScanWatch(store, config.limits, by=f"{name}@{host}",
                                   counters=self.counters)
-        self.transport.watch = self.scanners.note_answer
+        transport.watch = self.scanners.note_answer
         if config.hep.address:
-            self.transport.mirror = HepMirror(config, self.counters)
-        self.user_agent = config.sip.user_agent.encode()
+            transport.mirror = HepMirror(config, self.counters)
         self.started = time.time()
-        self.b2bua = B2BUA(self)
-        self.pinger = Pinger(self, int(os.environ.get("SIPCLUSTER_WORKER_INDEX", "0")),
-                             config.workers.count)
-        self._answers: dict[str, bytes] = {}  # answers waiting for the next batch write
-        # Request mark -> (until, answer, destination).
-        self._recent = BoundedCache(RECENT_ANSWERS, RECENT_ANSWERS_BYTES)
+        self.b2bua = B2BUA(
+            config, store=store, transport=transport, answers=self.answers, auth=self.auth,
+            scanners=self.scanners, media=media_for(config, store, host), ids=IDS,
+            host=host, name=name, counters=self.counters, histograms=self.histograms,
+            spawn=self.pool.spawn)
+        self.pinger = Pinger(
+            store, transport, IDS, host=host, interval=config.registrar.ping_interval,
+            address=config.sip.effective_address, port=config.sip.effective_port,
+            user_agent=config.sip.user_agent.encode(),
+            index=int(os.environ.get("SIPCLUSTER_WORKER_INDEX", "0")),
+            count=config.workers.count)
         # New requests Redis could not take, left unanswered: mark -> when the first copy
         # failed (see _store_unavailable).
         self.outage_hold = config.workers.outage_hold
@@ -151,7 +149,10 @@ class Worker:
         greenlets.append(gevent.spawn(self._heartbeat_loop))
         greenlets.append(gevent.spawn(self.b2bua.timer_loop))
         greenlets.append(gevent.spawn(self.b2bua.traces.loop))
-        greenlets.append(gevent.spawn(hangup_loop, self))
+        consumer = f"{self.host}/{self.name}"  # one per worker of the cluster
+        greenlets.append(gevent.spawn(hangup_loop, self.b2bua, self.store, consumer,
+                                      self.config.workers.redis_timeout, self.pool.spawn,
+                                      self.counters))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
         greenlets.append(gevent.spawn(self.scanners.loop))
@@ -159,8 +160,10 @@ class Worker:
         greenlets.append(gevent.spawn(self.scanners.trust_loop))
         greenlets.append(gevent.spawn(self._retry_hangups))
         if self.config.media.mode == "relay":
-            greenlets.append(gevent.spawn(follow_media_timeouts, self))
-            greenlets.append(gevent.spawn(follow_dead_hosts, self))
+            greenlets.append(gevent.spawn(follow_media_timeouts, self.b2bua, self.store,
+                                          consumer))
+            greenlets.append(gevent.spawn(follow_dead_hosts, self.b2bua, self.store,
+                                          self.host))
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGINT, self.drain)
         gevent.joinall(greenlets, raise_error=True)
@@ -189,17 +192,9 @@ class Worker:
         if self._overloaded(data):
             self._shed(data, addr, sock_index)
             return
-        mark = self._mark(data)
-        if mark is not None:
-            if mark in self.working:
-                self.counters["retransmissions_absorbed"] += 1
-                return
-            answered = self._recent.get(mark)
-            if answered is not None and answered[0] > time.monotonic():
-                self.counters["retransmissions_answered"] += 1
-                self.transport.send(answered[1], answered[2], sock_index=sock_index)
-                return
-            self.working.add(mark)
+        mark = mark_of(data)
+        if self.answers.absorb(mark, sock_index):
+            return
         arrived = time.monotonic()
         self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index, arrived=arrived),
                         mark, arrived)
@@ -218,41 +213,17 @@ class Worker:
             return False
         return inflight >= self.max_inflight or not _has_credentials(data)
 
-    def remember_answer(self, req: Request, data: bytes, dest: tuple[str, int]) -> None:
-        """A final answer sent outside any transaction (a 401, 403, 404...): a copy of the
-        request gets the same bytes again, not a new challenge or a second failure count
-        (affinity brings the copies to this worker).  Kept for Timer J (64*T1)."""
-        if req.method == "ACK":
-            return
-        mark = _request_mark(req.call_id, (req.via.branch or "").encode(), req.method)
-        recent, now = self._recent, time.monotonic()
-        recent.put(mark, (now + self.tx_ttl, data, dest), len(mark) + len(data))
-        while (oldest := recent.oldest()) is not None and oldest[1][0] < now:
-            recent.pop_oldest()
-
-    @staticmethod
-    def _mark(data: bytes) -> bytes | None:
-        if scan.is_response(data):
-            return None
-        branch = scan.top_branch(data)
-        call_id = scan.call_id(data)
-        if branch is None or call_id is None:
-            return None
-        return _request_mark(call_id, branch, data.split(b" ", 1)[0].decode("latin-1"))
-
     def _shed(self, data: bytes, addr: tuple[str, int], sock_index: int) -> None:
         self.counters["shed"] += 1
-        answer = error_response(data, SipError(503, "Service Unavailable"), (RETRY_AFTER,),
-                                to_tag=new_tag())
-        if answer is not None:
-            self.transport.send(answer, addr, sock_index=sock_index)
+        self.answers.raw(data, addr, sock_index, SipError(503, "Service Unavailable"),
+                         (RETRY_AFTER,))
 
     def _handle(self, data: bytes, source: Source, mark: bytes | None,
                 arrived: float) -> None:
         if time.monotonic() - arrived > self.queue_limit and _sheddable(data):
             # It waited too long: its sender has retransmitted it by now (T1), so working
             # on it would only feed the backlog.  Refuse it cheaply (design: shed early).
-            self.working.discard(mark)
+            self.answers.done(mark)
             self._shed(data, source.addr, source.sock_index)
             return
         if self._deferred and mark is not None:
@@ -274,14 +245,11 @@ class Worker:
                 "internal error on a message from %s:%d", *source.addr)
             self._answer_raw(data, source, SipError(500, "Server Internal Error"))
         finally:
-            if mark is not None:
-                self.working.discard(mark)
+            self.answers.done(mark)
 
     def _answer_raw(self, data: bytes, source: Source, error: SipError,
                     extra: tuple[bytes, ...] = ()) -> None:
-        answer = error_response(data, error, extra, to_tag=new_tag())
-        if answer is not None:
-            self.transport.send(answer, source.addr, sock_index=source.sock_index)
+        self.answers.raw(data, source.addr, source.sock_index, error, extra)
 
     # ---------------------------------------------------------------- SIP
     def _process(self, data: bytes, source: Source) -> None:
@@ -310,12 +278,12 @@ class Worker:
             self.on_request(msg, source)
         except _BadExtension as exc:
             unsupported = ", ".join(exc.options).encode()
-            self.reply(msg, source, 420, headers=[(b"Unsupported", unsupported)])
+            self.answers.reply(msg, source, 420, headers=[(b"Unsupported", unsupported)])
         except SipError as exc:
-            self.reply(msg, source, exc.status, exc.reason)
+            self.answers.reply(msg, source, exc.status, exc.reason)
         except StoreUnavailable as exc:
             if self._store_unavailable(data, source, exc):
-                self.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
+                self.answers.reply(msg, source, 503, headers=[(b"Retry-After", b"5")])
 
     def _store_unavailable(self, data: bytes, source: Source, exc: StoreUnavailable) -> bool:
         """Redis failed a request: whether to answer it 503 (with Retry-After) now.
@@ -342,7 +310,7 @@ class Worker:
                          "finds Redis back: %s", data[:data.find(b" ")].decode("latin-1"), exc)
             self._defer_hangup(data, source)
             return False
-        mark = self._mark(data)
+        mark = mark_of(data)
         if mark is not None and self._hold(mark):
             self.counters["held_for_retransmission"] += 1
             clog.warning("store unavailable: left unanswered for its retransmission: %s", exc)
@@ -368,7 +336,7 @@ class Worker:
         the phone gave up repeating it (an outage longer than its 32 s): the call record is
         still there, so the other leg gets its BYE.  A copy handled meanwhile replaces it;
         one handled twice is answered from the call's transaction, nothing more."""
-        mark = self._mark(data)
+        mark = mark_of(data)
         if mark is None:
             return
         self._deferred.put(mark, (source.keep_until or time.monotonic() + DEFERRED_KEEP, data,
@@ -414,9 +382,9 @@ class Worker:
         elif req.method in CALL_METHODS or in_dialog:
             self.b2bua.on_request(req, source)
         elif req.method in KNOWN_METHODS:
-            self.reply(req, source, 405, headers=[(b"Allow", ALLOW)])
+            self.answers.reply(req, source, 405, headers=[(b"Allow", ALLOW)])
         else:
-            self.reply(req, source, 501)
+            self.answers.reply(req, source, 501)
 
     def _check_request(self, req: Request) -> None:
         """The RFC 3261 8.2 checks a UAS does before looking at the method."""
@@ -432,12 +400,13 @@ class Worker:
             raise _BadExtension(unsupported)
 
     def _options(self, req: Request, source: Source) -> None:
-        self.reply(req, source, 200, headers=[
+        self.answers.reply(req, source, 200, headers=[
             (b"Allow", ALLOW), (b"Accept", b"application/sdp"),
             (b"Supported", ", ".join(SUPPORTED).encode())])
 
     def _register(self, req: Request, source: Source) -> None:
-        answer, tx, fresh = self.registrar.handle(req, source, server_key(req), self._answers)
+        answers = self.answers
+        answer, tx, fresh = self.registrar.handle(req, source, server_key(req))
         data = answer if isinstance(answer, bytes) else answer.to_bytes()
         if data.startswith(b"SIP/2.0 200 "):  # its digest was accepted: a proven source
             self.scanners.note_trusted(source.addr[0])
@@ -445,23 +414,9 @@ class Worker:
         self.transport.send(data, dest, sock_index=source.sock_index)
         if source.arrived:
             self.histograms["register_latency"].observe(time.monotonic() - source.arrived)
-        self.remember_answer(req, data, dest)
+        answers.remember(req, data, dest)
         if tx is not None and fresh:
-            self.keep_answer(tx, data)
-
-    def keep_answer(self, tx: str, data: bytes) -> None:
-        """Store an answer for retransmissions, batched with others.  Until the batch is
-        written a retransmission finds the answer here (affinity brings it to this worker)."""
-        self._answers[tx] = data
-        if len(self._answers) == 1:
-            gevent.spawn_later(ANSWER_BATCH_SECONDS, self._write_answers)
-
-    def _write_answers(self) -> None:
-        answers, self._answers = self._answers, {}
-        try:
-            self.store.store_answers([(tx, data, self.tx_ttl) for tx, data in answers.items()])
-        except StoreUnavailable as exc:
-            log.warning("could not keep %d answer(s): %s", len(answers), exc)
+            answers.keep(tx, data)
 
     def on_response(self, resp: Response, source: Source) -> None:
         self.counters[f"received_{resp.status}"] += 1
@@ -469,20 +424,6 @@ class Worker:
             self.pinger.on_response(resp)
         else:
             self.b2bua.on_response(resp, source)
-
-    # ---------------------------------------------------------------- output
-    def reply(self, req: Request, source: Source, status: int, reason: str | None = None, *,
-              headers: list[tuple[bytes, bytes]] = ()) -> bytes:
-        """Answer ``req`` outside any transaction; the bytes sent."""
-        resp = build_response(req, status, reason, to_tag=new_tag(),
-                              headers=[*headers, (b"Server", self.user_agent)])
-        data = resp.to_bytes()
-        dest = response_dest(req, source.addr)
-        self.transport.send(data, dest, sock_index=source.sock_index)
-        if status >= 200:
-            source.answered = True
-            self.remember_answer(req, data, dest)
-        return data
 
     # ---------------------------------------------------------------- reporting
     def _heartbeat_loop(self) -> None:
@@ -509,11 +450,6 @@ def _sheddable(data: bytes) -> bool:
     """New work that may be refused with 503: requests that start something (not a
     response, an ACK, a CANCEL or a BYE, which end or carry on what exists)."""
     return data[:4] in (b"REGI", b"INVI", b"OPTI", b"MESS", b"SUBS", b"PUBL")
-
-
-def _request_mark(call_id: bytes, branch: bytes, method: str) -> bytes:
-    """What identifies a request and its retransmissions here: Call-ID, branch, method."""
-    return b"\x00".join((call_id, branch, method.encode("latin-1")))
 
 
 class _BadExtension(SipError):
