@@ -170,7 +170,7 @@ def call_between(cluster: Cluster, caller_user: int, callee_user: int,
 
 
 def cdrs_of(cluster: Cluster, call_id: str) -> list[dict]:
-    return [cdr for cdr in cluster.store.cdrs() if cdr.get("a_call_id") == call_id]
+    return [cdr for cdr in cluster.store.cdrs_after() if cdr.get("a_call_id") == call_id]
 
 
 def full_call(cluster: Cluster, caller: int, callee: int) -> bool:
