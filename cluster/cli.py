@@ -582,8 +582,11 @@ def parse_since(text: str, now: float) -> float:
 
 
 def read_cdrs(store: Store, since: float = 0.0) -> list[dict]:
-    records = store.cdrs(int(since * 1000), count=CDR_PAGE)
-    page = records
+    since_ms = int(since * 1000)
+    # The last id a CDR of the millisecond before ``since`` could have: the read starts
+    # right after it (stream ids are "<ms>-<sequence>", the sequence 64-bit).
+    after = f"{since_ms - 1}-{2**64 - 1}" if since_ms > 0 else "0-0"
+    records = page = cdrs_after(store, after, CDR_PAGE)
     while len(page) == CDR_PAGE:
         page = cdrs_after(store, page[-1]["id"], CDR_PAGE)
         records += page

@@ -2,7 +2,7 @@
 caller | cluster | callee, in the order the cluster saw them (like sngrep, or the table at
 the top of the seed's call-flow document).
 
-The input is the call's trace (``trace:{tag}`` in Redis, see cluster/store.py): entries
+The input is the call's trace (``trace:{tag}`` in Redis, see cluster/store/schema.py): entries
 {"t", "dir", "leg", "peer", "first", "data"} where "dir" is seen from the cluster ("in":
 it arrived, "out": the cluster sent it) and "leg" is "a" for the caller's leg and "b0",
 "b1"... for the forks towards the callee's contacts.  Pure: no Redis, no clock.

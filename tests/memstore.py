@@ -324,9 +324,11 @@ class MemoryStore:
         self._cdrs.append({"id": entry_id,
                            **{k: ("" if v is None else str(v)) for k, v in record.items()}})
 
-    def cdrs(self, since_ms: int = 0, count: int = 10_000) -> list[dict]:
-        return [dict(entry) for entry in self._cdrs
-                if int(entry["id"].split("-")[0]) >= since_ms][:count]
+    def cdrs_after(self, after: str = "0-0", count: int = 10_000) -> list[dict]:
+        def key(entry_id: str) -> tuple[int, int]:
+            ms, seq = entry_id.split("-")
+            return int(ms), int(seq)
+        return [dict(entry) for entry in self._cdrs if key(entry["id"]) > key(after)][:count]
 
     # ---------------------------------------------------------------- auth throttling
     def auth_failures(self, ip: str) -> int:

@@ -279,7 +279,7 @@ def run_cell(tmp: Path, backend, fault, name: str) -> dict:
         phases = phases_at(fault_epoch, uac.messages, uas.messages,
                            read_messages(tmp / "reg" / "messages.log"))
         a_call_ids = {m.header("Call-ID") for m in uac.messages}
-        cdrs = [c for c in cluster.store.cdrs() if c.get("a_call_id") in a_call_ids]
+        cdrs = [c for c in cluster.store.cdrs_after() if c.get("a_call_id") in a_call_ids]
         per_call = Counter(c["a_call_id"] for c in cdrs)
         live = [tag for tag, rec in store_module.call_records(cluster.store)
                 if rec.get("caller") in CALLERS and rec.get("state") != "ended"]

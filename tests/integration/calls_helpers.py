@@ -253,11 +253,11 @@ def run_call(cluster: Cluster, workdir: Path, user: str, callee_user: str, *,
 # ------------------------------------------------------------------ the call in Redis
 def calls_of(cluster: Cluster, user: str) -> list[tuple[str, dict]]:
     """(tag, record) of every call record placed by ``user``."""
-    return [(tag, rec) for tag, rec in cluster.store.live_calls() if rec.get("caller") == user]
+    return [(tag, rec) for tag, rec in cluster.store.call_records() if rec.get("caller") == user]
 
 
 def cdrs_of(cluster: Cluster, user: str) -> list[dict]:
-    return [cdr for cdr in cluster.store.cdrs() if cdr.get("caller") == user]
+    return [cdr for cdr in cluster.store.cdrs_after() if cdr.get("caller") == user]
 
 
 def wait_cdrs(cluster: Cluster, user: str, count: int = 1, timeout: float = 5.0) -> list[dict]:

@@ -101,7 +101,7 @@ def trace_of(cluster: Cluster, tag: str) -> str:
 def wait_cdr(cluster: Cluster, a_call_id: str, timeout: float = 5.0) -> dict | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for cdr in cluster.store.cdrs():
+        for cdr in cluster.store.cdrs_after():
             if cdr.get("a_call_id") == a_call_id:
                 return cdr
         time.sleep(0.05)

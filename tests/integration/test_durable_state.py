@@ -166,7 +166,7 @@ def snapshot(cluster: Cluster, calls: Calls) -> dict:
         "calls": {tag: store.load_call(tag) for tag in (calls.up_tag, calls.ringing_tag)},
         "sessions": {tag: (relay_session(store, tag) or {}).get("relay")
                      for tag in (calls.up_tag, calls.ringing_tag)},
-        "cdrs": store.cdrs(),
+        "cdrs": store.cdrs_after(),
     }
 
 

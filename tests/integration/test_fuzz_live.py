@@ -43,7 +43,7 @@ CALLS, CALL_RATE, CALL_HOLD_MS = 40, 1.0, 500
 # hang-ups need Redis trouble.  So 16 + 8 + 16 MB of allocator slack and greenlet stacks.
 # (Measured: +21 and +24 MB; +62 and +75 MB when only entry counts bounded the caches.)
 RSS_GROWTH_MB = 40
-# Keys the schema keeps without a TTL (cluster/store.py): the directory, the timer shards and
+# Keys the schema keeps without a TTL (cluster/store/schema.py): the directory, the timer shards and
 # the streams (capped by MAXLEN).
 
 

@@ -172,8 +172,8 @@ def test_the_scripts_count_nothing_when_given_no_index_keys(redis_url, monkeypat
     Cluster), the key functions return none and the scripts still do their own work."""
     store = st.Store(redis_url, timeout=2.0)
     now = time.time()
-    monkeypatch.setattr(st, "registration_index_keys", lambda store: [])
-    monkeypatch.setattr(st, "call_index_keys", lambda store: [])
+    monkeypatch.setattr(store, "registration_index_keys", lambda: [])
+    monkeypatch.setattr(store, "call_index_keys", lambda: [])
     assert _register(store, "u1@r", [_binding(1, now + 600)], now=now, cseq=1).outcome == "ok"
     assert [b.key for b in store.bindings("u1@r")] == [_binding(1, now).key]
     key, packed = next(iter(store.raw_bindings("u1@r").items()))

@@ -206,7 +206,7 @@ def relay_of(sdp) -> tuple[str, int]:
 
 
 def wait_cdr(hosts: Hosts, a_call_id: str, timeout: float = 5.0) -> dict | None:
-    return wait_for(lambda: next((c for c in hosts.store.cdrs()
+    return wait_for(lambda: next((c for c in hosts.store.cdrs_after()
                                   if c.get("a_call_id") == a_call_id), None), timeout)
 
 

@@ -170,7 +170,7 @@ def call_between(cluster: Cluster, caller_user: int, callee_user: int,
 
 
 def cdrs_of(cluster: Cluster, call_id: str) -> list[dict]:
-    return [cdr for cdr in cluster.store.cdrs() if cdr.get("a_call_id") == call_id]
+    return [cdr for cdr in cluster.store.cdrs_after() if cdr.get("a_call_id") == call_id]
 
 
 def full_call(cluster: Cluster, caller: int, callee: int) -> bool:
@@ -323,6 +323,21 @@ def test_a_timer_claimed_while_redis_is_paused_is_not_lost(server):
     assert again == [(tag, "E", now - 0.1)]
     store.remove_timers(again)  # seen by its call: gone for good
     assert store.claim_due_timers(now + 100) == []
+
+
+def test_a_pipeline_meeting_flushed_scripts_runs_its_other_commands_once(server):
+    """A relay's media event goes in one pipeline with the script that saves its session:
+    after SCRIPT FLUSH only the script is sent again, the event is written once."""
+    store = store_module.Store(f"redis://127.0.0.1:{server.port}/3", timeout=2.0)
+    store.redis.delete(store_module.RELAY_EVENTS_KEY)
+    relay = "flush-host/relay-0"
+    session = ("flush-call", {"relay": relay, "version": 1}, 60)
+    store.relay_save_sessions(relay, [session])
+    store.redis.script_flush()
+    store.relay_report_event({"event": "media-timeout", "call_id": "flush-call"},
+                             [("flush-call", {"relay": relay, "version": 2}, 60)], relay)
+    assert store.redis.xlen(store_module.RELAY_EVENTS_KEY) == 1
+    assert store.relay_session("flush-call")["version"] == 2  # the script did run
 
 
 def test_redis_paused(cluster, server):

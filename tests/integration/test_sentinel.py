@@ -197,7 +197,7 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
             primary = sentinel_set.primary.client()
             assert wait_for(lambda: any(
                 rec.get("caller") == "3000" and rec["state"] == "answered"
-                for _, rec in cluster.store.live_calls()), 10.0, step=0.05), cluster.log_tail()
+                for _, rec in cluster.store.call_records()), 10.0, step=0.05), cluster.log_tail()
             time.sleep(0.5)  # the caller's ACK is in
             with RegisterProbe(cluster.address, "3009") as probe, \
                     AckedWriter(old_port) as writer:
@@ -229,7 +229,7 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
             assert len(wait_cdrs(cluster, "3002")) == 1
             # Writes of one whole call (its record's version): what WAIT costs per call.
             writes_per_call = max(cluster.store.call_version(tag)
-                                  for tag, rec in cluster.store.live_calls()
+                                  for tag, rec in cluster.store.call_records()
                                   if rec.get("caller") == "3002")
 
             # Call 3, after the promotion too, ended by the operator: sipctl and the
@@ -239,7 +239,7 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
             hung.uac.sipp.start()
             assert wait_for(lambda: any(
                 rec.get("caller") == "3004" and rec["state"] == "answered"
-                for _, rec in cluster.store.live_calls()), 10.0, step=0.05), cluster.log_tail()
+                for _, rec in cluster.store.call_records()), 10.0, step=0.05), cluster.log_tail()
             invite = next(m for m in hung.uac.messages
                           if m.direction == "sent" and m.method == "INVITE")
             done = sipctl(cluster, "hangup", invite.header("Call-ID"))
@@ -458,7 +458,7 @@ def test_wait_without_a_replica_is_counted_not_fatal(redis_url):
     assert time.monotonic() - started >= 0.04  # two WAITs of 20 ms
     assert counters["replica_wait_short"] == 2
     assert store.load_call("waited") == (version, {"state": "answered"})
-    assert [c["caller"] for c in store.cdrs()] == ["4200"]
+    assert [c["caller"] for c in store.cdrs_after()] == ["4200"]
 
 
 def test_wait_with_a_replica(sentinel_set):

@@ -77,9 +77,9 @@ class Bed:
 
 
 def cdr_of(cluster: Cluster, a_call_id: str, timeout: float = 5.0) -> dict:
-    found = wait_for(lambda: [c for c in cluster.store.cdrs() if c["a_call_id"] == a_call_id],
+    found = wait_for(lambda: [c for c in cluster.store.cdrs_after() if c["a_call_id"] == a_call_id],
                        timeout)
-    assert found, f"no CDR for Call-ID {a_call_id}; CDRs {cluster.store.cdrs()}"
+    assert found, f"no CDR for Call-ID {a_call_id}; CDRs {cluster.store.cdrs_after()}"
     return found[-1]
 
 
@@ -103,7 +103,7 @@ def bye_answered(lines: list[str]) -> bool:
 
 
 def still_live(cluster: Cluster) -> list[tuple[str, dict]]:
-    return [(tag, call) for tag, call in cluster.store.live_calls() if call["state"] != "ended"]
+    return [(tag, call) for tag, call in cluster.store.call_records() if call["state"] != "ended"]
 
 
 # ------------------------------------------------------------------ the beds

@@ -409,10 +409,11 @@ def test_timers_armed_with_a_write_are_claimed_when_due_as_a_lease(env):
 def test_cdrs_are_appended_as_text_in_order(env):
     env.store.add_cdr({"caller": "1002", "duration": 3, "answer": None, "billsec": 1.5})
     env.store.add_cdr({"caller": "1001"})
-    first, second = env.store.cdrs()
+    first, second = env.store.cdrs_after()
     assert {k: v for k, v in first.items() if k != "id"} == {
         "caller": "1002", "duration": "3", "answer": "", "billsec": "1.5"}
     assert {k: v for k, v in second.items() if k != "id"} == {"caller": "1001"}
     ids = [tuple(map(int, c["id"].split("-"))) for c in (first, second)]
     assert ids[0] < ids[1]
-    assert env.store.cdrs(since_ms=ids[1][0] + 1) == []
+    assert env.store.cdrs_after(first["id"]) == [second]
+    assert env.store.cdrs_after(second["id"]) == []

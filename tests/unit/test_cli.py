@@ -223,12 +223,18 @@ def test_cdr_since_is_passed_on(cdr_output):
 
 
 def test_cdrs_are_read_page_after_page(monkeypatch):
-    pages = {None: [{"id": f"1-{i}"} for i in range(cli.CDR_PAGE)],
+    pages = {"0-0": [{"id": f"1-{i}"} for i in range(cli.CDR_PAGE)],
              f"1-{cli.CDR_PAGE - 1}": [{"id": "2-0"}]}
-    store = SimpleNamespace(cdrs=lambda since_ms, count: pages[None])
     monkeypatch.setattr(cli, "cdrs_after", lambda store, after, count: pages[after])
-    records = cli.read_cdrs(store, 0.0)
+    records = cli.read_cdrs(SimpleNamespace(), 0.0)
     assert len(records) == cli.CDR_PAGE + 1 and records[-1] == {"id": "2-0"}
+
+
+def test_cdrs_since_start_at_the_first_id_of_that_millisecond(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "cdrs_after", lambda store, after, count: seen.append(after) or [])
+    assert cli.read_cdrs(SimpleNamespace(), 1795600000.5) == []
+    assert seen == ["1795600000499-18446744073709551615"]
 
 
 # --------------------------------------------------------------------------- stats

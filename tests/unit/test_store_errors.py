@@ -162,7 +162,7 @@ def test_noscript_loads_every_script_again():
     store, stub = stub_store(reply_error("NOSCRIPT No matching script. Please use EVAL."))
     with pytest.raises(StoreUnavailable):
         store.get_user("alice", "example.com")
-    assert len(stub.loaded) == 5  # register, nc, call CAS, drop binding, pop timers
+    assert len(stub.loaded) == 6  # register, nc, call CAS, drop binding, pop timers, relay
     assert "cmsgpack" in stub.loaded[0]
 
 

@@ -544,7 +544,7 @@ def _leg_of(record: dict, call_id: bytes) -> str:
 
 
 def _raw_entry(direction: str, data: bytes, leg: str, peer) -> dict:
-    """One message of a call's trace (see cluster/store.py, trace:{tag})."""
+    """One message of a call's trace (see cluster/store/schema.py, trace:{tag})."""
     return {"t": time.time(), "dir": direction, "leg": leg, "peer": list(peer),
             "first": data.split(b"\r\n", 1)[0].decode("utf-8", "replace"), "data": data}
 

@@ -1,0 +1,130 @@
+"""Calls: the call records (compare-and-set), their timers, their SIP traces and the
+CDRs they end in."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from .connection import PIPELINE_BATCH, VERSION_STEP, batches, pack, unpack
+from .schema import (
+    CALLS_INDEX,
+    CDR_MAXLEN,
+    CDR_STREAM,
+    COUNTED_CALL_STATES,
+    TIMER_LEASE,
+    TIMER_SHARDS,
+    call_key,
+    parse_timer_member,
+    timer_key,
+    timer_member,
+    timer_shard,
+    trace_key,
+)
+
+
+def counted_state(record: dict) -> str:
+    """The state a call counts under; '' for a relayed MESSAGE, which is no call."""
+    if record.get("method", "INVITE") != "INVITE":
+        return ""
+    return str(record.get("state", ""))
+
+
+class Calls:
+    # ---------------------------------------------------------------- calls
+    def load_call(self, tag: str) -> tuple[int, dict] | None:
+        """(version, record) of a call, or None."""
+        version, data = self._call(self.redis.hmget, call_key(tag), "v", "d")
+        if data is None:
+            return None
+        return int(version), unpack(data)
+
+    def save_call(self, tag: str, version: int, record: dict, ttl: float,
+                  arm: list[tuple[str, str, float]] = ()) -> int | None:
+        """Write a call record if it is still at ``version``; the new version, or None.
+
+        ``arm``: timers (tag, name, due) to add first, in the same round trip (their keys
+        are in other slots, so not in the same script: arming first is the safe order).
+        """
+        def build(pipe):
+            for timer_tag, name, due in arm:
+                pipe.zadd(timer_key(timer_shard(timer_tag)),
+                          {timer_member(timer_tag, name, due): due})
+            self._evalsha(pipe, self._call_cas, [call_key(tag), *self.call_index_keys()],
+                          [version, pack(record), int(ttl * 1000),
+                           version + random.randrange(1, VERSION_STEP), counted_state(record),
+                           tag, int(time.time() * 1000)])
+            self._wait_replicas(pipe)
+        replies = self._pipelined(build)
+        self._waited(replies)
+        new = replies[len(arm)]
+        return None if new < 0 else int(new)
+
+    def call_version(self, tag: str) -> int:
+        return int(self._call(self.redis.hget, call_key(tag), "v") or 0)
+
+    def remove_timers(self, entries: list[tuple[str, str, float]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for tag, name, due in entries:
+            pipe.zrem(timer_key(timer_shard(tag)), timer_member(tag, name, due))
+        self._call(pipe.execute)
+
+    def claim_due_timers(self, now: float, lease: float = TIMER_LEASE,
+                         limit: int = 100) -> list[tuple[str, str, float]]:
+        """Claim the due timers of every shard: (call tag, timer name, due).  Each comes
+        due again ``lease`` seconds after ``now`` unless ``remove_timers`` takes it out."""
+        def build(pipe):
+            for shard in range(TIMER_SHARDS):
+                self._evalsha(pipe, self._pop_timers, [timer_key(shard)], [now, limit, lease])
+        return [parse_timer_member(m) for members in self._pipelined(build) for m in members]
+
+    def call_index_keys(self) -> list[str]:
+        if not self.indexed:
+            return []
+        return [CALLS_INDEX, *(f"{CALLS_INDEX}:{state}" for state in COUNTED_CALL_STATES)]
+
+    # ---------------------------------------------------------------- traces, CDRs
+    def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
+        self.add_traces({tag: (entries, ttl)}, limit)
+
+    def add_traces(self, pending: dict[str, tuple[list[dict], float]], limit: int) -> None:
+        """Append the entries of several calls' traces (tag -> (entries in order, TTL))
+        in one pipeline: per call one RPUSH, one LTRIM and the two EXPIREs below."""
+        pipe = self.redis.pipeline(transaction=False)
+        for tag, (entries, ttl) in pending.items():
+            if not entries:
+                continue
+            key = trace_key(tag)
+            pipe.rpush(key, *(pack(e) for e in entries))
+            pipe.ltrim(key, -limit, -1)
+            # Extend, never shorten: a short-lived entry (an attempt's challenge) written
+            # after the call's own must not cut the call's trace short (EXPIRE GT leaves a
+            # key without a TTL alone, hence NX first).
+            pipe.expire(key, int(ttl), nx=True)
+            pipe.expire(key, int(ttl), gt=True)
+        if len(pipe):
+            self._call(pipe.execute)
+
+    def trace(self, tag: str) -> list[dict]:
+        return [unpack(e) for e in self._call(self.redis.lrange, trace_key(tag), 0, -1)]
+
+    def add_cdr(self, record: dict) -> None:
+        fields = {k: ("" if v is None else str(v)) for k, v in record.items()}
+        if self.replica_wait[0] <= 0:
+            self._call(self.redis.xadd, CDR_STREAM, fields, maxlen=CDR_MAXLEN, approximate=True)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(CDR_STREAM, fields, maxlen=CDR_MAXLEN, approximate=True)
+        self._wait_replicas(pipe)
+        self._waited(self._call(pipe.execute))
+
+    def trace_heads(self, tags: list[str], count: int) -> dict[str, list[dict]]:
+        """The first ``count`` trace entries of each call (the offer and answer are there)."""
+        heads: dict[str, list[dict]] = {}
+        for batch in batches(tags, PIPELINE_BATCH):
+            pipe = self.redis.pipeline(transaction=False)
+            for tag in batch:
+                pipe.lrange(trace_key(tag), 0, count - 1)
+            for tag, entries in zip(batch, self._call(pipe.execute), strict=True):
+                heads[tag] = [unpack(e) for e in entries]
+        return heads
