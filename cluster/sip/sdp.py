@@ -83,8 +83,27 @@ class Codec:
     fmtp: bytes | None
 
 
+class _Level:
+    """What a session level and a stream both say of themselves in their own lines."""
+
+    lines: list[bytes]
+
+    @property
+    def connection(self) -> Connection | None:
+        """This level's own ``c=`` (a stream without one uses the session's: see
+        SessionDescription.effective_connection)."""
+        line = _first_line(self.lines, b"c=")
+        return None if line is None else _connection(line)
+
+    @property
+    def direction(self) -> str | None:
+        """This level's own direction attribute, None when it has none (see
+        effective_direction)."""
+        return _direction(self.lines)
+
+
 @dataclass
-class MediaDescription:
+class MediaDescription(_Level):
     """An ``m=`` line (``lines[0]``) and the lines after it, up to the next ``m=``."""
 
     lines: list[bytes]
@@ -119,17 +138,6 @@ class MediaDescription:
         return [int(fmt) for fmt in fields[3:]] if b"RTP/" in fields[2] else []
 
     @property
-    def connection(self) -> Connection | None:
-        """This stream's own ``c=``; see SessionDescription.effective_connection."""
-        line = _first_line(self.lines, b"c=")
-        return None if line is None else _connection(line)
-
-    @property
-    def direction(self) -> str | None:
-        """This stream's own direction attribute; see effective_direction."""
-        return _direction(self.lines)
-
-    @property
     def rtcp_mux(self) -> bool:
         return any(_content(line) == b"a=rtcp-mux" for line in self.lines)
 
@@ -153,7 +161,7 @@ class MediaDescription:
 
 
 @dataclass
-class SessionDescription:
+class SessionDescription(_Level):
     """The session-level lines (``v=`` up to the first ``m=``) and the streams."""
 
     lines: list[bytes]
@@ -164,17 +172,6 @@ class SessionDescription:
         fields = _origin_fields(_first_line(self.lines, b"o="))
         username, sess_id, version, nettype, addrtype, address = map(_text, fields)
         return Origin(username, sess_id, int(version), nettype, addrtype, address)
-
-    @property
-    def connection(self) -> Connection | None:
-        """The session-level ``c=``; None when every stream has its own."""
-        line = _first_line(self.lines, b"c=")
-        return None if line is None else _connection(line)
-
-    @property
-    def direction(self) -> str | None:
-        """The session-level direction attribute, None when there is none."""
-        return _direction(self.lines)
 
     def effective_connection(self, index: int) -> Connection | None:
         """The ``c=`` that applies to stream ``index``: its own, else the session's."""
