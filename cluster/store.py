@@ -96,6 +96,11 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    same scripts as reg:{...} and call:{...}.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
                                    so other hosts can send through it (invariant 12).  TTL: idem.
+  streams:<host id>                hash of the SIP connections (TCP, TLS) open at that host's
+                                   dispatcher: field = connection id, value {"transport",
+                                   "peer"}.  A binding made over one names it (Binding.conn);
+                                   workers skip a binding whose connection is gone.  Emptied by
+                                   a starting dispatcher.  TTL: a day, refreshed by every write.
   hosts                            hash of every host announced: field = host id, value the same
                                    map plus "seen"; a dispatcher takes hand-offs only from the
                                    egress addresses of hosts seen lately.  TTL: a day, refreshed
@@ -313,6 +318,10 @@ def host_key(host: str) -> str:
     return f"host:{host}"
 
 
+def streams_key(host: str) -> str:
+    return f"streams:{host}"
+
+
 HOSTS_KEY = "hosts"
 HOSTS_TTL = 86_400  # seconds; refreshed by every announcement
 
@@ -337,6 +346,9 @@ class Binding:
     reg_id: int | None = None
     user_agent: str = ""
     transport: str = "udp"
+    # The stream connection the REGISTER came over (cluster/envelope.py), held by ``host``'s
+    # dispatcher; 0 for UDP.  Requests for the contact go back through it while it is open.
+    conn: int = 0
     registered_at: float = 0.0
     params: dict = field(default_factory=dict)
 
@@ -1056,6 +1068,22 @@ class Store:
         pipe.hset(HOSTS_KEY, host, pack({**info, "seen": time.time()}))
         pipe.expire(HOSTS_KEY, HOSTS_TTL)
         self._call(pipe.execute)
+
+    def streams_reset(self, host: str) -> None:
+        self._call(self.redis.delete, streams_key(host))
+
+    def stream_opened(self, host: str, conn: int, info: dict) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(streams_key(host), str(conn), pack(info))
+        pipe.expire(streams_key(host), HOSTS_TTL)
+        self._call(pipe.execute)
+
+    def stream_closed(self, host: str, conn: int) -> None:
+        self._call(self.redis.hdel, streams_key(host), str(conn))
+
+    def stream_open(self, host: str, conn: int) -> bool:
+        """Whether connection ``conn`` of ``host``'s dispatcher is still open."""
+        return bool(self._call(self.redis.hexists, streams_key(host), str(conn)))
 
     def hosts(self) -> dict[str, dict]:
         """Every host announced (live or not: callers judge by "seen")."""
