@@ -369,6 +369,8 @@ class Binding:
         record["contact"] = self.contact.decode("latin-1")
         record["source"] = list(self.source)
         record["expires_at"] = int(self.expires_at * 1000)  # Lua compares integers
+        if not self.conn:
+            del record["conn"]  # a UDP binding's record stays as it was before streams
         return record
 
     @classmethod
@@ -377,10 +379,12 @@ class Binding:
         record["contact"] = record["contact"].encode("latin-1")
         record["source"] = tuple(record["source"])
         record["expires_at"] = record["expires_at"] / 1000.0
-        return cls(**record)
+        # A field a newer version added is left out, so hosts of two versions share Redis.
+        return cls(**{k: v for k, v in record.items() if k in _BINDING_NAMES})
 
 
 _BINDING_FIELDS = fields(Binding)
+_BINDING_NAMES = frozenset(f.name for f in _BINDING_FIELDS)
 
 
 @dataclass

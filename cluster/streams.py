@@ -191,7 +191,9 @@ class Streams:
             return
         conn.handshaking = False
         conn.partial_since = None
-        self._want(conn, selectors.EVENT_READ)
+        self._flush(conn)  # what was queued meanwhile; and it watches for reading again
+        if conn.id in self.connections:
+            self._read(conn)  # records that came with the handshake wait inside the SSL object
 
     def _read(self, conn: Connection) -> None:
         while True:
