@@ -18,7 +18,7 @@ import time
 
 import pytest
 from calls_helpers import PASSWORD, callee, caller, flow, provision, register, start_listening
-from harness import running_cluster, wait_for
+from harness import free_sip_port, running_cluster, wait_for
 from sipp import Sipp
 from streamua import SDP, StreamUA, header_of, self_signed, tag
 
@@ -46,6 +46,11 @@ def cluster(tmp_path_factory, redis_server):
         running.cert = cert
         provision(running, USERS)
         yield running
+
+
+def over_tcp(sipp: Sipp) -> None:
+    """SIPp on one TCP connection, from a port free for TCP too (SIPp binds it)."""
+    sipp.transport, sipp.port = "t1", free_sip_port()
 
 
 def tls_address(cluster) -> tuple[str, int]:
@@ -120,7 +125,7 @@ def test_register_over_tcp_with_digest_records_the_connection(cluster):
 
 def test_sipp_registers_over_tcp(cluster, tmp_path):
     result = Sipp("register_md5.xml", cluster.address, tmp_path, 1, transport="t1",
-                  users=[("3001", PASSWORD)], timeout=15).run()
+                  port=free_sip_port(), users=[("3001", PASSWORD)], timeout=15).run()
     assert result.returncode == 0 and result.successful == 1, result.summary()
     assert the_binding(cluster, "3001").transport == "tcp"
     done = subprocess.run([sys.executable, "-m", "cluster.cli", "--config",
@@ -162,7 +167,7 @@ def test_sipp_over_tcp_calls_a_udp_callee(cluster, tmp_path):
     uas = start_listening(callee(cluster, tmp_path / "uas"))
     register(cluster, "3006", [uas.port])
     uac = caller(cluster, tmp_path / "uac", "3005", "3006", hold_ms=300)
-    uac.sipp.transport = "t1"
+    over_tcp(uac.sipp)
     uac.result = uac.sipp.run()
     uas.result = uas.sipp.wait()
     assert uac.ok and uas.ok, uac.report() + uas.report()
@@ -250,7 +255,7 @@ def test_a_worker_killed_during_a_tcp_call(cluster, tmp_path):
     uas = start_listening(callee(cluster, tmp_path / "uas"))
     register(cluster, "3014", [uas.port])
     uac = caller(cluster, tmp_path / "uac", "3013", "3014", hold_ms=6000, timeout=30)
-    uac.sipp.transport = "t1"
+    over_tcp(uac.sipp)
     uac.sipp.start()
     try:
         def answered():
