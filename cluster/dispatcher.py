@@ -155,9 +155,8 @@ class Dispatcher:
                                self.stream_events)
         try:
             self.streams.listen()
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise BindError(f"{exc.strerror or exc}" if isinstance(exc, OSError)
-                            else str(exc)) from exc
+        except OSError as exc:  # a port taken, or the TLS files unusable: the one line
+            raise BindError(exc.strerror or str(exc)) from exc
         self.stream_figures: dict[str, int] = self.streams.figures()
         self.handoff_key = clusterauth.handoff_key(config.auth.secret)
         self.handoff_sources: frozenset[str] = frozenset()  # set by the publishing thread
@@ -384,8 +383,8 @@ class Dispatcher:
 
     def _deliver_stream(self, conn: int, addr: tuple, data: bytes) -> bool:
         """A message read from a stream connection: to the worker its call's slot names,
-        in an envelope naming the connection; the bans and buckets as for a datagram."""
-        self.counters.received += 1
+        in an envelope naming the connection; the bans and buckets as for a datagram
+        (streams_messages_<transport> counts it, not ``received``)."""
         ip, now = addr[0], time.monotonic()
         if self.bans.banned(ip, now):
             self.counters.banned_dropped += 1

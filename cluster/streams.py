@@ -91,7 +91,12 @@ class Streams:
         if streams.tls_cert and streams.tls_key:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(streams.tls_cert, streams.tls_key)
+            try:
+                context.load_cert_chain(streams.tls_cert, streams.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise OSError(f"cannot load the TLS certificate {streams.tls_cert} and key "
+                              f"{streams.tls_key} (streams.tls_cert, streams.tls_key): "
+                              f"{exc}") from exc
             self.tls_context = context
             wanted += [(family, host, streams.tls_port, "TLS") for family, host in addresses]
         for family, host, port, transport in wanted:

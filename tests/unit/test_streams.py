@@ -176,3 +176,13 @@ def test_figures_count_open_connections_by_transport(rig):
     figures = r.streams.figures()
     assert figures["streams_open_tcp"] == 2 and figures["streams_open_tls"] == 0
     assert figures["streams_opened_tcp"] == 2
+
+
+def test_unusable_tls_files_are_one_error_naming_them(tmp_path):
+    config = Config(sip=SipConfig(bind="127.0.0.1", port=0),
+                    streams=dataclasses.replace(StreamsConfig(), tcp=False,
+                                                tls_cert=str(tmp_path / "none.pem"),
+                                                tls_key=str(tmp_path / "none.key")))
+    streams = Streams(config, selectors.DefaultSelector(), None, lambda ip, now: False)
+    with pytest.raises(OSError, match="cannot load the TLS certificate .*none.pem"):
+        streams.listen()
