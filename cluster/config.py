@@ -114,6 +114,11 @@ DIGEST_ALGORITHMS = ("MD5", "SHA-256")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+# The largest message a stream may carry: it reaches its worker as one loopback datagram
+# (64 KB less the envelope's header, with room to spare).
+MAX_STREAM_MESSAGE = 65000
+
+
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as it is."""
 
@@ -149,6 +154,22 @@ class DispatcherConfig:
     dead_after: float = 1.5
     inter_host_port: int = 0
     inter_host_address: str = ""
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    """SIP over TCP and TLS (RFC 3261 section 18), served by the dispatcher
+    (cluster/streams.py): the connections live there, the workers stay stateless."""
+
+    tcp: bool = True  # a TCP listener on sip.bind:sip.port (and sip.bind6)
+    tls_port: int = 5061  # the TLS listener's port, when a certificate and key are set
+    tls_cert: str = ""  # PEM certificate (chain); "" (or no key) = no TLS listener
+    tls_key: str = ""  # PEM private key
+    idle_timeout: float = 900.0  # seconds without a message or keep-alive: closed
+    message_timeout: float = 10.0  # seconds a message begun has to arrive whole: closed
+    max_per_source: int = 32  # connections open at once from one source address
+    max_header_bytes: int = 16384  # start line and headers of one message
+    max_body_bytes: int = 32768  # Content-Length of one message
 
 
 @dataclass(frozen=True)
@@ -294,6 +315,7 @@ class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -339,7 +361,8 @@ SECTIONS: dict[str, type] = {
     if f.name not in ("source", "routes")
 }
 # Settings that are file system paths, resolved against HOME by load().
-PATH_KEYS = {("dispatcher", "control_path"), ("log", "dir"), ("redis", "state_dir")}
+PATH_KEYS = {("dispatcher", "control_path"), ("log", "dir"), ("redis", "state_dir"),
+             ("streams", "tls_cert"), ("streams", "tls_key")}
 
 
 def default_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -573,6 +596,8 @@ def _field_names(section: str) -> set[str]:
 def _resolve_paths(config: Config) -> Config:
     for section, key in PATH_KEYS:
         current = getattr(config, section)
+        if not getattr(current, key):
+            continue  # unset stays unset (no TLS certificate is not the home folder)
         absolute = str(HOME / getattr(current, key))  # HOME / "/abs" == "/abs"
         config = dataclasses.replace(
             config, **{section: dataclasses.replace(current, **{key: absolute})}
@@ -655,6 +680,7 @@ def validate(config: Config) -> None:
     _require(0 < config.redis.wait_timeout < config.workers.redis_timeout,
              "redis.wait_timeout must be positive and shorter than workers.redis_timeout")
     _validate_auth(config.auth)
+    _validate_streams(config.streams, config.sip.port)
     _validate_limits(config.limits)
     _validate_registrar(config.registrar)
     _validate_media(config.media)
@@ -693,6 +719,21 @@ def _validate_redis(redis: RedisConfig) -> None:
              "redis.url must be a redis://, rediss://, unix://, redis+sentinel:// or "
              "redis+cluster:// URL, "
              f"not {redacted(redis.url)!r}")
+
+
+def _validate_streams(streams: StreamsConfig, sip_port: int) -> None:
+    _require(1 <= streams.tls_port <= 65535 and streams.tls_port != sip_port,
+             f"streams.tls_port must be 1-65535 and not sip.port, not {streams.tls_port}")
+    _require(bool(streams.tls_cert) == bool(streams.tls_key),
+             "streams.tls_cert and streams.tls_key go together (both set, or neither)")
+    _require(streams.idle_timeout > 0 and streams.message_timeout > 0,
+             "streams.idle_timeout and streams.message_timeout must be positive")
+    _require(streams.max_per_source >= 1, "streams.max_per_source must be at least 1")
+    # A message travels to its worker in one datagram of the envelope (cluster/envelope.py).
+    _require(256 <= streams.max_header_bytes and 0 <= streams.max_body_bytes
+             and streams.max_header_bytes + streams.max_body_bytes <= MAX_STREAM_MESSAGE,
+             f"streams: need max_header_bytes >= 256, max_body_bytes >= 0 and their sum "
+             f"at most {MAX_STREAM_MESSAGE}")
 
 
 def _validate_auth(auth: AuthConfig) -> None:

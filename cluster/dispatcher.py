@@ -61,6 +61,7 @@ from .envelope import SLOTS, affinity_key
 from .limits import Bans, Limiter, Trusted, ban_line, reason_of
 from .logsetup import setup_logging
 from .sip import scan, stun
+from .streams import Streams
 
 # The store and the metrics endpoint (redis-py, http.server) are imported by the thread
 # that publishes, not here: they take longer to import than the rest of the dispatcher,
@@ -148,6 +149,15 @@ class Dispatcher:
         self.forward.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RECV_BUFFER)
         self.forward.bind(("127.0.0.1", 0))
         self.egress = self._bind_egress()
+        # SIP over TCP and TLS: the connections live here, beside the UDP sockets.
+        self.stream_events: queue.SimpleQueue = queue.SimpleQueue()  # for Redis
+        self.streams = Streams(config, self.selector, self._deliver_stream, self.bans.banned,
+                               self.stream_events)
+        try:
+            self.streams.listen()
+        except OSError as exc:  # a port taken, or the TLS files unusable: the one line
+            raise BindError(exc.strerror or str(exc)) from exc
+        self.stream_figures: dict[str, int] = self.streams.figures()
         self.handoff_key = clusterauth.handoff_key(config.auth.secret)
         self.handoff_sources: frozenset[str] = frozenset()  # set by the publishing thread
         self.handoff_replays = clusterauth.Replays()
@@ -285,14 +295,20 @@ class Dispatcher:
         threading.Thread(target=self._publish_loop, daemon=True).start()
         threading.Thread(target=self._announce_bans, daemon=True).start()
         threading.Thread(target=self._follow_bans, daemon=True).start()
+        threading.Thread(target=self._publish_streams, daemon=True).start()
         log.info("dispatcher %s listening on %s, forwarding from %s:%d", self.host,
-                 ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets),
+                 ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.sip_sockets)
+                 + (", " + self.streams.describe() if self.streams.listeners else ""),
                  *self.forward.getsockname()[:2])
         next_check = time.monotonic()
         while self.running:
-            for key, _ in self.selector.select(timeout=0.25):
+            for key, mask in self.selector.select(timeout=0.25):
                 kind, arg = key.data
-                if kind == "accept":
+                if kind == "stream":
+                    self.streams.ready(arg, mask)
+                elif kind == "stream-accept":
+                    self.streams.accept(*arg)
+                elif kind == "accept":
                     self._accept()
                 elif kind == "link":
                     self._read_link(arg)
@@ -301,7 +317,10 @@ class Dispatcher:
             if time.monotonic() >= next_check:
                 self._expire_silent_workers()
                 self._update_routable()
+                self.streams.tick()
+                self.stream_figures = self.streams.figures()  # read by the heartbeat thread
                 next_check = time.monotonic() + 0.25
+        self.streams.close_all()
 
     def _sip_loop(self, sock: socket.socket, index: int) -> None:
         """Wait for datagrams, then drain the socket: one poll per burst, not per datagram.
@@ -361,6 +380,61 @@ class Dispatcher:
             self.counters.forwarded += 1
         except OSError:
             self.counters.dropped += 1
+
+    def _deliver_stream(self, conn: int, addr: tuple, data: bytes) -> bool:
+        """A message read from a stream connection: to the worker its call's slot names,
+        in an envelope naming the connection; the bans and buckets as for a datagram
+        (streams_messages_<transport> counts it, not ``received``)."""
+        ip, now = addr[0], time.monotonic()
+        if self.bans.banned(ip, now):
+            self.counters.banned_dropped += 1
+            return False
+        kind = self.limiter.check(ip, data, now)
+        if kind is not None:
+            self.ban(addr, reason_of(kind), now)
+            self.counters.banned_dropped += 1
+            return False
+        call_id = scan.call_id(data)
+        key = affinity_key(call_id) if call_id else zlib.crc32(ip.encode()) % SLOTS
+        link = self.slots[key]
+        if link is None or link.addr is None or not self.routable.is_set():
+            self.counters.dropped += 1
+            return False
+        try:
+            self.forward.sendto(envelope.wrap(addr, conn, data), link.addr)
+        except OSError:
+            self.counters.dropped += 1
+            return False
+        self.counters.forwarded += 1
+        return True
+
+    def _publish_streams(self) -> None:
+        """Keep Redis's list of this host's open connections (workers read it before they
+        send a request to a binding made over one)."""
+        from .backoff import Backoff
+        from .store import Store
+
+        store = Store(self.config.redis.url, timeout=1.0, max_connections=2)
+        backoff = Backoff(log, "connection list")
+        while self.running:  # the previous dispatcher's connections died with it
+            try:
+                store.streams_reset(self.host)
+                backoff.ok()
+                break
+            except Exception as exc:
+                time.sleep(backoff.failed(exc))
+        while self.running:
+            event, conn, info = self.stream_events.get()
+            while True:
+                try:
+                    if event == "open":
+                        store.stream_opened(self.host, conn, info)
+                    else:
+                        store.stream_closed(self.host, conn)
+                    backoff.ok()
+                    break
+                except Exception as exc:  # kept until Redis takes it
+                    time.sleep(backoff.failed(exc))
 
     # ---------------------------------------------------------------- bans
     def ban(self, addr: tuple, reason: str, now: float) -> None:
@@ -425,6 +499,10 @@ class Dispatcher:
                 continue
             try:
                 dest, index, payload = envelope.unwrap(sealed)
+                if envelope.is_stream(index):  # for a phone connected to this host
+                    if self.streams.send(index, payload):
+                        self.counters.egress += 1
+                    continue
                 self.sip_sockets[index].sendto(payload, dest)
                 self.counters.egress += 1
             except (ValueError, IndexError, OSError):
@@ -490,8 +568,14 @@ class Dispatcher:
 
     def _on_link_message(self, link: WorkerLink, message: dict) -> None:
         link.last_seen = time.monotonic()
+        kind = message.get("type")
+        if kind == "out":  # a worker's message for a stream connection held here
+            conn, data = message.get("conn"), message.get("data")
+            if isinstance(conn, int) and isinstance(data, bytes):
+                self.streams.send(conn, data)
+            return
         link.load = int(message.get("load", 0))
-        if message.get("type") == "hello":
+        if kind == "hello":
             link.name = str(message["name"])
             link.addr = (str(message["ip"]), int(message["port"]))
             log.info("worker %s joined (udp %s:%d)", link.name, *link.addr)
@@ -553,7 +637,7 @@ class Dispatcher:
             info = {"role": "dispatcher", "host": self.host, "name": "dispatcher",
                     "pid": os.getpid(), "started": self.started, "seen": time.time(),
                     "workers": sorted(link.name for link in self.links.values() if link.addr),
-                    **vars(self.counters), **self.bans_issued,
+                    **vars(self.counters), **self.bans_issued, **self.stream_figures,
                     "trusted_sources": self.trusted.live(time.monotonic())}
             try:
                 store.heartbeat("dispatcher", self.host, "dispatcher", info, ttl=5)

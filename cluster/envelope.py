@@ -14,6 +14,14 @@ else is dropped and counted (``envelopes_refused``).  Unix datagram sockets with
 peer credentials would serve too, but are no cheaper and drop bursts at the
 default net.unix.max_dgram_qlen (design.md).
 
+Streams (TCP, TLS: cluster/streams.py): the dispatcher holds the connections.  A
+message read from one travels like a datagram, but its envelope names the connection
+(an id of at least ``STREAM_BASE``) where a datagram's names the socket index; the
+workers carry that number wherever they carry a socket index (a leg, a binding), so
+whatever they send there goes back to the dispatcher over the control connection
+(``stream_out``) and leaves through that connection.  An id is never used twice by
+one host: its upper bits are drawn at random when the dispatcher starts.
+
 Egress (worker on another host -> this host's dispatcher): the same header
 naming the destination, so the datagram leaves from the SIP socket the phone
 registered through (design invariant 12).
@@ -56,10 +64,30 @@ def affinity_key(call_id: bytes) -> int:
 
 _V4 = struct.Struct("!BBH4s")
 _V6 = struct.Struct("!BBH16s")
+_S4 = struct.Struct("!BQH4s")  # a stream's message: the connection id instead of the index
+_S6 = struct.Struct("!BQH16s")
+# Socket numbers from here up are stream connections; below, indexes of the UDP sockets.
+# Ids stay below 2**53: they ride in records that Redis's Lua reads as numbers.
+STREAM_BASE = 1 << 16
+STREAM_LIMIT = 1 << 53
+
+
+def is_stream(sock_index: int) -> bool:
+    return sock_index >= STREAM_BASE
+
+
+def stream_transport(conn: int) -> str:
+    """"TLS" or "TCP": the lowest bit of a connection id says which (cluster/streams.py)."""
+    return "TLS" if conn & 1 else "TCP"
 
 
 def wrap(addr: tuple, sock_index: int, payload: bytes) -> bytes:
     ip, port = addr[0], addr[1]
+    if sock_index >= STREAM_BASE:
+        if ":" in ip:
+            return _S6.pack(0x16, sock_index, port,
+                            socket.inet_pton(socket.AF_INET6, ip)) + payload
+        return _S4.pack(0x14, sock_index, port, socket.inet_aton(ip)) + payload
     if ":" in ip:
         return _V6.pack(6, sock_index, port, socket.inet_pton(socket.AF_INET6, ip)) + payload
     return _V4.pack(4, sock_index, port, socket.inet_aton(ip)) + payload
@@ -73,7 +101,19 @@ def unwrap(data: bytes) -> tuple[tuple[str, int], int, bytes]:
     if data[:1] == b"\x06":
         _, index, port, raw = _V6.unpack_from(data)
         return (socket.inet_ntop(socket.AF_INET6, raw), port), index, data[_V6.size:]
+    if data[:1] == b"\x14" and len(data) >= _S4.size:
+        _, conn, port, raw = _S4.unpack_from(data)
+        return (socket.inet_ntoa(raw), port), conn, data[_S4.size:]
+    if data[:1] == b"\x16" and len(data) >= _S6.size:
+        _, conn, port, raw = _S6.unpack_from(data)
+        return (socket.inet_ntop(socket.AF_INET6, raw), port), conn, data[_S6.size:]
     raise ValueError("not an envelope")
+
+
+def stream_out(conn: int, data: bytes) -> bytes:
+    """Worker -> dispatcher on the control connection: send ``data`` over connection
+    ``conn``."""
+    return msgpack.packb({"type": "out", "conn": conn, "data": data}, use_bin_type=True)
 
 
 def send_fds(sock: socket.socket, payload: bytes, fds: list[int]) -> None:

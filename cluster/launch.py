@@ -222,10 +222,10 @@ def passed_env(env: Mapping[str, str]) -> dict[str, str]:
 # restart the worker group only, never the dispatcher or the relays (the dispatcher
 # reads workers.count only to know when every worker joined at its own start).
 CONCERNS: dict[str, tuple[str, ...]] = {
-    "dispatcher": ("sip", "dispatcher", "redis", "limits", "log", "metrics"),
+    "dispatcher": ("sip", "dispatcher", "streams", "redis", "limits", "log", "metrics"),
     "relay": ("sip", "media", "redis", "log", "metrics"),
-    "worker": ("sip", "dispatcher", "workers", "redis", "auth", "limits", "registrar", "hep",
-               "timers", "media", "log", "metrics", "calls", "routes"),
+    "worker": ("sip", "dispatcher", "streams", "workers", "redis", "auth", "limits",
+               "registrar", "hep", "timers", "media", "log", "metrics", "calls", "routes"),
 }
 
 

@@ -88,6 +88,19 @@ FAMILIES: tuple[Fam, ...] = (
     Fam("sip_handoff_datagrams_sent", "counter", "SIP datagrams sent from this host's port "
         "on behalf of a worker of another host (NAT hand-off).", D, key="egress"),
     Fam("workers_joined", "gauge", "Workers the dispatcher routes to.", D, key="workers"),
+    # SIP over TCP and TLS (cluster/streams.py), by transport
+    Fam("sip_connections", "gauge", "SIP connections open at the dispatcher, by transport.",
+        D, pattern=r"streams_open_(tcp|tls)$", label_names=("transport",),
+        zero=(("tcp",), ("tls",)), template="streams_open_{}"),
+    Fam("sip_connections_opened", "counter", "SIP connections accepted, by transport.", D,
+        pattern=r"streams_opened_(tcp|tls)$", label_names=("transport",),
+        zero=(("tcp",), ("tls",)), template="streams_opened_{}"),
+    Fam("sip_connections_closed", "counter", "SIP connections closed (by either end, a "
+        "timeout or a broken limit), by transport.", D, pattern=r"streams_closed_(tcp|tls)$",
+        label_names=("transport",), zero=(("tcp",), ("tls",)), template="streams_closed_{}"),
+    Fam("sip_stream_messages_received", "counter", "SIP messages read from connections, by "
+        "transport.", D, pattern=r"streams_messages_(tcp|tls)$", label_names=("transport",),
+        zero=(("tcp",), ("tls",)), template="streams_messages_{}"),
     Fam("sip_banned_dropped", "counter", "SIP datagrams from banned sources, dropped unread "
         "by the dispatcher.", D, key="banned_dropped"),
     Fam("bans_issued", "counter", "Sources banned (dropped unanswered for limits.ban_seconds), "

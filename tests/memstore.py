@@ -34,6 +34,7 @@ from cluster.store import (
     nc_key,
     pack,
     reg_key,
+    streams_key,
     timer_member,
     timer_shard,
     unpack,
@@ -350,6 +351,19 @@ class MemoryStore:
             self._set(lock, b"1", max(1, int(lockout)))
             self.published.append((AUTHLOCK_CHANNEL, f"{lockout} {aor}"))
         return float(max(self._ttl(lock), 0))
+
+    def streams_reset(self, host: str) -> None:
+        self._delete(streams_key(host))
+
+    def stream_opened(self, host: str, conn: int, info: dict) -> None:
+        self._alive(streams_key(host))
+        self._hashes.setdefault(streams_key(host), {})[str(conn)] = pack(info)
+
+    def stream_closed(self, host: str, conn: int) -> None:
+        self._hash(streams_key(host)).pop(str(conn), None)
+
+    def stream_open(self, host: str, conn: int) -> bool:
+        return str(conn) in self._hash(streams_key(host))
 
     def user_locked(self, aor: str) -> float:
         return float(max(self._ttl(authlock_key(aor)), 0))

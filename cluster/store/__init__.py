@@ -67,6 +67,7 @@ from .schema import (
     relay_session_key,
     scanerrors_key,
     scanusers_key,
+    streams_key,
     timer_key,
     timer_member,
     timer_shard,
@@ -130,7 +131,7 @@ __all__ = [
     "registration_index_keys", "relay_create_sessions", "relay_drop_sessions",
     "relay_forget", "relay_heartbeat", "relay_nodes", "relay_owned_key",
     "relay_owned_sessions", "relay_refresh_sessions", "relay_report_event", "relay_session",
-    "relay_session_key", "relay_save_sessions", "scanerrors_key", "scanusers_key",
+    "relay_session_key", "relay_save_sessions", "scanerrors_key", "scanusers_key", "streams_key",
     "timer_key", "timer_member", "timer_shard", "trace_heads", "trace_key", "trust_key",
     "tx_key", "unpack", "user_key",
 ]

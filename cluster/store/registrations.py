@@ -38,6 +38,9 @@ class Binding:
     reg_id: int | None = None
     user_agent: str = ""
     transport: str = "udp"
+    # The stream connection the REGISTER came over (cluster/envelope.py), held by ``host``'s
+    # dispatcher; 0 for UDP.  Requests for the contact go back through it while it is open.
+    conn: int = 0
     registered_at: float = 0.0
     params: dict = field(default_factory=dict)
 
@@ -58,6 +61,8 @@ class Binding:
         record["contact"] = self.contact.decode("latin-1")
         record["source"] = list(self.source)
         record["expires_at"] = int(self.expires_at * 1000)  # Lua compares integers
+        if not self.conn:
+            del record["conn"]  # a UDP binding's record stays as it was before streams
         return record
 
     @classmethod
@@ -66,10 +71,12 @@ class Binding:
         record["contact"] = record["contact"].encode("latin-1")
         record["source"] = tuple(record["source"])
         record["expires_at"] = record["expires_at"] / 1000.0
-        return cls(**record)
+        # A field a newer version added is left out, so hosts of two versions share Redis.
+        return cls(**{k: v for k, v in record.items() if k in _BINDING_NAMES})
 
 
 _BINDING_FIELDS = fields(Binding)
+_BINDING_NAMES = frozenset(f.name for f in _BINDING_FIELDS)
 
 
 @dataclass

@@ -99,6 +99,11 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    same scripts as reg:{...} and call:{...}.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
                                    so other hosts can send through it (invariant 12).  TTL: idem.
+  streams:<host id>                hash of the SIP connections (TCP, TLS) open at that host's
+                                   dispatcher: field = connection id, value {"transport",
+                                   "peer"}.  A binding made over one names it (Binding.conn);
+                                   workers skip a binding whose connection is gone.  Emptied by
+                                   a starting dispatcher.  TTL: a day, refreshed by every write.
   hosts                            hash of every host announced: field = host id, value the same
                                    map plus "seen"; a dispatcher takes hand-offs only from the
                                    egress addresses of hosts seen lately.  TTL: a day, refreshed
@@ -254,6 +259,10 @@ def proc_key(role: str, host: str, name: str) -> str:
 
 def host_key(host: str) -> str:
     return f"host:{host}"
+
+
+def streams_key(host: str) -> str:
+    return f"streams:{host}"
 
 
 HOSTS_KEY = "hosts"

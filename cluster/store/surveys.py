@@ -20,6 +20,7 @@ from .schema import (
     call_key,
     host_key,
     proc_key,
+    streams_key,
 )
 
 
@@ -44,6 +45,23 @@ class Surveys:
         pipe.hset(HOSTS_KEY, host, pack({**info, "seen": time.time()}))
         pipe.expire(HOSTS_KEY, HOSTS_TTL)
         self._call(pipe.execute)
+
+    # ---------------------------------------------------------------- SIP connections
+    def streams_reset(self, host: str) -> None:
+        self._call(self.redis.delete, streams_key(host))
+
+    def stream_opened(self, host: str, conn: int, info: dict) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(streams_key(host), str(conn), pack(info))
+        pipe.expire(streams_key(host), HOSTS_TTL)
+        self._call(pipe.execute)
+
+    def stream_closed(self, host: str, conn: int) -> None:
+        self._call(self.redis.hdel, streams_key(host), str(conn))
+
+    def stream_open(self, host: str, conn: int) -> bool:
+        """Whether connection ``conn`` of ``host``'s dispatcher is still open."""
+        return bool(self._call(self.redis.hexists, streams_key(host), str(conn)))
 
     def hosts(self) -> dict[str, dict]:
         """Every host announced (live or not: callers judge by "seen")."""

@@ -25,7 +25,8 @@ NORMAL_CLEARING = 'Q.850;cause=16;text="NORMAL_CLEARING"'  # a BYE's Reason
 PASSWORD = "1234"
 MESSAGE_FILE = "messages.log"
 # A -trace_msg entry starts with a line of dashes and a timestamp, then says which way it went.
-_ENTRY = re.compile(r"^-{20,} ([0-9-]+ [0-9:.]+)\n(UDP message (sent|received)[^\n]*)\n\n", re.M)
+_ENTRY = re.compile(
+    r"^-{20,} ([0-9-]+ [0-9:.]+)\n((?:UDP|TCP) message (sent|received)[^\n]*)\n\n", re.M)
 
 
 def provision(cluster: Cluster, users, password: str = PASSWORD) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ class Cluster:
         self.netns = netns
         self.client_bind = client_bind  # where the readiness probe sends from
         self.redis_url = redis_url
-        self.sip_port = free_udp_port()
+        self.sip_port = free_sip_port()
         self.run_dir = tmp / "run"
         self.log_dir = tmp / "log"
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +191,19 @@ def _toml(sections: dict) -> str:
                 lines.append(f'{key} = "{value}"')
         lines.append("")
     return "\n".join(lines)
+
+
+def free_sip_port() -> int:
+    """A port free for both UDP and TCP: the dispatcher listens for SIP on both."""
+    for _ in range(50):
+        port = free_udp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 def wait_for(condition, timeout: float, step: float = 0.05):

@@ -68,6 +68,7 @@ class Sipp:
     timeout: float = 60.0  # SIPp's global timeout, an error when reached
     extra: tuple[str, ...] = ()
     port: int = field(default_factory=free_udp_port)
+    transport: str = "u1"  # SIPp's -t: "t1" is one TCP connection to the server
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -87,7 +88,7 @@ class Sipp:
             raise RuntimeError("sipp is not installed (apt-get install -y sip-tester)")
         host, port = self.server
         cmd = [SIPP, f"{host}:{port}", "-sf", str(SCENARIOS / self.scenario),
-               "-i", "127.0.0.1", "-p", str(self.port), "-t", "u1",
+               "-i", "127.0.0.1", "-p", str(self.port), "-t", self.transport,
                "-m", str(self.calls), "-r", str(self.rate), "-rp", "1000",
                "-timeout", f"{int(self.timeout)}s", "-timeout_error",
                "-trace_stat", "-stf", str(self.stat_file), "-fd", "1",

@@ -176,6 +176,15 @@ def test_bad_toml_is_an_error_naming_the_setting(tmp_path, text, message):
     ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "0.0.0.0"}, "media.control_address"),
     ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "::1"}, "media.control_address"),
     ({"SIPCLUSTER_MEDIA_CONTROL_ADDRESS": "relay.example"}, "media.control_address"),
+    ({"SIPCLUSTER_STREAMS_TLS_PORT": "5060"}, "streams.tls_port"),
+    ({"SIPCLUSTER_STREAMS_TLS_PORT": "0"}, "streams.tls_port"),
+    ({"SIPCLUSTER_STREAMS_TLS_CERT": "/etc/cert.pem"}, "streams.tls_cert and streams.tls_key"),
+    ({"SIPCLUSTER_STREAMS_TLS_KEY": "/etc/key.pem"}, "streams.tls_cert and streams.tls_key"),
+    ({"SIPCLUSTER_STREAMS_IDLE_TIMEOUT": "0"}, "streams.idle_timeout"),
+    ({"SIPCLUSTER_STREAMS_MESSAGE_TIMEOUT": "-1"}, "streams.message_timeout"),
+    ({"SIPCLUSTER_STREAMS_MAX_PER_SOURCE": "0"}, "streams.max_per_source"),
+    ({"SIPCLUSTER_STREAMS_MAX_HEADER_BYTES": "100"}, "max_header_bytes"),
+    ({"SIPCLUSTER_STREAMS_MAX_BODY_BYTES": "60000"}, "max_body_bytes"),
 ])
 def test_impossible_values_are_rejected(tmp_path, env, message):
     with pytest.raises(ConfigError, match=message):
@@ -205,6 +214,19 @@ def test_relative_paths_are_taken_from_the_repository_root(tmp_path):
     config = load_env(tmp_path, {"SIPCLUSTER_LOG_DIR": "/var/log/sipcluster"})
     assert config.dispatcher.control_path == str(cfg.ROOT / "run" / "dispatcher.sock")
     assert config.log.dir == "/var/log/sipcluster"
+
+
+def test_streams_default_to_tcp_without_tls(tmp_path):
+    streams = load_env(tmp_path, {}).streams
+    assert streams.tcp and not streams.tls_cert and not streams.tls_key
+    assert streams.tls_port == 5061
+
+
+def test_tls_files_are_taken_from_the_home_folder(tmp_path):
+    config = load_env(tmp_path, {"SIPCLUSTER_STREAMS_TLS_CERT": "tls/cert.pem",
+                                 "SIPCLUSTER_STREAMS_TLS_KEY": "/etc/sip/key.pem"})
+    assert config.streams.tls_cert == str(cfg.ROOT / "tls" / "cert.pem")
+    assert config.streams.tls_key == "/etc/sip/key.pem"
 
 
 def test_advertised_address_and_port_fall_back_to_the_bind(tmp_path):

@@ -19,7 +19,7 @@ from cluster.sip import digest
 from cluster.sip.errors import SipError
 from cluster.sip.message import Response, parse
 from cluster.sip.transaction import server_key
-from cluster.store import AUTHBLOCK_CHANNEL, aor_of, tx_key
+from cluster.store import AUTHBLOCK_CHANNEL, Binding, aor_of, tx_key
 from workers.sip.answers import Answers
 from workers.sip.auth import Authenticator
 from workers.sip.registrar import Registrar, RegistrarSettings, Source
@@ -273,3 +273,22 @@ def test_a_register_from_behind_a_nat_is_reached_at_its_source(registrar, store)
     handle(registrar, authorized(registrar, via_host="10.0.0.5:5060"))
     [binding] = store.bindings(AOR)
     assert binding.nat is True and binding.destination == PHONE
+
+
+def test_a_register_over_a_connection_records_it_and_its_transport(registrar, store):
+    conn = (5 << 32) | (3 << 1) | 1  # a TLS connection (cluster/envelope.py)
+    req = parse(authorized(registrar).to_bytes().replace(b"SIP/2.0/UDP ", b"SIP/2.0/TLS "))
+    answer, _, _ = handle(registrar, req, source=Source(addr=PHONE, host="h1", sock_index=conn))
+    assert answer.status == 200
+    [binding] = store.bindings(AOR)
+    assert (binding.transport, binding.conn, binding.host) == ("tls", conn, "h1")
+
+
+def test_a_udp_binding_has_no_connection_and_its_record_no_field_for_one(registrar, store):
+    answer, _, _ = handle(registrar, authorized(registrar))
+    assert answer.status == 200
+    [binding] = store.bindings(AOR)
+    assert binding.conn == 0 and "conn" not in binding.to_record()
+    # A record from a newer version, with a field this one does not know, still reads.
+    record = {**binding.to_record(), "conn": 7, "later_field": 1}
+    assert Binding.from_record(record).conn == 7

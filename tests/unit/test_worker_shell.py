@@ -36,11 +36,13 @@ class RecordingTransport:
 
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, tuple[str, int], dict]] = []
+        self.history: list[tuple[bytes, tuple[str, int], dict]] = []  # never taken
         self.watch = self.mirror = None
         self.leaving = False
 
     def send(self, data: bytes, dest: tuple[str, int], **kwargs) -> None:
         self.sent.append((data, dest, kwargs))
+        self.history.append((data, dest, kwargs))
 
     def take(self) -> list[tuple[Request | Response, tuple[str, int]]]:
         """What was sent since the last look, parsed, with where it went."""
@@ -74,10 +76,12 @@ def worker(store):
     return make_worker(store)
 
 
-def deliver(worker: Worker, data: bytes, addr: tuple[str, int], *, settle: bool = True):
-    """One datagram in; with ``settle``, once the worker has handled it (and written
-    its batched answers), what it sent."""
-    worker.on_datagram(data, addr, 0)
+def deliver(worker: Worker, data: bytes, addr: tuple[str, int], *, settle: bool = True,
+            sock_index: int = 0):
+    """One datagram in (or a message from stream connection ``sock_index``); with
+    ``settle``, once the worker has handled it (and written its batched answers), what it
+    sent."""
+    worker.on_datagram(data, addr, sock_index)
     if not settle:
         return []
     worker.pool.join()
@@ -225,6 +229,45 @@ def test_a_call_to_a_user_not_registered_fails_statelessly_and_keeps_its_answer(
     other = make_worker(store)
     again = only(deliver(other, second, CALLER), CALLER)
     assert again.to_bytes() == failed.to_bytes() and len(store.cdrs_after()) == 1
+
+
+# --------------------------------------------------------------------------- streams
+CONN = (9 << 32) | (4 << 1)  # a TCP connection of host h1's dispatcher (cluster/envelope.py)
+
+
+def callee_registered_over_a_connection(worker: Worker) -> None:
+    challenge = only(deliver(worker, register("1009", CALLEE), CALLEE, sock_index=CONN))
+    creds = answer_challenge(challenge, method="REGISTER", uri=f"sip:{REALM}", user="1009",
+                             password="5678")
+    ok = only(deliver(worker, register("1009", CALLEE, authorization=creds, cseq=2), CALLEE,
+                      sock_index=CONN))
+    assert ok.status == 200
+    assert worker.transport.history[-1][2]["sock_index"] == CONN  # back over it
+
+
+def test_a_call_to_a_phone_on_an_open_connection_goes_over_it(worker, store):
+    store.stream_opened("h1", CONN, {"transport": "TCP"})
+    callee_registered_over_a_connection(worker)
+    [binding] = store.bindings(aor_of("1009", REALM))
+    assert (binding.conn, binding.transport) == (CONN, "udp")  # the Via said UDP here
+    ours, _ = placed_call(worker)
+    assert ours.method == "INVITE"
+    [how] = [how for data, dest, how in worker.transport.history
+             if dest == CALLEE and data.startswith(b"INVITE ")]
+    assert how["sock_index"] == CONN and how["host"] == "h1"
+
+
+def test_a_binding_whose_connection_closed_gets_480(worker, store):
+    store.stream_opened("h1", CONN, {"transport": "TCP"})
+    callee_registered_over_a_connection(worker)
+    store.stream_closed("h1", CONN)
+    first = invite()
+    challenge = only(deliver(worker, first, CALLER), CALLER)
+    creds = answer_challenge(challenge, method="INVITE", uri=INVITE_URI, user="1002",
+                             password="1234")
+    failed = only(deliver(worker, invite(cseq=2, proxy_authorization=creds), CALLER), CALLER)
+    assert failed.status == 480
+    assert worker.counters["bindings_connection_closed"] == 1
 
 
 # --------------------------------------------------------------------------- CAS

@@ -194,8 +194,8 @@ class B2BUA:
             return [], 404
         if self.store.get_user(callee, self.config.realm) is not None:
             bindings = self.store.bindings(aor_of(callee, self.config.realm))
-            targets = [Target(b.contact, b.destination, b.host) for b in bindings
-                       if b.destination is not None]
+            targets = [Target(b.contact, b.destination, b.host, b.conn) for b in bindings
+                       if b.destination is not None and self._reachable(b)]
             return targets, None if targets else 480
         if local_only:
             return [], 404
@@ -210,6 +210,14 @@ class B2BUA:
             peer = (parsed.param("maddr") or parsed.host_bare, parsed.port or 5060)
             return [Target(uri, peer, self.host, route=index)], None
         return [], 404
+
+    def _reachable(self, binding) -> bool:
+        """Whether a binding can be sent to: one made over a TCP/TLS connection only while
+        that connection is open (the phone reconnects and registers again)."""
+        if not binding.conn or self.store.stream_open(binding.host, binding.conn):
+            return True
+        self.counters["bindings_connection_closed"] += 1
+        return False
 
     def _authenticate(self, req: Request, source, arrived: list[dict]) -> str | None:
         """The caller's user name, or None when the request was answered (407/403)."""

@@ -87,7 +87,8 @@ class Pinger:
             (b"From", b"<sip:ping@%s>;tag=%s" % (host_part(host).encode(), ids.tag().encode())),
             (b"To", b"<" + binding.contact + b">"), (b"Call-ID", call_id),
             (b"CSeq", b"1 OPTIONS"), (b"User-Agent", self.user_agent)])
-        self.transport.send(request.to_bytes(), binding.destination, host=binding.host)
+        self.transport.send(request.to_bytes(), binding.destination, host=binding.host,
+                            sock_index=binding.conn)
 
     def on_response(self, resp: Response) -> None:
         """Any answer, even an error, shows the phone is there."""

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from cluster.envelope import is_stream
 from cluster.logsetup import call_log
 from cluster.sip.errors import SipError
 from cluster.sip.headers import NameAddr
@@ -26,7 +27,8 @@ log = logging.getLogger("registrar")
 
 @dataclass
 class Source:
-    """Where a request came from and which of our sockets got it."""
+    """Where a request came from and which of our sockets got it: a UDP socket's index,
+    or a stream connection's id (cluster/envelope.py)."""
 
     addr: tuple[str, int]
     host: str
@@ -153,7 +155,8 @@ class Registrar:
             q=float(q) if q and _is_number(q) else None, instance=instance,
             reg_id=int(reg_id) if reg_id and reg_id.isdigit() else None,
             user_agent=(req.header("user-agent") or b"").decode("utf-8", "replace")[:200],
-            transport=req.via.transport.lower(), registered_at=now,
+            transport=req.via.transport.lower(),
+            conn=source.sock_index if is_stream(source.sock_index) else 0, registered_at=now,
             params={k: v for k, v in contact.params if k not in ("expires", "q")})
 
     def _ok(self, req: Request, bindings: list[Binding], now: float) -> Response:

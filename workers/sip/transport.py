@@ -9,6 +9,12 @@ hand-offs are sealed with the cluster's hand-off key (cluster/clusterauth.py) an
 leave from this host's inter-host address: the receiving dispatcher forwards
 nothing else.
 
+Messages for a phone connected over TCP or TLS (a socket number that is a stream
+connection's id: cluster/envelope.py) go back to the dispatcher over the control
+connection, which holds the phone's connection and sends them on it; the Via and
+Contact say the stream's transport (cluster/sip/framing.py ``stamp``).  A connection of
+another host's dispatcher is reached through that host, like a datagram.
+
 When the dispatcher dies the control connection reaches end of file at once; a
 greenlet waiting on it reconnects every ``RECONNECT_EVERY`` seconds while the
 worker goes on sending through the SIP sockets it holds.  A restarted
@@ -25,12 +31,14 @@ import time
 from collections import Counter
 
 import gevent
+import gevent.lock
 import msgpack
 
 from cluster import clusterauth, envelope
 from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.sip import scan
+from cluster.sip.framing import stamp
 from cluster.store import Store, StoreUnavailable
 
 log = logging.getLogger("transport")
@@ -79,6 +87,10 @@ class Transport:
         # Asked with (data, dest) before anything is sent: False keeps it (a banned source).
         self.watch = None
         self.mirror = None  # a HepMirror when hep.address is set: a copy of every message
+        # (advertised address, UDP port, TLS port): what ``stamp`` writes into messages that
+        # leave over a stream; set by the worker.
+        self.stream_ports: tuple[str, int, int] | None = None
+        self._control_lock = gevent.lock.Semaphore()  # heartbeats and stream messages
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> list[gevent.Greenlet]:
@@ -200,7 +212,8 @@ class Transport:
             if self.leaving or conn is None:
                 continue
             try:
-                conn.sendall(msgpack.packb({"type": "hb", "load": self.load()}))
+                with self._control_lock:
+                    conn.sendall(msgpack.packb({"type": "hb", "load": self.load()}))
             except OSError:
                 # The control greenlet reconnects; shutting down wakes it if it has not
                 # seen the end of the connection yet.
@@ -254,6 +267,12 @@ class Transport:
         """Send from the SIP port; through another host when the peer's NAT expects it."""
         if self.watch is not None and not self.watch(data, dest):
             return
+        stream = envelope.is_stream(sock_index)
+        if stream and self.stream_ports is not None:
+            address, udp_port, tls_port = self.stream_ports
+            transport = envelope.stream_transport(sock_index)
+            data = stamp(data, transport, address, udp_port,
+                         tls_port if transport == "TLS" else udp_port)
         if host and host != self.host:
             egress = self._egress_of(host)
             if egress is not None:
@@ -267,6 +286,9 @@ class Transport:
                     return
                 self._count(data, dest)
                 return
+        if stream:
+            self._send_stream(data, dest, sock_index)
+            return
         if ":" in dest[0]:
             sock_index = next((i for i, s in enumerate(self.sip_sockets)
                                if s.family == socket.AF_INET6), None)
@@ -282,6 +304,23 @@ class Transport:
         except OSError as exc:
             call_log(log, scan.call_id(data) or b"-").warning(
                 "send to %s:%d failed: %s", dest[0], dest[1], exc)
+
+    def _send_stream(self, data: bytes, dest: tuple[str, int], conn_id: int) -> None:
+        """Through the dispatcher, which holds the connection (it drops what is for a
+        connection closed meanwhile; the phone's next one carries on)."""
+        conn = self.control
+        if conn is None:
+            call_log(log, scan.call_id(data) or b"-").warning(
+                "no dispatcher to send to %s:%d over connection %x", dest[0], dest[1], conn_id)
+            return
+        try:
+            with self._control_lock:
+                conn.sendall(envelope.stream_out(conn_id, data))
+        except OSError as exc:
+            call_log(log, scan.call_id(data) or b"-").warning(
+                "send to %s:%d over connection %x failed: %s", dest[0], dest[1], conn_id, exc)
+            return
+        self._count(data, dest)
 
     def _count(self, data: bytes, dest: tuple[str, int]) -> None:
         self.sent += 1

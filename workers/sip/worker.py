@@ -111,6 +111,8 @@ class Worker:
                 handoff_key=clusterauth.handoff_key(config.auth.secret),
                 egress_bind=config.dispatcher.inter_host_address)
         self.transport = transport
+        transport.stream_ports = (config.sip.effective_address, config.sip.effective_port,
+                                  config.streams.tls_port)
         self.answers = Answers(transport, store, new_tag=new_tag,
                                server=config.sip.user_agent.encode(), tx_ttl=self.tx_ttl,
                                counters=self.counters)
