@@ -22,6 +22,7 @@ from harness import free_sip_port, running_cluster, wait_for
 from sipp import Sipp
 from streamua import SDP, StreamUA, header_of, self_signed, tag
 
+from cluster import store as st
 from conftest import ROOT, free_tcp_port
 
 DB = 12
@@ -259,7 +260,7 @@ def test_a_worker_killed_during_a_tcp_call(cluster, tmp_path):
     uac.sipp.start()
     try:
         def answered():
-            return next((rec for _, rec in cluster.store.live_calls()
+            return next((rec for _, rec in st.call_records(cluster.store)
                          if rec.get("caller") == "3013" and rec.get("state") == "answered"),
                         None)
         record = wait_for(answered, 10)
