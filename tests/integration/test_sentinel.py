@@ -299,8 +299,10 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
         versions_before, (versions_before, versions_after)
     # The writer: Redis sends the replication stream in the same event-loop turn as the
     # reply, and the kernel delivers it after the process died; with one write in flight,
-    # at most the last acknowledged one can fall between the two.
-    assert 0 <= lost_incr <= 1, report
+    # at most the last acknowledged one can fall between the two.  -1: the write in flight
+    # at the kill was applied and replicated, but its reply never reached the writer (not
+    # acknowledged, so nothing acknowledged was lost; seen in one CI run).
+    assert -1 <= lost_incr <= 1, report
     assert back_at - killed_at < SIP_OUTAGE_LIMIT, report
 
 
