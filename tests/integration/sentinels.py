@@ -104,6 +104,33 @@ class SentinelSet:
         """Every sentinel names ``port`` as the primary (a failover has reached them all)."""
         return all(named == port for named in self._named_primaries())
 
+    def settled_primary(self) -> int | None:
+        """The primary's port once a failover or demotion is over: every sentinel names it,
+        it says it is a primary, and the other server replicates it with its link up; else
+        None (a test's own failover reconfigures the set for seconds after it)."""
+        named = self._named_primaries()
+        if None in named or len(set(named)) != 1:
+            return None
+        port = named[0]
+        other = self.replica.port if port == self.primary.port else self.primary.port
+        try:
+            with redis.Redis(port=port, socket_timeout=0.5) as head, \
+                    redis.Redis(port=other, socket_timeout=0.5) as follower:
+                mine, theirs = head.info("replication"), follower.info("replication")
+        except redis.RedisError:
+            return None
+        if mine.get("role") != "master" or theirs.get("role") != "slave":
+            return None
+        if theirs.get("master_port") != port or theirs.get("master_link_status") != "up":
+            return None
+        return port
+
+    def wait_settled(self, timeout: float = 30.0) -> int:
+        """The primary's port, waiting until the set has settled (settled_primary)."""
+        port = wait_for(self.settled_primary, timeout, step=0.2)
+        assert port, f"the sentinel set did not settle: {self._named_primaries()}"
+        return port
+
     def master_port(self) -> int | None:
         """The primary's port as a majority of the sentinels report it."""
         votes = Counter(p for p in self._named_primaries() if p is not None)
