@@ -342,7 +342,9 @@ HANGUP_MAXLEN = 10_000
 # which works on one server and under Sentinel.  On Redis Cluster a script may touch one slot
 # only: the scripts then run without the index keys (they count nothing when given none:
 # ``registration_index_keys``/``call_index_keys`` are the one place to leave them out), and
-# the counts need another way (per-slot index keys summed by the reader, or a second write).
+# the counts and the live-call listing are surveyed by SCAN over every primary instead
+# (surveys.py: ``surveyed_counts``, ``live_call_records``; registrations.py:
+# ``registered_aors``): the same answers, at a cost that grows with the keyspace.
 REG_CONTACTS_INDEX = "stats:reg:contacts"  # member "<aor>|<binding key>", score its expiry
 REG_AORS_INDEX = "stats:reg:aors"  # member "<aor>", score its latest binding's expiry
 CALLS_INDEX = "stats:calls"  # member call tag, score its creation: the last minute's calls
