@@ -162,6 +162,17 @@ def test_a_wait_is_routed_with_the_write_before_it(recorded):
     assert routing_key(sent[2]) is None and keys_of(sent[1]) == ["call:{" + "t" * 24 + "}"]
 
 
+def test_a_pipelined_stream_read_is_routed_by_its_stream_not_its_group():
+    """XREADGROUP names the group first, the stream after STREAMS (redis-py sends bytes)."""
+    pipe = redis.Redis().pipeline(transaction=False)
+    pipe.xreadgroup("b2bua", "w1", {store_module.RELAY_EVENTS_STREAMS[2]: ">"}, count=5)
+    pipe.xautoclaim(store_module.RELAY_EVENTS_STREAMS[1], "b2bua", "w1", 100)
+    pipe.xack(store_module.RELAY_EVENTS_STREAMS[0], "b2bua", "1-0")
+    assert [routing_key(args) for args, _options in pipe.command_stack] == [
+        store_module.RELAY_EVENTS_STREAMS[2], store_module.RELAY_EVENTS_STREAMS[1],
+        store_module.RELAY_EVENTS_STREAMS[0]]
+
+
 @pytest.mark.parametrize("aor", AORS)
 def test_the_keys_of_one_aor_share_a_slot(aor):
     keys = [store_module.user_key(aor), store_module.reg_key(aor), store_module.ping_key(aor),
