@@ -56,6 +56,10 @@ def routing_key(args: tuple):
         if int(args[2]) < 1:
             raise RedisClusterException(f"{name} without a key cannot be routed")
         return args[3]
+    if name in ("XREADGROUP", "XREAD"):  # the key follows STREAMS (one stream per command)
+        words = [(a.decode("latin-1") if isinstance(a, bytes) else str(a)).upper()
+                 for a in args]
+        return args[words.index("STREAMS") + 1]
     return args[1]
 
 

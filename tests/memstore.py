@@ -30,10 +30,13 @@ from cluster.store import (
     authlock_key,
     authuser_key,
     call_key,
+    cdr_id,
+    cdr_position,
     counted_state,
     nc_key,
     pack,
     reg_key,
+    stream_shard,
     streams_key,
     timer_member,
     timer_shard,
@@ -58,7 +61,7 @@ class MemoryStore:
         self._aors: dict[str, int] = {}  # the AORs index: aor -> latest expiry (ms)
         self.published: list[tuple[str, str]] = []  # (channel, message), oldest first
         self._timers: dict[str, tuple[float, str, str, float]] = {}  # member -> score, entry
-        self._cdrs: list[dict[str, str]] = []  # the CDR stream, oldest first
+        self._cdrs: dict[int, list[dict[str, str]]] = {}  # shard -> its CDRs, oldest first
 
     def __getattr__(self, name: str):
         if hasattr(Store, name):
@@ -318,18 +321,20 @@ class MemoryStore:
         return claimed
 
     def add_cdr(self, record: dict) -> None:
+        fields = {k: ("" if v is None else str(v)) for k, v in record.items()}
+        shard = stream_shard(fields.get("a_call_id", ""))
+        stream = self._cdrs.setdefault(shard, [])
         ms = int(self.clock() * 1000)
-        last = self._cdrs[-1]["id"] if self._cdrs else "0-0"
+        last = stream[-1]["entry"] if stream else "0-0"
         last_ms, last_seq = map(int, last.split("-"))
-        entry_id = f"{last_ms}-{last_seq + 1}" if ms <= last_ms else f"{ms}-0"  # XADD's ids
-        self._cdrs.append({"id": entry_id,
-                           **{k: ("" if v is None else str(v)) for k, v in record.items()}})
+        entry = f"{last_ms}-{last_seq + 1}" if ms <= last_ms else f"{ms}-0"  # XADD's ids
+        stream.append({"entry": entry, "id": cdr_id(shard, entry), **fields})
 
     def cdrs_after(self, after: str = "0-0", count: int = 10_000) -> list[dict]:
-        def key(entry_id: str) -> tuple[int, int]:
-            ms, seq = entry_id.split("-")
-            return int(ms), int(seq)
-        return [dict(entry) for entry in self._cdrs if key(entry["id"]) > key(after)][:count]
+        found = sorted((entry for stream in self._cdrs.values() for entry in stream
+                        if cdr_position(entry["id"]) > cdr_position(after)),
+                       key=lambda entry: cdr_position(entry["id"]))
+        return [{k: v for k, v in entry.items() if k != "entry"} for entry in found[:count]]
 
     # ---------------------------------------------------------------- auth throttling
     def auth_failures(self, ip: str) -> int:

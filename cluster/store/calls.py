@@ -10,12 +10,14 @@ from .connection import PIPELINE_BATCH, VERSION_STEP, batches, pack, unpack
 from .schema import (
     CALLS_INDEX,
     CDR_MAXLEN,
-    CDR_STREAM,
     COUNTED_CALL_STATES,
+    STREAM_SHARDS,
     TIMER_LEASE,
     TIMER_SHARDS,
     call_key,
+    cdr_key,
     parse_timer_member,
+    stream_shard,
     timer_key,
     timer_member,
     timer_shard,
@@ -109,12 +111,15 @@ class Calls:
         return [unpack(e) for e in self._call(self.redis.lrange, trace_key(tag), 0, -1)]
 
     def add_cdr(self, record: dict) -> None:
+        """XADD a CDR (text fields) to the stream shard of its A-leg Call-ID."""
         fields = {k: ("" if v is None else str(v)) for k, v in record.items()}
+        stream = cdr_key(stream_shard(fields.get("a_call_id", "")))
+        maxlen = -(-CDR_MAXLEN // STREAM_SHARDS)
         if self.replica_wait[0] <= 0:
-            self._call(self.redis.xadd, CDR_STREAM, fields, maxlen=CDR_MAXLEN, approximate=True)
+            self._call(self.redis.xadd, stream, fields, maxlen=maxlen, approximate=True)
             return
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(CDR_STREAM, fields, maxlen=CDR_MAXLEN, approximate=True)
+        pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
         self._wait_replicas(pipe)
         self._waited(self._call(pipe.execute))
 

@@ -9,14 +9,16 @@ from collections.abc import Iterable
 
 from .connection import pack, unpack
 from .schema import (
-    RELAY_EVENTS_KEY,
     RELAY_EVENTS_MAXLEN,
     RELAY_NODES_KEY,
     RELAY_NODES_TTL,
     RELAY_OWNED_TTL_MIN,
+    STREAM_SHARDS,
     proc_key,
+    relay_events_key,
     relay_owned_key,
     relay_session_key,
+    stream_shard,
 )
 from .surveys import index_process
 
@@ -145,11 +147,14 @@ class Relays:
     def relay_report_event(self, event: dict,
                            sessions: Iterable[tuple[str, dict, float]] = (),
                            relay_id: str = "") -> str:
-        """XADD a media event (text fields) and, in the same round trip, save the session records
-        that say it was reported, so a restarted relay does not report it again."""
+        """XADD a media event (text fields) to the stream shard of its Call-ID and, in the same
+        round trip, save the session records that say it was reported, so a restarted relay
+        does not report it again.  The event's id as the readers give it."""
+        shard = stream_shard(str(event.get("call_id", "")))
+
         def build(pipe) -> None:
-            pipe.xadd(RELAY_EVENTS_KEY, {k: str(v) for k, v in event.items()},
-                      maxlen=RELAY_EVENTS_MAXLEN, approximate=True)
+            pipe.xadd(relay_events_key(shard), {k: str(v) for k, v in event.items()},
+                      maxlen=-(-RELAY_EVENTS_MAXLEN // STREAM_SHARDS), approximate=True)
             for call_id, record, ttl in sessions:
                 self._refresh_session(pipe, relay_id, call_id, record, ttl)
-        return self._pipelined(build)[0].decode()
+        return f"{shard}/{self._pipelined(build)[0].decode()}"

@@ -47,8 +47,14 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    by every write and never shortened.  An attempt that is no
                                    call yet (INVITE, 407, ACK) is kept 64*T1 until the call
                                    exists.  ``sipctl call <Call-ID>`` draws it as a ladder.
-  cdr                              Redis Stream of call detail records (XADD, capped with
-                                   MAXLEN ~ 1,000,000); read with ``sipctl cdr`` or XRANGE.
+  cdr:{<stream shard>}             Redis Streams of call detail records, one per stream shard
+                                   (st0, st1, st2: see "stream shards" below); a CDR goes to
+                                   the shard of its A-leg Call-ID.  Each capped with MAXLEN ~
+                                   1,000,000 / 3.  Read with ``sipctl cdr``, which merges the
+                                   shards in time order; a CDR's id is "<entry id>-<shard>".
+  cdr                              the single CDR stream of earlier versions: no longer
+                                   written, still read (as the first of the shards, its ids
+                                   unchanged "<entry id>") until it is trimmed or deleted.
   hangup                           Redis Stream of operator hangup requests {"tag", "call_id",
                                    "by", "at"} (``sipctl hangup``), read by the workers with
                                    the consumer group "workers" (XREADGROUP, XACK, XAUTOCLAIM)
@@ -122,10 +128,16 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
   relay:owned:{<relay id>}         sorted set of the call ids a relay serves, score = expiry
                                    (epoch ms); read when the relay restarts.  TTL: a day (or
                                    the longest idle limit), refreshed with every write.
-  relay:events                     Redis Stream of media events {"event": "media-timeout",
-                                   "call_id", "relay", "idle", "hold", "at"}, read by the
-                                   B2BUA with a consumer group (XREADGROUP, XACK, XAUTOCLAIM).
-                                   Capped with MAXLEN ~ 100,000.
+  relay:events:{<stream shard>}    Redis Streams of media events {"event": "media-timeout",
+                                   "call_id", "relay", "idle", "hold", "at"}, one per stream
+                                   shard, an event in the shard of its Call-ID; read by the
+                                   B2BUA with the consumer group "b2bua" made on every shard
+                                   (XREADGROUP, XACK, XAUTOCLAIM; an event's id names its
+                                   shard: "<shard>/<entry id>").  Each capped with MAXLEN ~
+                                   100,000 / 3.
+  relay:events                     the single media-event stream of earlier versions: still
+                                   read with the same group (relays of an earlier version write
+                                   there during a rolling upgrade), shard "l" in event ids.
 
 The rest of the package reads and writes these keys (cluster/store/__init__.py lists
 its modules); every operation there turns Redis trouble into ``StoreUnavailable`` so
@@ -134,7 +146,13 @@ callers can answer 503 instead of crashing.
 On a Redis Cluster (``redis+cluster://``, cluster/clusterclient.py) every script and every
 multi-key command touches the keys of one hash tag (tests/unit/test_cluster_slots.py); a
 pipeline may span slots (each primary gets its share, one round trip); the keys without a
-tag (the streams, ``relay:nodes``, ``proc:``/``host:``) are one slot each.
+tag (``hangup``, ``relay:nodes``, ``proc:``/``host:``) are one slot each.
+
+Stream shards: the CDR and media-event streams are written to 3 keys each, hash tags st0,
+st1 and st2 (slots 13206, 9143 and 5076: one in each third of the slot space, so each
+primary of an evenly split 3-primary cluster holds one shard of each, 0-5460, 5461-10922,
+10923-16383); on one Redis they are 3 keys of one server, read the same way.  Every reader
+reads all of them (one pipeline: one round trip per primary) and merges by entry id.
 """
 from __future__ import annotations
 
@@ -272,8 +290,8 @@ HOSTS_TTL = 86_400  # seconds; refreshed by every announcement
 # Relay ids are "<host id>/relay-<index>".
 
 RELAY_NODES_KEY = "relay:nodes"
-RELAY_EVENTS_KEY = "relay:events"
-RELAY_EVENTS_MAXLEN = 100_000
+RELAY_EVENTS_LEGACY = "relay:events"  # the one stream of earlier versions: read, not written
+RELAY_EVENTS_MAXLEN = 100_000  # in all: each shard is capped at its share
 RELAY_NODES_TTL = 86_400  # seconds; refreshed by every heartbeat
 RELAY_OWNED_TTL_MIN = 86_400  # seconds: the owned index outlives the sessions written into it
 
@@ -283,8 +301,30 @@ def relay_owned_key(relay_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- streams
-CDR_STREAM = "cdr"
-CDR_MAXLEN = 1_000_000
+# The hash tags of the stream shards (see "Stream shards" above): chosen so that their slots
+# (13206, 9143, 5076) fall in different thirds of the slot space (tests/unit/test_cluster_slots.py).
+STREAM_SHARD_TAGS = ("st0", "st1", "st2")
+STREAM_SHARDS = len(STREAM_SHARD_TAGS)
+
+
+def stream_shard(ident: str) -> int:
+    """The shard a CDR or media event goes to: from its Call-ID, so one call's entries share
+    a shard and the shards fill evenly."""
+    return zlib.crc32(ident.encode("utf-8", "surrogateescape")) % STREAM_SHARDS
+
+
+def cdr_key(shard: int) -> str:
+    return f"cdr:{{{STREAM_SHARD_TAGS[shard]}}}"
+
+
+def relay_events_key(shard: int) -> str:
+    return f"relay:events:{{{STREAM_SHARD_TAGS[shard]}}}"
+
+
+CDR_STREAMS = tuple(cdr_key(shard) for shard in range(STREAM_SHARDS))
+RELAY_EVENTS_STREAMS = tuple(relay_events_key(shard) for shard in range(STREAM_SHARDS))
+CDR_LEGACY = "cdr"  # the one stream of earlier versions: read, not written
+CDR_MAXLEN = 1_000_000  # in all: each shard is capped at its share
 HANGUP_STREAM = "hangup"
 HANGUP_GROUP = "workers"
 HANGUP_MAXLEN = 10_000
@@ -302,7 +342,9 @@ HANGUP_MAXLEN = 10_000
 # which works on one server and under Sentinel.  On Redis Cluster a script may touch one slot
 # only: the scripts then run without the index keys (they count nothing when given none:
 # ``registration_index_keys``/``call_index_keys`` are the one place to leave them out), and
-# the counts need another way (per-slot index keys summed by the reader, or a second write).
+# the counts and the live-call listing are surveyed by SCAN over every primary instead
+# (surveys.py: ``surveyed_counts``, ``live_call_records``; registrations.py:
+# ``registered_aors``): the same answers, at a cost that grows with the keyspace.
 REG_CONTACTS_INDEX = "stats:reg:contacts"  # member "<aor>|<binding key>", score its expiry
 REG_AORS_INDEX = "stats:reg:aors"  # member "<aor>", score its latest binding's expiry
 CALLS_INDEX = "stats:calls"  # member call tag, score its creation: the last minute's calls
@@ -311,5 +353,5 @@ PROCS_INDEX = "procs"  # member proc:<role>:<host>:<name>, score its heartbeat's
 # The keys that have no TTL by design (the rest expire or are deleted by the path that ends
 # them): the directory, the timer shards, the streams (trimmed by length), the counting
 # indexes and the host list (their members carry their own expiry as a score or a record).
-PERSISTENT_KEYS = re.compile(r"^(user:\{.*\}|timers:\{\d+\}|cdr|hangup|relay:events|"
-                             r"stats:.+|procs|hosts)$")
+PERSISTENT_KEYS = re.compile(r"^(user:\{.*\}|timers:\{\d+\}|cdr(:\{st\d+\})?|hangup|"
+                             r"relay:events(:\{st\d+\})?|stats:.+|procs|hosts)$")

@@ -1,6 +1,7 @@
 """Streams: operator hang-up requests and the relays' media events, each read through a
-consumer group (one helper for both: XREADGROUP, XAUTOCLAIM, XACK, the group made anew when
-Redis lost it), and the CDR stream, read by id range."""
+consumer group (XREADGROUP, XAUTOCLAIM, XACK, the group made anew when Redis lost it), and
+the CDR streams, read by id range.  The CDRs and media events are sharded (schema.py,
+"Stream shards"): their readers read every shard in one pipeline and merge."""
 
 from __future__ import annotations
 
@@ -11,12 +12,54 @@ import redis
 
 from .connection import as_text, error_code, is_nogroup
 from .schema import (
-    CDR_STREAM,
+    CDR_LEGACY,
+    CDR_STREAMS,
     HANGUP_GROUP,
     HANGUP_MAXLEN,
     HANGUP_STREAM,
-    RELAY_EVENTS_KEY,
+    RELAY_EVENTS_LEGACY,
+    RELAY_EVENTS_STREAMS,
 )
+
+# The CDR streams in merge order: the legacy stream first (position -1), then shard k
+# (position k); see ``cdr_position``.
+CDR_READ = ((-1, CDR_LEGACY), *enumerate(CDR_STREAMS))
+# The media-event streams read, each with the name its events' ids carry.
+EVENT_READ = ((*((str(k), key) for k, key in enumerate(RELAY_EVENTS_STREAMS)),
+               ("l", RELAY_EVENTS_LEGACY)))
+_EVENT_STREAM = dict(EVENT_READ)
+
+
+def cdr_id(position: int, entry_id: str) -> str:
+    """A CDR's id as readers see it: the entry id, and the shard unless it is the legacy
+    stream's (whose ids stay what they were)."""
+    return entry_id if position < 0 else f"{entry_id}-{position}"
+
+
+def cdr_position(cdr: str) -> tuple[int, int, int]:
+    """(ms, sequence, shard) of a CDR id: the merge order (time, then shard).  A plain
+    "<ms>-<seq>" (the legacy stream's ids, a time bound) is shard -1."""
+    ms, seq, *shard = cdr.split("-")
+    return int(ms), int(seq), int(shard[0]) if shard else -1
+
+
+def merge_pages(pages: list[tuple[int, list[tuple[str, dict]]]],
+                count: int) -> list[tuple[str, dict]]:
+    """The first ``count`` entries, in (id, shard) order, of shards read ``count`` each:
+    ``pages`` holds (shard position, entries in id order).  A shard whose page is full may
+    hold more past its last entry, so nothing beyond the lowest such last entry is taken
+    (the entries up to it are all there: at least ``count`` of them)."""
+    merged, bound = [], None
+    for at, entries in pages:
+        ids = [(cdr_id(at, eid), fields) for eid, fields in entries]
+        merged += ids
+        if len(entries) >= count and ids:
+            last = cdr_position(ids[-1][0])
+            bound = last if bound is None else min(bound, last)
+    merged.sort(key=lambda entry: cdr_position(entry[0]))
+    if bound is not None:
+        merged = [entry for entry in merged if cdr_position(entry[0]) <= bound]
+    return merged[:count]
 
 
 def _entries(items) -> list[tuple[str, dict]]:
@@ -99,24 +142,82 @@ class Streams:
         return self._group_ack(HANGUP_STREAM, HANGUP_GROUP, ids)
 
     # ---------------------------------------------------------------- media events
+    # One group per shard (same name); ids carry their shard ("<shard>/<entry id>").
+    _events_turn = 0  # the shard a blocking read waits on next
+
     def media_events_group(self, group: str, start: str = "0") -> None:
-        self._group_create(RELAY_EVENTS_KEY, group, start)
+        for _name, stream in EVENT_READ:
+            self._group_create(stream, group, start)
+
+    def _each_shard(self, group: str, queue) -> list:
+        """``queue(pipe, stream)`` for every media-event shard, in one pipeline; a shard
+        whose group is gone (NOGROUP) gets it made again and its command run once more."""
+        pipe = self.redis.pipeline(transaction=False)
+        for _name, stream in EVENT_READ:
+            queue(pipe, stream)
+        replies = self._call(pipe.execute, raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                stream = EVENT_READ[index][1]
+                if not (isinstance(reply, redis.ResponseError) and is_nogroup(reply)):
+                    self._raise_unavailable(reply)
+                self._group_create(stream, group)
+                again = self.redis.pipeline(transaction=False)
+                queue(again, stream)
+                replies[index] = self._call(again.execute)[0]
+        return replies
 
     def read_media_events(self, group: str, consumer: str, count: int = 100,
                           block_ms: int | None = None) -> list[tuple[str, dict]]:
-        return self._group_read(RELAY_EVENTS_KEY, group, consumer, count, block_ms)
+        """New events for this consumer from every shard (one pipeline); when there are none
+        and ``block_ms`` is given, a blocking read of one shard, a different one each time
+        (an event on another waits for the next call: the worker reads again at once)."""
+        replies = self._each_shard(group, lambda pipe, stream: pipe.xreadgroup(
+            group, consumer, {stream: ">"}, count=count))
+        events = [(f"{name}/{eid}", fields)
+                  for (name, _stream), reply in zip(EVENT_READ, replies, strict=True)
+                  for _key, items in reply or [] for eid, fields in _entries(items)]
+        if events or not block_ms:
+            return events
+        name, stream = EVENT_READ[self._events_turn % len(EVENT_READ)]
+        self._events_turn += 1
+        return [(f"{name}/{eid}", fields)
+                for eid, fields in self._group_read(stream, group, consumer, count, block_ms)]
 
     def claim_stale_media_events(self, group: str, consumer: str, min_idle_ms: int,
                                  count: int = 100) -> list[tuple[str, dict]]:
-        return self._group_claim(RELAY_EVENTS_KEY, group, consumer, min_idle_ms, count)
+        replies = self._each_shard(group, lambda pipe, stream: pipe.xautoclaim(
+            stream, group, consumer, min_idle_ms, start_id="0-0", count=count))
+        return [(f"{name}/{eid}", fields)
+                for (name, _stream), reply in zip(EVENT_READ, replies, strict=True)
+                for eid, fields in _entries(reply[1])]
 
     def ack_media_events(self, group: str, ids: Iterable[str]) -> int:
-        return self._group_ack(RELAY_EVENTS_KEY, group, ids)
+        by_stream: dict[str, list[str]] = {}
+        for event_id in ids:
+            name, _, entry_id = event_id.partition("/")
+            by_stream.setdefault(_EVENT_STREAM[name], []).append(entry_id)
+        if not by_stream:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, entry_ids in by_stream.items():
+            pipe.xack(stream, group, *entry_ids)
+        return sum(int(n) for n in self._call(pipe.execute))
 
     # ---------------------------------------------------------------- CDRs
     def cdrs_after(self, after: str = "0-0", count: int = 10_000) -> list[dict]:
-        """CDRs with a stream id above ``after`` ("<ms>-<n>"), oldest first; by default
-        from the stream's beginning."""
-        entries = self._call(self.redis.xrange, CDR_STREAM, min=f"({after}", count=count)
-        return [{"id": as_text(eid), **{as_text(k): as_text(v) for k, v in fields.items()}}
-                for eid, fields in entries]
+        """CDRs after ``after`` (a CDR's id, or "<ms>-<seq>" for a time), oldest first, at
+        most ``count``; by default from the beginning.  Every shard is read (one pipeline),
+        the pages merged by time, then shard (``cdr_position``)."""
+        ms, seq, shard = cdr_position(after)
+        pipe = self.redis.pipeline(transaction=False)
+        for position, stream in CDR_READ:
+            # Past the cursor: in a later shard an entry of the cursor's own id is; in this
+            # one or an earlier one it is not.
+            pipe.xrange(stream, min=f"{ms}-{seq}" if position > shard else f"({ms}-{seq}",
+                        count=count)
+        pages = [(position, [(as_text(eid), fields) for eid, fields in entries])
+                 for (position, _stream), entries in zip(CDR_READ, self._call(pipe.execute),
+                                                          strict=True)]
+        return [{"id": cdr, **{as_text(k): as_text(v) for k, v in fields.items()}}
+                for cdr, fields in merge_pages(pages, count)]

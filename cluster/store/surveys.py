@@ -144,7 +144,11 @@ class Surveys:
 
     def live_call_records(self, now: float | None = None) -> list[tuple[str, dict]]:
         """(tag, record) of the calls not ended, found through the state indexes (no SCAN):
-        what ``sipctl calls`` lists."""
+        what ``sipctl calls`` lists.  On a Redis Cluster the scripts keep no index (see
+        Connection.indexed): there the calls are surveyed, the same list by SCAN."""
+        if not self.indexed:
+            return [(tag, record) for tag, record in self.call_records()
+                    if counted_state(record) in COUNTED_CALL_STATES]
         now_ms = int((time.time() if now is None else now) * 1000)
         pipe = self.redis.pipeline(transaction=False)
         for state in COUNTED_CALL_STATES:

@@ -228,10 +228,10 @@ def test_every_worker_of_every_host_is_its_own_media_events_consumer(hosts):
     expected = {f"h{h}/worker-{w}" for h in (1, 2) for w in (0, 1)}
     found: set[str] = set()
     for _ in range(200):
-        hosts.store.redis.xadd(st.RELAY_EVENTS_KEY, {"event": "probe", "call_id": "none"})
+        hosts.store.redis.xadd(st.RELAY_EVENTS_STREAMS[0], {"event": "probe", "call_id": "none"})
         time.sleep(0.02)
         found = {c["name"].decode() for c in hosts.store.redis.xinfo_consumers(
-            st.RELAY_EVENTS_KEY, "b2bua")}
+            st.RELAY_EVENTS_STREAMS[0], "b2bua")}
         if expected <= found:
             break
     assert found == expected

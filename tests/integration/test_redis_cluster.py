@@ -10,6 +10,7 @@ three primaries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -25,13 +26,28 @@ from sipua import UA
 from test_calls_relay import assert_received_all, call_between, settle_and_stop, wait_cdr
 
 from cluster import store as store_module
-from cluster.store import Binding, Store, StoreUnavailable, call_key, timer_key, tx_key
+from cluster.store import (
+    CDR_LEGACY,
+    CDR_STREAMS,
+    RELAY_EVENTS_LEGACY,
+    RELAY_EVENTS_STREAMS,
+    STREAM_SHARDS,
+    Binding,
+    Store,
+    StoreUnavailable,
+    call_key,
+    cdr_position,
+    stream_shard,
+    timer_key,
+    tx_key,
+)
 from conftest import ROOT
 
 PASSWORD = "1234"
 REGISTERING = [str(user) for user in range(3100, 3120)]  # 20 REGISTERs
 CALLING = [(str(3120 + 2 * i), str(3121 + 2 * i)) for i in range(6)]  # 6 calls
 HUNG_UP = ("3140", "3141")  # a call the operator ends
+LIVE = [("3142", "3143"), ("3144", "3145"), ("3146", "3147")]  # 3 calls up at once
 SETTINGS = {"media": {"mode": "relay", "relays": 1, "rtp_port_min": 38200,
                       "rtp_port_max": 38399}}
 
@@ -124,6 +140,103 @@ def test_the_store_works_on_the_cluster(redis_cluster):  # noqa: F811
     assert heard[0] == ("source", "192.0.2.9", 5.0)
 
 
+def test_the_timer_and_stream_shards_sit_on_every_primary(redis_cluster):  # noqa: F811
+    """Where the cluster itself (CLUSTER KEYSLOT, CLUSTER SLOTS) puts the shards: the 3 CDR
+    and the 3 media-event shards one per primary, the 4 timer shards on all 3 primaries
+    (two share one: 4 keys, 3 nodes)."""
+    client = redis_cluster.primaries()[0].client()
+    try:
+        for key in (*CDR_STREAMS, *RELAY_EVENTS_STREAMS,
+                    *(timer_key(s) for s in range(store_module.TIMER_SHARDS))):
+            assert client.execute_command("CLUSTER KEYSLOT", key) == key_slot(key.encode())
+    finally:
+        client.close()
+    primaries = {node.port for node in redis_cluster.primaries()}
+    assert len(primaries) == 3
+    for shards in (CDR_STREAMS, RELAY_EVENTS_STREAMS):
+        assert sorted(node_of(redis_cluster, key) for key in shards) == sorted(primaries)
+    timer_nodes = [node_of(redis_cluster, timer_key(s))
+                   for s in range(store_module.TIMER_SHARDS)]
+    assert set(timer_nodes) == primaries
+    assert sorted(timer_nodes.count(port) for port in primaries) == [1, 1, 2]
+
+
+@pytest.fixture(params=["single", "cluster"])
+def any_store(request):
+    """A Store on one redis-server, then on the Redis Cluster (both emptied first)."""
+    if request.param == "single":
+        url = request.getfixturevalue("redis_url")
+    else:
+        cluster_set = request.getfixturevalue("redis_cluster")
+        cluster_set.flushall()
+        url = cluster_set.url
+    store = Store(url, timeout=2.0)
+    try:
+        yield store
+    finally:
+        store.redis.close()
+
+
+def test_cdrs_of_every_shard_and_of_the_old_single_stream_are_read_in_order(any_store):
+    """CDRs written before the upgrade (the single ``cdr`` stream) are read as they were,
+    with their ids; new ones land in all 3 shards; each is listed once, pages included."""
+    store = any_store
+    old = [store.redis.xadd(CDR_LEGACY, {"a_call_id": f"old-{n}", "caller": "1"}).decode()
+           for n in range(2)]
+    time.sleep(0.002)
+    call_ids = [f"new-{n}@192.0.2.7" for n in range(12)]
+    for call_id in call_ids:
+        store.add_cdr({"a_call_id": call_id, "caller": "2"})
+    cdrs = store_module.cdrs_after(store)
+    assert [c["id"] for c in cdrs[:2]] == old  # the old ids, unchanged
+    assert sorted(c["a_call_id"] for c in cdrs) == sorted(["old-0", "old-1", *call_ids])
+    lengths = [store.redis.xlen(key) for key in CDR_STREAMS]
+    assert lengths == [[stream_shard(c) for c in call_ids].count(k)
+                       for k in range(STREAM_SHARDS)]
+    assert min(lengths) >= 1 and sum(lengths) == 12
+    paged, page = [], store_module.cdrs_after(store, "0-0", 5)
+    while page:
+        paged += page
+        page = store_module.cdrs_after(store, page[-1]["id"], 5)
+    assert paged == cdrs
+    assert [cdr_position(c["id"])[2] for c in cdrs[2:]] == \
+        [stream_shard(c["a_call_id"]) for c in cdrs[2:]]
+
+
+def test_media_events_of_every_shard_reach_the_group_once(any_store):
+    """Events for 9 calls (all 3 shards) and one in the old single stream: read once by one
+    consumer, claimed by another once stale, acknowledged; a shard deleted (its group with
+    it) gets its group again at the next read."""
+    store = any_store
+    store_module.media_events_group(store, "b2bua")
+    store_module.media_events_group(store, "b2bua")  # a second worker: fine
+    call_ids = [f"event-{n}@192.0.2.7" for n in range(9)]
+    posted = [store_module.relay_report_event(store, {"event": "media-timeout", "call_id": c})
+              for c in call_ids]
+    assert {stream_shard(c) for c in call_ids} == {0, 1, 2}
+    legacy = store.redis.xadd(RELAY_EVENTS_LEGACY, {"event": "media-timeout",
+                                                    "call_id": "old"}).decode()
+    read = store_module.read_media_events(store, "b2bua", "w1")
+    assert sorted(eid for eid, _ in read) == sorted([*posted, f"l/{legacy}"])
+    assert sorted(e["call_id"] for _, e in read) == sorted([*call_ids, "old"])
+    assert store_module.read_media_events(store, "b2bua", "w1", block_ms=20) == []
+    time.sleep(0.05)
+    claimed = store_module.claim_stale_media_events(store, "b2bua", "w2", min_idle_ms=20)
+    assert sorted(eid for eid, _ in claimed) == sorted(eid for eid, _ in read)
+    assert store_module.ack_media_events(store, "b2bua", [eid for eid, _ in read]) == 10
+    assert store_module.claim_stale_media_events(store, "b2bua", "w2", min_idle_ms=0) == []
+    # A blocking read waits on one shard per call: an event in any shard is seen by the
+    # next read at the latest.
+    late = store_module.relay_report_event(store, {"event": "probe", "call_id": call_ids[2]})
+    found = store_module.read_media_events(store, "b2bua", "w1", block_ms=20)
+    assert [eid for eid, _ in found] == [late]
+    store.redis.delete(RELAY_EVENTS_STREAMS[1])  # its group goes with it
+    in_shard_1 = next(c for c in call_ids if stream_shard(c) == 1)
+    again = store_module.relay_report_event(store, {"event": "probe", "call_id": in_shard_1})
+    assert again.startswith("1/")
+    assert [eid for eid, _ in store_module.read_media_events(store, "b2bua", "w1")] == [again]
+
+
 def test_pipelines_follow_a_slot_migrating_and_then_moved(redis_cluster):  # noqa: F811
     """A slot moved by hand while a store holds the old slot map: during the migration a new
     call in that slot is written through ASK, after it the store's pipeline meets MOVED and
@@ -180,7 +293,7 @@ def cluster(tmp_path_factory, redis_cluster):  # noqa: F811
     redis_cluster.flushall()  # what the store's test above left
     with running_cluster(tmp_path_factory.mktemp("on-redis-cluster"), redis_cluster.url,
                          workers=2, settings=SETTINGS) as running:
-        for user in [*REGISTERING, *(u for pair in CALLING for u in pair), *HUNG_UP]:
+        for user in [*REGISTERING, *(u for pair in CALLING + LIVE for u in pair), *HUNG_UP]:
             running.add_user(user, PASSWORD)
         yield running
 
@@ -191,6 +304,13 @@ def sipctl(cluster, *args: str) -> str:
                           capture_output=True, text=True, env=cluster.env, cwd=ROOT, timeout=30)
     assert done.returncode == 0, f"sipctl {' '.join(args)}: {done.stderr}{done.stdout}"
     return done.stdout
+
+
+def scrape(cluster) -> str:
+    """The dispatcher's metrics page."""
+    url = f"http://127.0.0.1:{cluster.config.metrics.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
 
 
 def test_twenty_registrations_with_digest(cluster):
@@ -241,9 +361,45 @@ def test_sipctl_call_and_hangup_reach_a_worker_through_the_hangup_stream(cluster
         assert cdr is not None and cdr["hangup_side"] == "operator", cdr
 
 
+def test_plain_sipctl_calls_lists_the_live_calls_and_sipctl_cdr_each_cdr_once(
+        cluster, redis_cluster):  # noqa: F811
+    """3 calls up at once: ``sipctl calls`` (no --all) lists exactly them, ``sipctl stats``
+    counts them answered; once they ended, neither does, and ``sipctl cdr`` lists every
+    CDR of the test cluster once, as many as the shards hold, on more than one primary."""
+    with contextlib.ExitStack() as stack:
+        calls = [stack.enter_context(call_between(cluster, int(a), int(b))) for a, b in LIVE]
+        listed = json.loads(sipctl(cluster, "calls", "--json"))
+        assert sorted(row["a_call_id"] for row in listed) == \
+            sorted(call.caller.call_id for call in calls), listed
+        assert {row["state"] for row in listed} == {"answered"}
+        stats = json.loads(sipctl(cluster, "stats", "--json"))
+        assert stats["calls_by_state"]["answered"] == 3 and stats["active_calls"] == 3, stats
+        assert 'sipcluster_active_calls{state="answered"} 3.0' in scrape(cluster)
+        for call in calls:
+            assert call.caller.hangup().status == 200
+    live_ids = [call.caller.call_id for call in calls]
+    for call_id in live_ids:
+        assert wait_cdr(cluster, call_id) is not None, call_id
+    assert json.loads(sipctl(cluster, "calls", "--json")) == []
+    assert json.loads(sipctl(cluster, "stats", "--json"))["active_calls"] == 0
+    cdrs = json.loads(sipctl(cluster, "cdr", "--json"))
+    ids = [c["id"] for c in cdrs]
+    assert len(set(ids)) == len(ids)
+    a_call_ids = [c["a_call_id"] for c in cdrs]
+    assert len(set(a_call_ids)) == len(a_call_ids)  # one CDR per call
+    assert set(live_ids) <= set(a_call_ids)
+    lengths = {key: cluster.store.redis.xlen(key) for key in CDR_STREAMS}
+    assert sum(lengths.values()) == len(cdrs)
+    assert list(lengths.values()) == [[stream_shard(c) for c in a_call_ids].count(k)
+                                      for k in range(STREAM_SHARDS)]
+    holding = {node_of(redis_cluster, key) for key, n in lengths.items() if n}
+    assert len(holding) == len({stream_shard(c) for c in a_call_ids}) >= 2, lengths
+    assert [cdr_position(i) for i in ids] == sorted(cdr_position(i) for i in ids)
+
+
 def test_sipctl_listings_and_metrics_read_every_primary(cluster, redis_cluster):  # noqa: F811
     users = json.loads(sipctl(cluster, "users", "list", "--json"))
-    assert len(users) == len(REGISTERING) + 2 * len(CALLING) + len(HUNG_UP)
+    assert len(users) == len(REGISTERING) + 2 * len(CALLING + LIVE) + len(HUNG_UP)
     listed = json.loads(sipctl(cluster, "cluster", "--json"))
     roles = sorted(p["role"] for p in listed)
     assert roles.count("worker") == 2 and "dispatcher" in roles and "relay" in roles, listed
@@ -255,10 +411,7 @@ def test_sipctl_listings_and_metrics_read_every_primary(cluster, redis_cluster):
     cdrs = json.loads(sipctl(cluster, "cdr", "--json"))
     assert sorted(c["caller"] for c in cdrs if c["caller"] in dict(CALLING)) == \
         sorted(dict(CALLING))
-    url = f"http://127.0.0.1:{cluster.config.metrics.port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
-    assert "sipcluster_" in text
+    assert "sipcluster_" in scrape(cluster)
     # The call keys of one call share a slot; call records sit on more than one primary.
     tags = [tag for tag, _ in store_module.call_records(cluster.store)]
     assert len({node_of(redis_cluster, call_key(t)) for t in tags}) >= 2

@@ -238,12 +238,13 @@ def test_redis_out_of_memory(cluster, admin):
 
 def test_consumer_groups_deleted(cluster, admin):
     pids = running_pids(cluster)
-    admin.delete(store_module.RELAY_EVENTS_KEY, store_module.HANGUP_STREAM)
+    events = [*store_module.RELAY_EVENTS_STREAMS, store_module.RELAY_EVENTS_LEGACY]
+    admin.delete(*events, store_module.HANGUP_STREAM)
 
     def grouped() -> bool:
         try:
-            return ({g["name"] for g in admin.xinfo_groups(store_module.RELAY_EVENTS_KEY)}
-                    == {b"b2bua"} and
+            return (all({g["name"] for g in admin.xinfo_groups(key)} == {b"b2bua"}
+                        for key in events) and
                     {g["name"] for g in admin.xinfo_groups(store_module.HANGUP_STREAM)}
                     == {b"workers"})
         except redis.ResponseError:  # no such key yet
@@ -329,14 +330,15 @@ def test_a_pipeline_meeting_flushed_scripts_runs_its_other_commands_once(server)
     """A relay's media event goes in one pipeline with the script that saves its session:
     after SCRIPT FLUSH only the script is sent again, the event is written once."""
     store = store_module.Store(f"redis://127.0.0.1:{server.port}/3", timeout=2.0)
-    store.redis.delete(store_module.RELAY_EVENTS_KEY)
+    events = store_module.relay_events_key(store_module.stream_shard("flush-call"))
+    store.redis.delete(events)
     relay = "flush-host/relay-0"
     session = ("flush-call", {"relay": relay, "version": 1}, 60)
     store.relay_save_sessions(relay, [session])
     store.redis.script_flush()
     store.relay_report_event({"event": "media-timeout", "call_id": "flush-call"},
                              [("flush-call", {"relay": relay, "version": 2}, 60)], relay)
-    assert store.redis.xlen(store_module.RELAY_EVENTS_KEY) == 1
+    assert store.redis.xlen(events) == 1
     assert store.relay_session("flush-call")["version"] == 2  # the script did run
 
 

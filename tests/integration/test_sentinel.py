@@ -116,7 +116,7 @@ def record_counts(client: redis.Redis) -> dict[str, int]:
     """What the cluster keeps, counted straight on one server."""
     counts = {kind: sum(1 for _ in client.scan_iter(match=f"{kind}:*", count=1000))
               for kind in ("user", "reg", "call")}
-    counts["cdr"] = client.xlen(store_module.CDR_STREAM)
+    counts["cdr"] = sum(client.xlen(key) for key in store_module.CDR_STREAMS)
     return counts
 
 

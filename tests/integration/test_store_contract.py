@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import pytest
 from memstore import MemoryStore
 
-from cluster.store import Binding, Store, aor_of, tx_key
+from cluster.store import (
+    STREAM_SHARDS,
+    Binding,
+    Store,
+    aor_of,
+    cdr_position,
+    stream_shard,
+    tx_key,
+)
 
 REALM = "example.com"
 AOR = aor_of("1002", REALM)
@@ -417,3 +425,45 @@ def test_cdrs_are_appended_as_text_in_order(env):
     assert ids[0] < ids[1]
     assert env.store.cdrs_after(first["id"]) == [second]
     assert env.store.cdrs_after(second["id"]) == []
+
+
+def test_cdrs_of_many_calls_spread_over_every_shard_and_are_read_once_each_in_order(env):
+    """30 calls' CDRs, 2 ms apart: each in the shard of its A-leg Call-ID, listed in the
+    order written (time order across the shards), each once."""
+    call_ids = [f"shard-{n}@192.0.2.1" for n in range(30)]
+    for call_id in call_ids:
+        env.store.add_cdr({"a_call_id": call_id, "caller": "1002"})
+        env.wait(0.002)
+    cdrs = env.store.cdrs_after()
+    assert [c["a_call_id"] for c in cdrs] == call_ids
+    assert len({c["id"] for c in cdrs}) == 30
+    shards = [cdr_position(c["id"])[2] for c in cdrs]
+    assert shards == [stream_shard(call_id) for call_id in call_ids]
+    assert [shards.count(k) for k in range(STREAM_SHARDS)] == [
+        [stream_shard(c) for c in call_ids].count(k) for k in range(STREAM_SHARDS)]
+    assert set(shards) == {0, 1, 2}
+    # Read from any CDR on: exactly the ones after it.
+    assert env.store.cdrs_after(cdrs[11]["id"]) == cdrs[12:]
+    assert env.store.cdrs_after(cdrs[-1]["id"]) == []
+
+
+def test_cdrs_written_in_one_millisecond_read_page_by_page_miss_none_and_repeat_none(env):
+    """Written at once (many share a millisecond, so equal entry ids across the shards):
+    pages of 4, each read after the last id of the page before, give the full list."""
+    for n in range(40):
+        env.store.add_cdr({"a_call_id": f"burst-{n}", "n": n})
+    everything = env.store.cdrs_after()
+    assert sorted(int(c["n"]) for c in everything) == list(range(40))
+    positions = [cdr_position(c["id"]) for c in everything]
+    assert positions == sorted(positions) and len(set(positions)) == 40
+    paged, page = [], env.store.cdrs_after("0-0", 4)
+    while page:
+        assert len(page) <= 4
+        paged += page
+        page = env.store.cdrs_after(page[-1]["id"], 4)
+    assert paged == everything
+    # A time bound (a plain "<ms>-<seq>") takes every shard's CDRs after that moment.
+    first_ms = positions[0][0]
+    assert env.store.cdrs_after(f"{first_ms - 1}-{2**64 - 1}") == everything
+    assert [c for c in env.store.cdrs_after(f"{first_ms}-{2**64 - 1}")] == \
+        [c for c, p in zip(everything, positions, strict=True) if p[0] > first_ms]

@@ -162,6 +162,17 @@ def test_a_wait_is_routed_with_the_write_before_it(recorded):
     assert routing_key(sent[2]) is None and keys_of(sent[1]) == ["call:{" + "t" * 24 + "}"]
 
 
+def test_a_pipelined_stream_read_is_routed_by_its_stream_not_its_group():
+    """XREADGROUP names the group first, the stream after STREAMS (redis-py sends bytes)."""
+    pipe = redis.Redis().pipeline(transaction=False)
+    pipe.xreadgroup("b2bua", "w1", {store_module.RELAY_EVENTS_STREAMS[2]: ">"}, count=5)
+    pipe.xautoclaim(store_module.RELAY_EVENTS_STREAMS[1], "b2bua", "w1", 100)
+    pipe.xack(store_module.RELAY_EVENTS_STREAMS[0], "b2bua", "1-0")
+    assert [routing_key(args) for args, _options in pipe.command_stack] == [
+        store_module.RELAY_EVENTS_STREAMS[2], store_module.RELAY_EVENTS_STREAMS[1],
+        store_module.RELAY_EVENTS_STREAMS[0]]
+
+
 @pytest.mark.parametrize("aor", AORS)
 def test_the_keys_of_one_aor_share_a_slot(aor):
     keys = [store_module.user_key(aor), store_module.reg_key(aor), store_module.ping_key(aor),
@@ -189,14 +200,33 @@ def test_the_timer_shards_sit_in_different_slots_spread_over_the_slot_space():
     assert thirds == {0, 1, 2}, slots
 
 
+def test_each_stream_shard_sits_in_its_own_third_of_the_slot_space():
+    """The CDR and media-event shards: one per primary of an evenly split 3-primary cluster
+    (0-5460, 5461-10922, 10923-16383); one call's CDR and events share a shard."""
+    for keys in (store_module.CDR_STREAMS, store_module.RELAY_EVENTS_STREAMS):
+        slots = [slot(k) for k in keys]
+        assert slots == [13206, 9143, 5076], (keys, slots)
+        assert sorted(s * 3 // 16384 for s in slots) == [0, 1, 2]
+    assert [slot(store_module.cdr_key(k)) for k in range(store_module.STREAM_SHARDS)] == \
+        [slot(store_module.relay_events_key(k)) for k in range(store_module.STREAM_SHARDS)]
+
+
+def test_the_stream_shard_of_a_call_is_stable_and_the_shards_fill_evenly():
+    shards = [store_module.stream_shard(f"call-{n}@192.0.2.1") for n in range(3000)]
+    assert shards == [store_module.stream_shard(f"call-{n}@192.0.2.1") for n in range(3000)]
+    counts = [shards.count(k) for k in range(store_module.STREAM_SHARDS)]
+    assert min(counts) > 900, counts  # 1000 each when even
+
+
 def test_the_global_keys_do_not_all_sit_on_one_primary():
-    """Streams, the relay table and the timer shards are one key (one slot) each: placed, not
-    sharded; an evenly split 3-primary cluster serves each third of them from another node."""
-    globals_ = [store_module.CDR_STREAM, store_module.HANGUP_STREAM,
-                store_module.RELAY_EVENTS_KEY, store_module.RELAY_NODES_KEY,
+    """The hang-up stream, the relay table, the timer shards and the stream shards are one key
+    (one slot) each; an evenly split 3-primary cluster serves each third of them from
+    another node."""
+    globals_ = [store_module.HANGUP_STREAM, store_module.RELAY_NODES_KEY,
+                *store_module.CDR_STREAMS, *store_module.RELAY_EVENTS_STREAMS,
                 *(store_module.timer_key(s) for s in range(store_module.TIMER_SHARDS))]
     thirds = {}
     for key in globals_:
         thirds.setdefault(slot(key) * 3 // 16384, []).append(key)
-    assert set(thirds) == {0, 1, 2}, thirds
-    assert max(len(keys) for keys in thirds.values()) <= 3, thirds
+    assert sorted(thirds) == [0, 1, 2], thirds
+    assert [len(thirds[third]) for third in (0, 1, 2)] == [4, 4, 4], thirds

@@ -167,7 +167,7 @@ def test_noscript_loads_every_script_again():
 
 
 def test_nogroup_makes_the_group_anew_and_reads_again():
-    nogroup = reply_error("NOGROUP No such key 'relay:events' or consumer group 'b2bua' in "
+    nogroup = reply_error("NOGROUP No such key 'hangup' or consumer group 'workers' in "
                           "XREADGROUP with GROUP option")
     store, stub = stub_store(nogroup)
     made = []
@@ -179,12 +179,12 @@ def test_nogroup_makes_the_group_anew_and_reads_again():
     def xreadgroup(*_args, **_kwargs):
         if stub.exc is not None:
             raise stub.exc
-        return [[b"relay:events", [(b"1-0", {b"event": b"media-timeout", b"call_id": b"c"})]]]
+        return [[b"hangup", [(b"1-0", {b"tag": b"t1", b"call_id": b"c"})]]]
 
     stub.xgroup_create, stub.xreadgroup = xgroup_create, xreadgroup
-    events = st.read_media_events(store, "b2bua", "w1")
-    assert made == [("relay:events", "b2bua", "0", True)]
-    assert events == [("1-0", {"event": "media-timeout", "call_id": "c"})]
+    requests = st.read_hangups(store, "w1")
+    assert made == [("hangup", "workers", "0", True)]
+    assert requests == [("1-0", {"tag": "t1", "call_id": "c"})]
     assert st.is_nogroup(in_pipeline(reply_error("NOGROUP No such key 'hangup'")))
 
 
