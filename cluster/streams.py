@@ -19,6 +19,14 @@ Which connections are open is kept in Redis (``Store.stream_opened`` and ``_clos
 through ``events``, a queue a thread of the dispatcher writes from), so a worker about to
 send a request to a phone registered over a connection (the binding names it) can tell it
 is gone and try the next contact or answer 480.
+
+WebSocket (RFC 7118: browser phones) on listeners of their own (``streams.ws_port``, and
+``wss_port`` over TLS with the same certificate): the connection's framer is then a
+``WebSocket`` (cluster/sip/websocket.py), which answers the upgrade, pings and closes
+itself (``Reply``) and yields one SIP message per WebSocket message; whatever is sent to
+such a connection goes in a frame of its own.  The two lowest bits of a connection's id
+say its transport (cluster/envelope.py), so a worker writes WS or WSS into the Via and
+Contact of what it sends there.
 """
 
 from __future__ import annotations

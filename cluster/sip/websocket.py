@@ -329,3 +329,24 @@ def _valid_key(key: bytes) -> bool:
         return len(base64.b64decode(key, validate=True)) == 16
     except ValueError:
         return False
+
+
+def server_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """A client's reading of a server's frames (unmasked, not fragmented): (opcode,
+    payload) of each whole frame in ``buffer``, taken out of it.  For test clients."""
+    out = []
+    while len(buffer) >= 2:
+        length, offset = buffer[1] & 0x7F, 2
+        if length == 126:
+            if len(buffer) < 4:
+                break
+            length, offset = struct.unpack_from("!H", buffer, 2)[0], 4
+        elif length == 127:
+            if len(buffer) < 10:
+                break
+            length, offset = struct.unpack_from("!Q", buffer, 2)[0], 10
+        if len(buffer) < offset + length:
+            break
+        out.append((buffer[0] & 0x0F, bytes(buffer[offset:offset + length])))
+        del buffer[:offset + length]
+    return out
