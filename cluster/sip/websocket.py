@@ -3,7 +3,9 @@
 Sans-IO, like framing.py's ``Framer`` beside which it serves (cluster/streams.py): the
 dispatcher feeds what it read from a WS or WSS connection and gets back, in order, the
 SIP messages it completes (``bytes``, one per WebSocket message, RFC 7118 section 5) and
-the bytes to send back (``Reply``: the handshake's answer, a pong, the close frame).  A
+the bytes to send back (``Reply``: the handshake's answer, a pong, the close frame), and
+``Ping`` for a message that is a double CRLF (RFC 5626 keep-alive, sent by SIP.js): the
+caller answers it with a CRLF in a frame, as over TCP, and the connection is not idle.  A
 ``Reply`` with ``close`` set ends the connection once sent; ``close`` says why, for the
 one log line.
 
@@ -39,7 +41,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .framing import FramingError
+from .framing import PING as PING_MESSAGE
+from .framing import FramingError, Ping
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUBPROTOCOL = b"sip"
@@ -134,7 +137,7 @@ class WebSocket:
         """Whether the handshake is not done yet, or part of a frame or message is buffered."""
         return not self.open or bool(self.buffer) or bool(self._fragments)
 
-    def feed(self, data: bytes) -> list[bytes | Reply]:
+    def feed(self, data: bytes) -> list[bytes | Reply | Ping]:
         if self.closed:
             return []
         self.buffer += data
@@ -225,9 +228,9 @@ class WebSocket:
             ("Sec-WebSocket-Protocol", "sip")]))
 
     # ---------------------------------------------------------------- frames
-    def _next_frame(self) -> bytes | Reply | None | bool:
-        """A message, a reply, None (more bytes needed) or False (a frame that gives
-        nothing to pass on: a continuation, a pong)."""
+    def _next_frame(self) -> bytes | Reply | Ping | None | bool:
+        """A message, a reply, a keep-alive, None (more bytes needed) or False (a frame
+        that gives nothing to pass on: a continuation, a pong)."""
         buf = self.buffer
         if len(buf) < 2:
             return None
@@ -294,8 +297,10 @@ class WebSocket:
             raise WebSocketError(f"headers longer than {self.max_header} bytes", TOO_BIG)
         if head_end >= 0 and len(message) - head_end - 4 > self.max_body:
             raise WebSocketError(f"a body of more than {self.max_body} bytes", TOO_BIG)
+        if message == PING_MESSAGE:
+            return Ping()  # RFC 5626's keep-alive as SIP.js sends it: answered with a CRLF
         if not message.strip(b"\r\n"):
-            return False  # a keep-alive some clients send as a message of CRLFs
+            return False
         return message
 
     def _closing(self, payload: bytes) -> Reply:

@@ -10,6 +10,7 @@ import pytest
 
 from cluster import envelope
 from cluster.sip import websocket as ws
+from cluster.sip.framing import Ping
 from cluster.sip.websocket import Reply, WebSocket, frame, server_frames
 
 KEY = base64.b64encode(b"0123456789abcdef")
@@ -149,10 +150,11 @@ def test_outgoing_messages_are_unmasked_text_or_binary():
     assert server_frames(bytearray(session.message(big))) == [(ws.TEXT, big)]
 
 
-def test_a_pong_and_a_crlf_keepalive_give_nothing():
+def test_a_pong_gives_nothing_and_a_crlf_keepalive_a_ping():
     session = opened()
     assert session.feed(frame(ws.PONG, b"", mask=MASK)) == []
-    assert session.feed(frame(ws.TEXT, b"\r\n\r\n", mask=MASK)) == []
+    assert session.feed(frame(ws.TEXT, b"\r\n\r\n", mask=MASK)) == [Ping()]
+    assert session.feed(frame(ws.TEXT, b"\r\n", mask=MASK)) == []
 
 
 def test_the_close_handshake_echoes_the_code_quietly():

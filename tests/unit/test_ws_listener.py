@@ -144,6 +144,13 @@ def test_a_ping_gets_its_pong_and_a_close_its_close(rig):
     client.sendall(frame(ws.PING, b"are you there", mask=MASK))
     rig.pump()
     assert read_frames(client) == ([(ws.PONG, b"are you there")], False)
+    # A CRLF keep-alive (SIP.js) gets a CRLF in a frame and counts as activity.
+    (conn,) = rig.streams.connections.values()
+    conn.last_message = 0.0
+    client.sendall(frame(ws.TEXT, b"\r\n\r\n", mask=MASK))
+    rig.pump()
+    assert read_frames(client) == ([(ws.TEXT, b"\r\n")], False)
+    assert conn.last_message > 0 and rig.delivered == []
     client.sendall(frame(ws.CLOSE, b"\x03\xe8", mask=MASK))
     rig.pump()
     assert read_frames(client) == ([(ws.CLOSE, b"\x03\xe8")], True)
