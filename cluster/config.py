@@ -170,6 +170,13 @@ class StreamsConfig:
     max_per_source: int = 32  # connections open at once from one source address
     max_header_bytes: int = 16384  # start line and headers of one message
     max_body_bytes: int = 32768  # Content-Length of one message
+    # SIP over WebSocket (RFC 7118) for browser phones, on listeners of their own
+    ws: bool = False  # a WS listener on sip.bind:ws_port (and sip.bind6)
+    ws_port: int = 8080
+    wss: bool = False  # a WSS listener on wss_port, with tls_cert and tls_key
+    wss_port: int = 8443
+    ws_path: str = "/"  # the HTTP path of the upgrade request; others get 404
+    ws_frame_rate: float = 100.0  # frames a second from one connection (burst: twice)
 
 
 @dataclass(frozen=True)
@@ -729,11 +736,30 @@ def _validate_streams(streams: StreamsConfig, sip_port: int) -> None:
     _require(streams.idle_timeout > 0 and streams.message_timeout > 0,
              "streams.idle_timeout and streams.message_timeout must be positive")
     _require(streams.max_per_source >= 1, "streams.max_per_source must be at least 1")
+    _validate_websocket(streams, sip_port)
     # A message travels to its worker in one datagram of the envelope (cluster/envelope.py).
     _require(256 <= streams.max_header_bytes and 0 <= streams.max_body_bytes
              and streams.max_header_bytes + streams.max_body_bytes <= MAX_STREAM_MESSAGE,
              f"streams: need max_header_bytes >= 256, max_body_bytes >= 0 and their sum "
              f"at most {MAX_STREAM_MESSAGE}")
+
+
+def _validate_websocket(streams: StreamsConfig, sip_port: int) -> None:
+    ports = {"sip.port": sip_port}
+    if streams.tls_cert:
+        ports["streams.tls_port"] = streams.tls_port
+    for on, key in ((streams.ws, "ws_port"), (streams.wss, "wss_port")):
+        port = getattr(streams, key)
+        _require(1 <= port <= 65535, f"streams.{key} must be 1-65535, not {port}")
+        if on:
+            taken = [k for k, v in ports.items() if v == port]
+            _require(not taken, f"streams.{key} {port} is already {', '.join(taken)}")
+            ports[f"streams.{key}"] = port
+    _require(not streams.wss or bool(streams.tls_cert),
+             "streams.wss needs streams.tls_cert and streams.tls_key (the same certificate)")
+    _require(streams.ws_path.startswith("/") and not any(c.isspace() for c in streams.ws_path),
+             f"streams.ws_path must be an absolute HTTP path, not {streams.ws_path!r}")
+    _require(streams.ws_frame_rate > 0, "streams.ws_frame_rate must be positive")
 
 
 def _validate_auth(auth: AuthConfig) -> None:

@@ -14,7 +14,7 @@ else is dropped and counted (``envelopes_refused``).  Unix datagram sockets with
 peer credentials would serve too, but are no cheaper and drop bursts at the
 default net.unix.max_dgram_qlen (design.md).
 
-Streams (TCP, TLS: cluster/streams.py): the dispatcher holds the connections.  A
+Streams (TCP, TLS, WebSocket: cluster/streams.py): the dispatcher holds the connections.  A
 message read from one travels like a datagram, but its envelope names the connection
 (an id of at least ``STREAM_BASE``) where a datagram's names the socket index; the
 workers carry that number wherever they carry a socket index (a leg, a binding), so
@@ -76,9 +76,14 @@ def is_stream(sock_index: int) -> bool:
     return sock_index >= STREAM_BASE
 
 
+# The two lowest bits of a connection id say its transport (cluster/streams.py).
+TRANSPORT_CODES = {"TCP": 0, "TLS": 1, "WS": 2, "WSS": 3}
+_TRANSPORTS = tuple(TRANSPORT_CODES)
+
+
 def stream_transport(conn: int) -> str:
-    """"TLS" or "TCP": the lowest bit of a connection id says which (cluster/streams.py)."""
-    return "TLS" if conn & 1 else "TCP"
+    """"TCP", "TLS", "WS" or "WSS": what connection ``conn`` is."""
+    return _TRANSPORTS[conn & 3]
 
 
 def wrap(addr: tuple, sock_index: int, payload: bytes) -> bytes:

@@ -72,6 +72,7 @@ class Fam:
     template: str = ""  # heartbeat field for zero label values, e.g. "requests_{}"
 
 
+STREAM_TRANSPORTS = (("tcp",), ("tls",), ("ws",), ("wss",))
 W, D, R = ("worker",), ("dispatcher",), ("relay",)
 FAMILIES: tuple[Fam, ...] = (
     # SIP datagrams (the dispatcher's from the network, a worker's handed on to it)
@@ -88,19 +89,30 @@ FAMILIES: tuple[Fam, ...] = (
     Fam("sip_handoff_datagrams_sent", "counter", "SIP datagrams sent from this host's port "
         "on behalf of a worker of another host (NAT hand-off).", D, key="egress"),
     Fam("workers_joined", "gauge", "Workers the dispatcher routes to.", D, key="workers"),
-    # SIP over TCP and TLS (cluster/streams.py), by transport
+    # SIP over TCP, TLS, WS and WSS (cluster/streams.py), by transport
     Fam("sip_connections", "gauge", "SIP connections open at the dispatcher, by transport.",
-        D, pattern=r"streams_open_(tcp|tls)$", label_names=("transport",),
-        zero=(("tcp",), ("tls",)), template="streams_open_{}"),
+        D, pattern=r"streams_open_(tcp|tls|ws|wss)$", label_names=("transport",),
+        zero=STREAM_TRANSPORTS, template="streams_open_{}"),
     Fam("sip_connections_opened", "counter", "SIP connections accepted, by transport.", D,
-        pattern=r"streams_opened_(tcp|tls)$", label_names=("transport",),
-        zero=(("tcp",), ("tls",)), template="streams_opened_{}"),
+        pattern=r"streams_opened_(tcp|tls|ws|wss)$", label_names=("transport",),
+        zero=STREAM_TRANSPORTS, template="streams_opened_{}"),
     Fam("sip_connections_closed", "counter", "SIP connections closed (by either end, a "
-        "timeout or a broken limit), by transport.", D, pattern=r"streams_closed_(tcp|tls)$",
-        label_names=("transport",), zero=(("tcp",), ("tls",)), template="streams_closed_{}"),
+        "timeout or a broken limit), by transport.", D,
+        pattern=r"streams_closed_(tcp|tls|ws|wss)$", label_names=("transport",),
+        zero=STREAM_TRANSPORTS, template="streams_closed_{}"),
     Fam("sip_stream_messages_received", "counter", "SIP messages read from connections, by "
-        "transport.", D, pattern=r"streams_messages_(tcp|tls)$", label_names=("transport",),
-        zero=(("tcp",), ("tls",)), template="streams_messages_{}"),
+        "transport.", D, pattern=r"streams_messages_(tcp|tls|ws|wss)$",
+        label_names=("transport",), zero=STREAM_TRANSPORTS, template="streams_messages_{}"),
+    Fam("sip_stream_bytes_received", "counter", "Bytes read from SIP connections (TLS: "
+        "decrypted; WebSocket: with the upgrade and the frames), by transport.", D,
+        pattern=r"streams_bytes_in_(tcp|tls|ws|wss)$", label_names=("transport",),
+        zero=STREAM_TRANSPORTS, template="streams_bytes_in_{}"),
+    Fam("sip_stream_bytes_sent", "counter", "Bytes written to SIP connections, by transport.",
+        D, pattern=r"streams_bytes_out_(tcp|tls|ws|wss)$", label_names=("transport",),
+        zero=STREAM_TRANSPORTS, template="streams_bytes_out_{}"),
+    Fam("sip_websocket_violations", "counter", "WebSocket connections closed for breaking "
+        "RFC 6455 or a limit (a refused upgrade, an unmasked or oversized frame, a frame "
+        "flood).", D, key="streams_closed_websocket"),
     Fam("sip_banned_dropped", "counter", "SIP datagrams from banned sources, dropped unread "
         "by the dispatcher.", D, key="banned_dropped"),
     Fam("bans_issued", "counter", "Sources banned (dropped unanswered for limits.ban_seconds), "

@@ -19,6 +19,14 @@ Which connections are open is kept in Redis (``Store.stream_opened`` and ``_clos
 through ``events``, a queue a thread of the dispatcher writes from), so a worker about to
 send a request to a phone registered over a connection (the binding names it) can tell it
 is gone and try the next contact or answer 480.
+
+WebSocket (RFC 7118: browser phones) on listeners of their own (``streams.ws_port``, and
+``wss_port`` over TLS with the same certificate): the connection's framer is then a
+``WebSocket`` (cluster/sip/websocket.py), which answers the upgrade, pings and closes
+itself (``Reply``) and yields one SIP message per WebSocket message; whatever is sent to
+such a connection goes in a frame of its own.  The two lowest bits of a connection's id
+say its transport (cluster/envelope.py), so a worker writes WS or WSS into the Via and
+Contact of what it sends there.
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ import time
 from dataclasses import dataclass, field
 
 from .config import Config
+from .envelope import TRANSPORT_CODES
 from .sip.framing import PONG, Framer, FramingError, Ping
+from .sip.websocket import Reply, WebSocket
 
 log = logging.getLogger("streams")
 MAX_PENDING = 1024 * 1024  # bytes of output waiting for a slow reader before it is cut off
@@ -45,8 +55,8 @@ class Connection:
     id: int
     sock: socket.socket
     peer: tuple[str, int]
-    transport: str  # "TCP" or "TLS"
-    framer: Framer
+    transport: str  # "TCP", "TLS", "WS" or "WSS"
+    framer: Framer | WebSocket
     opened: float
     last_message: float
     partial_since: float | None = None
@@ -99,6 +109,7 @@ class Streams:
                               f"{exc}") from exc
             self.tls_context = context
             wanted += [(family, host, streams.tls_port, "TLS") for family, host in addresses]
+        wanted += websocket_listeners(streams, addresses, self.tls_context is not None)
         for family, host, port, transport in wanted:
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
@@ -148,7 +159,7 @@ class Streams:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handshaking = False
-        if transport == "TLS":
+        if transport in ("TLS", "WSS"):
             try:
                 sock = self.tls_context.wrap_socket(sock, server_side=True,
                                                     do_handshake_on_connect=False)
@@ -157,11 +168,13 @@ class Streams:
                 sock.close()
                 return
             handshaking = True
-        conn_id = self._epoch | (self._next << 1) | (transport == "TLS")
+        conn_id = self._epoch | (self._next << 2) | TRANSPORT_CODES[transport]
         self._next += 1
+        websocket = transport in ("WS", "WSS")
         conn = Connection(conn_id, sock, (ip, peer[1]), transport,
+                          self._websocket() if websocket else
                           Framer(self.settings.max_header_bytes, self.settings.max_body_bytes),
-                          now, now, partial_since=now if handshaking else None,
+                          now, now, partial_since=now if handshaking or websocket else None,
                           handshaking=handshaking)
         self.connections[conn_id] = conn
         self.per_source[ip] = self.per_source.get(ip, 0) + 1
@@ -195,7 +208,8 @@ class Streams:
             self.close(conn, f"TLS handshake failed: {exc}")
             return
         conn.handshaking = False
-        conn.partial_since = None
+        # A WebSocket's upgrade request is still to come, within the same time.
+        conn.partial_since = time.monotonic() if conn.framer.partial else None
         self._flush(conn)  # what was queued meanwhile; and it watches for reading again
         if conn.id in self.connections:
             self._read(conn)  # records that came with the handshake wait inside the SSL object
@@ -215,12 +229,13 @@ class Streams:
                 return
             if not self._take(conn, data):
                 return
-            if conn.transport != "TLS" or not conn.sock.pending():
+            if conn.transport not in ("TLS", "WSS") or not conn.sock.pending():
                 return
 
     def _take(self, conn: Connection, data: bytes) -> bool:
         """Frame what was read and pass the messages on; False when it closed."""
         now = time.monotonic()
+        self._count(f"bytes_in_{conn.transport.lower()}", len(data))
         try:
             items = conn.framer.feed(data)
         except FramingError as exc:
@@ -232,6 +247,8 @@ class Streams:
             if isinstance(item, Ping):
                 self._count("pings")
                 self.send(conn.id, PONG)
+            elif isinstance(item, Reply):
+                self._websocket_reply(conn, item)
             else:
                 self._count(f"messages_{conn.transport.lower()}")
                 if not self.deliver(conn.id, conn.peer, item):
@@ -245,12 +262,15 @@ class Streams:
         return True
 
     # ---------------------------------------------------------------- output
-    def send(self, conn_id: int, data: bytes) -> bool:
-        """Queue ``data`` on a connection; False when it is no longer open."""
+    def send(self, conn_id: int, data: bytes, *, raw: bool = False) -> bool:
+        """Queue ``data`` on a connection; False when it is no longer open.  Over a
+        WebSocket a message goes in a frame of its own, unless ``raw``."""
         conn = self.connections.get(conn_id)
         if conn is None:
             self._count("sent_to_closed")
             return False
+        if not raw and isinstance(conn.framer, WebSocket):
+            data = conn.framer.message(data)
         if len(conn.out) + len(data) > MAX_PENDING:
             self.close(conn, f"more than {MAX_PENDING} bytes unsent: the peer reads no more")
             return False
@@ -270,6 +290,7 @@ class Streams:
                 self.close(conn, f"write failed: {exc}", quiet=True)
                 return
             del conn.out[:sent]
+            self._count(f"bytes_out_{conn.transport.lower()}", sent)
         self._want(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
 
     def _want(self, conn: Connection, events: int) -> None:
@@ -319,13 +340,41 @@ class Streams:
             sock.close()
 
     # ---------------------------------------------------------------- reporting
-    def _count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
 
     def figures(self) -> dict[str, int]:
         """Counters (streams_<what>) and the connections open now, per transport."""
         figures = {f"streams_{k}": v for k, v in self.counters.items()}
-        figures["streams_open_tcp"] = sum(1 for c in self.connections.values()
-                                          if c.transport == "TCP")
-        figures["streams_open_tls"] = len(self.connections) - figures["streams_open_tcp"]
+        for transport in TRANSPORT_CODES:
+            figures[f"streams_open_{transport.lower()}"] = 0
+        for conn in self.connections.values():
+            figures[f"streams_open_{conn.transport.lower()}"] += 1
         return figures
+
+    # ---------------------------------------------------------------- WebSocket
+    def _websocket(self) -> WebSocket:
+        s = self.settings
+        return WebSocket(s.ws_path, s.max_header_bytes, s.max_body_bytes, s.ws_frame_rate,
+                         clock=time.monotonic)
+
+    def _websocket_reply(self, conn: Connection, reply: Reply) -> None:
+        """The handshake's answer, a pong or a close frame; the connection ends after the
+        last (as much of it as the socket takes at once: the peer is not waited for)."""
+        self.send(conn.id, reply.data, raw=True)
+        if reply.close is not None and conn.id in self.connections:
+            if not reply.quiet:
+                self._count("closed_websocket")
+            self.close(conn, reply.close, quiet=reply.quiet)
+
+
+def websocket_listeners(streams, addresses: list[tuple], tls: bool) -> list[tuple]:
+    """(family, host, port, transport) of the WS listener when ``streams.ws`` is set, and
+    of the WSS one when ``streams.wss`` is set and TLS is configured (the same certificate
+    as SIP/TLS: ``tls`` says whether it is loaded)."""
+    wanted = []
+    if streams.ws:
+        wanted += [(family, host, streams.ws_port, "WS") for family, host in addresses]
+    if streams.wss and tls:
+        wanted += [(family, host, streams.wss_port, "WSS") for family, host in addresses]
+    return wanted

@@ -112,11 +112,12 @@ def content_length(head: bytes) -> int:
 
 
 def stamp(data: bytes, transport: str, address: str, udp_port: int, port: int) -> bytes:
-    """``data`` as it leaves over a stream of ``transport`` ("TCP", "TLS") whose listener
-    has ``port``: our own top Via (a request's, ``SIP/2.0/UDP <address>:<udp_port>``)
-    names the transport and that port, and our own Contact (``@<address>:<udp_port>>``)
-    gets that port and ``;transport=tcp|tls``.  Anything else (a response's Via, which is
-    the phone's, a Contact of another party, the body) is left as it is."""
+    """``data`` as it leaves over a stream of ``transport`` ("TCP", "TLS", "WS", "WSS")
+    whose listener has ``port``: our own top Via (a request's, ``SIP/2.0/UDP
+    <address>:<udp_port>``) names the transport and that port, and our own Contact
+    (``@<address>:<udp_port>>``) gets that port and ``;transport=tcp|tls|ws|wss``.
+    Anything else (a response's Via, which is the phone's, a Contact of another party,
+    the body) is left as it is."""
     head_end = data.find(b"\r\n\r\n")
     if head_end < 0:
         return data

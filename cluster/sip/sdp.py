@@ -193,6 +193,24 @@ class SessionDescription(_Level):
         return [(media.media, media.codecs()) for media in self.media]
 
 
+# What the relay carries: it forwards each UDP datagram as it is, so RTP and RTCP, plain
+# or SRTP keyed in the SDP (SDES), and T.38 over UDPTL.  DTLS-SRTP (UDP/TLS/RTP/SAVP(F),
+# all a browser offers) would need ICE and the DTLS handshake at the relay; TCP media
+# cannot be relayed at all.
+RELAYABLE_PROTOS = frozenset({"RTP/AVP", "RTP/AVPF", "RTP/SAVP", "RTP/SAVPF", "UDPTL"})
+
+
+def unrelayable_protos(sd: SessionDescription) -> list[str]:
+    """The transport protocols of the active streams (port not 0) the relay cannot
+    carry, in order, without repeats."""
+    found: list[str] = []
+    for media in sd.media:
+        proto = media.proto
+        if media.port != 0 and proto.upper() not in RELAYABLE_PROTOS and proto not in found:
+            found.append(proto)
+    return found
+
+
 def parse(body: bytes) -> SessionDescription:
     """Split an SDP body into lines, checking what this module relies on.
 

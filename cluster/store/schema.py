@@ -105,7 +105,7 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    same scripts as reg:{...} and call:{...}.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
                                    so other hosts can send through it (invariant 12).  TTL: idem.
-  streams:<host id>                hash of the SIP connections (TCP, TLS) open at that host's
+  streams:<host id>                hash of the SIP connections (TCP, TLS, WS, WSS) open at its
                                    dispatcher: field = connection id, value {"transport",
                                    "peer"}.  A binding made over one names it (Binding.conn);
                                    workers skip a binding whose connection is gone.  Emptied by

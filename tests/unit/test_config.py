@@ -185,6 +185,15 @@ def test_bad_toml_is_an_error_naming_the_setting(tmp_path, text, message):
     ({"SIPCLUSTER_STREAMS_MAX_PER_SOURCE": "0"}, "streams.max_per_source"),
     ({"SIPCLUSTER_STREAMS_MAX_HEADER_BYTES": "100"}, "max_header_bytes"),
     ({"SIPCLUSTER_STREAMS_MAX_BODY_BYTES": "60000"}, "max_body_bytes"),
+    ({"SIPCLUSTER_STREAMS_WS": "true", "SIPCLUSTER_STREAMS_WS_PORT": "5060"},
+     "streams.ws_port 5060 is already sip.port"),
+    ({"SIPCLUSTER_STREAMS_WS_PORT": "0"}, "streams.ws_port must be 1-65535"),
+    ({"SIPCLUSTER_STREAMS_WSS": "true"}, "streams.wss needs streams.tls_cert"),
+    ({"SIPCLUSTER_STREAMS_WS": "true", "SIPCLUSTER_STREAMS_WSS": "true",
+      "SIPCLUSTER_STREAMS_TLS_CERT": "/c.pem", "SIPCLUSTER_STREAMS_TLS_KEY": "/k.pem",
+      "SIPCLUSTER_STREAMS_WSS_PORT": "8080"}, "streams.wss_port 8080 is already streams.ws_port"),
+    ({"SIPCLUSTER_STREAMS_WS_PATH": "ws"}, "streams.ws_path"),
+    ({"SIPCLUSTER_STREAMS_WS_FRAME_RATE": "0"}, "streams.ws_frame_rate"),
 ])
 def test_impossible_values_are_rejected(tmp_path, env, message):
     with pytest.raises(ConfigError, match=message):
@@ -220,6 +229,9 @@ def test_streams_default_to_tcp_without_tls(tmp_path):
     streams = load_env(tmp_path, {}).streams
     assert streams.tcp and not streams.tls_cert and not streams.tls_key
     assert streams.tls_port == 5061
+    # WebSocket only when asked for, on the ports jambonz and Kamailio set-ups use.
+    assert not streams.ws and not streams.wss
+    assert (streams.ws_port, streams.wss_port, streams.ws_path) == (8080, 8443, "/")
 
 
 def test_tls_files_are_taken_from_the_home_folder(tmp_path):

@@ -129,6 +129,10 @@ REQUEST = (b"INVITE sip:bob@10.0.0.9:5070 SIP/2.0\r\n"
      b"Contact: <sip:alice@127.0.0.1:5060;transport=tcp>"),
     ("TLS", 5061, b"Via: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bKx;rport",
      b"Contact: <sip:alice@127.0.0.1:5061;transport=tls>"),
+    ("WS", 8080, b"Via: SIP/2.0/WS 127.0.0.1:8080;branch=z9hG4bKx;rport",
+     b"Contact: <sip:alice@127.0.0.1:8080;transport=ws>"),
+    ("WSS", 8443, b"Via: SIP/2.0/WSS 127.0.0.1:8443;branch=z9hG4bKx;rport",
+     b"Contact: <sip:alice@127.0.0.1:8443;transport=wss>"),
 ])
 def test_stamp_writes_the_transport_into_our_via_and_contact(transport, port, via, contact):
     out = stamp(REQUEST, transport, "127.0.0.1", 5060, port)
@@ -154,9 +158,11 @@ def test_stamp_leaves_a_responses_via_and_others_contacts():
 
 @pytest.mark.parametrize("addr", [("10.1.2.3", 40000), ("2001:db8::7", 5060)])
 def test_a_streams_envelope_names_its_connection(addr):
-    conn = (123 << 32) | (7 << 1) | 1
+    conn = (123 << 32) | (7 << 2) | 1  # the two lowest bits: the transport
     assert envelope.is_stream(conn) and not envelope.is_stream(1)
     assert envelope.stream_transport(conn) == "TLS"
     assert envelope.stream_transport(conn - 1) == "TCP"
+    assert envelope.stream_transport(conn + 1) == "WS"
+    assert envelope.stream_transport(conn + 2) == "WSS"
     assert envelope.unwrap(envelope.wrap(addr, conn, b"SIP")) == (addr, conn, b"SIP")
     assert envelope.unwrap(envelope.wrap(addr, 1, b"SIP")) == (addr, 1, b"SIP")

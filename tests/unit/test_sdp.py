@@ -522,3 +522,14 @@ def test_mutated_bodies_raise_only_sip_error(body, edits):
         position %= len(body) + 1
         body = body[:position] + inserted + body[position + removed:]
     must_fail_cleanly(body)
+
+
+def test_media_the_relay_cannot_carry_is_named():
+    body = (b"v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n"
+            b"m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=fingerprint:sha-256 AB\r\n"
+            b"m=video 0 TCP/RTP/AVP 96\r\n"  # rejected (port 0): not in the way
+            b"m=audio 5000 RTP/AVP 0\r\nm=audio 5002 RTP/SAVP 0\r\nm=image 5004 udptl t38\r\n"
+            b"m=video 9 UDP/TLS/RTP/SAVPF 96\r\n")
+    assert sdp.unrelayable_protos(sdp.parse(body)) == ["UDP/TLS/RTP/SAVPF"]
+    plain = b"v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\nc=IN IP4 10.0.0.1\r\nm=audio 5 RTP/AVPF 0\r\n"
+    assert sdp.unrelayable_protos(sdp.parse(plain)) == []

@@ -23,7 +23,8 @@ from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
 from cluster.envelope import affinity_key
 from cluster.logsetup import call_log
-from cluster.sip import scan
+from cluster.sip import scan, sdp
+from cluster.sip.errors import SipError
 from cluster.sip.ids import call_tag
 from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response
@@ -56,6 +57,9 @@ UNSURE_KEEP = 600.0  # seconds a failed write that ended a call is watched for
 UNSURE_MAX = 10_000
 UNSURE_EVERY = 0.5  # seconds between two looks at them
 
+
+# Kept out of the Warning's quoted text and the log: a proto is the offer's, any bytes.
+_UNSAFE = re.compile(rb"[^A-Za-z0-9/._+, -]")
 
 class B2BUA:
     """``config``: the calls, routes, realm and SIP settings; ``answers``: stateless
@@ -163,6 +167,13 @@ class B2BUA:
             return
         self.trace(tag, arrived)
         callee = _callee_of(req)
+        warning = self._unrelayable_media(req)
+        if warning is not None:
+            clog.info("call from %s to %s: 488, %s", caller, callee, warning.decode())
+            self._fail_statelessly(req, source, 488, stored_key, headers=[(b"Warning", warning)])
+            if req.method == "INVITE":
+                self._unrouted_cdr(req, source, caller, callee, 488)
+            return
         targets, failure = self._targets(callee, local_only=gateway)
         if failure is not None:
             clog.info("call from %s to %s: %d", caller, callee, failure)
@@ -211,6 +222,26 @@ class B2BUA:
             return [Target(uri, peer, self.host, route=index)], None
         return [], 404
 
+    def _unrelayable_media(self, req: Request) -> bytes | None:
+        """The Warning of a 488 when the offer has media the relay cannot carry (a
+        browser's DTLS-SRTP): refused before anything rings, not a call without sound.
+        None when it can (or there is no relay, or no offer: a malformed one is answered
+        400 on the way through the relay)."""
+        if self.media.mode != "relay" or not req.body or (
+                req.content_type or b"").split(b";")[0].strip().lower() != b"application/sdp":
+            return None
+        try:
+            protos = sdp.unrelayable_protos(sdp.parse(req.body))
+        except SipError:
+            return None
+        if not protos:
+            return None
+        # RFC 3261 20.43: 302 "Incompatible transport protocol".
+        return b'302 %s "Incompatible transport protocol: %s (the media relay carries ' \
+               b'RTP/AVP(F) and RTP/SAVP(F) over UDP only)"' % (
+                   self.settings.address.encode(),
+                   _UNSAFE.sub(b"?", ", ".join(protos).encode("utf-8", "replace")))
+
     def _reachable(self, binding) -> bool:
         """Whether a binding can be sent to: one made over a TCP/TLS connection only while
         that connection is open (the phone reconnects and registers again)."""
@@ -248,8 +279,9 @@ class B2BUA:
         self.scanners.note_trusted(source.addr[0])  # a proven source (cluster/limits.py)
         return result.username
 
-    def _fail_statelessly(self, req: Request, source, status: int, stored_key: str) -> None:
-        data = self.answers.build(req, status).to_bytes()
+    def _fail_statelessly(self, req: Request, source, status: int, stored_key: str,
+                          headers=()) -> None:
+        data = self.answers.build(req, status, headers=headers).to_bytes()
         self.transport.send(data, source.addr, sock_index=source.sock_index)
         self.trace(call_tag(req.call_id), [_raw_entry("out", data, "a", source.addr)])
         self.answers.keep(stored_key, data)

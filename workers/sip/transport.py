@@ -9,7 +9,7 @@ hand-offs are sealed with the cluster's hand-off key (cluster/clusterauth.py) an
 leave from this host's inter-host address: the receiving dispatcher forwards
 nothing else.
 
-Messages for a phone connected over TCP or TLS (a socket number that is a stream
+Messages for a phone connected over TCP, TLS, WS or WSS (a socket number that is a stream
 connection's id: cluster/envelope.py) go back to the dispatcher over the control
 connection, which holds the phone's connection and sends them on it; the Via and
 Contact say the stream's transport (cluster/sip/framing.py ``stamp``).  A connection of
@@ -90,6 +90,7 @@ class Transport:
         # (advertised address, UDP port, TLS port): what ``stamp`` writes into messages that
         # leave over a stream; set by the worker.
         self.stream_ports: tuple[str, int, int] | None = None
+        self.ws_ports: tuple[int, int] = (0, 0)  # (WS port, WSS port), for ``stamp`` too
         self._control_lock = gevent.lock.Semaphore()  # heartbeats and stream messages
 
     # ---------------------------------------------------------------- lifecycle
@@ -271,8 +272,9 @@ class Transport:
         if stream and self.stream_ports is not None:
             address, udp_port, tls_port = self.stream_ports
             transport = envelope.stream_transport(sock_index)
-            data = stamp(data, transport, address, udp_port,
-                         tls_port if transport == "TLS" else udp_port)
+            port = {"TLS": tls_port, "WS": self.ws_ports[0],
+                    "WSS": self.ws_ports[1]}.get(transport, udp_port)
+            data = stamp(data, transport, address, udp_port, port)
         if host and host != self.host:
             egress = self._egress_of(host)
             if egress is not None:

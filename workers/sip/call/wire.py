@@ -23,7 +23,8 @@ COMPLETED_ELSEWHERE = ("Call completed elsewhere", 200)
 # SIP status of the failed call -> Q.850 cause (RFC 3398 section 8.2.6.1, abridged).
 STATUS_CAUSES = {404: ("UNALLOCATED_NUMBER", 1), 408: ("RECOVERY_ON_TIMER_EXPIRE", 102),
                  480: ("NO_USER_RESPONSE", 18), 486: ("USER_BUSY", 17),
-                 487: ("ORIGINATOR_CANCEL", 487), 603: ("CALL_REJECTED", 21),
+                 487: ("ORIGINATOR_CANCEL", 487), 488: ("INCOMPATIBLE_DESTINATION", 88),
+                 603: ("CALL_REJECTED", 21),
                  600: ("USER_BUSY", 17)}
 # The call's own timers -> the cause of the hang-up when one expires.
 CALL_TIMERS = {"no-answer": NO_ANSWER, "max-duration": RECOVERY_ON_TIMER_EXPIRE,
