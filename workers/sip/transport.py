@@ -35,6 +35,7 @@ import gevent.lock
 import msgpack
 
 from cluster import clusterauth, envelope
+from cluster.adoption import ADOPTED_BASE
 from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -273,7 +274,12 @@ class Transport:
             transport = envelope.stream_transport(sock_index)
             data = stamp(data, transport, address, udp_port,
                          tls_port if transport == "TLS" else udp_port)
-        if host and host != self.host:
+        # A socket of an address this host's dispatcher adopted (cluster/adoption.py):
+        # only the dispatcher holds it, so the message goes through its egress port.
+        adopted = not stream and sock_index >= ADOPTED_BASE
+        if adopted and not host:
+            host = self.host
+        if host and (host != self.host or adopted):
             egress = self._egress_of(host)
             if egress is not None:
                 try:
@@ -289,6 +295,8 @@ class Transport:
         if stream:
             self._send_stream(data, dest, sock_index)
             return
+        if sock_index >= ADOPTED_BASE:
+            sock_index = 0  # (no egress to the adopted address: from our own one)
         if ":" in dest[0]:
             sock_index = next((i for i, s in enumerate(self.sip_sockets)
                                if s.family == socket.AF_INET6), None)
