@@ -32,6 +32,8 @@ ADOPTED_BASE = 16
 SOCKETS_PER_HOST = 2
 ADOPTED_SLOTS = (256 - ADOPTED_BASE) // SOCKETS_PER_HOST
 ADOPT_AFTER = 1.5  # seconds without the host's own announcement (renewed every second)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # (Linux's numbers)
+IPV6_FREEBIND = 78
 
 
 @dataclass
@@ -86,6 +88,15 @@ def wanted(hosts: dict[str, dict], me: str, now: float,
         if local(str(sip[0])):
             chosen[host] = (str(sip[0]), int(sip[1]))
     return chosen
+
+
+def freebind(sock: socket.socket) -> None:
+    """Let ``sock`` bind an address that is not on this host yet (a floating address
+    another host holds): it receives, or accepts, once the address is here."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
 
 
 def standby(address: str) -> bool:

@@ -89,8 +89,6 @@ STARTUP_GRACE = 2.0
 # straight, not through it, which only a strict NAT drops.
 HOST_TTL = 3.0
 HOSTS_REFRESH = 1.0  # seconds between reads of the cluster's hosts (hand-off sources)
-IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # (Linux's numbers)
-IPV6_FREEBIND = 78
 HOST_TRUSTED_FOR = 86_400.0  # a host announced this recently may hand off (it restarts)
 
 
@@ -781,10 +779,7 @@ def _udp_socket(family: int, host: str, port: int, freebind: bool = False) -> so
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
         if freebind:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            adoption.freebind(sock)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))

@@ -9,7 +9,8 @@ deleted there, added here, the LAN's neighbour cache flushed as a gratuitous ARP
 Host 2 adopts host 1 by itself (cluster/adoption.py, workers/relay/relay.py ``adopt``):
 every call goes on with media both ways from the same relay address and ports, takes a
 re-INVITE, ends with a BYE from either side answered 200, and has exactly one CDR; a phone
-registered through host 1 gets a new call, sent from host 1's address.
+registered through host 1 gets a new call, sent from host 1's address.  Host 1 restarted
+meanwhile (its address still on host 2) stays passive and takes nothing back.
 """
 
 from __future__ import annotations
@@ -225,15 +226,28 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
         kept = sum(1 for c in calls if st.relay_session(store, c.tag)["relay"].startswith("h2/"))
         assert kept == CALLS
 
-        # ---- a re-INVITE from each caller: answered through host 2, same relay ports
+        # ---- a re-INVITE from each side: answered from host 1's address, same relay ports
         for call in calls:
-            reply = call.caller.reinvite("sendrecv", timeout=10.0)
-            assert reply.status == 200 and reply.source == (floating(1), SIP_PORT)
-            assert relay_of(reply.sdp) == before[call.tag][0]
-            reoffer = call.callee.requests("INVITE")[-1]
-            assert reoffer.call_id == call.invite.call_id
-            assert reoffer.source == (floating(1), SIP_PORT)
-            assert relay_of(reoffer.sdp) == before[call.tag][1]
+            for side, other, mine, theirs in ((call.caller, call.callee, 0, 1),
+                                             (call.callee, call.caller, 1, 0)):
+                offers = len(other.requests("INVITE"))
+                reply = side.reinvite("sendrecv", timeout=10.0)
+                assert reply.status == 200 and reply.source == (floating(1), SIP_PORT)
+                assert relay_of(reply.sdp) == before[call.tag][mine]
+                assert len(other.requests("INVITE")) == offers + 1
+                reoffer = other.requests("INVITE")[-1]
+                assert reoffer.call_id == other.call_id
+                assert reoffer.source == (floating(1), SIP_PORT)
+                assert relay_of(reoffer.sdp) == before[call.tag][theirs]
+
+        # ---- host 1 comes back while its address stays on host 2: it stays passive
+        hosts.clusters[0].start(30.0)
+        line = f"{floating(1)} is not on this host: passive"
+        assert wait_for(lambda: line in hosts.clusters[0].read_log("dispatcher"), 10.0), \
+            hosts.clusters[0].log_tail()
+        for _ in range(6):  # three of its would-be announcements
+            assert store.host_info("h1")["by"] == "h2"
+            time.sleep(0.5)
 
         # ---- a new call to the phone registered through host 1: from host 1's address
         late = place_call(USERS[2 * CALLS + 1], idle, via_host=2)
