@@ -4,10 +4,11 @@ keepalived (or any VRRP agent) moves a dead host's service address to a survivin
 host.  The surviving host's dispatcher notices it within a second (the address has
 become local: a bind to it succeeds) and adopts the dead host: it binds the dead
 host's SIP port on that address, reads it like its own, sends from it, and announces
-the dead host in its stead (``host:<dead id>``, marked ``by``), with an egress socket
-of its own, so every worker of the cluster that sends "from the dead host" (a phone
-registered through it, a call leg set up through it) has it sent from that address
-again.  The relays do the same for media (workers/relay/relay.py ``adopt``).
+the dead host in its stead (``host:<dead id>``, marked ``by``, naming its own egress
+port and the virtual index ``base`` the dead host's sockets have there), so every worker
+of the cluster that sends "from the dead host" (a phone registered through it, a call
+leg set up through it) hands it to this dispatcher, which sends it from that address.
+The relays do the same for media (workers/relay/relay.py ``adopt``).
 
 Only a host whose own announcement is older than ``ADOPT_AFTER`` is adopted (a live
 host renews it every second), and only an address that is neither a wildcard nor
@@ -42,7 +43,6 @@ class Adopted:
     address: tuple[str, int]
     base: int  # virtual index of its first socket
     sockets: list[socket.socket] = field(default_factory=list)
-    egress: socket.socket | None = None
     stop: object = None  # threading.Event ending its reading thread
 
 

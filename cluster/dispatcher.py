@@ -326,8 +326,6 @@ class Dispatcher:
                     self._read_link(arg)
                 elif kind == "egress":
                     self._read_egress()
-                elif kind == "egress-adopted":
-                    self._read_egress(arg)
             if time.monotonic() >= next_check:
                 self._apply_adoptions()
                 self._expire_silent_workers()
@@ -498,14 +496,12 @@ class Dispatcher:
             except Exception as exc:  # whatever ends the subscription, it is made again
                 time.sleep(backoff.failed(exc))
 
-    def _read_egress(self, adopted: Adopted | None = None) -> None:
-        """Hand-offs to send from a SIP socket: this host's own (on the egress port; a
-        socket index from ADOPTED_BASE names a socket of an adopted host's address), or,
-        on an adopted host's egress socket, that host's sockets by its own numbering."""
-        receiver = self.egress if adopted is None else adopted.egress
+    def _read_egress(self) -> None:
+        """Hand-offs to send from a SIP socket: one of this host's own, or, from
+        ADOPTED_BASE on, one of an adopted host's address (cluster/adoption.py)."""
         for _ in range(BURST):
             try:
-                data, source = receiver.recvfrom(65535)
+                data, source = self.egress.recvfrom(65535)
             except BlockingIOError:
                 return
             except OSError:
@@ -523,9 +519,7 @@ class Dispatcher:
                     if self.streams.send(index, payload):
                         self.counters.egress += 1
                     continue
-                if adopted is not None:
-                    sock = adopted.sockets[index]
-                elif index >= ADOPTED_BASE:
+                if index >= ADOPTED_BASE:
                     sock = self.adopted_index[index]
                 else:
                     sock = self.sip_sockets[index]
@@ -669,12 +663,10 @@ class Dispatcher:
                 store.heartbeat("dispatcher", self.host, "dispatcher", info, ttl=5)
                 sip = self.sip_sockets[0].getsockname()
                 host = {"sip": [sip[0], sip[1]], "egress": None}
-                egress_address = None
                 if self.egress is not None:
                     bound, port = self.egress.getsockname()[:2]
                     # What other hosts send to: a bind address of 0.0.0.0 reaches no one.
-                    egress_address = self.config.dispatcher.inter_host_address or bound
-                    host["egress"] = [egress_address, port]
+                    host["egress"] = [self.config.dispatcher.inter_host_address or bound, port]
                 self._note_standby(adoption.standby(sip[0]), sip[0])
                 if not self.standby:
                     store.announce_host(self.host, host, ttl=HOST_TTL)
@@ -684,11 +676,11 @@ class Dispatcher:
                     self.adopt_wanted = adoption.wanted(hosts, self.host, time.time())
                     next_hosts = time.monotonic() + HOSTS_REFRESH
                 for adopted in list(self.adopted.values()):
-                    # In the dead host's stead: its hand-offs come to this host's socket.
+                    # In the dead host's stead: its hand-offs come to this host's egress
+                    # port, its socket i named base + i.
                     store.announce_host(adopted.host, {
-                        "sip": list(adopted.address), "by": self.host,
-                        "egress": [egress_address, adopted.egress.getsockname()[1]]},
-                        ttl=HOST_TTL)
+                        "sip": list(adopted.address), "by": self.host, "base": adopted.base,
+                        "egress": host["egress"]}, ttl=HOST_TTL)
             except Exception as exc:  # whatever it is, this thread must not end (it did)
                 time.sleep(backoff.failed(exc))
                 continue
@@ -729,13 +721,7 @@ class Dispatcher:
         adopted = Adopted(host, address, base, stop=threading.Event())
         try:
             adopted.sockets.append(_udp_socket(socket.AF_INET, *address))
-            adopted.egress = _udp_socket(
-                socket.AF_INET, self.config.dispatcher.inter_host_address
-                or self.egress.getsockname()[0], 0)
         except OSError as exc:
-            for sock in [*adopted.sockets, adopted.egress]:
-                if sock is not None:
-                    sock.close()
             log.warning("cannot adopt host %s on %s: %s", host, _hostport(*address), exc)
             return
         self.adopted[host] = adopted
@@ -743,17 +729,11 @@ class Dispatcher:
             self.adopted_index[base + i] = sock
             threading.Thread(target=self._sip_loop, args=(sock, base + i, adopted.stop),
                              daemon=True).start()
-        self.selector.register(adopted.egress, selectors.EVENT_READ, ("egress-adopted", adopted))
         log.warning("adopted host %s: its address %s is on this host now; serving its SIP "
                     "port and its phones", host, _hostport(*address))
 
     def _release(self, adopted: Adopted) -> None:
         adopted.stop.set()
-        try:
-            self.selector.unregister(adopted.egress)
-        except (KeyError, ValueError):
-            pass
-        adopted.egress.close()
         for i in range(len(adopted.sockets)):
             self.adopted_index.pop(adopted.base + i, None)
         # Its reading thread sees the stop flag before anything else once its poll ends.

@@ -99,8 +99,9 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    same scripts as reg:{...} and call:{...}.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
                                    so other hosts can send through it (invariant 12); written by
-                                   another host, with "by": <its id>, while that host serves the
-                                   dead one's floating address (cluster/adoption.py).  TTL: idem.
+                                   another host, with "by": <its id> and "base" (the index its
+                                   sockets have there), while that host serves the dead one's
+                                   floating address (cluster/adoption.py).  TTL: idem.
   streams:<host id>                hash of the SIP connections (TCP, TLS) open at that host's
                                    dispatcher: field = connection id, value {"transport",
                                    "peer"}.  A binding made over one names it (Binding.conn);

@@ -80,7 +80,9 @@ class Transport:
         self.dispatcher_addr: tuple[str, int] | None = None
         self._refused_logged = 0.0
         self._refused_since_log = 0
-        self._hosts: dict[str, tuple[float, tuple[str, int] | None]] = {}
+        # host -> (until, its egress address or None, the virtual socket index its own
+        # sockets have at the host that adopted it, 0 when not adopted)
+        self._hosts: dict[str, tuple[float, tuple[str, int] | None, int]] = {}
         self.sent = 0
         # What leaves, for the heartbeat: responses_<N>xx by class, sent_<METHOD> requests.
         self.counters = Counter() if counters is None else counters
@@ -280,8 +282,11 @@ class Transport:
         if adopted and not host:
             host = self.host
         if host and (host != self.host or adopted):
-            egress = self._egress_of(host)
+            egress, base = self._egress_of(host)
             if egress is not None:
+                if base and not stream and sock_index < ADOPTED_BASE:
+                    # The host is dead and another serves its address: its socket there.
+                    sock_index += base
                 try:
                     sealed = clusterauth.seal(self.handoff_key,
                                               envelope.wrap(dest, sock_index, data))
@@ -339,7 +344,8 @@ class Transport:
         else:
             self.counters["sent_" + data[:data.find(b" ")].decode("latin-1")] += 1
 
-    def _egress_of(self, host: str) -> tuple[str, int] | None:
+    def _egress_of(self, host: str) -> tuple[tuple[str, int] | None, int]:
+        """Where hand-offs for ``host`` go, and the index base of its sockets there."""
         now = time.monotonic()
         cached = self._hosts.get(host)
         if cached is None or cached[0] < now:
@@ -348,5 +354,6 @@ class Transport:
             except StoreUnavailable:
                 info = None
             egress = tuple(info["egress"]) if info and info.get("egress") else None
-            cached = self._hosts[host] = (now + EGRESS_CACHE, egress)
-        return cached[1]
+            base = int(info.get("base", 0)) if info and info.get("by", host) != host else 0
+            cached = self._hosts[host] = (now + EGRESS_CACHE, egress, base)
+        return cached[1], cached[2]
