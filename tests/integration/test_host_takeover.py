@@ -39,7 +39,7 @@ REDIS_PORT = 6391
 REDIS_PASSWORD = "takeover-redis-password"
 RTP_MIN, RTP_MAX = 21000, 21399
 CALLS = 4  # calls up through host 1 when it dies
-USERS = [str(u) for u in range(2001, 2001 + 2 * CALLS + 2)]
+USERS = [str(u) for u in range(2001, 2001 + 2 * CALLS + 4)]
 # Media stops at the kill and resumes once host 2 has the address and has noticed the
 # dead relays (heartbeat older than 1.5 s, looked at every 0.5 s): measured ~2 s.
 MAX_MEDIA_GAP = 5.0
@@ -257,6 +257,19 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
                                         time.monotonic() - 0.5) >= 15, 5.0)
         calls.append(late)
 
+        # ---- a phone registering through host 1's address now is reached from it as well
+        fresh = phone(1, USERS[2 * CALLS + 2])
+        callees.append(fresh)
+        assert fresh.register() == 200
+        # Recorded as through host 1 (its address), whichever host serves that address.
+        assert [b.host for b in store.bindings(f"{fresh.user}@{REALM}")] == ["h1"]
+        newest = place_call(USERS[2 * CALLS + 3], fresh, via_host=2)
+        assert newest.invite.source == (floating(1), SIP_PORT)
+        assert wait_for(lambda: flowing(newest.callee, newest.caller,
+                                        relay_of(newest.invite.sdp),
+                                        time.monotonic() - 0.5) >= 15, 5.0)
+        calls.append(newest)
+
         # ---- every call ends with a BYE from either side, answered 200, one CDR each
         ended = 0
         for n, call in enumerate(calls):
@@ -266,14 +279,14 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
             bye = other.wait_request("BYE", 5.0)
             assert bye is not None and "cause=16" in bye.header("Reason"), bye
             ended += 1
-        assert ended == CALLS + 1
+        assert ended == CALLS + 2
         for call in calls:
             assert wait_for(lambda c=call: cdrs_of(store, c.caller.call_id), 5.0)
         time.sleep(1.0)  # a second CDR, if any were written, would be there by now
         counts = [len(cdrs_of(store, c.caller.call_id)) for c in calls]
         causes = [cdrs_of(store, c.caller.call_id)[0]["hangup_cause"] for c in calls]
-        assert counts == [1] * (CALLS + 1), counts
-        assert causes == ["NORMAL_CLEARING"] * (CALLS + 1), causes
+        assert counts == [1] * (CALLS + 2), counts
+        assert causes == ["NORMAL_CLEARING"] * (CALLS + 2), causes
         assert all(st.relay_session(store, c.tag) is None for c in calls)
         print(f"host 1 killed: adopted by host 2 after {took_over:.2f} s; {CALLS} of {CALLS} "
               f"calls kept; longest media gap {max(gaps):.2f} s")

@@ -35,7 +35,7 @@ import gevent.lock
 import msgpack
 
 from cluster import clusterauth, envelope
-from cluster.adoption import ADOPTED_BASE
+from cluster.adoption import ADOPTED_BASE, SOCKETS_PER_HOST, virtual_base
 from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -51,6 +51,7 @@ REFUSED_LOG_EVERY = 10.0  # seconds between log lines about envelopes from elsew
 # Seconds another host's hand-off address is kept: one Redis GET per host and second at
 # most, and a dead host (its announcement lapses 3 s after its death) is noticed 1 s later.
 EGRESS_CACHE = 1.0
+ADOPTED_REREAD = 0.5  # seconds between reads of the hosts for an unknown adopted socket
 
 
 class Transport:
@@ -83,6 +84,8 @@ class Transport:
         # host -> (until, its egress address or None, the virtual socket index its own
         # sockets have at the host that adopted it, 0 when not adopted)
         self._hosts: dict[str, tuple[float, tuple[str, int] | None, int]] = {}
+        self._adopted: dict[int, str] = {}  # virtual socket index base -> adopted host
+        self._adopted_read = -1e9
         self.sent = 0
         # What leaves, for the heartbeat: responses_<N>xx by class, sent_<METHOD> requests.
         self.counters = Counter() if counters is None else counters
@@ -343,6 +346,27 @@ class Transport:
             self.counters["responses_" + data[8:11].decode("latin-1")] += 1
         else:
             self.counters["sent_" + data[:data.find(b" ")].decode("latin-1")] += 1
+
+    def origin(self, sock_index: int) -> str:
+        """The host whose SIP address received a datagram: this one, or, for a socket of
+        an address this host's dispatcher adopted, the dead host it belonged to, so what
+        is recorded (a binding, a call leg) is sent "from that host" (its address) later,
+        by whichever host serves it then."""
+        if sock_index < ADOPTED_BASE or envelope.is_stream(sock_index):
+            return self.host
+        base = sock_index - (sock_index - ADOPTED_BASE) % SOCKETS_PER_HOST
+        host = self._adopted.get(base)
+        if host is None and time.monotonic() >= self._adopted_read + ADOPTED_REREAD:
+            self._adopted_read = time.monotonic()
+            try:
+                hosts = self.store.hosts()
+            except StoreUnavailable:
+                hosts = {}
+            # Every host's base is known from its id; one this host serves wins a clash.
+            ranked = sorted(hosts.items(), key=lambda item: item[1].get("by") == self.host)
+            self._adopted = {virtual_base(h): h for h, _info in ranked if h != self.host}
+            host = self._adopted.get(base)
+        return host or self.host
 
     def _egress_of(self, host: str) -> tuple[tuple[str, int] | None, int]:
         """Where hand-offs for ``host`` go, and the index base of its sockets there."""

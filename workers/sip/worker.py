@@ -22,6 +22,7 @@ import gevent
 import gevent.pool
 
 from cluster import clusterauth, metrics
+from cluster.adoption import ADOPTED_BASE
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
 from cluster.config import Config
@@ -198,7 +199,8 @@ class Worker:
         if self.answers.absorb(mark, sock_index):
             return
         arrived = time.monotonic()
-        self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index, arrived=arrived),
+        origin = self.host if sock_index < ADOPTED_BASE else self.transport.origin(sock_index)
+        self.pool.spawn(self._handle, data, Source(addr, origin, sock_index, arrived=arrived),
                         mark, arrived)
 
     def _overloaded(self, data: bytes) -> bool:
