@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import clusterauth, envelope
+from . import adoption, clusterauth, envelope
+from .adoption import ADOPTED_BASE, Adopted
 from .config import Config, load_or_exit
 from .envelope import SLOTS, affinity_key
 from .limits import Bans, Limiter, Trusted, ban_line, reason_of
@@ -162,6 +163,13 @@ class Dispatcher:
         self.handoff_sources: frozenset[str] = frozenset()  # set by the publishing thread
         self.handoff_replays = clusterauth.Replays()
         self.handoff_log = clusterauth.RateLimitedLog(log)
+        # Hosts whose floating SIP address is on this host now (cluster/adoption.py):
+        # host id -> Adopted; ``adopt_wanted`` is set by the publishing thread, applied by
+        # the main loop.
+        self.adopted: dict[str, Adopted] = {}
+        self.adopted_index: dict[int, socket.socket] = {}  # virtual socket index -> socket
+        self.adopt_wanted: dict[str, tuple[str, int]] | None = None
+        self.standby = False  # True while our floating SIP address is on another host
         if handed_by is not None:
             self._welcome(handed_by)  # the worker that handed them back is the first link
 
@@ -212,7 +220,7 @@ class Dispatcher:
         socks: list[socket.socket] = []
         try:
             for family, host, port in self._wanted_sip():
-                socks.append(_udp_socket(family, host, port))
+                socks.append(_udp_socket(family, host, port, freebind=True))
         except OSError as exc:
             for sock in socks:
                 sock.close()
@@ -278,10 +286,14 @@ class Dispatcher:
         port = self.config.dispatcher.inter_host_port
         if not port:
             return None
+        # On the inter-host address when one is set: with a floating SIP address in
+        # sip.bind, that one moves to another host when this one dies, the hand-offs'
+        # address must not.
+        address = self.config.dispatcher.inter_host_address or self.config.sip.bind
         try:
-            return _udp_socket(socket.AF_INET, self.config.sip.bind, port)
+            return _udp_socket(socket.AF_INET, address, port)
         except OSError as exc:
-            raise BindError(f"cannot bind {_hostport(self.config.sip.bind, port)} "
+            raise BindError(f"cannot bind {_hostport(address, port)} "
                             f"(dispatcher.inter_host_port): {exc.strerror}") from exc
 
     # ---------------------------------------------------------------- main loop
@@ -315,6 +327,7 @@ class Dispatcher:
                 elif kind == "egress":
                     self._read_egress()
             if time.monotonic() >= next_check:
+                self._apply_adoptions()
                 self._expire_silent_workers()
                 self._update_routable()
                 self.streams.tick()
@@ -322,7 +335,8 @@ class Dispatcher:
                 next_check = time.monotonic() + 0.25
         self.streams.close_all()
 
-    def _sip_loop(self, sock: socket.socket, index: int) -> None:
+    def _sip_loop(self, sock: socket.socket, index: int,
+                  stop: threading.Event | None = None) -> None:
         """Wait for datagrams, then drain the socket: one poll per burst, not per datagram.
 
         The socket stays non-blocking: workers share its file description (their copies
@@ -333,7 +347,7 @@ class Dispatcher:
         recvfrom, route, counters = sock.recvfrom, self._route, self.counters
         routable = self.routable.is_set
         banned, check, clock = self.bans.banned, self.limiter.check, time.monotonic
-        while self.running:
+        while self.running and not (stop is not None and stop.is_set()):
             if not self.routable.wait(0.25):
                 continue  # no worker: leave the datagrams in the kernel's buffer meanwhile
             if not poller.poll(250):
@@ -483,6 +497,8 @@ class Dispatcher:
                 time.sleep(backoff.failed(exc))
 
     def _read_egress(self) -> None:
+        """Hand-offs to send from a SIP socket: one of this host's own, or, from
+        ADOPTED_BASE on, one of an adopted host's address (cluster/adoption.py)."""
         for _ in range(BURST):
             try:
                 data, source = self.egress.recvfrom(65535)
@@ -503,9 +519,13 @@ class Dispatcher:
                     if self.streams.send(index, payload):
                         self.counters.egress += 1
                     continue
-                self.sip_sockets[index].sendto(payload, dest)
+                if index >= ADOPTED_BASE:
+                    sock = self.adopted_index[index]
+                else:
+                    sock = self.sip_sockets[index]
+                sock.sendto(payload, dest)
                 self.counters.egress += 1
-            except (ValueError, IndexError, OSError):
+            except (ValueError, IndexError, KeyError, OSError):
                 self.counters.dropped += 1
 
     def _handoff(self, data: bytes, source: tuple) -> bytes:
@@ -647,10 +667,20 @@ class Dispatcher:
                     bound, port = self.egress.getsockname()[:2]
                     # What other hosts send to: a bind address of 0.0.0.0 reaches no one.
                     host["egress"] = [self.config.dispatcher.inter_host_address or bound, port]
-                store.announce_host(self.host, host, ttl=HOST_TTL)
+                self._note_standby(adoption.standby(sip[0]), sip[0])
+                if not self.standby:
+                    store.announce_host(self.host, host, ttl=HOST_TTL)
                 if self.egress is not None and time.monotonic() >= next_hosts:
-                    self.handoff_sources = _handoff_sources(store.hosts())
+                    hosts = store.hosts()
+                    self.handoff_sources = _handoff_sources(hosts)
+                    self.adopt_wanted = adoption.wanted(hosts, self.host, time.time())
                     next_hosts = time.monotonic() + HOSTS_REFRESH
+                for adopted in list(self.adopted.values()):
+                    # In the dead host's stead: its hand-offs come to this host's egress
+                    # port, its socket i named base + i.
+                    store.announce_host(adopted.host, {
+                        "sip": list(adopted.address), "by": self.host, "base": adopted.base,
+                        "egress": host["egress"]}, ttl=HOST_TTL)
             except Exception as exc:  # whatever it is, this thread must not end (it did)
                 time.sleep(backoff.failed(exc))
                 continue
@@ -659,6 +689,58 @@ class Dispatcher:
 
     def stop(self, *_args) -> None:
         self.running = False
+
+    # ---------------------------------------------------------------- adopted hosts
+    def _note_standby(self, standby: bool, address: str) -> None:
+        if standby != self.standby:
+            if standby:
+                log.warning("%s is not on this host: passive (not announcing host %s) until "
+                            "it is back", address, self.host)
+            else:
+                log.info("%s is on this host: announcing host %s", address, self.host)
+        self.standby = standby
+
+    def _apply_adoptions(self) -> None:
+        """Serve the hosts whose floating address came here; let go of those whose
+        address left (main loop: the selector and the links are its own)."""
+        wanted, self.adopt_wanted = self.adopt_wanted, None
+        if wanted is None:
+            return
+        for host in [h for h in self.adopted if h not in wanted]:
+            self._release(self.adopted.pop(host))
+        for host, address in wanted.items():
+            if host not in self.adopted:
+                self._adopt(host, address)
+
+    def _adopt(self, host: str, address: tuple[str, int]) -> None:
+        base = adoption.virtual_base(host)
+        if any(a.base == base for a in self.adopted.values()):
+            log.error("cannot adopt host %s: its socket numbers are taken by another "
+                      "adopted host (rename one of them)", host)
+            return
+        adopted = Adopted(host, address, base, stop=threading.Event())
+        try:
+            adopted.sockets.append(_udp_socket(socket.AF_INET, *address))
+        except OSError as exc:
+            log.warning("cannot adopt host %s on %s: %s", host, _hostport(*address), exc)
+            return
+        self.adopted[host] = adopted
+        for i, sock in enumerate(adopted.sockets):
+            self.adopted_index[base + i] = sock
+            threading.Thread(target=self._sip_loop, args=(sock, base + i, adopted.stop),
+                             daemon=True).start()
+        log.warning("adopted host %s: its address %s is on this host now; serving its SIP "
+                    "port and its phones", host, _hostport(*address))
+
+    def _release(self, adopted: Adopted) -> None:
+        adopted.stop.set()
+        for i in range(len(adopted.sockets)):
+            self.adopted_index.pop(adopted.base + i, None)
+        # Its reading thread sees the stop flag before anything else once its poll ends.
+        for sock in adopted.sockets:
+            sock.close()
+        log.warning("released host %s: %s is no longer on this host", adopted.host,
+                    _hostport(*adopted.address))
 
 
 def _handoff_sources(hosts: dict[str, dict]) -> frozenset[str]:
@@ -670,10 +752,14 @@ def _handoff_sources(hosts: dict[str, dict]) -> frozenset[str]:
                      <= HOST_TRUSTED_FOR)
 
 
-def _udp_socket(family: int, host: str, port: int) -> socket.socket:
+def _udp_socket(family: int, host: str, port: int, freebind: bool = False) -> socket.socket:
+    """``freebind``: bound even when ``host`` is not on this host yet (a floating address
+    another host holds: cluster/adoption.py); it receives once the address is here."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        if freebind:
+            adoption.freebind(sock)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))

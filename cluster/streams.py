@@ -40,6 +40,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
+from . import adoption
 from .config import Config
 from .envelope import TRANSPORT_CODES
 from .sip.framing import PONG, Framer, FramingError, Ping
@@ -116,6 +117,7 @@ class Streams:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                adoption.freebind(sock)  # (a floating sip.bind on another host for now)
                 sock.bind((host, port))
                 sock.listen(512)
             except OSError as exc:

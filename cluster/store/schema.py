@@ -104,7 +104,10 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    by state (trying, ringing, early, answered).  Written by the
                                    same scripts as reg:{...} and call:{...}.
   host:<host id>                   a host's dispatcher: {"egress": [ip, port], "sip": [ip, port]}
-                                   so other hosts can send through it (invariant 12).  TTL: idem.
+                                   so other hosts can send through it (invariant 12); written by
+                                   another host, with "by": <its id> and "base" (the index its
+                                   sockets have there), while that host serves the dead one's
+                                   floating address (cluster/adoption.py).  TTL: idem.
   streams:<host id>                hash of the SIP connections (TCP, TLS, WS, WSS) open at its
                                    dispatcher: field = connection id, value {"transport",
                                    "peer"}.  A binding made over one names it (Binding.conn);
@@ -122,7 +125,9 @@ that keeps one AOR's or one call's keys in one Redis Cluster slot):
                                    every heartbeat; relays HDEL entries silent for a day.
   relay:session:{<call id>}        one relay session (both legs, ports, latched addresses,
                                    per-stream counters): {"relay", "control", "call_id", "legs",
-                                   ...}.  TTL: the session's idle limit (its media timeout +
+                                   ...}; a side of a session adopted from a dead host's relay
+                                   carries its "address" (workers/relay/relay.py ``adopt``).
+                                   TTL: the session's idle limit (its media timeout +
                                    a grace period), refreshed while media flows and by every
                                    command; deleted by the relay's `delete`.
   relay:owned:{<relay id>}         sorted set of the call ids a relay serves, score = expiry

@@ -27,7 +27,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-from cluster import clusterauth
+from cluster import adoption, clusterauth
 from cluster import store as st
 from cluster.relayctl import decode, encode
 from cluster.sip.rtp import clock_rate_for
@@ -62,6 +62,9 @@ REPLY_CACHE = 4096
 MAX_EVENTS = 1024
 RECV_SIZE = 4096
 NODE_FORGET_AFTER = 86_400.0
+# Another host's relay silent this long (it heartbeats every HEARTBEAT_INTERVAL) whose
+# media address is on this host now is dead: its sessions are adopted here.
+ADOPT_AFTER = 1.5
 OTHER_FAMILY_BIND = {"127.0.0.1": "::1", "0.0.0.0": "::", "::1": "127.0.0.1", "::": "0.0.0.0"}
 
 
@@ -180,7 +183,8 @@ class Relay:
         bound: list[Side] = []
         try:
             for side in session.sides():
-                self.pool.reserve(side.port)
+                if not side.address:  # (an adopted side's port is of another relay's slice)
+                    self.pool.reserve(side.port)
                 bound.append(side)
                 self._open(side)
                 side.rtp.source = side.restored_latch
@@ -449,7 +453,7 @@ class Relay:
 
     def _open(self, side: Side) -> None:
         family = socket.AF_INET6 if side.family == 6 else socket.AF_INET
-        bind = self.settings.bind_for(side.family)
+        bind = side.address or self.settings.bind_for(side.family)
         socks = []
         try:
             for port in (side.port, side.port + 1):
@@ -484,7 +488,8 @@ class Relay:
 
     def _facing(self, side: Side, peer: Side | None) -> dict:
         mux = side.rtcp_mux if side.sdp is not None else bool(peer and peer.rtcp_mux)
-        return {"media": side.media, "address": self.settings.advertised_for(side.family),
+        return {"media": side.media,
+                "address": side.address or self.settings.advertised_for(side.family),
                 "port": side.port, "rtcp_port": side.port + 1, "rtcp_mux": mux,
                 "family": side.family}
 
@@ -523,7 +528,8 @@ class Relay:
                     pass
             endpoint.sock.close()
         side.rtp = side.rtcp = None
-        self.pool.release(side.port)
+        if not side.address:
+            self.pool.release(side.port)
 
     # ---------------------------------------------------------------- Redis
     def _redis_ok(self) -> bool:
@@ -669,6 +675,8 @@ class Relay:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL
             self._heartbeat(now)
+            if self._redis_ok():
+                self.jobs.put(self._look_for_orphans)
 
     def _visit_slice(self) -> list[Session]:
         if not self._rotation:
@@ -713,6 +721,64 @@ class Relay:
 
         self.jobs.put(job)
         log.info("call-id=%s no RTP for %.1f s: media timeout", session.call_id, silent)
+
+    # ---------------------------------------------------------------- adoption
+    def _look_for_orphans(self) -> None:
+        """(Writer thread.)  Sessions of another host's relay that died, whose media
+        address is on this host now (keepalived moved the dead host's floating address
+        here): read them, for the loop to bind on that address with the same ports, so
+        their media goes on (cluster/adoption.py has the signalling's side of it)."""
+        now = time.time()
+        for node in st.relay_nodes(self.store):
+            if (node.get("host") == self.settings.host
+                    or now - float(node.get("seen", 0)) < ADOPT_AFTER):
+                continue
+            address = (node.get("addresses") or {}).get("4", "")
+            if not adoption.adoptable_address(address) or not adoption.is_local(address):
+                continue
+            records = st.relay_owned_sessions(self.store, node["id"])
+            if records:
+                self.followups.put(lambda n=node["id"], a=address, r=records:
+                                   self.adopt(n, a, r))
+
+    def adopt(self, dead: str, address: str, records: list[dict]) -> int:
+        """Bind a dead relay's sessions on ``address`` (its media address, now here), with
+        their ports and latched addresses, and own them from now on; returns how many.
+        Another relay of this host adopting the same ones at once finds their ports taken
+        and leaves them: each session ends up with exactly one of us."""
+        adopted: list[Session] = []
+        for record in records:
+            if record.get("call_id") in self.sessions:
+                continue
+            try:
+                session = Session.from_record(record)
+                for side in session.sides():
+                    side.address = side.address or address
+                self._bind_session(session)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:  # (taken: by a sibling adopting it)
+                    log.warning("call-id=%s cannot adopt session: %s", record.get("call_id"),
+                                exc)
+                continue
+            except (CommandError, KeyError, ValueError, TypeError) as exc:
+                log.warning("call-id=%s cannot adopt session: %s", record.get("call_id"), exc)
+                continue
+            self.sessions[session.call_id] = session
+            adopted.append(session)
+        if not adopted:
+            return 0
+        records_now = [self._record(s) for s in adopted]
+        ids = [s.call_id for s in adopted]
+        relay_id = self.settings.relay_id
+
+        def job() -> None:
+            st.relay_save_sessions(self.store, relay_id, records_now)
+            st.relay_drop_sessions(self.store, dead, ids, delete_records=False)
+
+        self.jobs.put(job)
+        self.counters["adopted"] += len(adopted)
+        log.warning("adopted %d session(s) of relay %s on %s", len(adopted), dead, address)
+        return len(adopted)
 
     def _heartbeat(self, now: float) -> None:
         mark_time, mark_count = self._pps_mark

@@ -58,6 +58,9 @@ class Side:
     # Latched addresses read from Redis, applied when a restarted relay binds the side.
     restored_latch: tuple | None = None
     restored_latch_rtcp: tuple | None = None
+    # The media address of an adopted session's side (a dead host's floating address,
+    # now on this host: workers/relay/relay.py ``adopt``); empty = this relay's own.
+    address: str = ""
     rtp: Endpoint | None = field(default=None, repr=False)
     rtcp: Endpoint | None = field(default=None, repr=False)
 
@@ -85,7 +88,7 @@ class Side:
                 "latched": _address_record(self.rtp.source if self.rtp else None),
                 "latched_rtcp": _address_record(self.rtcp.source if self.rtcp else None),
                 "dropped": _sum(self, "dropped"), "rtcp_packets": _sum(self, "rtcp_packets"),
-                "stats": stats,
+                "stats": stats, **({"address": self.address} if self.address else {}),
                 "last_packet": (self.stats.last_time + epoch_offset
                                 if self.stats.packets else None)}
 
@@ -97,7 +100,8 @@ class Side:
                    _address(record.get("sdp")), _address(record.get("sdp_rtcp")),
                    record.get("latch_ip", ""), record.get("latch_any", False),
                    record.get("held", False), stats, call_id,
-                   _address(record.get("latched")), _address(record.get("latched_rtcp")))
+                   _address(record.get("latched")), _address(record.get("latched_rtcp")),
+                   str(record.get("address") or ""))
 
     def figures(self, epoch_offset: float) -> dict:
         figures = {"media": self.media, "family": self.family, "port": self.port,

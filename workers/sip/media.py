@@ -151,7 +151,11 @@ def follow_dead_hosts(b2bua, store, host: str) -> None:
                     if now - float(node.get("seen", 0)) > DEAD_HOST_AFTER:
                         silent.setdefault(node["host"], []).append(node["id"])
             for other in others:
-                if store.host_info(other) is None:
+                info = store.host_info(other)
+                # Announced by the host that adopted its address (cluster/adoption.py): it
+                # is dead all the same; its relays' sessions that were not adopted with it
+                # (its media address did not move) have no media any more.
+                if info is None or info.get("by", other) != other:
                     missing_since.setdefault(other, mono)
                 else:
                     missing_since.pop(other, None)

@@ -35,6 +35,7 @@ import gevent.lock
 import msgpack
 
 from cluster import clusterauth, envelope
+from cluster.adoption import ADOPTED_BASE, SOCKETS_PER_HOST, virtual_base
 from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -50,6 +51,7 @@ REFUSED_LOG_EVERY = 10.0  # seconds between log lines about envelopes from elsew
 # Seconds another host's hand-off address is kept: one Redis GET per host and second at
 # most, and a dead host (its announcement lapses 3 s after its death) is noticed 1 s later.
 EGRESS_CACHE = 1.0
+ADOPTED_REREAD = 0.5  # seconds between reads of the hosts for an unknown adopted socket
 
 
 class Transport:
@@ -79,7 +81,11 @@ class Transport:
         self.dispatcher_addr: tuple[str, int] | None = None
         self._refused_logged = 0.0
         self._refused_since_log = 0
-        self._hosts: dict[str, tuple[float, tuple[str, int] | None]] = {}
+        # host -> (until, its egress address or None, the virtual socket index its own
+        # sockets have at the host that adopted it, 0 when not adopted)
+        self._hosts: dict[str, tuple[float, tuple[str, int] | None, int]] = {}
+        self._adopted: dict[int, str] = {}  # virtual socket index base -> adopted host
+        self._adopted_read = -1e9
         self.sent = 0
         # What leaves, for the heartbeat: responses_<N>xx by class, sent_<METHOD> requests.
         self.counters = Counter() if counters is None else counters
@@ -275,9 +281,17 @@ class Transport:
             port = {"TLS": tls_port, "WS": self.ws_ports[0],
                     "WSS": self.ws_ports[1]}.get(transport, udp_port)
             data = stamp(data, transport, address, udp_port, port)
-        if host and host != self.host:
-            egress = self._egress_of(host)
+        # A socket of an address this host's dispatcher adopted (cluster/adoption.py):
+        # only the dispatcher holds it, so the message goes through its egress port.
+        adopted = not stream and sock_index >= ADOPTED_BASE
+        if adopted and not host:
+            host = self.host
+        if host and (host != self.host or adopted):
+            egress, base = self._egress_of(host)
             if egress is not None:
+                if base and not stream and sock_index < ADOPTED_BASE:
+                    # The host is dead and another serves its address: its socket there.
+                    sock_index += base
                 try:
                     sealed = clusterauth.seal(self.handoff_key,
                                               envelope.wrap(dest, sock_index, data))
@@ -291,6 +305,8 @@ class Transport:
         if stream:
             self._send_stream(data, dest, sock_index)
             return
+        if sock_index >= ADOPTED_BASE:
+            sock_index = 0  # (no egress to the adopted address: from our own one)
         if ":" in dest[0]:
             sock_index = next((i for i, s in enumerate(self.sip_sockets)
                                if s.family == socket.AF_INET6), None)
@@ -333,7 +349,29 @@ class Transport:
         else:
             self.counters["sent_" + data[:data.find(b" ")].decode("latin-1")] += 1
 
-    def _egress_of(self, host: str) -> tuple[str, int] | None:
+    def origin(self, sock_index: int) -> str:
+        """The host whose SIP address received a datagram: this one, or, for a socket of
+        an address this host's dispatcher adopted, the dead host it belonged to, so what
+        is recorded (a binding, a call leg) is sent "from that host" (its address) later,
+        by whichever host serves it then."""
+        if sock_index < ADOPTED_BASE or envelope.is_stream(sock_index):
+            return self.host
+        base = sock_index - (sock_index - ADOPTED_BASE) % SOCKETS_PER_HOST
+        host = self._adopted.get(base)
+        if host is None and time.monotonic() >= self._adopted_read + ADOPTED_REREAD:
+            self._adopted_read = time.monotonic()
+            try:
+                hosts = self.store.hosts()
+            except StoreUnavailable:
+                hosts = {}
+            # Every host's base is known from its id; one this host serves wins a clash.
+            ranked = sorted(hosts.items(), key=lambda item: item[1].get("by") == self.host)
+            self._adopted = {virtual_base(h): h for h, _info in ranked if h != self.host}
+            host = self._adopted.get(base)
+        return host or self.host
+
+    def _egress_of(self, host: str) -> tuple[tuple[str, int] | None, int]:
+        """Where hand-offs for ``host`` go, and the index base of its sockets there."""
         now = time.monotonic()
         cached = self._hosts.get(host)
         if cached is None or cached[0] < now:
@@ -342,5 +380,6 @@ class Transport:
             except StoreUnavailable:
                 info = None
             egress = tuple(info["egress"]) if info and info.get("egress") else None
-            cached = self._hosts[host] = (now + EGRESS_CACHE, egress)
-        return cached[1]
+            base = int(info.get("base", 0)) if info and info.get("by", host) != host else 0
+            cached = self._hosts[host] = (now + EGRESS_CACHE, egress, base)
+        return cached[1], cached[2]

@@ -22,9 +22,11 @@ import gevent
 import gevent.pool
 
 from cluster import clusterauth, metrics
+from cluster.adoption import ADOPTED_BASE
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
 from cluster.config import Config
+from cluster.envelope import STREAM_BASE
 from cluster.escape import escape_controls
 from cluster.logsetup import call_log
 from cluster.sip import scan
@@ -199,7 +201,9 @@ class Worker:
         if self.answers.absorb(mark, sock_index):
             return
         arrived = time.monotonic()
-        self.pool.spawn(self._handle, data, Source(addr, self.host, sock_index, arrived=arrived),
+        origin = (self.transport.origin(sock_index) if ADOPTED_BASE <= sock_index < STREAM_BASE
+                  else self.host)
+        self.pool.spawn(self._handle, data, Source(addr, origin, sock_index, arrived=arrived),
                         mark, arrived)
 
     def _overloaded(self, data: bytes) -> bool:
