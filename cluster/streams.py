@@ -318,6 +318,12 @@ class Streams:
         for sock, _ in self.listeners:
             sock.close()
 
+    def new_id(self, transport: str) -> int:
+        """An id for a connection opened by the cluster (cluster/dialer.py)."""
+        conn_id = self._epoch | (self._next << 1) | (transport == "TLS")
+        self._next += 1
+        return conn_id
+
     # ---------------------------------------------------------------- reporting
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1

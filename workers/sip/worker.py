@@ -113,6 +113,7 @@ class Worker:
         self.transport = transport
         transport.stream_ports = (config.sip.effective_address, config.sip.effective_port,
                                   config.streams.tls_port)
+        transport.udp_max_request = config.streams.udp_max_request
         self.answers = Answers(transport, store, new_tag=new_tag,
                                server=config.sip.user_agent.encode(), tx_ttl=self.tx_ttl,
                                counters=self.counters)
