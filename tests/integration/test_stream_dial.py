@@ -360,3 +360,33 @@ def test_a_send_over_a_connection_closed_meanwhile_is_a_transport_error(cluster)
     assert took < 5, took
     assert wait_for(lambda: "BYE to 0.0.0.0:0 not sent (transport error): taken as a 503"
                     in workers_log(cluster), 3), workers_log(cluster)[-2000:]
+
+
+def test_a_binding_whose_connection_closed_is_dialed_at_its_contact(cluster):
+    """Registered over TCP without RFC 5626 (no reg-id), the phone's connection closed: its
+    Contact (;transport=tcp) is dialed, as for a phone that registered over UDP."""
+    phone, caller = Phone(cluster, "3110"), Caller(cluster, "3111", "3110")
+    try:
+        with StreamUA(cluster.address, user="3110") as registering:
+            reply = registering.register(PASSWORD, contacts=[
+                f"<sip:3110@127.0.0.1:{phone.port};transport=tcp>"])
+            assert reply is not None and reply.status == 200, reply
+            (binding,) = cluster.store.bindings("3110@127.0.0.1")
+            assert binding.conn
+        assert wait_for(lambda: not cluster.store.stream_open(HOST, binding.conn), 5)
+        caller.invite()
+        conn = phone.accept()
+        answer_over(conn)
+        final = caller.final()
+        assert final is not None and final.status == 200, final
+        assert conn.next_request("ACK", timeout=5) is not None
+        answering = threading.Thread(target=lambda: (
+            (bye := conn.next_request("BYE", timeout=10)) and conn.answer(bye, 200, "OK")))
+        answering.start()
+        bye_ok = caller.bye()
+        answering.join(15)
+        assert bye_ok is not None and bye_ok.status == 200, bye_ok
+        conn.sock.close()
+    finally:
+        phone.close()
+        caller.close()

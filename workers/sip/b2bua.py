@@ -194,7 +194,19 @@ class B2BUA:
             return [], 404
         if self.store.get_user(callee, self.config.realm) is not None:
             bindings = self.store.bindings(aor_of(callee, self.config.realm))
-            targets = [t for t in map(self._target_of, bindings) if t is not None]
+            reachable = [(b, t) for b in bindings if (t := self._target_of(b)) is not None]
+            # RFC 5626 5.3: one flow per instance, the newest of those still open.
+            newest: dict[str, float] = {}
+            for b, _ in reachable:
+                if b.instance and b.reg_id is not None:
+                    newest[b.instance] = max(newest.get(b.instance, -1.0), b.registered_at)
+            targets, rung = [], set()
+            for b, target in reachable:
+                if b.instance and b.reg_id is not None:
+                    if b.instance in rung or b.registered_at < newest[b.instance]:
+                        continue
+                    rung.add(b.instance)
+                targets.append(target)
             return targets, None if targets else 480
         if local_only:
             return [], 404

@@ -59,7 +59,7 @@ HELD_BYTES = 4 * 1024 * 1024  # their keys (Call-ID, branch, method): ~300 B eac
 CALL_METHODS = frozenset(ALLOWED) - {"REGISTER", "OPTIONS"}
 # Out-of-dialog requests whose user names are counted against limits.scan_users.
 SCANNED_METHODS = frozenset(("REGISTER", "INVITE", "OPTIONS", "MESSAGE", "SUBSCRIBE"))
-SUPPORTED: tuple[str, ...] = ("timer",)
+SUPPORTED: tuple[str, ...] = ("timer", "outbound")  # outbound: RFC 5626 (registrar.py)
 
 
 IDS = Ids(os.urandom)  # every tag, branch and token this process makes
