@@ -356,7 +356,6 @@ class Transport:
             call_log(log, scan.call_id(data) or b"-").warning(
                 "asking for a TCP connection to %s:%d failed: %s", dest[0], dest[1], exc)
             return
-        self.counters["sent_dialed_tcp"] += 1
         self._count(data, dest)
 
     def _on_control(self, message) -> None:
