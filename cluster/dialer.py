@@ -14,8 +14,9 @@ target's responses come back this way), closed when idle, listed in Redis
 When it cannot be had (refused, reset, unreachable, or not connected within
 ``streams.connect_timeout``), each waiting message goes over UDP instead when the worker
 gave a UDP copy of it (18.1.1: a request moved to TCP only for its size is retried over
-UDP), else it is reported to the worker that sent it as a transport error (8.1.3.1).  One
-log line per failed connection, and counters (streams_dial_*).
+UDP), else it is reported to the worker that sent it as a transport error (8.1.3.1); and
+so is every message for that target during the next ``FAILED_MEMORY`` seconds, without
+connecting again.  One log line per failed connection, and counters (streams_dial_*).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from .sip.framing import Framer
 from .streams import Connection, Streams
 
 log = logging.getLogger("streams")
+# Seconds a target whose connection failed is not tried again: the retransmissions of a
+# request (Timer A: 0.5, 1, 2 s...) and the next requests go over UDP (or are reported) at
+# once, without one more connect, and one more log line, each.
+FAILED_MEMORY = 10.0
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Dialer:
         self.failed = failed
         self.dialed: dict[tuple[str, int], int] = {}  # peer -> id of the connection opened
         self.dialing: dict[tuple[str, int], Dialing] = {}
+        self.refusing: dict[tuple[str, int], float] = {}  # peer -> until when it is not tried
 
     def send(self, dest: tuple[str, int], data: bytes, fallback: bytes | None,
              origin: object) -> None:
@@ -67,9 +73,14 @@ class Dialer:
             if conn_id in self.streams.connections:
                 self._count("reused")
                 if not self.streams.send(conn_id, data):
-                    self._give_up(dest, [Waiting(data, fallback, origin)], "send failed")
+                    self._fail(dest, Waiting(data, fallback, origin))
                 return
             del self.dialed[dest]  # closed since (idle, or by the peer): a new one
+        if dest in self.refusing:
+            if time.monotonic() < self.refusing[dest]:
+                self._fail(dest, Waiting(data, fallback, origin))
+                return
+            del self.refusing[dest]
         pending = self.dialing.get(dest)
         if pending is None:
             pending, error = self._connect(dest)
@@ -126,7 +137,7 @@ class Dialer:
         log.info("TCP connection %x to %s:%d opened by the cluster", conn_id, *dest)
         for waiting in pending.messages:
             if not streams.send(conn_id, waiting.data):
-                self._give_up(dest, [waiting], "send failed")
+                self._fail(dest, waiting)
 
     def tick(self, now: float | None = None) -> None:
         """Give up on the connects past ``streams.connect_timeout``."""
@@ -149,15 +160,24 @@ class Dialer:
         self._count("failed")
         retried = sum(1 for m in messages if m.fallback is not None)
         log.warning("TCP connection to %s:%d failed: %s; %d message(s) retried over UDP, "
-                    "%d reported to the worker as a transport error", *dest, why, retried,
-                    len(messages) - retried)
+                    "%d reported to the worker as a transport error (not tried again for "
+                    "%g s)", *dest, why, retried, len(messages) - retried, FAILED_MEMORY)
+        if len(self.refusing) >= 4096:  # bounded: the oldest memories go first
+            now = time.monotonic()
+            self.refusing = {d: t for d, t in self.refusing.items() if t > now}
+            while len(self.refusing) >= 4096:
+                self.refusing.pop(next(iter(self.refusing)))
+        self.refusing[dest] = time.monotonic() + FAILED_MEMORY
         for waiting in messages:
-            if waiting.fallback is not None:
-                self._count("fallback_udp")
-                self.fallback(dest, waiting.fallback)
-            else:
-                self._count("transport_errors")
-                self.failed(waiting.origin, dest, waiting.data)
+            self._fail(dest, waiting)
+
+    def _fail(self, dest: tuple[str, int], waiting: Waiting) -> None:
+        if waiting.fallback is not None:
+            self._count("fallback_udp")
+            self.fallback(dest, waiting.fallback)
+        else:
+            self._count("transport_errors")
+            self.failed(waiting.origin, dest, waiting.data)
 
     def _unregister(self, sock: socket.socket) -> None:
         try:

@@ -444,10 +444,16 @@ class Dispatcher:
         link = self.links.get(origin) if origin is not None else None
         if link is None:
             return
+        payload = envelope.stream_failed(dest, data)
         try:
-            link.conn.send(envelope.stream_failed(dest, data))
+            sent = link.conn.send(payload)
         except OSError:  # its link is full or gone: the transaction times out instead
             self.counters.dropped += 1
+            return
+        if sent != len(payload):
+            # Half a message would garble the link: the worker reconnects (its calls are in
+            # Redis, its slots come back with it).
+            self._drop_link(origin, "control connection full")
 
     def _publish_streams(self) -> None:
         """Keep Redis's list of this host's open connections (workers read it before they
@@ -618,7 +624,11 @@ class Dispatcher:
             conn, data = message.get("conn"), message.get("data")
             if isinstance(conn, int) and isinstance(data, bytes):
                 if not self.streams.send(conn, data):
-                    self._report_failed(link.conn.fileno(), ("0.0.0.0", 0), data)
+                    dest = message.get("dest")
+                    if not (isinstance(dest, list) and len(dest) == 2
+                            and isinstance(dest[0], str) and isinstance(dest[1], int)):
+                        dest = ["0.0.0.0", 0]  # a worker that did not say: still reported
+                    self._report_failed(link.conn.fileno(), (dest[0], dest[1]), data)
             return
         if kind == "dial":
             self._dial(link, message)

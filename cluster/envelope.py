@@ -110,10 +110,13 @@ def unwrap(data: bytes) -> tuple[tuple[str, int], int, bytes]:
     raise ValueError("not an envelope")
 
 
-def stream_out(conn: int, data: bytes) -> bytes:
+def stream_out(conn: int, data: bytes, dest: tuple[str, int] | None = None) -> bytes:
     """Worker -> dispatcher on the control connection: send ``data`` over connection
-    ``conn``."""
-    return msgpack.packb({"type": "out", "conn": conn, "data": data}, use_bin_type=True)
+    ``conn`` (to ``dest``, named back in a ``stream_failed`` when it has closed)."""
+    message = {"type": "out", "conn": conn, "data": data}
+    if dest is not None:
+        message["dest"] = [dest[0], int(dest[1])]
+    return msgpack.packb(message, use_bin_type=True)
 
 
 # Connections the cluster opens itself (cluster/dialer.py).  A worker that must reach a

@@ -119,6 +119,13 @@ def test_refused_sends_the_udp_copy_or_reports(server):
     assert rig.streams.counters["dial_transport_errors"] == 1
     assert not rig.dialer.dialing and not rig.streams.connections
     assert rig.drain_events() == []  # never listed: it never opened
+    # Within FAILED_MEMORY the target is not tried again: at once over UDP, or reported.
+    rig.dialer.send(dest, INVITE, b"udp again", origin=3)
+    rig.dialer.send(dest, b"BYE", None, origin=4)
+    assert not rig.dialer.dialing
+    assert rig.udp[1:] == [(dest, b"udp again")] and rig.reported[1:] == [(4, dest, b"BYE")]
+    assert rig.streams.counters["dial_opening"] == 1
+    assert rig.streams.counters["dial_failed"] == 1
 
 
 def test_a_connect_with_no_answer_gives_up_after_connect_timeout():

@@ -230,9 +230,10 @@ class B2BUA:
         a new one), nor to a Contact behind a NAT (only the closed flow got through)."""
         if binding.destination is None:
             return None
-        if not binding.conn:
+        if not binding.conn:  # registered over UDP: its flow or its NAT's mapping is UDP
+            flow = binding.reg_id is not None or binding.nat
             return Target(binding.contact, binding.destination, binding.host,
-                          _dial_index(parse_uri(binding.contact)))
+                          0 if flow else _dial_index(parse_uri(binding.contact)))
         if self._reachable(binding):
             return Target(binding.contact, binding.destination, binding.host, binding.conn)
         uri = parse_uri(binding.contact)

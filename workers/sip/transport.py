@@ -334,7 +334,7 @@ class Transport:
             return
         try:
             with self._control_lock:
-                conn.sendall(envelope.stream_out(conn_id, data))
+                conn.sendall(envelope.stream_out(conn_id, data, dest))
         except OSError as exc:
             call_log(log, scan.call_id(data) or b"-").warning(
                 "send to %s:%d over connection %x failed: %s", dest[0], dest[1], conn_id, exc)
