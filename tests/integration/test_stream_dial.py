@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 from calls_helpers import PASSWORD, provision
-from harness import running_cluster, wait_for
+from harness import Cluster, wait_for
 from sipua import UA, Reply
 from streamua import SDP, StreamUA, header_of, tag
 
@@ -33,13 +33,27 @@ PADDING = b"".join(b"a=x-padding:%04d%s\r\n" % (i, b"p" * 40) for i in range(40)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server):
+    """The cluster, and a trunk (``trunk``, a TCP listener) its route table sends 8... to
+    with ;transport=tcp."""
     folder = tmp_path_factory.mktemp("dial")
     redis_server.client(db=DB).flushdb()
     settings = {"streams": {"connect_timeout": 2.0, "idle_timeout": 30.0}}
-    with running_cluster(folder, f"redis://127.0.0.1:{redis_server.port}/{DB}", workers=2,
-                         settings=settings) as running:
+    trunk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    trunk.bind(("127.0.0.1", 0))
+    trunk.listen(4)
+    running = Cluster(folder, f"redis://127.0.0.1:{redis_server.port}/{DB}", workers=2,
+                      settings=settings)
+    with running.config_path.open("a") as config:  # the harness writes no [[routes]]
+        config.write(f'\n[[routes]]\nmatch = "^8"\n'
+                     f'uri = "sip:{{user}}@127.0.0.1:{trunk.getsockname()[1]};transport=tcp"\n')
+    try:
+        running.start()
         provision(running, USERS)
+        running.trunk = trunk
         yield running
+    finally:
+        running.stop()
+        trunk.close()
 
 
 # ------------------------------------------------------------------ the phone
@@ -391,4 +405,31 @@ def test_a_binding_whose_connection_closed_is_dialed_at_its_contact(cluster):
         conn.sock.close()
     finally:
         phone.close()
+        caller.close()
+
+
+def test_a_trunk_whose_route_says_transport_tcp_is_reached_over_a_connection(cluster):
+    caller = Caller(cluster, "3112", "8123")
+    port = cluster.trunk.getsockname()[1]
+    try:
+        caller.invite()
+        cluster.trunk.settimeout(10)
+        sock, _ = cluster.trunk.accept()
+        conn = Accepted(("127.0.0.1", 0), user="8123", accepted=sock, listening_port=port)
+        invite = answer_over(conn)
+        assert invite.startswith(f"INVITE sip:8123@127.0.0.1:{port};transport=tcp ".encode())
+        assert header_of(invite, "Via").startswith(f"SIP/2.0/TCP 127.0.0.1:{cluster.sip_port};")
+        final = caller.final()
+        assert final is not None and final.status == 200, final
+        assert conn.next_request("ACK", timeout=5) is not None
+        answering = threading.Thread(target=lambda: (
+            (bye := conn.next_request("BYE", timeout=10)) and conn.answer(bye, 200, "OK")))
+        answering.start()
+        bye_ok = caller.bye()
+        answering.join(15)
+        assert bye_ok is not None and bye_ok.status == 200, bye_ok
+        peers = [info["peer"] for info in dialed_connections(cluster).values()]
+        assert peers.count(["127.0.0.1", port]) == 1
+        sock.close()
+    finally:
         caller.close()
