@@ -40,6 +40,7 @@ has passed): a datagram read with no worker to take it would be dropped.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import queue
@@ -420,7 +421,8 @@ class Dispatcher:
         dest, data, fallback = message.get("dest"), message.get("data"), message.get("fallback")
         if (not isinstance(dest, list) or len(dest) != 2 or not isinstance(dest[0], str)
                 or not isinstance(dest[1], int) or not isinstance(data, bytes)
-                or not isinstance(fallback, (bytes, type(None)))):
+                or not isinstance(fallback, (bytes, type(None)))
+                or not _is_address(dest[0])):  # never a name: this loop must not wait on DNS
             self.counters.dropped += 1
             return
         self.dialer.send((dest[0], dest[1]), data, fallback, link.conn.fileno())
@@ -727,6 +729,14 @@ def _handoff_sources(hosts: dict[str, dict]) -> frozenset[str]:
     return frozenset(str(info["egress"][0]) for info in hosts.values()
                      if info.get("egress") and now - float(info.get("seen", 0))
                      <= HOST_TRUSTED_FOR)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _udp_socket(family: int, host: str, port: int) -> socket.socket:

@@ -24,6 +24,7 @@ back as the first thing on the new connection.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -349,6 +350,17 @@ class Transport:
             call_log(log, scan.call_id(data) or b"-").warning(
                 "no dispatcher to open a TCP connection to %s:%d", dest[0], dest[1])
             return
+        if not _is_address(dest[0]):
+            # A route's host name: resolved here (gevent's resolver), never in the
+            # dispatcher, whose loop must not wait on DNS.
+            try:
+                info = socket.getaddrinfo(dest[0], dest[1], type=socket.SOCK_STREAM)
+            except OSError as exc:
+                call_log(log, scan.call_id(data) or b"-").warning(
+                    "cannot resolve %s for a TCP connection: %s", dest[0], exc)
+                self.transport_error(data, dest)
+                return
+            dest = (info[0][4][0], dest[1])
         try:
             with self._control_lock:
                 conn.sendall(envelope.stream_dial(dest, data, fallback))
@@ -408,3 +420,11 @@ class Transport:
             egress = tuple(info["egress"]) if info and info.get("egress") else None
             cached = self._hosts[host] = (now + EGRESS_CACHE, egress)
         return cached[1]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
