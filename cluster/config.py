@@ -177,6 +177,9 @@ class StreamsConfig:
     wss_port: int = 8443
     ws_path: str = "/"  # the HTTP path of the upgrade request; others get 404
     ws_frame_rate: float = 100.0  # frames a second from one connection (burst: twice)
+    # Connections the cluster opens itself (cluster/dialer.py, RFC 3261 18.1.1).
+    udp_max_request: int = 1300  # a request longer than this for a UDP target goes over TCP
+    connect_timeout: float = 3.0  # seconds a TCP connection the cluster opens has to connect
 
 
 @dataclass(frozen=True)
@@ -733,6 +736,10 @@ def _validate_streams(streams: StreamsConfig, sip_port: int) -> None:
              f"streams.tls_port must be 1-65535 and not sip.port, not {streams.tls_port}")
     _require(bool(streams.tls_cert) == bool(streams.tls_key),
              "streams.tls_cert and streams.tls_key go together (both set, or neither)")
+    _require(streams.udp_max_request >= 0,
+             f"streams.udp_max_request must be 0 (off) or more, not {streams.udp_max_request}")
+    _require(streams.connect_timeout > 0,
+             f"streams.connect_timeout must be above 0, not {streams.connect_timeout}")
     _require(streams.idle_timeout > 0 and streams.message_timeout > 0,
              "streams.idle_timeout and streams.message_timeout must be positive")
     _require(streams.max_per_source >= 1, "streams.max_per_source must be at least 1")

@@ -58,6 +58,7 @@ import msgpack
 from . import adoption, clusterauth, envelope
 from .adoption import ADOPTED_BASE, Adopted
 from .config import Config, load_or_exit
+from .dialer import Dialer
 from .envelope import SLOTS, affinity_key
 from .limits import Bans, Limiter, Trusted, ban_line, reason_of
 from .logsetup import setup_logging
@@ -159,6 +160,7 @@ class Dispatcher:
         except OSError as exc:  # a port taken, or the TLS files unusable: the one line
             raise BindError(exc.strerror or str(exc)) from exc
         self.stream_figures: dict[str, int] = self.streams.figures()
+        self.dialer = Dialer(self.streams, self._dial_fallback, self._report_failed)
         self.handoff_key = clusterauth.handoff_key(config.auth.secret)
         self.handoff_sources: frozenset[str] = frozenset()  # set by the publishing thread
         self.handoff_replays = clusterauth.Replays()
@@ -320,6 +322,8 @@ class Dispatcher:
                     self.streams.ready(arg, mask)
                 elif kind == "stream-accept":
                     self.streams.accept(*arg)
+                elif kind == "stream-dial":
+                    self.dialer.ready(arg)
                 elif kind == "accept":
                     self._accept()
                 elif kind == "link":
@@ -331,8 +335,10 @@ class Dispatcher:
                 self._expire_silent_workers()
                 self._update_routable()
                 self.streams.tick()
+                self.dialer.tick()
                 self.stream_figures = self.streams.figures()  # read by the heartbeat thread
                 next_check = time.monotonic() + 0.25
+        self.dialer.close_all()
         self.streams.close_all()
 
     def _sip_loop(self, sock: socket.socket, index: int,
@@ -421,6 +427,48 @@ class Dispatcher:
             return False
         self.counters.forwarded += 1
         return True
+
+    def _dial(self, link: WorkerLink, message: dict) -> None:
+        """A worker's request to send over a TCP connection of this host's own
+        (cluster/dialer.py)."""
+        dest, data, fallback = message.get("dest"), message.get("data"), message.get("fallback")
+        if (not isinstance(dest, list) or len(dest) != 2 or not isinstance(dest[0], str)
+                or not isinstance(dest[1], int) or not isinstance(data, bytes)
+                or not isinstance(fallback, (bytes, type(None)))
+                or not envelope.is_address(dest[0])):  # never a name: no DNS here
+            self.counters.dropped += 1
+            return
+        self.dialer.send((dest[0], dest[1]), data, fallback, link.conn.fileno())
+
+    def _dial_fallback(self, dest: tuple[str, int], data: bytes) -> None:
+        """A request that was to go over TCP only for its size, sent over UDP after all."""
+        family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
+        sock = next((s for s in self.sip_sockets if s.family == family), None)
+        if sock is None:
+            self.counters.dropped += 1
+            return
+        try:
+            sock.sendto(data, dest)
+            self.counters.egress += 1
+        except OSError:
+            self.counters.dropped += 1
+
+    def _report_failed(self, origin, dest: tuple[str, int], data: bytes) -> None:
+        """Tell the worker that asked that ``data`` could not be sent (a transport error to
+        its transaction); a hand-off from another host (no origin here) is only counted."""
+        link = self.links.get(origin) if origin is not None else None
+        if link is None:
+            return
+        payload = envelope.stream_failed(dest, data)
+        try:
+            sent = link.conn.send(payload)
+        except OSError:  # its link is full or gone: the transaction times out instead
+            self.counters.dropped += 1
+            return
+        if sent != len(payload):
+            # Half a message would garble the link: the worker reconnects (its calls are in
+            # Redis, its slots come back with it).
+            self._drop_link(origin, "control connection full")
 
     def _publish_streams(self) -> None:
         """Keep Redis's list of this host's open connections (workers read it before they
@@ -515,6 +563,10 @@ class Dispatcher:
                 continue
             try:
                 dest, index, payload = envelope.unwrap(sealed)
+                if index == envelope.DIAL_TCP:  # a target to reach over TCP from here
+                    self.dialer.send(dest, payload, None, None)
+                    self.counters.egress += 1
+                    continue
                 if envelope.is_stream(index):  # for a phone connected to this host
                     if self.streams.send(index, payload):
                         self.counters.egress += 1
@@ -592,7 +644,15 @@ class Dispatcher:
         if kind == "out":  # a worker's message for a stream connection held here
             conn, data = message.get("conn"), message.get("data")
             if isinstance(conn, int) and isinstance(data, bytes):
-                self.streams.send(conn, data)
+                if not self.streams.send(conn, data):
+                    dest = message.get("dest")
+                    if not (isinstance(dest, list) and len(dest) == 2
+                            and isinstance(dest[0], str) and isinstance(dest[1], int)):
+                        dest = ["0.0.0.0", 0]  # a worker that did not say: still reported
+                    self._report_failed(link.conn.fileno(), (dest[0], dest[1]), data)
+            return
+        if kind == "dial":
+            self._dial(link, message)
             return
         link.load = int(message.get("load", 0))
         if kind == "hello":
@@ -750,6 +810,7 @@ def _handoff_sources(hosts: dict[str, dict]) -> frozenset[str]:
     return frozenset(str(info["egress"][0]) for info in hosts.values()
                      if info.get("egress") and now - float(info.get("seen", 0))
                      <= HOST_TRUSTED_FOR)
+
 
 
 def _udp_socket(family: int, host: str, port: int, freebind: bool = False) -> socket.socket:

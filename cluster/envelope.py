@@ -115,10 +115,36 @@ def unwrap(data: bytes) -> tuple[tuple[str, int], int, bytes]:
     raise ValueError("not an envelope")
 
 
-def stream_out(conn: int, data: bytes) -> bytes:
+def stream_out(conn: int, data: bytes, dest: tuple[str, int] | None = None) -> bytes:
     """Worker -> dispatcher on the control connection: send ``data`` over connection
-    ``conn``."""
-    return msgpack.packb({"type": "out", "conn": conn, "data": data}, use_bin_type=True)
+    ``conn`` (to ``dest``, named back in a ``stream_failed`` when it has closed)."""
+    message = {"type": "out", "conn": conn, "data": data}
+    if dest is not None:
+        message["dest"] = [dest[0], int(dest[1])]
+    return msgpack.packb(message, use_bin_type=True)
+
+
+# Connections the cluster opens itself (cluster/dialer.py).  A worker that must reach a
+# target over TCP without a connection to it (a request too long for UDP, RFC 3261 18.1.1;
+# a URI saying ;transport=tcp) carries this number where a socket index goes (a leg, an
+# Out action): it is no connection's id (those have random upper bits from 2**32 up) and
+# reads as TCP (its lowest bit is 0).
+DIAL_TCP = STREAM_BASE
+
+
+def stream_dial(dest: tuple[str, int], data: bytes, fallback: bytes | None) -> bytes:
+    """Worker -> dispatcher on the control connection: send ``data`` to ``dest`` over a TCP
+    connection of the dispatcher's own (reused, or opened now); when it cannot be had,
+    send ``fallback`` over UDP instead (None: report the failure, ``stream_failed``)."""
+    return msgpack.packb({"type": "dial", "dest": [dest[0], int(dest[1])], "data": data,
+                          "fallback": fallback}, use_bin_type=True)
+
+
+def stream_failed(dest: tuple[str, int], data: bytes) -> bytes:
+    """Dispatcher -> worker: ``data`` could not be sent to ``dest`` over a stream (the
+    connection closed, or it could not be opened): a transport error (RFC 3261 8.1.3.1)."""
+    return msgpack.packb({"type": "failed", "dest": [dest[0], int(dest[1])], "data": data},
+                         use_bin_type=True)
 
 
 def send_fds(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
@@ -198,6 +224,15 @@ def match_sockets(wanted: list[tuple[int, str, int]],
             return None
         order.append(index)
     return order
+
+
+def is_address(host: str) -> bool:
+    """Whether ``host`` is an IP address (not a name, which would need a DNS lookup)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_address(a: str, b: str) -> bool:

@@ -113,6 +113,14 @@ FAMILIES: tuple[Fam, ...] = (
     Fam("sip_websocket_violations", "counter", "WebSocket connections closed for breaking "
         "RFC 6455 or a limit (a refused upgrade, an unmasked or oversized frame, a frame "
         "flood).", D, key="streams_closed_websocket"),
+    Fam("sip_connections_dialed", "counter", "TCP connections the cluster opens itself "
+        "(cluster/dialer.py), by outcome: opening, connected, reused (a request sent over one "
+        "already open), failed; and per message of a failed one, fallback_udp (sent over UDP "
+        "instead) or transport_errors (reported to the worker).", D,
+        pattern=r"streams_dial_(opening|connected|reused|failed|fallback_udp|transport_errors)$",
+        label_names=("outcome",),
+        zero=tuple((o,) for o in ("opening", "connected", "reused", "failed", "fallback_udp",
+                                  "transport_errors")), template="streams_dial_{}"),
     Fam("sip_banned_dropped", "counter", "SIP datagrams from banned sources, dropped unread "
         "by the dispatcher.", D, key="banned_dropped"),
     Fam("bans_issued", "counter", "Sources banned (dropped unanswered for limits.ban_seconds), "
@@ -136,6 +144,9 @@ FAMILIES: tuple[Fam, ...] = (
     Fam("sip_requests_sent", "counter", "SIP requests sent, by method (retransmissions "
         "included).", W, pattern=r"sent_(.+)$", label_names=("method",),
         zero=tuple((m,) for m in METHODS), template="sent_{}"),
+    Fam("sip_transport_errors", "counter", "Messages a worker could not send over a stream "
+        "(the connection closed, or could not be opened): a request's transaction takes it "
+        "as a 503 (RFC 3261 8.1.3.1).", W, key="transport_errors"),
     Fam("sip_responses_sent", "counter", "SIP responses sent, by status code.", W,
         pattern=r"responses_(\d{3})$", label_names=("code",)),
     Fam("sip_responses_received", "counter", "SIP responses received, by status code.", W,

@@ -170,8 +170,7 @@ class Streams:
                 sock.close()
                 return
             handshaking = True
-        conn_id = self._epoch | (self._next << 2) | TRANSPORT_CODES[transport]
-        self._next += 1
+        conn_id = self.new_id(transport)
         websocket = transport in ("WS", "WSS")
         conn = Connection(conn_id, sock, (ip, peer[1]), transport,
                           self._websocket() if websocket else
@@ -340,6 +339,13 @@ class Streams:
             self.close(conn, "dispatcher stopping", quiet=True)
         for sock, _ in self.listeners:
             sock.close()
+
+    def new_id(self, transport: str) -> int:
+        """An id for a new connection, accepted or opened by the cluster (cluster/dialer.py):
+        its two lowest bits say its transport (envelope.stream_transport)."""
+        conn_id = self._epoch | (self._next << 2) | TRANSPORT_CODES[transport]
+        self._next += 1
+        return conn_id
 
     # ---------------------------------------------------------------- reporting
     def _count(self, name: str, n: int = 1) -> None:

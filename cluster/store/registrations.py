@@ -46,8 +46,10 @@ class Binding:
 
     @property
     def destination(self) -> tuple[str, int] | None:
-        """Where requests for this contact go: the NAT's address, else the Contact's."""
-        if self.nat:
+        """Where requests for this contact go: the NAT's address, or the flow's (RFC 5626:
+        a binding with a reg-id is reached where its REGISTER came from), else the
+        Contact's."""
+        if self.nat or self.reg_id is not None:
             return self.source
         uri = parse_uri(self.contact)
         if not isinstance(uri, SipURI):

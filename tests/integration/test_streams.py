@@ -196,8 +196,14 @@ def test_a_udp_caller_calls_a_phone_registered_over_tcp(cluster, tmp_path):
 
 
 def test_a_binding_whose_connection_closed_is_not_used(cluster, tmp_path):
+    """An RFC 5626 flow (reg-id) that closed is not dialed again: the phone makes a new one
+    (a binding without reg-id is dialed at its Contact: tests/integration/
+    test_stream_dial.py)."""
     with stream_ua(cluster, "3009") as ua:
-        stream_register(ua)
+        contact = (f"<sip:3009@127.0.0.1:{ua.port};transport=tcp;ob>"
+                   f';+sip.instance="<urn:uuid:3009>";reg-id=1')
+        reply = ua.register(PASSWORD, contacts=[contact])
+        assert reply is not None and reply.status == 200, reply
         conn = the_binding(cluster, "3009").conn
     assert wait_for(lambda: not cluster.store.stream_open("test-host", conn), 5)
     uac = caller(cluster, tmp_path / "uac", "3010", "3009", scenario="call_uac_fail.xml",

@@ -292,3 +292,58 @@ def test_a_udp_binding_has_no_connection_and_its_record_no_field_for_one(registr
     # A record from a newer version, with a field this one does not know, still reads.
     record = {**binding.to_record(), "conn": 7, "later_field": 1}
     assert Binding.from_record(record).conn == 7
+
+
+# ------------------------------------------------------------------ RFC 5626 outbound
+INSTANCE = '"<urn:uuid:00000000-0000-1000-8000-00a0c91e6bf6>"'
+
+
+def flow(reg_id: int, port: int = 5062) -> str:
+    return f"<sip:1002@{PHONE[0]}:{port};ob>;+sip.instance={INSTANCE};reg-id={reg_id}"
+
+
+def with_headers(req, *lines: str):
+    """``req`` with ``lines`` added after its Via."""
+    data = req.to_bytes()
+    at = data.index(b"\r\n", data.index(b"Via:")) + 2
+    return parse(data[:at] + "".join(f"{line}\r\n" for line in lines).encode() + data[at:])
+
+
+def test_an_outbound_register_gets_require_outbound_and_each_reg_id_its_binding(registrar,
+                                                                                  store):
+    first = with_headers(authorized(registrar, contacts=(flow(1),)), "Supported: outbound")
+    answer, _, _ = handle(registrar, first)
+    assert answer.status == 200 and answer.header("require") == b"outbound"
+    second = with_headers(authorized(registrar, contacts=(flow(2),), call_id="reg-2"),
+                          "Supported: path, outbound")
+    answer, _, _ = handle(registrar, second, source=Source(addr=("192.0.2.10", 5099),
+                                                           host="h2"))
+    assert answer.status == 200 and answer.header("require") == b"outbound"
+    flows = sorted(store.bindings(AOR), key=lambda b: b.reg_id)
+    assert [(b.reg_id, b.host) for b in flows] == [(1, "h1"), (2, "h2")]
+    assert all(b.instance == INSTANCE for b in flows)
+    # A flow is reached where its REGISTER came from, whatever its Contact says.
+    assert flows[1].destination == ("192.0.2.10", 5099)
+
+
+def test_a_register_over_the_same_flow_again_replaces_its_binding(registrar, store):
+    handle(registrar, authorized(registrar, contacts=(flow(1),)))
+    handle(registrar, authorized(registrar, contacts=(flow(1, port=6000),), cseq=2))
+    [binding] = store.bindings(AOR)
+    assert binding.contact == f"sip:1002@{PHONE[0]}:6000;ob".encode()
+
+
+def test_without_supported_outbound_or_reg_id_there_is_no_require(registrar, store):
+    answer, _, _ = handle(registrar, authorized(registrar, contacts=(flow(1),)))
+    assert answer.status == 200 and answer.header("require") is None
+    plain = with_headers(authorized(registrar, call_id="reg-2"), "Supported: outbound")
+    answer, _, _ = handle(registrar, plain)
+    assert answer.status == 200 and answer.header("require") is None
+
+
+def test_a_flow_asked_for_through_a_proxy_gets_439(registrar, store):
+    req = with_headers(authorized(registrar, contacts=(flow(1),)),
+                       "Via: SIP/2.0/UDP 192.0.2.99;branch=z9hG4bK-proxy", "Supported: outbound")
+    answer, tx, _ = handle(registrar, req)
+    assert (answer.status, tx) == (439, None)
+    assert store.bindings(AOR) == []

@@ -21,7 +21,7 @@ import gevent.lock
 from cluster import ladder
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
-from cluster.envelope import affinity_key
+from cluster.envelope import DIAL_TCP, affinity_key
 from cluster.logsetup import call_log
 from cluster.sip import scan, sdp
 from cluster.sip.errors import SipError
@@ -205,8 +205,19 @@ class B2BUA:
             return [], 404
         if self.store.get_user(callee, self.config.realm) is not None:
             bindings = self.store.bindings(aor_of(callee, self.config.realm))
-            targets = [Target(b.contact, b.destination, b.host, b.conn) for b in bindings
-                       if b.destination is not None and self._reachable(b)]
+            reachable = [(b, t) for b in bindings if (t := self._target_of(b)) is not None]
+            # RFC 5626 5.3: one flow per instance, the newest of those still open.
+            newest: dict[str, float] = {}
+            for b, _ in reachable:
+                if b.instance and b.reg_id is not None:
+                    newest[b.instance] = max(newest.get(b.instance, -1.0), b.registered_at)
+            targets, rung = [], set()
+            for b, target in reachable:
+                if b.instance and b.reg_id is not None:
+                    if b.instance in rung or b.registered_at < newest[b.instance]:
+                        continue
+                    rung.add(b.instance)
+                targets.append(target)
             return targets, None if targets else 480
         if local_only:
             return [], 404
@@ -219,7 +230,7 @@ class B2BUA:
             if not isinstance(parsed, SipURI):
                 continue
             peer = (parsed.param("maddr") or parsed.host_bare, parsed.port or 5060)
-            return [Target(uri, peer, self.host, route=index)], None
+            return [Target(uri, peer, self.host, _dial_index(parsed), route=index)], None
         return [], 404
 
     def _unrelayable_media(self, req: Request) -> bytes | None:
@@ -241,6 +252,26 @@ class B2BUA:
                b'RTP/AVP(F) and RTP/SAVP(F) over UDP only)"' % (
                    self.settings.address.encode(),
                    _UNSAFE.sub(b"?", ", ".join(protos).encode("utf-8", "replace")))
+
+    def _target_of(self, binding) -> Target | None:
+        """Where a binding is rung: over its own connection while it is open; over one the
+        cluster opens when its Contact says ;transport=tcp and nothing else reaches it (a
+        phone that registered over UDP, or whose connection closed: RFC 3261 18.1.1);
+        never through a flow of RFC 5626 outbound once that flow is gone (the phone makes
+        a new one), nor to a Contact behind a NAT (only the closed flow got through)."""
+        if binding.destination is None:
+            return None
+        if not binding.conn:  # registered over UDP: its flow or its NAT's mapping is UDP
+            flow = binding.reg_id is not None or binding.nat
+            return Target(binding.contact, binding.destination, binding.host,
+                          0 if flow else _dial_index(parse_uri(binding.contact)))
+        if self._reachable(binding):
+            return Target(binding.contact, binding.destination, binding.host, binding.conn)
+        uri = parse_uri(binding.contact)
+        if binding.reg_id is not None or binding.nat or not _dial_index(uri):
+            return None
+        self.counters["bindings_redialed"] += 1
+        return Target(binding.contact, binding.destination, self.host, DIAL_TCP)
 
     def _reachable(self, binding) -> bool:
         """Whether a binding can be sent to: one made over a TCP/TLS connection only while
@@ -600,6 +631,14 @@ def _media_summary(figures: dict) -> dict:
             "lost": sum(s.get("lost", 0) for s in streams),
             "jitter_ms": max((s.get("jitter_ms", 0.0) for s in streams), default=0.0)}
     return summary
+
+
+def _dial_index(uri) -> int:
+    """The socket number for a target whose URI asks for TCP (;transport=tcp): a connection
+    the dispatcher opens (cluster/dialer.py); 0 for UDP."""
+    if isinstance(uri, SipURI) and (uri.param("transport") or "").lower() == "tcp":
+        return DIAL_TCP
+    return 0
 
 
 def _user_of(uri) -> str | None:

@@ -1,8 +1,19 @@
-"""The registrar (RFC 3261 section 10, RFC 5626 instance ids).
+"""The registrar (RFC 3261 section 10, RFC 5626 instance ids and outbound).
 
 One REGISTER costs one Lua call when the user's HA1 is cached: the script
 absorbs a retransmission, rejects a replayed nonce-count, purges expired
 bindings, applies the changes and returns the bindings, atomically.
+
+RFC 5626 outbound: a Contact with ``+sip.instance`` and ``reg-id`` names a flow, the
+connection the REGISTER came over (its id, ``conn``), or over UDP the address it came
+from.  Each reg-id of an instance is a binding of its own (the key is
+``<instance>;reg-id=<n>``), so a phone's second flow is kept beside the first, and a
+REGISTER over the same flow again replaces its binding.  Requests reach the phone only
+over a live flow (workers/sip/b2bua.py: one flow per instance, the newest live one; a
+closed flow is never dialed again: the phone makes a new one).  When the REGISTER says
+``Supported: outbound`` the 200 says ``Require: outbound`` (section 6); a REGISTER that
+asks for a flow but came through a proxy (more than one Via: there is no Path support
+here) gets 439 First Hop Lacks Outbound Support.
 """
 
 from __future__ import annotations
@@ -75,6 +86,8 @@ class Registrar:
         if result.username != user:
             self.auth.refused(req, source.addr, result.username, "user-mismatch")
             return self._reply(req, 403, "Username does not match the To user"), None, False
+        if _asks_for_flow(req) and len(req.vias) > 1:
+            return (self._reply(req, 439, "First Hop Lacks Outbound Support"), None, False)
         return self._update(req, source, user, result.credentials, server_key)
 
     def _user_of(self, req: Request) -> str:
@@ -162,6 +175,8 @@ class Registrar:
     def _ok(self, req: Request, bindings: list[Binding], now: float) -> Response:
         headers = [(b"Contact", _contact_value(b, now)) for b in bindings]
         headers.append((b"Date", email.utils.formatdate(now, usegmt=True).encode()))
+        if _asks_for_flow(req) and _supports(req, b"outbound"):
+            headers.append((b"Require", b"outbound"))  # RFC 5626 section 6
         return self._reply(req, 200, headers=headers)
 
     def _reply(self, req: Request, status: int, reason: str | None = None, *,
@@ -174,6 +189,16 @@ def _contact_value(binding: Binding, now: float) -> bytes:
     for name, value in binding.params.items():
         params += b";" + name.encode() + (b"" if value is None else b"=" + value.encode("latin-1"))
     return b"<" + binding.contact + b">" + params
+
+
+def _asks_for_flow(req: Request) -> bool:
+    """Whether a REGISTER's Contact asks for an RFC 5626 flow (+sip.instance and reg-id)."""
+    return any(c.param("+sip.instance") and c.param("reg-id") for c in req.contacts)
+
+
+def _supports(req: Request, option: bytes) -> bool:
+    return any(option == part.strip().lower()
+               for value in req.header_values("supported") for part in value.split(b","))
 
 
 def _behind_nat(req: Request, source: tuple[str, int]) -> bool:

@@ -39,7 +39,9 @@ from cluster.adoption import ADOPTED_BASE, SOCKETS_PER_HOST, virtual_base
 from cluster.backoff import Backoff
 from cluster.logsetup import call_log
 from cluster.sip import scan
+from cluster.sip.errors import SipError
 from cluster.sip.framing import stamp
+from cluster.sip.message import Request, build_response, parse
 from cluster.store import Store, StoreUnavailable
 
 log = logging.getLogger("transport")
@@ -98,6 +100,9 @@ class Transport:
         self.stream_ports: tuple[str, int, int] | None = None
         self.ws_ports: tuple[int, int] = (0, 0)  # (WS port, WSS port), for ``stamp`` too
         self._control_lock = gevent.lock.Semaphore()  # heartbeats and stream messages
+        # A request longer than this for a UDP target goes over TCP (RFC 3261 18.1.1);
+        # 0: never.  Set by the worker (streams.udp_max_request).
+        self.udp_max_request = 0
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> list[gevent.Greenlet]:
@@ -193,16 +198,21 @@ class Transport:
         """Wait for the control connection to close (the dispatcher sends nothing after its
         welcome), then reconnect: a dead dispatcher is noticed at once, not at the next
         heartbeat."""
+        unpacker = msgpack.Unpacker(raw=False)
         while not self.leaving:
             conn = self.control
             try:
-                data = conn.recv(4096)
+                data = conn.recv(65536)
             except OSError:
                 data = b""
             if self.leaving:
                 return
             if data:
+                unpacker.feed(data)
+                for message in unpacker:
+                    self._on_control(message)
                 continue
+            unpacker = msgpack.Unpacker(raw=False)  # a message cut by the loss is dropped
             log.warning("lost the dispatcher; reconnecting")
             self.control = None
             # Its forwarding port is free now and anyone may bind it: nothing is taken
@@ -275,6 +285,12 @@ class Transport:
         if self.watch is not None and not self.watch(data, dest):
             return
         stream = envelope.is_stream(sock_index)
+        fallback = None
+        if (not stream and self.udp_max_request and len(data) > self.udp_max_request
+                and not data.startswith(b"SIP/2.0 ") and (not host or host == self.host)):
+            # RFC 3261 18.1.1: too long for UDP (fragments are lost whole behind many
+            # NATs): over TCP, and over UDP after all (this copy) if the target refuses.
+            fallback, sock_index, stream = data, envelope.DIAL_TCP, True
         if stream and self.stream_ports is not None:
             address, udp_port, tls_port = self.stream_ports
             transport = envelope.stream_transport(sock_index)
@@ -302,6 +318,9 @@ class Transport:
                     return
                 self._count(data, dest)
                 return
+        if sock_index == envelope.DIAL_TCP:
+            self._dial(data, dest, fallback)
+            return
         if stream:
             self._send_stream(data, dest, sock_index)
             return
@@ -333,12 +352,70 @@ class Transport:
             return
         try:
             with self._control_lock:
-                conn.sendall(envelope.stream_out(conn_id, data))
+                conn.sendall(envelope.stream_out(conn_id, data, dest))
         except OSError as exc:
             call_log(log, scan.call_id(data) or b"-").warning(
                 "send to %s:%d over connection %x failed: %s", dest[0], dest[1], conn_id, exc)
             return
         self._count(data, dest)
+
+    def _dial(self, data: bytes, dest: tuple[str, int], fallback: bytes | None) -> None:
+        """Over a TCP connection the dispatcher opens (or has opened) to ``dest``
+        (cluster/dialer.py); a failure comes back as ``failed`` (``_on_control``)."""
+        conn = self.control
+        if conn is None:
+            call_log(log, scan.call_id(data) or b"-").warning(
+                "no dispatcher to open a TCP connection to %s:%d", dest[0], dest[1])
+            return
+        if not envelope.is_address(dest[0]):
+            # A route's host name: resolved here (gevent's resolver), never in the
+            # dispatcher, whose loop must not wait on DNS.
+            try:
+                info = socket.getaddrinfo(dest[0], dest[1], type=socket.SOCK_STREAM)
+            except OSError as exc:
+                call_log(log, scan.call_id(data) or b"-").warning(
+                    "cannot resolve %s for a TCP connection: %s", dest[0], exc)
+                self.transport_error(data, dest)
+                return
+            dest = (info[0][4][0], dest[1])
+        try:
+            with self._control_lock:
+                conn.sendall(envelope.stream_dial(dest, data, fallback))
+        except OSError as exc:
+            call_log(log, scan.call_id(data) or b"-").warning(
+                "asking for a TCP connection to %s:%d failed: %s", dest[0], dest[1], exc)
+            return
+        self._count(data, dest)
+
+    def _on_control(self, message) -> None:
+        """What the dispatcher tells after its welcome: a message it could not send."""
+        if not isinstance(message, dict) or message.get("type") != "failed":
+            return
+        dest, data = message.get("dest"), message.get("data")
+        if isinstance(dest, list) and len(dest) == 2 and isinstance(data, bytes):
+            self.transport_error(data, (str(dest[0]), int(dest[1])))
+
+    def transport_error(self, data: bytes, dest: tuple[str, int]) -> None:
+        """A request that could not be sent is a transport error to its transaction, which
+        takes it as a 503 received (RFC 3261 8.1.3.1): the 503 is made here and handled
+        as if it had arrived, so the call goes on to its next contact or fails with the
+        B2BUA's answer at once, not after Timer B.  Responses and ACKs are only counted:
+        nothing waits for them."""
+        self.counters["transport_errors"] += 1
+        clog = call_log(log, scan.call_id(data) or b"-")
+        try:
+            request = parse(data)
+        except SipError:
+            return
+        if not isinstance(request, Request) or request.method == "ACK":
+            clog.info("%s to %s:%d not sent: the connection is gone",
+                      "ACK" if isinstance(request, Request) else "response", *dest)
+            return
+        clog.warning("%s to %s:%d not sent (transport error): taken as a 503",
+                     request.method, *dest)
+        answer = build_response(request, 503, "Service Unavailable (transport error)",
+                                to_tag=os.urandom(4).hex())
+        self.on_datagram(answer.to_bytes(), dest, 0)
 
     def _count(self, data: bytes, dest: tuple[str, int]) -> None:
         self.sent += 1
@@ -383,3 +460,4 @@ class Transport:
             base = int(info.get("base", 0)) if info and info.get("by", host) != host else 0
             cached = self._hosts[host] = (now + EGRESS_CACHE, egress, base)
         return cached[1], cached[2]
+

@@ -61,7 +61,7 @@ HELD_BYTES = 4 * 1024 * 1024  # their keys (Call-ID, branch, method): ~300 B eac
 CALL_METHODS = frozenset(ALLOWED) - {"REGISTER", "OPTIONS"}
 # Out-of-dialog requests whose user names are counted against limits.scan_users.
 SCANNED_METHODS = frozenset(("REGISTER", "INVITE", "OPTIONS", "MESSAGE", "SUBSCRIBE"))
-SUPPORTED: tuple[str, ...] = ("timer",)
+SUPPORTED: tuple[str, ...] = ("timer", "outbound")  # outbound: RFC 5626 (registrar.py)
 
 
 IDS = Ids(os.urandom)  # every tag, branch and token this process makes
@@ -116,6 +116,7 @@ class Worker:
         transport.stream_ports = (config.sip.effective_address, config.sip.effective_port,
                                   config.streams.tls_port)
         transport.ws_ports = (config.streams.ws_port, config.streams.wss_port)
+        transport.udp_max_request = config.streams.udp_max_request
         self.answers = Answers(transport, store, new_tag=new_tag,
                                server=config.sip.user_agent.encode(), tx_ttl=self.tx_ttl,
                                counters=self.counters)
