@@ -126,7 +126,8 @@ def tcp_idle_memory(work: Path) -> dict[str, float]:
 
 def show(label: str, row: dict) -> None:
     print(f"  {label:8} rate {row['rate']:>5}/s  ok {row['ok']:>6}  failed {row['failed']:>5} "
-          f"(no free connection {row['missed']})  achieved {row['achieved_per_s']:>5}/s  "
+          f"{row['outcomes'] or ''} (no free connection {row['missed']})  "
+          f"achieved {row['achieved_per_s']:>5}/s  "
           f"cluster cpu {row['cpu_ms']:.3f} ms each [{row['cpu_split']}]  "
           f"client cpu {row['client_share']:.0%} of wall  p50 {row['p50_ms']} ms  "
           f"p99 {row['p99_ms']} ms  open {row['open']}  ({row['load']})", flush=True)
@@ -140,7 +141,7 @@ def run_step(bench: BenchCluster, load: Load, rate: int, seconds: int) -> dict:
     split = {name: (after.get(name, 0.0) - value) / done * 1000 for name, value in before.items()}
     times = result["times"]
     return {"rate": rate, "ok": result["ok"], "failed": result["failed"],
-            "missed": result["missed"],
+            "missed": result["missed"], "outcomes": result["outcomes"],
             "achieved_per_s": round(result["ok"] / max(result["elapsed"], 1e-9)),
             "cpu_ms": round(sum(split.values()), 3),
             "cpu_split": ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(split.items())),
@@ -177,8 +178,8 @@ def tls_registrations(work: Path) -> dict:
             figures["tls_idle_kb_redis"] = round(tls["redis"], 1)
             print(f"  dispatcher descriptors {fd_count(dispatcher)} "
                   f"(limit {fd_limit(dispatcher)})", flush=True)
-            ok, failed = load.register_all(time.monotonic() + 120)
-            print(f"  first registration of every user: {ok} ok, {failed} failed   "
+            ok, failed, how = load.register_all(time.monotonic() + 120)
+            print(f"  first registration of every user: {ok} ok, {failed} failed {how}   "
                   f"({load_now()})", flush=True)
             best, confirmed = sustained_rate(
                 lambda rate, seconds, label: run_step(bench, load, rate, seconds),

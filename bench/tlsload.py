@@ -145,7 +145,7 @@ class Load:
         if phone.state == "closed":
             return
         if phone.state in ("challenged", "authorizing"):
-            self.results.append((phone, False, time.monotonic() - phone.started))
+            self.results.append((phone, "closed", time.monotonic() - phone.started))
         phone.state = "closed"
         self.closed += 1
         sock = phone.sock or phone.raw
@@ -258,7 +258,8 @@ class Load:
             self._send(phone, self._request(phone, self._authorization(phone, data)))
             return
         ok = phone.state == "authorizing" and status == b"200"
-        self.results.append((phone, ok, now - phone.started))
+        self.results.append((phone, "ok" if ok else status.decode(errors="replace"),
+                             now - phone.started))
         phone.state = "idle"
         self.idle.append(phone)
 
@@ -268,7 +269,7 @@ class Load:
         self._next_expiry = now + 0.25
         for phone in self.phones:
             if phone.state in ("challenged", "authorizing") and now - phone.started > TIMEOUT:
-                self.results.append((phone, False, now - phone.started))
+                self.results.append((phone, "timeout", now - phone.started))
                 phone.state = "idle"  # a late answer has an old CSeq: ignored
                 self.idle.append(phone)
 
@@ -277,8 +278,10 @@ class Load:
             self._ready(key.data)
 
     # ---------------------------------------------------------------- load
-    def register_all(self, deadline: float, at_once: int = 200) -> tuple[int, int]:
-        """Register every open connection once, ``at_once`` at a time: (ok, failed)."""
+    def register_all(self, deadline: float, at_once: int = 50) -> tuple[int, int, dict]:
+        """Register every open connection once, ``at_once`` at a time: (ok, failed, how
+        the failed ended).  Not more at once: past half of workers.max_inflight (200) new
+        requests without credentials are refused with 503, by design."""
         self.results.clear()
         todo = [p for p in self.idle]
         self.idle.clear()
@@ -292,8 +295,12 @@ class Load:
             self.poll(0.05)
             self._expire(time.monotonic())
             busy -= len(self.results) - done
-        ok = sum(1 for _, good, _ in self.results if good)
-        return ok, len(self.users) - ok
+        ok = sum(1 for _, outcome, _ in self.results if outcome == "ok")
+        return ok, len(self.users) - ok, self.outcomes()
+
+    def outcomes(self) -> dict[str, int]:
+        """How the registrations that did not succeed ended (status, timeout, closed)."""
+        return dict(collections.Counter(o for _, o, _ in self.results if o != "ok"))
 
     def step(self, rate: float, seconds: float) -> dict:
         """Start ``rate`` registrations a second for ``seconds``, then wait for the last
@@ -324,8 +331,8 @@ class Load:
             self.poll(min(due - now, 0.02) if due < end else 0.02)
             self._expire(time.monotonic())
         elapsed = time.monotonic() - started
-        times = [seconds for _, good, seconds in self.results if good]
+        times = [seconds for _, outcome, seconds in self.results if outcome == "ok"]
         return {"scheduled": scheduled, "ok": len(times), "failed": scheduled - len(times),
-                "missed": missed, "elapsed": elapsed, "times": times,
+                "missed": missed, "outcomes": self.outcomes(), "elapsed": elapsed, "times": times,
                 "client_cpu": time.process_time() - cpu_started,
                 "open": sum(1 for p in self.phones if p.state != "closed")}
