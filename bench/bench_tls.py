@@ -33,6 +33,7 @@ from bench.cluster_run import BenchCluster, percentile, sustained_rate
 from bench.tlsload import Load, raise_fd_limit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+from procstat import fd_count, fd_limit, rss_kb  # noqa: E402
 from streamua import self_signed  # noqa: E402
 
 from conftest import free_tcp_port  # noqa: E402
@@ -47,30 +48,6 @@ KAMAILIO_TCP_KB, KAMAILIO_TLS_EXTRA_KB = 4.5, 61.0
 
 def load_now() -> str:
     return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def fd_count(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
-
-
-def fd_limit(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return line.split()[3]
-    return "?"
 
 
 def settings(folder: Path) -> tuple[dict, str]:
