@@ -16,7 +16,10 @@ per TLS connection).  Each transport gets a fresh cluster, so neither reuses mem
 other freed.
 
 The load generator is one address (127.0.0.1), allow-listed as in the other benchmarks,
-with streams.max_per_source raised past the connection count.
+with streams.max_per_source raised past the connection count.  For comparison, the
+highest passing rate is then run over UDP with SIPp (bench_register.py's scenario) on the
+same cluster: on a shared machine, the CPU per registration varies with its load more than
+with the transport.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.bench_register import run_rate
 from bench.cluster_run import BenchCluster, percentile, sustained_rate
 from bench.tlsload import Load, raise_fd_limit
 
@@ -131,6 +135,13 @@ def run_step(bench: BenchCluster, load: Load, rate: int, seconds: int,
             "open": result["open"], "load": load_now()}
 
 
+def udp_reference(bench: BenchCluster, rate: int, work: Path) -> dict:
+    """bench_register's UDP registrations (SIPp) at ``rate`` on the same cluster and
+    machine, other users: what TLS adds, with the machine's state the same."""
+    users = bench.add_users(FIRST_USER + CONNECTIONS, CONNECTIONS)
+    return run_rate(bench, users, rate, CONFIRM_SECONDS, work / "udp")
+
+
 def tls_registrations(work: Path) -> dict:
     """kB per idle TLS connection, then the registration rate over them."""
     extra, cert = settings(work)
@@ -173,6 +184,8 @@ def tls_registrations(work: Path) -> dict:
                 RATES, STEP_SECONDS, CONFIRM_SECONDS, show)
         finally:
             load.close()
+        if best is not None:
+            udp = udp_reference(bench, best, work)
     if best is None:
         print("  no rate passed without failures")
         return figures
@@ -181,7 +194,11 @@ def tls_registrations(work: Path) -> dict:
           f"{confirmed['cpu_ms']:.3f} ms per registration [{confirmed['cpu_split']}], "
           f"{confirmed['net_cpu_ms']:.3f} ms net of idle; "
           f"p50 {confirmed['p50_ms']} ms, p99 {confirmed['p99_ms']} ms   ({confirmed['load']})")
-    figures.update({"tls_register_best_rate": best, "tls_register_cpu_ms": confirmed["cpu_ms"],
+    print(f"  the same over UDP (SIPp, same cluster, just after, {best}/s for "
+          f"{CONFIRM_SECONDS} s): {udp['failed']} failed; cluster CPU {udp['cpu_ms']:.3f} ms "
+          f"per registration; p50 {udp['p50_ms']} ms, p99 {udp['p99_ms']} ms   ({load_now()})")
+    figures.update({"udp_same_rate_cpu_ms": udp["cpu_ms"], "tls_register_best_rate": best,
+                    "tls_register_cpu_ms": confirmed["cpu_ms"],
                     "tls_register_net_cpu_ms": confirmed["net_cpu_ms"],
                     "tls_register_p50_ms": confirmed["p50_ms"],
                     "tls_register_p99_ms": confirmed["p99_ms"]})
