@@ -6,7 +6,7 @@ Content-Length over the limit); here the handshake itself is the attack.  An unf
 handshake counts as a message begun (cluster/streams.py): closed after
 streams.message_timeout with one log line.  After each abuse, the dispatcher's open
 descriptors return exactly to what they were, and its resident memory to within
-RSS_SLACK_KB.
+RSS_SLACK_KB (for the flood, of what it was after a first flood: see there).
 """
 
 from __future__ import annotations
