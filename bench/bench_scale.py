@@ -325,79 +325,47 @@ def two_hosts(work: Path) -> dict | None:
     if problem:
         print(f"  two hosts: not measured ({problem}; needs root and `ip netns`)")
         return None
-    from harness import Cluster
+    from hostbed import host_bed
     from netns import LAN_ADDRESS, Topology
-
-    from conftest import REDIS_SERVER
     work.mkdir(parents=True, exist_ok=True)
-    topology = Topology().up()
-    clusters = []
-    redis_proc = None
-    try:
-        with topology.enter(topology.lan):
-            redis_proc = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(TWO_HOST_REDIS_PORT), "--bind", LAN_ADDRESS,
-                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                 "--dir", str(work), "--requirepass", TWO_HOST_REDIS_PASSWORD],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            url = (f"redis://:{TWO_HOST_REDIS_PASSWORD}@{LAN_ADDRESS}:"
-                   f"{TWO_HOST_REDIS_PORT}/0")
-            hosts = TwoHosts(clusters, redis_proc, url)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    hosts.client().ping()
-                    break
-                except redis.RedisError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            for index in (1, 2):
-                address = Topology.host_address(index)
-                clusters.append(Cluster(work / f"h{index}", url, workers=2,
-                                        settings=two_host_settings(index, address,
-                                                                   LAN_ADDRESS),
-                                        netns=topology.host_ns(index),
-                                        client_bind=LAN_ADDRESS))
-            for cluster in clusters:
-                cluster.start(30.0)
-            realm = clusters[0].config.realm
-            users = [(str(n), "1234") for n in range(20000, 20000 + CALLERS)] + [("1009", "1234")]
-            clusters[0].store.put_users((u, realm, ha1_hashes(u, realm, p)) for u, p in users)
-            callers = users[:-1]
-            deadline = time.monotonic() + 20
-            while set(clusters[0].store.hosts()) < {"h1", "h2"}:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the two hosts did not see each other")
-                time.sleep(0.2)
-            time.sleep(2.0)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
-            h1 = (Topology.host_address(1), 5060)
-            h2 = (Topology.host_address(2), 5060)
-            idle = idle_window(hosts, SECONDS + 1)
+
+    def settings_of(index: int) -> dict:
+        return two_host_settings(index, Topology.host_address(index), LAN_ADDRESS)
+
+    with host_bed(Topology().up(), work, settings_of, redis_port=TWO_HOST_REDIS_PORT,
+                  redis_password=TWO_HOST_REDIS_PASSWORD, appendonly=True) as bed:
+        clusters = bed.clusters
+        hosts = TwoHosts(clusters, bed.redis, bed.url)
+        realm = clusters[0].config.realm
+        users = [(str(n), "1234") for n in range(20000, 20000 + CALLERS)] + [("1009", "1234")]
+        clusters[0].store.put_users((u, realm, ha1_hashes(u, realm, p)) for u, p in users)
+        callers = users[:-1]
+        deadline = time.monotonic() + 20
+        while set(clusters[0].store.hosts()) < {"h1", "h2"}:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the two hosts did not see each other")
+            time.sleep(0.2)
+        time.sleep(2.0)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
+        h1 = (Topology.host_address(1), 5060)
+        h2 = (Topology.host_address(2), 5060)
+        idle = idle_window(hosts, SECONDS + 1)
+        load = load_now()
+        rows = {}
+        for label, call_at in (("same", h1), ("crossing", h2)):
+            before = [udp_in(bed.topology.host_ns(i)) for i in (1, 2)]
+            busy, ok, failed, overtaken = calls_window(
+                hosts, callers, work / label, register_at=h1, call_at=call_at,
+                source=LAN_ADDRESS)
+            after = [udp_in(bed.topology.host_ns(i)) for i in (1, 2)]
+            rows[label] = net_figures(idle, busy, ok) | {
+                "ok": ok, "failed": failed, "overtaken": overtaken, "workers": 2,
+                "load": load, "load_after": load_now(),
+                # UDP datagrams each host took in per call: h1 takes some in the
+                # crossing run only if h2 hands the calls off to it.
+                "udp_in": [(a - b) / max(ok, 1) for a, b in zip(after, before, strict=True)]}
             load = load_now()
-            rows = {}
-            for label, call_at in (("same", h1), ("crossing", h2)):
-                before = [udp_in(topology.host_ns(i)) for i in (1, 2)]
-                busy, ok, failed, overtaken = calls_window(
-                    hosts, callers, work / label, register_at=h1, call_at=call_at,
-                    source=LAN_ADDRESS)
-                after = [udp_in(topology.host_ns(i)) for i in (1, 2)]
-                rows[label] = net_figures(idle, busy, ok) | {
-                    "ok": ok, "failed": failed, "overtaken": overtaken, "workers": 2,
-                    "load": load, "load_after": load_now(),
-                    # UDP datagrams each host took in per call: h1 takes some in the
-                    # crossing run only if h2 hands the calls off to it.
-                    "udp_in": [(a - b) / max(ok, 1) for a, b in zip(after, before, strict=True)]}
-                load = load_now()
-                time.sleep(1.0)
-            return rows
-    finally:
-        for cluster in clusters:
-            cluster.stop()
-        if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait(timeout=10)
-        topology.down()
+            time.sleep(1.0)
+        return rows
 
 
 def main() -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,12 +24,13 @@ from dataclasses import dataclass
 
 import pytest
 from harness import Cluster, wait_for
+from hostbed import host_bed
 from netns import LAN_ADDRESS, Topology, _ip, require_netns
 from rtp_phone import Call, Phone, RtpPacket
 
 from cluster import store as st
 from cluster.store import Store
-from conftest import REDIS_SERVER, require_redis_server
+from conftest import require_redis_server
 
 REALM = "takeover.test"
 PASSWORD = "1234"
@@ -71,51 +71,25 @@ def hosts(tmp_path_factory) -> Iterator[Hosts]:
     require_redis_server()
     require_netns()
     tmp = tmp_path_factory.mktemp("takeover")
-    topology = Topology(prefix=f"scmh{os.getpid()}-t").up()
-    clusters: list[Cluster] = []
-    redis_proc = None
-    try:
+    def floating_addresses(topology: Topology) -> None:
         for index in (1, 2):
             _ip("-n", topology.host_ns(index), "addr", "add", f"{floating(index)}/32",
                 "dev", "eth0")
-        with topology.enter(topology.lan):
-            redis_proc = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(REDIS_PORT), "--bind", LAN_ADDRESS, "--save", "",
-                 "--appendonly", "no", "--dir", str(tmp), "--requirepass", REDIS_PASSWORD],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            url = f"redis://:{REDIS_PASSWORD}@{LAN_ADDRESS}:{REDIS_PORT}/0"
-            store = Store(url, timeout=2.0)
-            assert wait_for(lambda: _pings(store), 10.0), "redis-server did not start"
-            for index in (1, 2):
-                clusters.append(Cluster(tmp / f"h{index}", url, workers=2,
-                                        settings=host_settings(index),
-                                        netns=topology.host_ns(index),
-                                        client_bind=LAN_ADDRESS))
-            for cluster in clusters:
-                cluster.start(30.0)
-            for user in USERS:
-                clusters[0].add_user(user, PASSWORD)
 
-            def ready() -> bool:
-                live = [n for n in st.relay_nodes(store) if time.time() - n["seen"] < 2.0]
-                return len(live) == 4 and {"h1", "h2"} <= set(store.hosts())
-            assert wait_for(ready, 20.0, step=0.1), clusters[0].log_tail()
-            time.sleep(1.5)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
-            yield Hosts(topology, clusters, store)
-    finally:
-        for cluster in clusters:
-            cluster.stop()
-        if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait(timeout=10)
-        topology.down()
+    with host_bed(Topology(prefix=f"scmh{os.getpid()}-t").up(), tmp, host_settings,
+                  redis_port=REDIS_PORT, redis_password=REDIS_PASSWORD,
+                  prepare=floating_addresses) as bed:
+        clusters = bed.clusters
+        store = Store(bed.url, timeout=2.0)
+        for user in USERS:
+            clusters[0].add_user(user, PASSWORD)
 
-
-def _pings(store: Store) -> bool:
-    try:
-        return bool(store.redis.ping())
-    except Exception:
-        return False
+        def ready() -> bool:
+            live = [n for n in st.relay_nodes(store) if time.time() - n["seen"] < 2.0]
+            return len(live) == 4 and {"h1", "h2"} <= set(store.hosts())
+        assert wait_for(ready, 20.0, step=0.1), clusters[0].log_tail()
+        time.sleep(1.5)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
+        yield Hosts(bed.topology, clusters, store)
 
 
 def phone(host: int, user: str) -> Phone:

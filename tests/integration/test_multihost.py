@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 from harness import SECRET, Cluster, wait_for
+from hostbed import host_bed
 from netns import LAN_ADDRESS, Topology, require_netns
 from rtp_phone import Call, Phone, RtpPacket, in_order_without_loss
 
@@ -32,7 +33,7 @@ from cluster import clusterauth, envelope
 from cluster import store as st
 from cluster.relayctl import RelayClient, control_key, encode
 from cluster.store import Store
-from conftest import REDIS_SERVER, ROOT, require_redis_server
+from conftest import ROOT, require_redis_server
 from workers.relay.relay import HEARTBEAT_INTERVAL
 from workers.sip.media import DEAD_HOST_AFTER
 
@@ -95,53 +96,23 @@ def hosts(tmp_path_factory) -> Iterator[Hosts]:
     require_redis_server()
     require_netns()
     tmp = tmp_path_factory.mktemp("multihost")
-    topology = Topology().up()
-    clusters: list[Cluster] = []
-    redis_proc = None
-    try:
-        with topology.enter(topology.lan):
-            redis_proc = subprocess.Popen(
-                # Reached from other hosts, so protected by a password (invariant 14).
-                [REDIS_SERVER, "--port", str(REDIS_PORT), "--bind", LAN_ADDRESS, "--save", "",
-                 "--appendonly", "no", "--dir", str(tmp), "--requirepass", REDIS_PASSWORD],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            url = f"redis://:{REDIS_PASSWORD}@{LAN_ADDRESS}:{REDIS_PORT}/0"
-            store = Store(url, timeout=2.0)
-            assert wait_for(lambda: _pings(store), 10.0), "redis-server did not start"
-            for index in (1, 2):
-                clusters.append(Cluster(tmp / f"h{index}", url, workers=2,
-                                        settings=host_settings(index),
-                                        netns=topology.host_ns(index),
-                                        client_bind=LAN_ADDRESS))
-            for cluster in clusters:
-                cluster.start(30.0)
-            for user in USERS:
-                clusters[0].add_user(user, PASSWORD)
-            relays = RelayClient(store, key=control_key(SECRET))
-            running = Hosts(topology, clusters, store, relays)
+    with host_bed(Topology().up(), tmp, host_settings, redis_port=REDIS_PORT,
+                  redis_password=REDIS_PASSWORD) as bed:
+        clusters = bed.clusters
+        store = Store(bed.url, timeout=2.0)
+        for user in USERS:
+            clusters[0].add_user(user, PASSWORD)
+        relays = RelayClient(store, key=control_key(SECRET))
+        running = Hosts(bed.topology, clusters, store, relays)
 
-            def ready() -> bool:
-                live = [n for n in st.relay_nodes(store) if time.time() - n["seen"] < 2.0]
-                known = store.hosts()
-                return len(live) == 4 and {"h1", "h2"} <= set(known)
-            assert wait_for(ready, 20.0, step=0.1), (st.relay_nodes(store),
-                                                      clusters[0].log_tail())
-            time.sleep(1.5)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
-            yield running
-    finally:
-        for cluster in clusters:
-            cluster.stop()
-        if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait(timeout=10)
-        topology.down()
-
-
-def _pings(store: Store) -> bool:
-    try:
-        return bool(store.redis.ping())
-    except Exception:
-        return False
+        def ready() -> bool:
+            live = [n for n in st.relay_nodes(store) if time.time() - n["seen"] < 2.0]
+            known = store.hosts()
+            return len(live) == 4 and {"h1", "h2"} <= set(known)
+        assert wait_for(ready, 20.0, step=0.1), (st.relay_nodes(store),
+                                                  clusters[0].log_tail())
+        time.sleep(1.5)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
+        yield running
 
 
 # ------------------------------------------------------------------ calls between hosts
