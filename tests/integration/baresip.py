@@ -74,6 +74,10 @@ class Softphone:
     rtp_ports: tuple[int, int] = (40000, 40999)
     answer_mode: str = "auto"  # auto, manual or early
     register_interval: int = 60
+    # "udp", or "tls": then ``proxy`` is the cluster's TLS port, and the phone registers,
+    # calls and is called over one TLS connection it opens there.
+    transport: str = "udp"
+    cafile: str = ""  # sip_cafile: the CA (or self-signed certificate) the TLS server has
     sip_port: int = 0
     ctrl_port: int = 0
     process: subprocess.Popen | None = field(default=None, repr=False)
@@ -132,10 +136,13 @@ class Softphone:
             "statmode_default off",  # no call status line repainted on stderr
             "ringback_disabled yes",
         ]
+        if self.cafile:
+            lines.append(f"sip_cafile {self.cafile}")
         (self.folder / "config").write_text("\n".join(lines) + "\n")
         host, port = self.proxy
-        account = (f"<sip:{self.aor}>;auth_pass={self.password};"
-                   f'outbound="sip:{host}:{port}";regint={self.register_interval};'
+        via = "" if self.transport == "udp" else f";transport={self.transport}"
+        account = (f"<sip:{self.aor}{via}>;auth_pass={self.password};"
+                   f'outbound="sip:{host}:{port}{via}";regint={self.register_interval};'
                    f"answermode={self.answer_mode};audio_codecs=PCMU,PCMA")
         (self.folder / "accounts").write_text(account + "\n")
         (self.folder / "contacts").write_text("")
