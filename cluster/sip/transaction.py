@@ -14,7 +14,16 @@ handle the next event or the next timer.  So every machine here is a plain recor
 Each transaction keeps its pending timers (name -> due time).  ``on_timer`` for a timer
 that is not pending, not yet due, or whose due time differs from the one the timer store
 recorded does nothing: that is how a timer that fires twice, late, or on a worker that
-lost a race stays harmless.  Only UDP is spoken, so timers D, I, J and K always run.
+lost a race stays harmless.
+
+Each transaction knows whether its transport is reliable (``reliable``: TCP, TLS, WS, WSS)
+or not (UDP).  Over a reliable transport the transport does the retransmitting, so
+(RFC 3261 17.1.1.2, 17.1.2.2, 17.2.1, 17.2.2) timers A, E and G are never started and
+timers D, I, J and K are zero seconds: the state that only absorbs retransmissions ends at
+once when its timer fires, at the time it was entered.  Timers B, F, H and RFC 6026's L and
+M run over any transport, and so does the retransmission of a 2xx to an INVITE (RFC 3261
+13.3.1.4: "This is independent of whatever transport protocols are used to send the
+response": there may be UDP hops between us and the UAC).
 
 Matching (17.1.3, 17.2.3, 9.2): ``client_key``, ``server_key``, ``cancel_target_key`` and
 ``ServerTransaction.matches``; all keys are strings without spaces, fit for a Redis key.
@@ -46,7 +55,7 @@ class TimerConfig:
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0
-    d: float = 32.0  # Timer D: at least 32 s over UDP
+    d: float = 32.0  # Timer D: at least 32 s over UDP (zero over a reliable transport)
 
     @property
     def long(self) -> float:
@@ -202,7 +211,9 @@ class Transaction:
 
     ``request`` is the request as bytes (parsed again lazily as ``request_msg``);
     ``dest`` is where this transaction sends (the request for a client, the responses
-    for a server); ``interval`` is the current retransmission interval.
+    for a server); ``interval`` is the current retransmission interval; ``reliable``
+    says the transport is a connection (no retransmissions of its own, zero wait
+    timers: see the module's docstring).
     """
 
     KIND: ClassVar[str] = ""
@@ -216,6 +227,7 @@ class Transaction:
     config: TimerConfig = field(default_factory=TimerConfig)
     timers: dict[str, float] = field(default_factory=dict)
     interval: float = 0.0
+    reliable: bool = False
 
     @cached_property
     def request_msg(self) -> Request:
@@ -259,6 +271,11 @@ class Transaction:
     def _nothing(self, now: float, msg: object) -> list[Action]:
         return []
 
+    def _wait(self, seconds: float) -> float:
+        """Timers D, I, J and K: ``seconds`` over UDP, zero over a reliable transport, where
+        no retransmission is left to absorb."""
+        return 0.0 if self.reliable else seconds
+
     # ---------------------------------------------------------------- records
     def to_record(self) -> dict:
         """The transaction as msgpack-friendly values (see ``transaction_from_record``)."""
@@ -268,13 +285,18 @@ class Transaction:
         c = self.config
         record.update(dest=list(self.dest), config=[c.t1, c.t2, c.t4, c.d],
                       timers=dict(self.timers))
+        if not self.reliable:
+            # Left out over UDP: the record stays what it was before the field existed, so
+            # workers of the previous release read it (they ignore the field when present).
+            del record["reliable"]
         return record
 
     @classmethod
     def from_record(cls, record: dict) -> Transaction:
-        values = {f.name: record[f.name] for f in fields(cls)}
+        # A record without "reliable" (UDP, or written before the field existed) is UDP.
+        values = {f.name: record[f.name] for f in fields(cls) if f.name != "reliable"}
         values.update(dest=tuple(values["dest"]), config=TimerConfig(*values["config"]),
-                      timers=dict(values["timers"]))
+                      timers=dict(values["timers"]), reliable=bool(record.get("reliable")))
         return cls(**values)
 
 
@@ -295,8 +317,10 @@ class ClientTransaction(Transaction):
 
     def _start(self, now: float, _: object) -> list[Action]:
         self.interval = self.config.t1
-        return [self._send_request(), self._set(self.RETRANSMIT, now + self.interval),
-                self._set(self.TIMEOUT, now + self.config.long)]
+        actions: list[Action] = [self._send_request()]
+        if not self.reliable:  # 17.1.1.2, 17.1.2.2: the connection retransmits, not us
+            actions.append(self._set(self.RETRANSMIT, now + self.interval))
+        return actions + [self._set(self.TIMEOUT, now + self.config.long)]
 
     def _send_request(self) -> Send:
         return Send(self.request, self.dest)
@@ -335,6 +359,9 @@ class InviteClientTransaction(ClientTransaction):
     ==========  ========  ==========  ==================================================
 
     The ACK (``ack_for_final``) is kept in ``ack`` so that every copy sent is the same.
+
+    Over a reliable transport (17.1.1.2): ``start`` sets no Timer A (so no "timer A" row
+    ever runs), and Timer D is zero, set for the time Completed was entered.
     """
 
     KIND: ClassVar[str] = "ict"
@@ -371,7 +398,7 @@ class InviteClientTransaction(ClientTransaction):
     def _acknowledge(self, now: float, resp: Response) -> list[Action]:
         self.ack = ack_for_final(self.request_msg, resp).to_bytes()
         return self._stop_and_deliver(now, resp) + [
-            Send(self.ack, self.dest), self._set("D", now + self.config.d)]
+            Send(self.ack, self.dest), self._set("D", now + self._wait(self.config.d))]
 
     def _resend_ack(self, now: float, _: object) -> list[Action]:
         return [Send(self.ack, self.dest)] if self.ack else []
@@ -399,6 +426,9 @@ class NonInviteClientTransaction(ClientTransaction):
     Completed   3xx-6xx   Completed   nothing
     Completed   timer K   Terminated  Terminated
     ==========  ========  ==========  ==================================================
+
+    Over a reliable transport (17.1.2.2): ``start`` sets no Timer E (so no "timer E" row
+    ever runs), and Timer K is zero, set for the time Completed was entered.
     """
 
     KIND: ClassVar[str] = "nict"
@@ -429,7 +459,8 @@ class NonInviteClientTransaction(ClientTransaction):
         return self._resend(now, self.config.t2)
 
     def _complete(self, now: float, resp: Response) -> list[Action]:
-        return self._cancel("E", "F") + [Deliver(resp), self._set("K", now + self.config.t4)]
+        return self._cancel("E", "F") + [Deliver(resp),
+                                         self._set("K", now + self._wait(self.config.t4))]
 
 
 # --------------------------------------------------------------------------- server side
@@ -516,6 +547,10 @@ class InviteServerTransaction(ServerTransaction):
 
     An ACK for a 2xx normally carries a new branch, so it reaches the TU through the
     dialog, not through this transaction: the TU then calls ``ack_received``.
+
+    Over a reliable transport (17.2.1): a 3xx-6xx sets no Timer G (Timer H still runs),
+    and Timer I is zero.  Timers 2xx and L stay: RFC 3261 13.3.1.4 retransmits the 2xx
+    whatever the transport, for the UDP hops there may be further on.
     """
 
     KIND: ClassVar[str] = "ist"
@@ -554,11 +589,13 @@ class InviteServerTransaction(ServerTransaction):
 
     def _send_final(self, now: float, resp: Response) -> list[Action]:
         self.interval = self.config.t1
-        return self._send_response(now, resp) + [
-            self._set("G", now + self.interval), self._set("H", now + self.config.long)]
+        actions = self._send_response(now, resp)
+        if not self.reliable:  # 17.2.1: the connection delivers the final, no Timer G
+            actions.append(self._set("G", now + self.interval))
+        return actions + [self._set("H", now + self.config.long)]
 
     def _confirm(self, now: float, _: object) -> list[Action]:
-        return self._cancel("G", "H") + [self._set("I", now + self.config.t4)]
+        return self._cancel("G", "H") + [self._set("I", now + self._wait(self.config.t4))]
 
     def _timer_g(self, now: float, _: object) -> list[Action]:
         return self._resend_capped("G", now)
@@ -599,6 +636,9 @@ class NonInviteServerTransaction(ServerTransaction):
     Completed   retransmission  Completed   Send the final again (not delivered)
     Completed   timer J         Terminated  Terminated
     ==========  ==============  ==========  ============================================
+
+    Over a reliable transport (17.2.2): Timer J is zero, set for the time Completed was
+    entered (a request repeated before it fires still gets the final again).
     """
 
     KIND: ClassVar[str] = "nist"
@@ -618,7 +658,8 @@ class NonInviteServerTransaction(ServerTransaction):
     }
 
     def _send_final(self, now: float, resp: Response) -> list[Action]:
-        return self._send_response(now, resp) + [self._set("J", now + self.config.long)]
+        return self._send_response(now, resp) + [
+            self._set("J", now + self._wait(self.config.long))]
 
 
 # --------------------------------------------------------------------------- constructors
@@ -630,22 +671,27 @@ KINDS: dict[str, type[Transaction]] = {cls.KIND: cls for cls in (
 
 
 def client_transaction(req: Request, dest: tuple[str, int],
-                       config: TimerConfig = TimerConfig()) -> ClientTransaction:
-    """A client transaction for ``req`` (not yet sent: call ``start``), sending to ``dest``."""
+                       config: TimerConfig = TimerConfig(), *,
+                       reliable: bool = False) -> ClientTransaction:
+    """A client transaction for ``req`` (not yet sent: call ``start``), sending to ``dest``
+    over a reliable transport (a connection) or not (UDP)."""
     if req.method == "ACK":
         raise ValueError("an ACK is sent on its own, not in a client transaction")
     cls = InviteClientTransaction if req.method == "INVITE" else NonInviteClientTransaction
-    return cls(client_key(req), req.to_bytes(), tuple(dest), cls.INITIAL, config)
+    return cls(client_key(req), req.to_bytes(), tuple(dest), cls.INITIAL, config,
+               reliable=reliable)
 
 
 def server_transaction(req: Request, dest: tuple[str, int],
-                       config: TimerConfig = TimerConfig()) -> ServerTransaction:
+                       config: TimerConfig = TimerConfig(), *,
+                       reliable: bool = False) -> ServerTransaction:
     """A server transaction for ``req`` (feed it with ``on_request``), answering to ``dest``
-    (see ``response_dest``)."""
+    (see ``response_dest``) over a reliable transport (a connection) or not (UDP)."""
     if req.method == "ACK":
         raise ValueError("an ACK creates no server transaction")
     cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
-    return cls(server_key(req), req.to_bytes(), tuple(dest), cls.INITIAL, config)
+    return cls(server_key(req), req.to_bytes(), tuple(dest), cls.INITIAL, config,
+               reliable=reliable)
 
 
 def transaction_from_record(record: dict) -> Transaction:

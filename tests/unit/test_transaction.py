@@ -336,6 +336,209 @@ def test_events_outside_the_table_do_nothing(kind, state, event):
     assert tx.to_record() == before
 
 
+# --------------------------------------------------------------------------- reliable transports
+
+NEW_RELIABLE = {
+    "ict": lambda: client_transaction(INVITE_OUT, MICROSIP, reliable=True),
+    "nict": lambda: client_transaction(BYE_OUT, ZOIPER, reliable=True),
+    "ist": lambda: server_transaction(INVITE_IN, ZOIPER, reliable=True),
+    "nist": lambda: server_transaction(BYE_IN, MICROSIP, reliable=True),
+}
+# The same tables over TCP/TLS/WS/WSS (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.1, 17.2.2): no
+# Timer A, E or G is ever set (their rows find no pending timer and do nothing), and
+# D, K, I and J are zero (RELIABLE_DELAYS).  The 2xx of an INVITE server is retransmitted
+# as over UDP (13.3.1.4).
+RELIABLE_ROWS = {
+    "ict": [
+        ((), "start", "Calling", "Send, SetTimer B"),
+        (("start",), "timer A", "Calling", ""),
+        (("start",), "timer B", TERMINATED, "TimedOut, Terminated"),
+        (("start",), "1xx", "Proceeding", "CancelTimer B, Deliver"),
+        (("start",), "2xx", "Accepted", "CancelTimer B, Deliver, SetTimer M"),
+        (("start",), "3xx-6xx", "Completed", "CancelTimer B, Deliver, Send, SetTimer D"),
+        (("start", "1xx"), "1xx", "Proceeding", "Deliver"),
+        (("start", "1xx"), "2xx", "Accepted", "Deliver, SetTimer M"),
+        (("start", "1xx"), "3xx-6xx", "Completed", "Deliver, Send, SetTimer D"),
+        (("start", "3xx-6xx"), "3xx-6xx", "Completed", "Send"),
+        (("start", "3xx-6xx"), "timer D", TERMINATED, "Terminated"),
+        (("start", "2xx"), "2xx", "Accepted", "Deliver"),
+        (("start", "2xx"), "timer M", TERMINATED, "Terminated"),
+    ],
+    "nict": [
+        ((), "start", "Trying", "Send, SetTimer F"),
+        (("start",), "timer E", "Trying", ""),
+        (("start",), "timer F", TERMINATED, "TimedOut, Terminated"),
+        (("start",), "1xx", "Proceeding", "Deliver"),
+        (("start",), "2xx", "Completed", "CancelTimer F, Deliver, SetTimer K"),
+        (("start",), "3xx-6xx", "Completed", "CancelTimer F, Deliver, SetTimer K"),
+        (("start", "1xx"), "timer E", "Proceeding", ""),
+        (("start", "1xx"), "timer F", TERMINATED, "TimedOut, Terminated"),
+        (("start", "1xx"), "1xx", "Proceeding", "Deliver"),
+        (("start", "1xx"), "2xx", "Completed", "CancelTimer F, Deliver, SetTimer K"),
+        (("start", "1xx"), "3xx-6xx", "Completed", "CancelTimer F, Deliver, SetTimer K"),
+        (("start", "2xx"), "2xx", "Completed", ""),
+        (("start", "2xx"), "3xx-6xx", "Completed", ""),
+        (("start", "2xx"), "timer K", TERMINATED, "Terminated"),
+    ],
+    "ist": [
+        ((), "request", "Proceeding", "Deliver"),
+        (("request",), "retransmission", "Proceeding", ""),
+        (("request", "send 1xx"), "retransmission", "Proceeding", "Send"),
+        (("request",), "send 1xx", "Proceeding", "Send"),
+        (("request",), "send 2xx", "Accepted", "Send, SetTimer 2xx, SetTimer L"),
+        (("request",), "send 3xx-6xx", "Completed", "Send, SetTimer H"),
+        (("request", "send 3xx-6xx"), "retransmission", "Completed", "Send"),
+        (("request", "send 3xx-6xx"), "ACK", "Confirmed", "CancelTimer H, SetTimer I"),
+        (("request", "send 3xx-6xx"), "timer G", "Completed", ""),
+        (("request", "send 3xx-6xx"), "timer H", TERMINATED, "NoAck, Terminated"),
+        (("request", "send 3xx-6xx", "ACK"), "retransmission", "Confirmed", ""),
+        (("request", "send 3xx-6xx", "ACK"), "ACK", "Confirmed", ""),
+        (("request", "send 3xx-6xx", "ACK"), "timer I", TERMINATED, "Terminated"),
+        (("request", "send 2xx"), "retransmission", "Accepted", "Send"),
+        (("request", "send 2xx"), "ACK", "Accepted", "CancelTimer 2xx, Deliver"),
+        (("request", "send 2xx"), "ack_received", "Accepted", "CancelTimer 2xx"),
+        (("request", "send 2xx"), "send 2xx", "Accepted", "Send"),
+        (("request", "send 2xx"), "timer 2xx", "Accepted", "Send, SetTimer 2xx"),
+        (("request", "send 2xx"), "timer L", TERMINATED, "NoAck, CancelTimer 2xx, Terminated"),
+    ],
+    "nist": ROWS["nist"],  # the same actions; only Timer J's value differs (zero)
+}
+# Each timer's value over a reliable transport, from the event that sets it (the 2xx
+# timer's first value is T1, then it doubles up to T2, as over UDP).
+RELIABLE_DELAYS = {"B": 64 * T1, "D": 0.0, "M": 64 * T1, "F": 64 * T1, "K": 0.0,
+                   "H": 64 * T1, "I": 0.0, "L": 64 * T1, "J": 0.0, "2xx": (T1, 2 * T1)}
+ALL_RELIABLE_ROWS = [(kind, *row) for kind, rows in RELIABLE_ROWS.items() for row in rows]
+
+
+@pytest.mark.parametrize(("kind", "path", "event", "next_state", "expected"),
+                         ALL_RELIABLE_ROWS,
+                         ids=[f"{k}-{'>'.join(p) or 'new'}-{e}"
+                              for k, p, e, _, _ in ALL_RELIABLE_ROWS])
+def test_state_table_row_over_a_reliable_transport(kind, path, event, next_state, expected):
+    tx = NEW_RELIABLE[kind]()
+    now = walk(tx, path)
+    assert "A" not in tx.timers and "E" not in tx.timers and "G" not in tx.timers
+    state = tx.state
+    at = now + 0.01
+    when = tx.timers.get(event[len("timer "):], at) if event.startswith("timer ") else at
+    actions = fire(tx, event, at)
+    assert type(tx).TABLE[state, event][0] == next_state
+    assert (tx.state, describe(actions)) == (next_state, expected)
+    for action in (a for a in actions if isinstance(a, SetTimer)):
+        delays = RELIABLE_DELAYS[action.name]
+        allowed = delays if isinstance(delays, tuple) else (delays,)
+        assert any(action.at - when == pytest.approx(d, abs=1e-9) for d in allowed), action
+
+
+@pytest.mark.parametrize("kind", RELIABLE_ROWS)
+def test_every_row_of_the_table_is_tested_over_a_reliable_transport(kind):
+    tested = set()
+    for path, event, _, _ in RELIABLE_ROWS[kind]:
+        tx = NEW_RELIABLE[kind]()
+        walk(tx, path)
+        tested.add((tx.state, event))
+    assert tested == set(type(NEW_RELIABLE[kind]()).TABLE)
+
+
+def test_over_a_reliable_transport_an_invite_goes_once_until_timer_b(restore):
+    run = Run(client_transaction(INVITE_OUT, MICROSIP, reliable=True), restore)
+    run.at(0.0, start(0.0))
+    run.advance(100)
+    assert run.send_times() == [0.0]  # over UDP: 0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5
+    assert [t for t, a in run.log if isinstance(a, TimedOut)] == [64 * T1]
+    assert run.tx.state == TERMINATED and run.count(Terminated) == 1 and run.store == {}
+
+
+def test_over_a_reliable_transport_a_non_2xx_is_acked_and_the_invite_ends_at_once(restore):
+    run = Run(client_transaction(INVITE_OUT, MICROSIP, reliable=True), restore)
+    run.at(0.0, start(0.0))
+    run.at(2.0, response(RESPONSES["ict"]["3xx-6xx"], 2.0))
+    run.advance(100)
+    sends = run.sends()
+    assert [t for t, _ in sends] == [0.0, 2.0] and parse(sends[1][1]).method == "ACK"
+    assert [t for t, a in run.log if isinstance(a, Terminated)] == [2.0]  # Timer D = 0
+    assert run.store == {}
+
+
+def test_over_a_reliable_transport_a_bye_goes_once_until_its_answer(restore):
+    run = Run(client_transaction(BYE_OUT, ZOIPER, reliable=True), restore)
+    run.at(0.0, start(0.0))
+    run.at(3.0, response(RESPONSES["nict"]["1xx"], 3.0))
+    run.at(20.0, response(seed("20-200"), 20.0))
+    run.advance(100)
+    assert run.send_times() == [0.0]  # over UDP: 0, 0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5
+    assert [m.status for m in run.delivered()] == [100, 200]
+    assert [t for t, a in run.log if isinstance(a, Terminated)] == [20.0]  # Timer K = 0
+
+
+def test_over_a_reliable_transport_timer_f_still_times_out_a_bye(restore):
+    run = Run(client_transaction(BYE_OUT, ZOIPER, reliable=True), restore)
+    run.at(0.0, start(0.0))
+    run.advance(100)
+    assert run.send_times() == [0.0]
+    assert [t for t, a in run.log if isinstance(a, TimedOut)] == [64 * T1]
+    assert run.tx.state == TERMINATED and run.store == {}
+
+
+def test_over_a_reliable_transport_a_non_2xx_final_goes_once_until_timer_h(restore):
+    run = Run(server_transaction(INVITE_IN, ZOIPER, reliable=True), restore)
+    run.at(0.0, request(INVITE_IN, 0.0))
+    run.at(1.0, answer(RESPONSES["ist"]["send 3xx-6xx"], 1.0))
+    run.advance(100)
+    assert run.send_times() == [1.0]  # over UDP: 11 sends, Timer G
+    assert [t for t, a in run.log if isinstance(a, NoAck)] == [1.0 + 64 * T1]
+    assert run.tx.state == TERMINATED and run.store == {}
+
+
+def test_over_a_reliable_transport_the_ack_of_a_non_2xx_ends_the_invite_at_once(restore):
+    run = Run(server_transaction(INVITE_IN, ZOIPER, reliable=True), restore)
+    final = RESPONSES["ist"]["send 3xx-6xx"]
+    run.at(0.0, request(INVITE_IN, 0.0))
+    run.at(1.0, answer(final, 1.0))
+    run.at(1.2, request(ack_for_final(INVITE_IN, final), 1.2))
+    run.advance(100)
+    assert run.send_times() == [1.0]
+    assert [t for t, a in run.log if isinstance(a, Terminated)] == [1.2]  # Timer I = 0
+    assert run.count(NoAck) == 0 and run.store == {}
+
+
+def test_over_a_reliable_transport_the_2xx_is_still_retransmitted_until_the_ack(restore):
+    """RFC 3261 13.3.1.4: "This is independent of whatever transport protocols are used
+    to send the response": there may be UDP hops between us and the UAC."""
+    run = Run(server_transaction(INVITE_IN, ZOIPER, reliable=True), restore)
+    run.at(0.0, request(INVITE_IN, 0.0))
+    run.at(1.0, answer(seed("12-200"), 1.0))
+    run.at(5.0, lambda tx: tx.ack_received(5.0))
+    run.advance(100)
+    assert run.send_times() == [1.0, 1.5, 2.5, 4.5]
+    assert run.count(NoAck) == 0 and run.tx.state == TERMINATED
+
+
+def test_over_a_reliable_transport_a_non_invite_server_ends_with_its_final(restore):
+    run = Run(server_transaction(BYE_IN, MICROSIP, reliable=True), restore)
+    run.at(0.0, request(BYE_IN, 0.0))
+    run.at(0.01, answer(RESPONSES["nist"]["send 2xx"], 0.01))
+    run.advance(100)
+    assert run.send_times() == [0.01]
+    assert [t for t, a in run.log if isinstance(a, Terminated)] == [0.01]  # Timer J = 0
+
+
+def test_a_udp_record_has_no_reliable_field_and_a_record_without_it_is_udp():
+    """Records written before the field existed (or by a worker of that release) are UDP;
+    a UDP record stays the same bytes as then, so that release reads what this one writes."""
+    udp = client_transaction(BYE_OUT, ZOIPER)
+    udp.start(0.0)
+    record = udp.to_record()
+    assert "reliable" not in record
+    assert transaction_from_record(record).reliable is False
+    assert describe(transaction_from_record(record).on_timer("E", 0.5)) == "Send, SetTimer E"
+    tcp = client_transaction(BYE_OUT, ZOIPER, reliable=True)
+    tcp.start(0.0)
+    assert tcp.to_record()["reliable"] is True
+    copy = roundtrip(tcp)
+    assert copy.reliable is True and copy == tcp and copy.timers == {"F": 64 * T1}
+
+
 # --------------------------------------------------------------------------- server retransmissions
 
 
@@ -724,8 +927,9 @@ EVERY_STATE = [(kind, state, path) for kind, paths in STATE_PATHS.items()
 
 @pytest.mark.parametrize(("kind", "state", "path"), EVERY_STATE,
                          ids=[f"{k}-{s}" for k, s, _ in EVERY_STATE])
-def test_record_round_trip_in_every_state(kind, state, path):
-    tx = NEW[kind]()
+@pytest.mark.parametrize("reliable", [False, True], ids=["udp", "reliable"])
+def test_record_round_trip_in_every_state(kind, state, path, reliable):
+    tx = (NEW_RELIABLE if reliable else NEW)[kind]()
     walk(tx, path)
     record = tx.to_record()
     assert plain(record) and record["kind"] == kind

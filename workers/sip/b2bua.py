@@ -21,7 +21,7 @@ import gevent.lock
 from cluster import ladder
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
-from cluster.envelope import DIAL_TCP, affinity_key
+from cluster.envelope import DIAL_TCP, affinity_key, is_stream
 from cluster.logsetup import call_log
 from cluster.sip import scan, sdp
 from cluster.sip.errors import SipError
@@ -99,7 +99,8 @@ class B2BUA:
             no_answer_timeout=cfg.calls.no_answer_timeout,
             max_duration=cfg.calls.max_duration,
             gateway_credentials={i: (r.username, r.password) for i, r in enumerate(cfg.routes)
-                                 if r.username})
+                                 if r.username},
+            reliable=is_stream)
         self.routes = [(re.compile(r.match), r) for r in cfg.routes]
         self.trusted = {r.trusted_source for r in cfg.routes if r.trusted_source}
 

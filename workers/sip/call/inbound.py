@@ -29,6 +29,7 @@ from .wire import (
     RECOVERY_ON_TIMER_EXPIRE,
     RELAYED_METHODS,
     Ctx,
+    answers_reliable,
     arrival,
     our_via,
     reason,
@@ -129,7 +130,8 @@ class Inbound:
     def _answer_locally(self: Call, leg: Leg, req: Request, status: int, ctx: Ctx,
                         headers: list = ()) -> Actions:
         """Answer an in-dialog request ourselves, through a server transaction."""
-        stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers)
+        stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers,
+                                 reliable=answers_reliable(ctx, leg.sock_index))
         stx.on_request(req, ctx.now)
         self.txs[stx.key] = {"leg": leg.name, "role": "local", "tx": stx.to_record(),
                              **arrival(ctx)}

@@ -154,7 +154,8 @@ class Call(Inbound, Handlers, Outbound):
         call = cls(tag, slot, caller, callee, a, created=ctx.now, a_offer=bool(invite.body),
                    method=invite.method)
         out: Actions = []
-        ist = server_transaction(invite, a.peer, ctx.cfg.timers)
+        ist = server_transaction(invite, a.peer, ctx.cfg.timers,
+                                 reliable=ctx.cfg.reliable(sock_index))
         ist.on_request(invite, ctx.now)
         a.invite_key = ist.key
         call.txs[ist.key] = {"leg": "a", "role": "invite", "tx": ist.to_record()}
@@ -206,7 +207,8 @@ class Call(Inbound, Handlers, Outbound):
 
     def _start_client(self, leg: Leg, request: Request, role: str, ctx: Ctx,
                       **extra) -> Actions:
-        ctr = client_transaction(request, leg.peer, ctx.cfg.timers)
+        ctr = client_transaction(request, leg.peer, ctx.cfg.timers,
+                                 reliable=ctx.cfg.reliable(leg.sock_index))
         if role == "invite":
             leg.invite_key = ctr.key
         self.txs[ctr.key] = {"leg": leg.name, "role": role, "tx": ctr.to_record(), **extra}

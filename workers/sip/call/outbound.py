@@ -13,7 +13,7 @@ from cluster.sip.uri import hostport
 from .actions import Actions, Cdr, Out
 from .legs import RINGING, Leg, LegState
 from .state import CallState
-from .wire import Ctx, arrival, carried, contact, reason
+from .wire import Ctx, answers_reliable, arrival, carried, contact, reason
 
 if TYPE_CHECKING:
     from .machine import Call
@@ -65,7 +65,8 @@ class Outbound:
             return self._answer_locally(leg, req, 481, ctx)
         if req.method == "INVITE" and self._invite_pending(leg):
             return self._answer_locally(leg, req, 491, ctx)
-        stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers)
+        stx = server_transaction(req, response_dest(req, ctx.source or leg.peer), ctx.cfg.timers,
+                                 reliable=answers_reliable(ctx, leg.sock_index))
         stx.on_request(req, ctx.now)
         role = "reinvite" if req.method == "INVITE" else "relayed"
         self.txs[stx.key] = {"leg": leg.name, "role": role, "tx": stx.to_record(),

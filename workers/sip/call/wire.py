@@ -3,6 +3,7 @@ the Q.850 causes it reports, and the small builders of what it puts on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster.sip.ids import ALLOW, Ids, host_part, via
@@ -36,6 +37,11 @@ RELAYED_HEADERS = ("content-type", "content-disposition", "event", "subscription
                    "refer-to", "session-expires", "min-se", "info-package", "reason")
 
 
+def udp_only(sock_index: int) -> bool:
+    """No socket number names a connection: every transport is unreliable (UDP)."""
+    return False
+
+
 @dataclass
 class Settings:
     """What a call needs of the configuration (not stored in the record)."""
@@ -52,6 +58,10 @@ class Settings:
     # Route table row -> (username, password) answering a gateway's 401/407; kept out of
     # the call record so no password is ever written to Redis.
     gateway_credentials: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # Whether a socket number (a leg's, an arrival's) names a connection (TCP, TLS, WS,
+    # WSS): a reliable transport, over which the call's transactions do not retransmit
+    # (RFC 3261 17).  The shell passes envelope.is_stream.
+    reliable: Callable[[int], bool] = udp_only
 
 
 @dataclass
@@ -74,6 +84,12 @@ class Ctx:
 def arrival(ctx: Ctx) -> dict:
     """What a server transaction keeps of where its request arrived (see Ctx.host)."""
     return {} if ctx.host is None else {"host": ctx.host, "sock": ctx.sock_index}
+
+
+def answers_reliable(ctx: Ctx, leg_sock: int) -> bool:
+    """Whether the answers to the request at hand leave over a reliable transport: from
+    the socket it arrived through (``arrival``), else from its leg's (``leg_sock``)."""
+    return ctx.cfg.reliable(leg_sock if ctx.host is None else ctx.sock_index)
 
 
 @dataclass(frozen=True)
