@@ -159,6 +159,21 @@ class Registrations:
         found = (Binding.from_record(unpack(v)) for v in raw.values())
         return sorted((b for b in found if b.expires_at > now), key=lambda b: b.registered_at)
 
+    def user_and_bindings(self, user: str, realm: str,
+                          now: float | None = None) -> tuple[dict | None, list[Binding]]:
+        """``get_user`` and ``bindings`` of one user in one round trip (one slot: the AOR's)."""
+        now = time.time() if now is None else now
+        aor = aor_of(user, realm)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(user_key(aor))
+        pipe.hgetall(reg_key(aor))
+        data, raw = self._call(pipe.execute)
+        if data is None:
+            return None, []
+        found = (Binding.from_record(unpack(v)) for v in raw.values())
+        return unpack(data), sorted((b for b in found if b.expires_at > now),
+                                    key=lambda b: b.registered_at)
+
     def raw_bindings(self, aor: str) -> dict[str, bytes]:
         """Binding key -> packed record, for callers that may drop a binding later."""
         raw = self._call(self.redis.hgetall, reg_key(aor))

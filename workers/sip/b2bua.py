@@ -30,7 +30,7 @@ from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, hostport, parse_uri
-from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, trace_heads, tx_key
+from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, tx_key
 
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
@@ -114,12 +114,28 @@ class B2BUA:
     # ---------------------------------------------------------------- requests
     def on_request(self, req: Request, source) -> None:
         tag = call_tag(req.call_id)
-        if self._with_call(tag, lambda call, ctx: call.on_request(req, source.addr, ctx), req,
-                           source, inbound=req):
-            return
+        event = lambda call, ctx: call.on_request(req, source.addr, ctx)  # noqa: E731
         if req.method in ("INVITE", "MESSAGE") and req.to.tag is None:
-            self._new_call(tag, req, source)
-        elif req.method == "ACK":  # the ACK of a challenge or failure answered statelessly
+            # A request that may start a call: unless this worker holds the call, its
+            # record and the answer kept for it (a copy answered by another worker) come
+            # in one round trip.
+            stored_key = tx_key(tag, server_key(req))
+            loaded, stored, session = (None, None, None) if tag in self._records else \
+                self.store.load_call_and_answer(tag, stored_key, self.media.mode == "relay")
+            if (tag in self._records or loaded is not None) and self._with_call(
+                    tag, event, req, source, inbound=req, loaded=loaded):
+                return
+            with self.media.session_read(tag, session):
+                self._new_call(tag, req, source, stored_key, stored)
+            return
+        if req.method == "ACK" and self.answers.acks_stateless(req):
+            # The ACK of a final answer given outside any call (a challenge): nothing to load.
+            self.trace(tag, [self._entry("in", req, _leg_name(req.call_id), source.addr)],
+                       brief=True)
+            return
+        if self._with_call(tag, event, req, source, inbound=req):
+            return
+        if req.method == "ACK":  # the ACK of a challenge or failure answered statelessly
             self.trace(tag, [self._entry("in", req, _leg_name(req.call_id), source.addr)],
                        brief=True)
         else:
@@ -151,10 +167,10 @@ class B2BUA:
             cause or ADMIN_HANGUP, side, ctx), None, None)
 
     # ---------------------------------------------------------------- a new call
-    def _new_call(self, tag: str, req: Request, source) -> None:
+    def _new_call(self, tag: str, req: Request, source, stored_key: str,
+                  stored: bytes | None) -> None:
+        """``stored``: the answer kept under ``stored_key`` (read with the call's record)."""
         clog = call_log(log, req.call_id)
-        stored_key = tx_key(tag, server_key(req))
-        stored = self.store.stored_answer(stored_key)
         if stored:
             self.transport.send(stored, source.addr, sock_index=source.sock_index)
             return
@@ -203,8 +219,8 @@ class B2BUA:
         from a gateway: no open relay)."""
         if callee is None:
             return [], 404
-        if self.store.get_user(callee, self.config.realm) is not None:
-            bindings = self.store.bindings(aor_of(callee, self.config.realm))
+        user, bindings = self.store.user_and_bindings(callee, self.config.realm)
+        if user is not None:
             reachable = [(b, t) for b in bindings if (t := self._target_of(b)) is not None]
             # RFC 5626 5.3: one flow per instance, the newest of those still open.
             newest: dict[str, float] = {}
@@ -351,17 +367,22 @@ class B2BUA:
                 del self._locks[tag]
 
     def _with_call(self, tag: str, event, req: Request | None, source,
-                   inbound: Request | Response | None = None) -> bool:
+                   inbound: Request | Response | None = None,
+                   loaded: tuple[int, dict] | None = None) -> bool:
         """Run ``event(call, ctx)`` on call ``tag`` until its write wins; False when there is
-        no call."""
+        no call.  ``loaded``: the record just read from Redis, if the caller read it."""
         with self._serialized(tag):
-            return self._with_call_locked(tag, event, req, source, inbound)
+            return self._with_call_locked(tag, event, req, source, inbound, loaded)
 
     def _with_call_locked(self, tag: str, event, req: Request | None, source,
-                          inbound: Request | Response | None) -> bool:
+                          inbound: Request | Response | None,
+                          loaded: tuple[int, dict] | None = None) -> bool:
         for attempt in range(CAS_ATTEMPTS):
             cached = self._records.get(tag) if attempt == 0 else None
-            if cached is None:
+            if cached is None and attempt == 0 and loaded is not None:
+                self._remember(tag, *loaded)
+                cached, fresh = loaded, True
+            elif cached is None:
                 loaded = self.store.load_call(tag)
                 if loaded is None:
                     self._records.pop(tag, None)
@@ -411,7 +432,8 @@ class B2BUA:
         arm = [(tag, name, due) for name, due in timers.items() if before.get(name) != due]
         ttl = LIVE_TTL if call.live else ENDED_TTL
         try:
-            version = self.store.save_call(tag, version, record, ttl, arm=arm)
+            version = self.store.save_call(tag, version, record, ttl, arm=arm,
+                                           disarm=self._take_disarm())
         except StoreUnavailable:
             self._note_unsure(tag, call, actions)
             raise
@@ -480,8 +502,14 @@ class B2BUA:
             self._disarm_pending = True
             gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
 
-    def _write_disarm(self) -> None:
+    def _take_disarm(self) -> list[tuple[str, str, float]]:
+        """The removals waiting for their batch, to send with a call's write instead (lost
+        with it if that write fails, as a failed batch is: see ``_write_disarm``)."""
         entries, self._disarm = list(self._disarm), {}
+        return entries
+
+    def _write_disarm(self) -> None:
+        entries = self._take_disarm()
         self._disarm_pending = False
         try:
             self.store.remove_timers(entries)
@@ -529,9 +557,9 @@ class B2BUA:
         record["codec"] = ""
         if self.config.calls.trace:
             try:
-                self.traces.flush(tag)  # the offer and answer may still wait in the buffer
-                heads = trace_heads(self.store, [tag], ladder.CODEC_HEAD)
-                record["codec"] = ladder.codec_of(heads.get(tag, []))
+                # The offer and answer may still wait in the buffer: written, then read.
+                heads = self.traces.flush(tag, heads=ladder.CODEC_HEAD)
+                record["codec"] = ladder.codec_of(heads or [])
             except StoreUnavailable:
                 pass  # the CDR matters more than its codec
 
