@@ -22,6 +22,7 @@ from cluster.store import (
     TIMER_LEASE,
     TIMER_SHARDS,
     VERSION_STEP,
+    Arrival,
     Binding,
     RegisterResult,
     Store,
@@ -276,6 +277,12 @@ class MemoryStore:
         self._set(key, f"{nc} {tx}", int(ttl * 1000) / 1000)
         return True
 
+    def nonce_count_and_user(self, aor: str, nonce: str, nc: int, ttl: float, tx: str,
+                             user: str, realm: str, now: float | None = None
+                             ) -> tuple[bool, dict | None, list[Binding]]:
+        return (self.accept_nonce_count(aor, nonce, nc, ttl, tx),
+                *self.user_and_bindings(user, realm, now))
+
     # ---------------------------------------------------------------- transactions
     def store_answers(self, answers: list[tuple[str, bytes, float]]) -> None:
         for tx, data, ttl in answers:
@@ -291,10 +298,11 @@ class MemoryStore:
             return None
         return int(fields["v"]), unpack(fields["d"])
 
-    def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False
-                             ) -> tuple[tuple[int, dict] | None, bytes | None, dict | None]:
+    def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False,
+                             user: tuple[str, str] | None = None) -> Arrival:
         """Relay sessions are not mirrored: never one."""
-        return self.load_call(tag), self.stored_answer(tx), None
+        return Arrival(self.load_call(tag), self.stored_answer(tx), None,
+                       None if user is None else self.get_user(*user))
 
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
                   arm: list[tuple[str, str, float]] = (),

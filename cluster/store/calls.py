@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import NamedTuple
 
 from .connection import PIPELINE_BATCH, VERSION_STEP, batches, pack, unpack
 from .schema import (
@@ -14,6 +15,7 @@ from .schema import (
     STREAM_SHARDS,
     TIMER_LEASE,
     TIMER_SHARDS,
+    aor_of,
     call_key,
     cdr_key,
     parse_timer_member,
@@ -23,7 +25,17 @@ from .schema import (
     timer_member,
     timer_shard,
     trace_key,
+    user_key,
 )
+
+
+class Arrival(NamedTuple):
+    """``load_call_and_answer``'s reads."""
+
+    call: tuple[int, dict] | None
+    answer: bytes | None
+    session: dict | None
+    user: dict | None
 
 
 def counted_state(record: dict) -> str:
@@ -42,20 +54,25 @@ class Calls:
             return None
         return int(version), unpack(data)
 
-    def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False
-                             ) -> tuple[tuple[int, dict] | None, bytes | None, dict | None]:
-        """``load_call``, ``stored_answer`` and, when ``relayed``, ``relay_session`` of a
-        request that may start a call, in one round trip (the keys are in the call's slot)."""
+    def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False,
+                             user: tuple[str, str] | None = None) -> Arrival:
+        """What a request that may start a call needs first, in one round trip: the call
+        (``load_call``), the answer kept under ``tx`` (``stored_answer``), when ``relayed``
+        its relay session (``relay_session``), and the record of ``user`` (user, realm),
+        when given (``get_user``)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(call_key(tag), "v", "d")
         pipe.get(tx)
         if relayed:
             pipe.get(relay_session_key(tag))
+        if user is not None:
+            pipe.get(user_key(aor_of(*user)))
         replies = self._call(pipe.execute)
         (version, data), answer = replies[0], replies[1]
         session = unpack(replies[2]) if relayed and replies[2] is not None else None
-        return ((None if data is None else (int(version), unpack(data))), (answer or None),
-                session)
+        record = replies[-1] if user is not None else None
+        return Arrival(None if data is None else (int(version), unpack(data)), answer or None,
+                       session, None if record is None else unpack(record))
 
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
                   arm: list[tuple[str, str, float]] = (),

@@ -120,8 +120,16 @@ class B2BUA:
             # record and the answer kept for it (a copy answered by another worker) come
             # in one round trip.
             stored_key = tx_key(tag, server_key(req))
-            loaded, stored, session = (None, None, None) if tag in self._records else \
-                self.store.load_call_and_answer(tag, stored_key, self.media.mode == "relay")
+            loaded = stored = session = None
+            if tag not in self._records:
+                # ... and the caller's record, when its credentials will need it.
+                user = (None if source.addr[0] in self.trusted
+                        else self.auth.user_to_read(req, proxy=True))
+                loaded, stored, session, record = self.store.load_call_and_answer(
+                    tag, stored_key, self.media.mode == "relay",
+                    None if user is None else (user, self.config.realm))
+                if user is not None:
+                    self.auth.read_user(user, record)
             if (tag in self._records or loaded is not None) and self._with_call(
                     tag, event, req, source, inbound=req, loaded=loaded):
                 return
@@ -178,7 +186,9 @@ class B2BUA:
         # so unauthenticated INVITEs cost little memory.
         arrived = [self._entry("in", req, "a", source.addr)]
         gateway = source.addr[0] in self.trusted
-        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source, arrived)
+        known: dict = {}  # what the authentication read of the callee on its way
+        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source,
+                                                                            arrived, known)
         if caller is None:
             return
         self.trace(tag, arrived)
@@ -190,7 +200,7 @@ class B2BUA:
             if req.method == "INVITE":
                 self._unrouted_cdr(req, source, caller, callee, 488)
             return
-        targets, failure = self._targets(callee, local_only=gateway)
+        targets, failure = self._targets(callee, local_only=gateway, known=known.get(callee))
         if failure is not None:
             clog.info("call from %s to %s: %d", caller, callee, failure)
             self._fail_statelessly(req, source, failure, stored_key)
@@ -213,13 +223,16 @@ class B2BUA:
                 self._with_call_locked(tag, lambda c, ctx: c.on_request(req, source.addr, ctx),
                                        req, source, None)
 
-    def _targets(self, callee: str | None, local_only: bool) -> tuple[list[Target], int | None]:
+    def _targets(self, callee: str | None, local_only: bool,
+                 known: tuple[dict | None, list] | None = None
+                 ) -> tuple[list[Target], int | None]:
         """Where to ring ``callee``: every registered contact of a local user (404 when
         unknown, 480 when not registered), else the first matching route (not for calls
-        from a gateway: no open relay)."""
+        from a gateway: no open relay).  ``known``: the user's record and bindings, when
+        already read."""
         if callee is None:
             return [], 404
-        user, bindings = self.store.user_and_bindings(callee, self.config.realm)
+        user, bindings = known or self.store.user_and_bindings(callee, self.config.realm)
         if user is not None:
             reachable = [(b, t) for b in bindings if (t := self._target_of(b)) is not None]
             # RFC 5626 5.3: one flow per instance, the newest of those still open.
@@ -297,8 +310,11 @@ class B2BUA:
         self.counters["bindings_connection_closed"] += 1
         return False
 
-    def _authenticate(self, req: Request, source, arrived: list[dict]) -> str | None:
-        """The caller's user name, or None when the request was answered (407/403)."""
+    def _authenticate(self, req: Request, source, arrived: list[dict],
+                      known: dict) -> str | None:
+        """The caller's user name, or None when the request was answered (407/403).
+        The nonce-count check reads the callee's record and bindings in its round trip,
+        into ``known`` (callee -> (record, bindings))."""
         auth = self.auth
         result = auth.check(req, source.addr, proxy=True)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
@@ -310,9 +326,7 @@ class B2BUA:
             return None
         creds = result.credentials
         aor = aor_of(result.username, self.config.realm)
-        if creds.nc and not self.store.accept_nonce_count(
-                aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime,
-                server_key(req)):
+        if creds.nc and not self._accept_nonce_count(req, aor, creds, known):
             auth.refused(req, source.addr, result.username, "replayed-nonce-count")
             self._reply(req, source, 407, headers=auth.challenge_headers(proxy=True),
                         prior=arrived, brief=True)
@@ -325,6 +339,19 @@ class B2BUA:
             return None
         self.scanners.note_trusted(source.addr[0])  # a proven source (cluster/limits.py)
         return result.username
+
+    def _accept_nonce_count(self, req: Request, aor: str, creds, known: dict) -> bool:
+        try:
+            callee = _callee_of(req)
+        except SipError:
+            callee = None  # answered 400 once the caller is known, as before
+        ttl, tx = self.config.auth.nonce_lifetime, server_key(req)
+        if callee is None:
+            return self.store.accept_nonce_count(aor, creds.nonce, creds.nonce_count, ttl, tx)
+        accepted, user, bindings = self.store.nonce_count_and_user(
+            aor, creds.nonce, creds.nonce_count, ttl, tx, callee, self.config.realm)
+        known[callee] = (user, bindings)
+        return accepted
 
     def _fail_statelessly(self, req: Request, source, status: int, stored_key: str,
                           headers=()) -> None:
