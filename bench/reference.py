@@ -113,11 +113,20 @@ def main() -> dict | None:
                 show(label, row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # A run with failed calls (overload on a busy machine: 503s, timeouts) spent work on
+    # calls it does not count: its figures per call are inflated.  Left out of the medians
+    # when each side has a run without.
+    clean = {label: [r for r in rows if not r["failed"]] for label, rows in runs.items()}
+    if all(clean.values()):
+        runs = clean
+    else:
+        print("  (every run of one side had failed calls: its figures per call are inflated)")
     med = {label: {key: statistics.median(r[key] for r in rows)
                    for key in ("cpu_ms", "reads", "commands")} for label, rows in runs.items()}
     ratio = {key: med["this"][key] / med["reference"][key] if med["reference"][key] else
              float("nan") for key in ("cpu_ms", "reads", "commands")}
-    print(f"  this / reference (medians): CPU per call {ratio['cpu_ms']:.2f} "
+    print(f"  this / reference (medians of {len(runs['this'])} and {len(runs['reference'])} "
+          f"runs): CPU per call {ratio['cpu_ms']:.2f} "
           f"({med['this']['cpu_ms']:.2f} / {med['reference']['cpu_ms']:.2f} ms), "
           f"round trips per call {ratio['reads']:.2f} ({med['this']['reads']:.1f} / "
           f"{med['reference']['reads']:.1f}), commands per call {ratio['commands']:.2f}",
