@@ -318,16 +318,25 @@ def test_a_call_is_placed_with_one_read_per_step(worker, store, monkeypatch):
     reads = Reads(store, monkeypatch)
     first = invite()
     challenge = only(deliver(worker, first, CALLER), CALLER)
-    assert reads.calls == ["load_call_and_answer"]  # no call, no kept answer: challenged
+    assert challenge.status == 407 and reads.calls == []  # no credentials: nothing to read
     assert deliver(worker, ack_of(first, challenge), CALLER) == []
-    assert reads.calls == ["load_call_and_answer"]  # the challenge's ACK reads nothing
+    assert reads.calls == []  # nor for the challenge's ACK
     creds = answer_challenge(challenge, method="INVITE", uri=INVITE_URI, user="1002",
                              password="1234")
     sent = deliver(worker, invite(cseq=2, proxy_authorization=creds), CALLER)
     assert only(sent, CALLER).status == 100 and only(sent, CALLEE).method == "INVITE"
-    # The caller's HA1 read with the call (the challenge read none), then its nonce count
-    # with the callee's record and bindings, in one round trip.
-    assert reads.calls[1:] == ["load_call_and_answer", "nonce_count_and_user"]
+    # The call, its kept answer and the caller's HA1 in one round trip, then the nonce
+    # count with the callee's record and bindings in another.
+    assert reads.calls == ["load_call_and_answer", "nonce_count_and_user"]
+
+
+def test_an_initial_invite_without_credentials_of_a_call_held_here_reaches_it(worker):
+    """A merged copy (same Call-ID, another branch, no To tag) of a call this worker holds
+    gets the call's answer (482), not a challenge."""
+    registered_callee(worker)
+    placed_call(worker)
+    merged = only(deliver(worker, invite(via_branch="z9hG4bK-merged"), CALLER), CALLER)
+    assert merged.status == 482
 
 
 def test_the_ack_of_a_challenge_another_worker_gave_is_looked_up(worker, store, monkeypatch):

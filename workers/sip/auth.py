@@ -142,6 +142,10 @@ class Authenticator:
                 return creds
         return None
 
+    def carries_credentials(self, req: Request, *, proxy: bool) -> bool:
+        """Whether ``req`` has credentials for our realm (else ``check`` challenges it)."""
+        return self._credentials(req, proxy) is not None
+
     def user_to_read(self, req: Request, *, proxy: bool) -> str | None:
         """The user whose record ``check`` would read for ``req`` (its credentials are for
         our realm, its HA1 is not cached): the caller may read it with its own reads and

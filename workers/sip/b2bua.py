@@ -126,6 +126,14 @@ class B2BUA:
             # in one round trip.
             stored_key = tx_key(tag, server_key(req))
             loaded = stored = session = None
+            if tag not in self._records and source.addr[0] not in self.trusted and \
+                    not self.auth.carries_credentials(req, proxy=True):
+                # It is challenged, whatever Redis holds: no call starts without
+                # credentials (but a trusted gateway's), so none has this request's
+                # Call-ID but a merged copy's (482 once it comes with credentials), and
+                # answers are kept only past the authentication.  Nothing to read.
+                self._new_call(tag, req, source, stored_key, None)
+                return
             if tag not in self._records:
                 # ... and the caller's record, when its credentials will need it.
                 user = (None if source.addr[0] in self.trusted
