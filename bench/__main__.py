@@ -1,10 +1,12 @@
 """Run every bench/bench_*.py module's main() in name order, then show the machine's load.
 
-`python -m bench` runs them all; `python -m bench NAME ...` only those named
-(with or without the bench_ prefix).  A main() prints its own figures; if it
-also returns a mapping of figures, they are printed here as well.  The load
-average and CPU model are printed because figures from a busy or different
-machine do not compare.
+`python -m bench` runs them all, then the comparison with a reference revision
+(reference.py: the ratio of CPU and of Redis round trips per call, this checkout over
+the reference, measured alternately in this invocation); `python -m bench NAME ...` only
+those named (with or without the bench_ prefix; ``reference`` for the comparison).
+A main() prints its own figures; if it also returns a mapping of figures, they are
+printed here as well.  The load average and CPU model are printed because figures from
+a busy or different machine do not compare.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 
 
+REFERENCE = "reference"
+
+
 def bench_modules(names: list[str]) -> list[str]:
     found = sorted(path.stem for path in BENCH_DIR.glob("bench_*.py"))
     if not names:
-        return found
+        return [*found, REFERENCE]
+    if REFERENCE in names:  # last, whatever the order given
+        others = [n for n in names if n != REFERENCE]
+        return [*(bench_modules(others) if others else []), REFERENCE]
     wanted = [name if name.startswith("bench_") else f"bench_{name}" for name in names]
     unknown = [name for name in wanted if name not in found]
     if unknown:
@@ -50,7 +58,7 @@ def run(name: str) -> bool:
     print(f"== {name}", flush=True)
     started = time.perf_counter()
     try:
-        figures = importlib.import_module(f"bench.{name}").main()
+        figures = importlib.import_module(f"bench.{name}").main()  # reference.py too
     except Exception as e:  # one broken benchmark must not hide the others' figures
         print(f"!! {name} failed: {type(e).__name__}: {e}", flush=True)
         return False

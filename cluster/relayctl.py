@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 
 from cluster import clusterauth
 from cluster import store as store_module
+from cluster.bounded import BoundedCache
 from cluster.store import Store, pack, unpack
 
 MAX_DATAGRAM = 65_000
@@ -63,6 +64,11 @@ OWNER_TIMEOUTS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 RELAY_DEAD_AFTER = 2.0  # a relay whose heartbeat is older than this is not picked
 NODES_REFRESH = 1.0  # seconds between reads of relay:nodes
 SUSPECT_FOR = 5.0  # a relay that did not answer is skipped this long for new sessions
+# Calls whose relay this client remembers (it made their session or was told where it is):
+# their answer and delete go there without reading the session's record first (one Redis
+# round trip each); a relay that refuses, or does not know the session, sends it back to
+# the record.  ~150 bytes an entry.
+OWNERS_REMEMBERED = 20_000
 SILENT_TRY_FOR = 30.0  # a relay without a heartbeat this long is no longer tried at all
 
 
@@ -196,6 +202,13 @@ class RelayClient:
     _spare: dict[tuple, list[socket.socket]] = field(default_factory=dict, repr=False)
     # Hosts known dead (media.follow_dead_hosts): their relays are not waited for.
     dead_hosts: set[str] = field(default_factory=set, repr=False)
+    # call -> the relay of its session, as this client last knew it (see OWNERS_REMEMBERED)
+    _owners: BoundedCache = field(
+        default_factory=lambda: BoundedCache(OWNERS_REMEMBERED, OWNERS_REMEMBERED * 150),
+        repr=False)
+    # call -> its session's relay (None: no session) as read from Redis for the event in
+    # hand (``read_owner``): its first offer needs no read of its own.
+    _read: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- commands
     def offer(self, call_id: str, leg: str, streams: Sequence[StreamSpec], *, hold: bool = False,
@@ -210,9 +223,16 @@ class RelayClient:
                    "latch_any": latch_any}
         if other_family is not None:
             message["other_family"] = other_family
-        owner = relay or self._owner(call_id)
+        if relay is not None:
+            owner = relay
+        elif call_id in self._read:
+            owner = self._read[call_id]
+        else:
+            owner = self._owner(call_id)
         if owner is not None:
-            return _media_result(self._to_owner(owner, call_id, message))
+            result = _media_result(self._to_owner(owner, call_id, message))
+            self._remember(call_id, owner)
+            return result
         for candidate in self.candidates():
             try:
                 reply = self._exchange(candidate.control, message, self.new_session_timeouts)
@@ -220,7 +240,9 @@ class RelayClient:
                 self._suspect[candidate.id] = time.monotonic()
                 continue
             self._picked[candidate.id] = self._picked.get(candidate.id, 0) + 1
-            return _media_result(_checked(reply))
+            result = _media_result(_checked(reply))
+            self._remember(call_id, candidate.id)
+            return result
         raise RelayUnavailable("no live relay answered the offer")
 
     def answer(self, call_id: str, leg: str, streams: Sequence[StreamSpec], *,
@@ -230,24 +252,63 @@ class RelayClient:
         message = {"cmd": "answer", "call_id": call_id, "leg": leg,
                    "streams": [s.to_message() for s in streams], "hold": hold,
                    "latch_any": latch_any}
-        owner = relay or self._owner(call_id)
+        remembered = None if relay else self._owners.get(call_id)
+        if remembered is not None:
+            try:
+                return _media_result(self._to_owner(remembered, call_id, message))
+            except RelayError as exc:  # no such session there (moved?), or it is away
+                self._owners.pop(call_id)
+                owner = self._owner(call_id)
+                if owner is None:
+                    raise RelayError(f"no relay session for call {call_id}") from exc
+                if owner == remembered:
+                    raise  # the record says the same relay: its answer stands
+        else:
+            owner = relay or self._owner(call_id)
         if owner is None:
             raise RelayError(f"no relay session for call {call_id}")
-        return _media_result(self._to_owner(owner, call_id, message))
+        result = _media_result(self._to_owner(owner, call_id, message))
+        self._remember(call_id, owner)
+        return result
 
     def delete(self, call_id: str, *, relay: str | None = None) -> dict | None:
         """End the session; returns its final figures, None when no session exists."""
-        owner = relay or self._owner(call_id)
+        message = {"cmd": "delete", "call_id": call_id}
+        remembered = None if relay else self._owners.pop(call_id)
+        failed: RelayUnavailable | None = None
+        if remembered is not None:
+            try:
+                reply = self._to_owner(remembered, call_id, message)
+            except RelayUnavailable as exc:
+                failed = exc
+            else:
+                if reply.get("found"):
+                    return reply
+        owner = relay or self._owner(call_id)  # none remembered, or not found there
         if owner is None:
             return None
-        message = {"cmd": "delete", "call_id": call_id}
+        if owner == remembered and failed is None:
+            return None  # the record's relay said it has no such session
         try:
+            if owner == remembered:
+                raise failed
             reply = self._to_owner(owner, call_id, message)
         except RelayUnavailable:
             # The relay is gone: drop the record so a restart does not bring the session back.
             store_module.relay_drop_sessions(self.store, owner, [call_id])
             raise
         return reply if reply.get("found") else None
+
+    def read_owner(self, call_id: str, owner: str | None) -> None:
+        """The relay of ``call_id``'s session (None: it has none), just read from Redis with
+        the call; used by the next offer, until ``forget_read``."""
+        self._read[call_id] = owner
+
+    def forget_read(self, call_id: str) -> None:
+        self._read.pop(call_id, None)
+
+    def _remember(self, call_id: str, owner: str) -> None:
+        self._owners.put(call_id, owner, len(call_id) + len(owner) + 100)
 
     def query(self, call_id: str, *, relay: str | None = None) -> dict | None:
         """Per-leg, per-stream figures of a live session, None when there is none."""

@@ -22,6 +22,7 @@ from cluster.store import (
     TIMER_LEASE,
     TIMER_SHARDS,
     VERSION_STEP,
+    Arrival,
     Binding,
     RegisterResult,
     Store,
@@ -236,6 +237,13 @@ class MemoryStore:
         found = (Binding.from_record(unpack(v)) for v in self._hash(reg_key(aor)).values())
         return sorted((b for b in found if b.expires_at > now), key=lambda b: b.registered_at)
 
+    def user_and_bindings(self, user: str, realm: str,
+                          now: float | None = None) -> tuple[dict | None, list[Binding]]:
+        record = self.get_user(user, realm)
+        if record is None:
+            return None, []
+        return record, self.bindings(aor_of(user, realm), now)
+
     def raw_bindings(self, aor: str) -> dict[str, bytes]:
         return dict(self._hash(reg_key(aor)))
 
@@ -269,6 +277,12 @@ class MemoryStore:
         self._set(key, f"{nc} {tx}", int(ttl * 1000) / 1000)
         return True
 
+    def nonce_count_and_user(self, aor: str, nonce: str, nc: int, ttl: float, tx: str,
+                             user: str, realm: str, now: float | None = None
+                             ) -> tuple[bool, dict | None, list[Binding]]:
+        return (self.accept_nonce_count(aor, nonce, nc, ttl, tx),
+                *self.user_and_bindings(user, realm, now))
+
     # ---------------------------------------------------------------- transactions
     def store_answers(self, answers: list[tuple[str, bytes, float]]) -> None:
         for tx, data, ttl in answers:
@@ -284,12 +298,21 @@ class MemoryStore:
             return None
         return int(fields["v"]), unpack(fields["d"])
 
+    def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False,
+                             user: tuple[str, str] | None = None) -> Arrival:
+        """Relay sessions are not mirrored: never one."""
+        return Arrival(self.load_call(tag), self.stored_answer(tx), None,
+                       None if user is None else self.get_user(*user))
+
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
-                  arm: list[tuple[str, str, float]] = ()) -> int | None:
-        """The timers are armed first, whether the compare-and-set then wins or not (as
-        the real store's pipeline does); the counting indexes are not mirrored."""
+                  arm: list[tuple[str, str, float]] = (),
+                  disarm: list[tuple[str, str, float]] = ()) -> int | None:
+        """The timers are armed and disarmed first, whether the compare-and-set then wins
+        or not (as the real store's pipeline does); the counting indexes are not
+        mirrored."""
         for timer_tag, name, due in arm:
             self._timers[timer_member(timer_tag, name, due)] = (due, timer_tag, name, due)
+        self.remove_timers(disarm)
         key = call_key(tag)
         if int(self._hash(key).get("v", b"0")) != version:
             return None

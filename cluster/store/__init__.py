@@ -16,7 +16,7 @@ Every operation is a ``Store`` method.  Those that callers use as functions of a
 
 from __future__ import annotations
 
-from .calls import Calls, counted_state
+from .calls import Arrival, Calls, counted_state
 from .connection import (
     REDIS_ERRORS,
     VERSION_STEP,
@@ -123,7 +123,7 @@ call_records = Store.call_records
 live_call_records = Store.live_call_records
 
 __all__ = [
-    "AUTHBLOCK_CHANNEL", "AUTHLOCK_CHANNEL", "BAN_CHANNEL", "CALLS_INDEX", "CDR_LEGACY",
+    "AUTHBLOCK_CHANNEL", "AUTHLOCK_CHANNEL", "Arrival", "BAN_CHANNEL", "CALLS_INDEX", "CDR_LEGACY",
     "CDR_STREAMS", "COUNTED_CALL_STATES", "HANGUP_GROUP", "HANGUP_STREAM", "HOSTS_KEY",
     "PERSISTENT_KEYS", "PROCS_INDEX", "REDIS_ERRORS", "REG_AORS_INDEX", "REG_CONTACTS_INDEX",
     "RELAY_EVENTS_LEGACY", "RELAY_EVENTS_STREAMS", "RELAY_NODES_KEY", "STREAM_SHARDS",

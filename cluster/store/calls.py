@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import NamedTuple
 
 from .connection import PIPELINE_BATCH, VERSION_STEP, batches, pack, unpack
 from .schema import (
@@ -14,15 +15,27 @@ from .schema import (
     STREAM_SHARDS,
     TIMER_LEASE,
     TIMER_SHARDS,
+    aor_of,
     call_key,
     cdr_key,
     parse_timer_member,
+    relay_session_key,
     stream_shard,
     timer_key,
     timer_member,
     timer_shard,
     trace_key,
+    user_key,
 )
+
+
+class Arrival(NamedTuple):
+    """``load_call_and_answer``'s reads."""
+
+    call: tuple[int, dict] | None
+    answer: bytes | None
+    session: dict | None
+    user: dict | None
 
 
 def counted_state(record: dict) -> str:
@@ -41,31 +54,58 @@ class Calls:
             return None
         return int(version), unpack(data)
 
+    def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False,
+                             user: tuple[str, str] | None = None) -> Arrival:
+        """What a request that may start a call needs first, in one round trip: the call
+        (``load_call``), the answer kept under ``tx`` (``stored_answer``), when ``relayed``
+        its relay session (``relay_session``), and the record of ``user`` (user, realm),
+        when given (``get_user``)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(call_key(tag), "v", "d")
+        pipe.get(tx)
+        if relayed:
+            pipe.get(relay_session_key(tag))
+        if user is not None:
+            pipe.get(user_key(aor_of(*user)))
+        replies = self._call(pipe.execute)
+        (version, data), answer = replies[0], replies[1]
+        session = unpack(replies[2]) if relayed and replies[2] is not None else None
+        record = replies[-1] if user is not None else None
+        return Arrival(None if data is None else (int(version), unpack(data)), answer or None,
+                       session, None if record is None else unpack(record))
+
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
-                  arm: list[tuple[str, str, float]] = ()) -> int | None:
+                  arm: list[tuple[str, str, float]] = (),
+                  disarm: list[tuple[str, str, float]] = ()) -> int | None:
         """Write a call record if it is still at ``version``; the new version, or None.
 
         ``arm``: timers (tag, name, due) to add first, in the same round trip (their keys
         are in other slots, so not in the same script: arming first is the safe order).
+        ``disarm``: timer entries (of any call) to remove, in that round trip too: removals
+        waiting for their batch ride along instead of taking a round trip of their own.
         """
         def build(pipe):
             for timer_tag, name, due in arm:
                 pipe.zadd(timer_key(timer_shard(timer_tag)),
                           {timer_member(timer_tag, name, due): due})
+            for timer_tag, name, due in disarm:
+                pipe.zrem(timer_key(timer_shard(timer_tag)), timer_member(timer_tag, name, due))
             self._evalsha(pipe, self._call_cas, [call_key(tag), *self.call_index_keys()],
                           [version, pack(record), int(ttl * 1000),
                            version + random.randrange(1, VERSION_STEP), counted_state(record),
                            tag, int(time.time() * 1000)])
-            self._wait_replicas(pipe)
+            self._wait_replicas(pipe)  # right after the write: on a cluster, at its node
         replies = self._pipelined(build)
         self._waited(replies)
-        new = replies[len(arm)]
+        new = replies[len(arm) + len(disarm)]
         return None if new < 0 else int(new)
 
     def call_version(self, tag: str) -> int:
         return int(self._call(self.redis.hget, call_key(tag), "v") or 0)
 
     def remove_timers(self, entries: list[tuple[str, str, float]]) -> None:
+        if not entries:
+            return
         pipe = self.redis.pipeline(transaction=False)
         for tag, name, due in entries:
             pipe.zrem(timer_key(timer_shard(tag)), timer_member(tag, name, due))
@@ -89,9 +129,12 @@ class Calls:
     def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
         self.add_traces({tag: (entries, ttl)}, limit)
 
-    def add_traces(self, pending: dict[str, tuple[list[dict], float]], limit: int) -> None:
+    def add_traces(self, pending: dict[str, tuple[list[dict], float]], limit: int,
+                   heads: tuple[str, int] | None = None) -> list[dict] | None:
         """Append the entries of several calls' traces (tag -> (entries in order, TTL))
-        in one pipeline: per call one RPUSH, one LTRIM and the two EXPIREs below."""
+        in one pipeline: per call one RPUSH, one LTRIM and the two EXPIREs below.
+        ``heads``: (tag, count): also read that call's first ``count`` entries, after the
+        writes, in the same round trip (``trace_heads`` of one call); returned."""
         pipe = self.redis.pipeline(transaction=False)
         for tag, (entries, ttl) in pending.items():
             if not entries:
@@ -104,8 +147,13 @@ class Calls:
             # key without a TTL alone, hence NX first).
             pipe.expire(key, int(ttl), nx=True)
             pipe.expire(key, int(ttl), gt=True)
+        if heads is not None:
+            pipe.lrange(trace_key(heads[0]), 0, heads[1] - 1)
         if len(pipe):
-            self._call(pipe.execute)
+            replies = self._call(pipe.execute)
+            if heads is not None:
+                return [unpack(e) for e in replies[-1]]
+        return None
 
     def trace(self, tag: str) -> list[dict]:
         return [unpack(e) for e in self._call(self.redis.lrange, trace_key(tag), 0, -1)]

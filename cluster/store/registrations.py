@@ -155,9 +155,20 @@ class Registrations:
 
     def bindings(self, aor: str, now: float | None = None) -> list[Binding]:
         now = time.time() if now is None else now
-        raw = self._call(self.redis.hgetall, reg_key(aor))
-        found = (Binding.from_record(unpack(v)) for v in raw.values())
-        return sorted((b for b in found if b.expires_at > now), key=lambda b: b.registered_at)
+        return _live(self._call(self.redis.hgetall, reg_key(aor)).values(), now)
+
+    def user_and_bindings(self, user: str, realm: str,
+                          now: float | None = None) -> tuple[dict | None, list[Binding]]:
+        """``get_user`` and ``bindings`` of one user in one round trip (one slot: the AOR's)."""
+        now = time.time() if now is None else now
+        aor = aor_of(user, realm)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(user_key(aor))
+        pipe.hgetall(reg_key(aor))
+        data, raw = self._call(pipe.execute)
+        if data is None:
+            return None, []
+        return unpack(data), _live(raw.values(), now)
 
     def raw_bindings(self, aor: str) -> dict[str, bytes]:
         """Binding key -> packed record, for callers that may drop a binding later."""
@@ -189,6 +200,23 @@ class Registrations:
         """NonceCounter for requests outside REGISTER: False for a replayed count.  ``tx``
         is the request's server transaction key: its retransmissions are accepted again."""
         return bool(self._script(self._nc, [nc_key(aor, nonce)], [nc, int(ttl * 1000), tx]))
+
+    def nonce_count_and_user(self, aor: str, nonce: str, nc: int, ttl: float, tx: str,
+                             user: str, realm: str, now: float | None = None
+                             ) -> tuple[bool, dict | None, list[Binding]]:
+        """``accept_nonce_count`` and ``user_and_bindings(user, realm)`` in one round trip
+        (an INVITE's caller's count and its callee: what the call needs next)."""
+        now = time.time() if now is None else now
+        callee = aor_of(user, realm)
+
+        def build(pipe):
+            self._evalsha(pipe, self._nc, [nc_key(aor, nonce)], [nc, int(ttl * 1000), tx])
+            pipe.get(user_key(callee))
+            pipe.hgetall(reg_key(callee))
+        accepted, data, raw = self._pipelined(build)
+        if data is None:
+            return bool(accepted), None, []
+        return bool(accepted), unpack(data), _live(raw.values(), now)
 
     # ---------------------------------------------------------------- transactions
     def store_answers(self, answers: list[tuple[str, bytes, float]]) -> None:
@@ -252,3 +280,9 @@ class Registrations:
                 found[aor] = sorted((b for b in live if b.expires_at > now),
                                     key=lambda b: b.registered_at)
         return found
+
+
+def _live(packed: Iterable[bytes], now: float) -> list[Binding]:
+    """The bindings not lapsed at ``now``, oldest registration first."""
+    found = (Binding.from_record(unpack(v)) for v in packed)
+    return sorted((b for b in found if b.expires_at > now), key=lambda b: b.registered_at)

@@ -414,6 +414,63 @@ def test_timers_armed_with_a_write_are_claimed_when_due_as_a_lease(env):
     assert store.claim_due_timers(now + 200) == [(CALL, "C", now - 2.0), (CALL, "A", now + 100.5)]
 
 
+def test_timers_disarmed_with_a_write_are_gone_whether_it_wins_or_not(env):
+    store, now = env.store, env.now()
+    version = store.save_call(CALL, 0, RECORD, 60,
+                              arm=[(CALL, "A", now - 1.5), (CALL, "B", now - 1.0),
+                                   ("other", "C", now - 0.5)])
+    won = store.save_call(CALL, version, RECORD, 60, disarm=[(CALL, "A", now - 1.5)])
+    assert won not in (None, version)
+    lost = store.save_call(CALL, version, RECORD, 60, disarm=[("other", "C", now - 0.5),
+                                                              (CALL, "missing", now)])
+    assert lost is None and store.load_call(CALL) == (won, RECORD)
+    assert store.claim_due_timers(now) == [(CALL, "B", now - 1.0)]
+
+
+def test_a_call_and_its_kept_answer_are_read_together(env):
+    store = env.store
+    kept, other = tx_key(CALL, "s|b1|INVITE"), tx_key(CALL, "s|b2|INVITE")
+    assert store.load_call_and_answer(CALL, kept) == (None, None, None, None)
+    store.store_answers([(kept, b"SIP/2.0 100 Trying", 30)])
+    version = store.save_call(CALL, 0, RECORD, 60)
+    assert store.load_call_and_answer(CALL, kept) == ((version, RECORD), b"SIP/2.0 100 Trying",
+                                                      None, None)
+    assert store.load_call_and_answer(CALL, other)[1] is None
+    assert store.load_call_and_answer(CALL, other, user=("1002", REALM)).user is None
+    store.put_user("1002", REALM, {"MD5": "ha1"})
+    arrival = store.load_call_and_answer(CALL, other, user=("1002", REALM))
+    assert arrival.user == store.get_user("1002", REALM) and arrival.call == (version, RECORD)
+
+
+def test_a_user_and_its_bindings_are_read_together(env):
+    store, now = env.store, env.now()
+    assert store.user_and_bindings("1002", REALM) == (None, [])
+    store.put_user("1002", REALM, {"MD5": "ha1"})
+    user, bindings = store.user_and_bindings("1002", REALM)
+    assert user["ha1"] == {"MD5": "ha1"} and bindings == []
+    register(env, now, set_bindings=[binding("k1", now), binding("k2", now, expires=-1)])
+    user, bindings = store.user_and_bindings("1002", REALM, now)
+    assert keys(bindings) == ["k1"]  # the lapsed one left out
+    assert bindings == store.bindings(AOR, now)
+
+
+def test_a_nonce_count_is_checked_with_the_callee_read_in_its_round_trip(env):
+    store, now = env.store, env.now()
+    caller = aor_of("1001", REALM)
+    assert store.nonce_count_and_user(caller, "n1", 1, 300, "tx1", "1002", REALM) == (
+        True, None, [])
+    store.put_user("1002", REALM, {"MD5": "ha1"})
+    register(env, now, set_bindings=[binding("k1", now)])
+    accepted, user, bindings = store.nonce_count_and_user(caller, "n1", 2, 300, "tx2",
+                                                          "1002", REALM, now)
+    assert accepted and user["ha1"] == {"MD5": "ha1"} and keys(bindings) == ["k1"]
+    # A replayed count is refused; the callee is read all the same.
+    accepted, user, bindings = store.nonce_count_and_user(caller, "n1", 2, 300, "tx3",
+                                                          "1002", REALM, now)
+    assert not accepted and user is not None and keys(bindings) == ["k1"]
+    assert store.nonce_count_and_user(caller, "n1", 2, 300, "tx2", "1002", REALM, now)[0]
+
+
 def test_cdrs_are_appended_as_text_in_order(env):
     env.store.add_cdr({"caller": "1002", "duration": 3, "answer": None, "billsec": 1.5})
     env.store.add_cdr({"caller": "1001"})

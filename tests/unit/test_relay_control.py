@@ -156,3 +156,84 @@ def test_relays_silent_for_a_while_are_tried_last():
                                        info("elsewhere", 5.0, host="h2"))}
     client._nodes_read = time.monotonic()  # nothing to read from Redis
     assert [r.id for r in client.candidates()] == ["h1/live", "h1/late", "h1/later"]
+
+
+class SessionsAt:
+    """Relays (by control port) holding sessions, and the session records in "Redis"; an
+    exchange with a relay runs its command on what it holds."""
+
+    def __init__(self, client: RelayClient, relays: list[str]):
+        now = time.time()
+        self.ports = {relay: 7000 + i for i, relay in enumerate(relays)}  # r0 least loaded
+        self.held: dict[str, set[str]] = {relay: set() for relay in relays}
+        self.records: dict[str, str] = {}  # call -> owner
+        self.reads: list[str] = []
+        self.sent: list[tuple[str, str]] = []  # (relay, command)
+        client._nodes = {r: RelayInfo(r, "h1", ("127.0.0.1", p), p - 7000, 0.0, now)
+                         for r, p in self.ports.items()}
+        client._nodes_read = time.monotonic() + 3600  # nothing to read from Redis
+        client._owner = self.owner
+        client._exchange = self.exchange
+
+    def owner(self, call_id: str) -> str | None:
+        self.reads.append(call_id)
+        return self.records.get(call_id)
+
+    def exchange(self, control, message, timeouts) -> dict:
+        relay = next(r for r, p in self.ports.items() if p == control[1])
+        command, call_id = message["cmd"], message["call_id"]
+        self.sent.append((relay, command))
+        held = call_id in self.held[relay]
+        if command == "delete":
+            self.held[relay].discard(call_id)
+            return {"ok": True, "found": held}
+        if command == "answer" and not held:
+            return {"ok": False, "error": f"no session for call {call_id}"}
+        self.held[relay].add(call_id)
+        self.records.setdefault(call_id, relay)
+        stream = {"media": "audio", "address": "192.0.2.9", "port": 30000, "rtcp_port": 30001,
+                  "rtcp_mux": False, "family": 4}
+        return {"ok": True, "relay": relay, "streams": [stream]}
+
+
+SPEC = [StreamSpec("audio", "192.0.2.1", 4000)]
+
+
+def test_the_relay_of_a_session_made_here_is_asked_without_reading_its_record():
+    client = RelayClient(store=None, host="h1")
+    relays = SessionsAt(client, ["h1/r0"])
+    client.read_owner("c1", None)  # read with the call: no session yet
+    client.offer("c1", "a", SPEC)
+    client.forget_read("c1")
+    client.answer("c1", "b", SPEC)
+    assert client.delete("c1") is not None
+    assert relays.reads == [] and relays.sent == [
+        ("h1/r0", "offer"), ("h1/r0", "answer"), ("h1/r0", "delete")]
+
+
+def test_a_session_that_moved_is_found_through_its_record():
+    client = RelayClient(store=None, host="h1")
+    relays = SessionsAt(client, ["h1/r0", "h1/r1"])
+    client.offer("c1", "a", SPEC)  # no record read with the call: read here
+    assert relays.reads == ["c1"] and relays.held["h1/r0"] == {"c1"}
+    # Another relay took the session over (its record names it now).
+    relays.held["h1/r0"].clear()
+    relays.held["h1/r1"].add("c1")
+    relays.records["c1"] = "h1/r1"
+    client.answer("c1", "b", SPEC)
+    assert relays.sent[-2:] == [("h1/r0", "answer"), ("h1/r1", "answer")]
+    assert client.delete("c1") is not None  # remembered anew: straight there
+    assert relays.sent[-1] == ("h1/r1", "delete") and relays.reads == ["c1", "c1"]
+
+
+def test_a_delete_the_remembered_relay_does_not_know_goes_to_the_record():
+    client = RelayClient(store=None, host="h1")
+    relays = SessionsAt(client, ["h1/r0", "h1/r1"])
+    client.offer("c1", "a", SPEC)
+    relays.held["h1/r0"].clear()
+    relays.held["h1/r1"].add("c1")
+    relays.records["c1"] = "h1/r1"
+    assert client.delete("c1") is not None and relays.held["h1/r1"] == set()
+    assert relays.sent[-2:] == [("h1/r0", "delete"), ("h1/r1", "delete")]
+    relays.records.pop("c1")
+    assert client.delete("c1") is None  # gone everywhere

@@ -288,6 +288,66 @@ def test_a_call_record_another_worker_wrote_meanwhile_is_read_again(worker, stor
     assert store.load_call(tag)[1]["state"] in ("ringing", "early")
 
 
+class Reads:
+    """Counts the store's read methods a worker calls (each one Redis round trip)."""
+
+    NAMES = ("load_call", "load_call_and_answer", "stored_answer", "get_user", "bindings",
+             "user_and_bindings", "accept_nonce_count", "nonce_count_and_user",
+             "call_version")
+
+    def __init__(self, store, monkeypatch):
+        self.calls: list[str] = []
+        self.depth = 0  # MemoryStore's combined reads call its single ones: not counted
+        for name in self.NAMES:
+            monkeypatch.setattr(store, name, self._counting(name, getattr(store, name)))
+
+    def _counting(self, name, method):
+        def counted(*args, **kwargs):
+            if not self.depth:
+                self.calls.append(name)
+            self.depth += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        return counted
+
+
+def test_a_call_is_placed_with_one_read_per_step(worker, store, monkeypatch):
+    registered_callee(worker)
+    reads = Reads(store, monkeypatch)
+    first = invite()
+    challenge = only(deliver(worker, first, CALLER), CALLER)
+    assert challenge.status == 407 and reads.calls == []  # no credentials: nothing to read
+    assert deliver(worker, ack_of(first, challenge), CALLER) == []
+    assert reads.calls == []  # nor for the challenge's ACK
+    creds = answer_challenge(challenge, method="INVITE", uri=INVITE_URI, user="1002",
+                             password="1234")
+    sent = deliver(worker, invite(cseq=2, proxy_authorization=creds), CALLER)
+    assert only(sent, CALLER).status == 100 and only(sent, CALLEE).method == "INVITE"
+    # The call, its kept answer and the caller's HA1 in one round trip, then the nonce
+    # count with the callee's record and bindings in another.
+    assert reads.calls == ["load_call_and_answer", "nonce_count_and_user"]
+
+
+def test_an_initial_invite_without_credentials_of_a_call_held_here_reaches_it(worker):
+    """A merged copy (same Call-ID, another branch, no To tag) of a call this worker holds
+    gets the call's answer (482), not a challenge."""
+    registered_callee(worker)
+    placed_call(worker)
+    merged = only(deliver(worker, invite(via_branch="z9hG4bK-merged"), CALLER), CALLER)
+    assert merged.status == 482
+
+
+def test_the_ack_of_a_challenge_another_worker_gave_is_looked_up(worker, store, monkeypatch):
+    first = invite()
+    challenge = only(deliver(worker, first, CALLER), CALLER)
+    other = make_worker(store)
+    reads = Reads(store, monkeypatch)
+    assert deliver(other, ack_of(first, challenge), CALLER) == []
+    assert reads.calls == ["load_call"]  # not its challenge: there could be a call
+
+
 # --------------------------------------------------------------------------- absorber
 
 

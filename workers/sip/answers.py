@@ -79,7 +79,8 @@ class Answers:
         """The request ``mark`` is no longer in hand here."""
         self.working.discard(mark)
 
-    def remember(self, req: Request, data: bytes, dest: tuple[str, int]) -> None:
+    def remember(self, req: Request, data: bytes, dest: tuple[str, int],
+                 made_tag: str | None = None) -> None:
         """A final answer sent outside any transaction (a 401, 403, 404...): a copy of the
         request gets the same bytes again, not a new challenge or a second failure count
         (affinity brings the copies to this worker).  Kept for Timer J (64*T1)."""
@@ -87,9 +88,23 @@ class Answers:
             return
         mark = request_mark(req.call_id, (req.via.branch or "").encode(), req.method)
         recent, now = self.recent, time.monotonic()
-        recent.put(mark, (now + self.tx_ttl, data, dest), len(mark) + len(data))
+        # ``made_tag``: the To tag this answer made for a request outside any dialog; its
+        # ACK carries it (``acks_stateless``).
+        recent.put(mark, (now + self.tx_ttl, data, dest, made_tag), len(mark) + len(data))
         while (oldest := recent.oldest()) is not None and oldest[1][0] < now:
             recent.pop_oldest()
+
+    def acks_stateless(self, ack: Request) -> bool:
+        """Whether ``ack`` acknowledges a final answer given here outside any dialog (a
+        challenge, a 404): same Call-ID and branch as that INVITE (RFC 3261 17.1.1.3) and
+        the To tag the answer made, which no call's dialog has.  No call needs it then;
+        one that came to another worker is looked up as any other."""
+        tag = ack.to.tag
+        if tag is None:
+            return False
+        answered = self.recent.get(
+            request_mark(ack.call_id, (ack.via.branch or "").encode(), "INVITE"))
+        return answered is not None and answered[3] == tag
 
     def keep(self, tx: str, data: bytes) -> None:
         """Store an answer for retransmissions, batched with others.  Until the batch is
@@ -118,12 +133,13 @@ class Answers:
               headers=()) -> bytes:
         """Answer ``req`` outside any transaction (to where its Via says) and, when final,
         remember the answer for its copies; the bytes sent."""
-        data = self.build(req, status, reason, headers=headers).to_bytes()
+        answer = self.build(req, status, reason, headers=headers)
+        data = answer.to_bytes()
         dest = response_dest(req, source.addr)
         self.transport.send(data, dest, sock_index=source.sock_index)
         if status >= 200:
             source.answered = True
-            self.remember(req, data, dest)
+            self.remember(req, data, dest, answer.to.tag if req.to.tag is None else None)
         return data
 
     def raw(self, data: bytes, addr: tuple[str, int], sock_index: int, error: SipError,

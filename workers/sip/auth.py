@@ -142,15 +142,36 @@ class Authenticator:
                 return creds
         return None
 
+    def carries_credentials(self, req: Request, *, proxy: bool) -> bool:
+        """Whether ``req`` has credentials for our realm (else ``check`` challenges it)."""
+        return self._credentials(req, proxy) is not None
+
+    def user_to_read(self, req: Request, *, proxy: bool) -> str | None:
+        """The user whose record ``check`` would read for ``req`` (its credentials are for
+        our realm, its HA1 is not cached): the caller may read it with its own reads and
+        hand it over (``read_user``) first."""
+        creds = self._credentials(req, proxy)
+        if creds is None or not creds.username:
+            return None
+        cached = self._ha1.get(creds.username)
+        return creds.username if cached is None or cached[0] < time.monotonic() else None
+
+    def read_user(self, user: str, record: dict | None) -> None:
+        """``user``'s record (None: no such user), just read from the store."""
+        self._cache_user(user, record, time.monotonic())
+
+    def _cache_user(self, user: str, record: dict | None, now: float) -> tuple:
+        ha1 = record["ha1"] if record else None
+        cached = (now + HA1_CACHE_SECONDS, ha1)
+        self._ha1.put(user, cached, len(user) + (sum(map(len, ha1.values())) if ha1 else 0))
+        return cached
+
     def _ha1_of(self, user: str, algorithm: str) -> tuple[str, bool]:
         """The HA1 to check against, and whether the user is known (else a decoy's)."""
         now = time.monotonic()
         cached = self._ha1.get(user)
         if cached is None or cached[0] < now:
-            record = self.store.get_user(user, self.realm)
-            ha1 = record["ha1"] if record else None
-            cached = (now + HA1_CACHE_SECONDS, ha1)
-            self._ha1.put(user, cached, len(user) + (sum(map(len, ha1.values())) if ha1 else 0))
+            cached = self._cache_user(user, self.store.get_user(user, self.realm), now)
         known = cached[1]
         if not known or algorithm not in known:
             return self._decoy[algorithm], False

@@ -30,7 +30,7 @@ from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, hostport, parse_uri
-from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, trace_heads, tx_key
+from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, tx_key
 
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
@@ -52,7 +52,12 @@ RECORD_CACHE = 20_000  # call records remembered per worker
 # Sizing it costs a pack per remembered record (~11 us for 5 KB, measured).
 RECORD_CACHE_BYTES = 64 * 1024 * 1024
 RECORD_OBJECT_FACTOR = 2.4
-DISARM_BATCH_SECONDS = 0.005
+# Timer removals wait this long for a call write to ride on (``_take_disarm``), else go
+# in a batch of their own.  A removal that waits is harmless: a timer still armed when
+# it comes due fires, finds its call no longer waiting for it, and is gone.  At 5 ms most
+# removals took a round trip of their own (call writes are ~10 ms apart on a worker at
+# 20 calls/s).
+DISARM_BATCH_SECONDS = 0.05
 UNSURE_KEEP = 600.0  # seconds a failed write that ended a call is watched for
 UNSURE_MAX = 10_000
 UNSURE_EVERY = 0.5  # seconds between two looks at them
@@ -115,12 +120,44 @@ class B2BUA:
     # ---------------------------------------------------------------- requests
     def on_request(self, req: Request, source) -> None:
         tag = call_tag(req.call_id)
-        if self._with_call(tag, lambda call, ctx: call.on_request(req, source.addr, ctx), req,
-                           source, inbound=req):
-            return
+        event = lambda call, ctx: call.on_request(req, source.addr, ctx)  # noqa: E731
         if req.method in ("INVITE", "MESSAGE") and req.to.tag is None:
-            self._new_call(tag, req, source)
-        elif req.method == "ACK":  # the ACK of a challenge or failure answered statelessly
+            # A request that may start a call: unless this worker holds the call, its
+            # record and the answer kept for it (a copy answered by another worker) come
+            # in one round trip.
+            stored_key = tx_key(tag, server_key(req))
+            loaded = stored = session = None
+            if tag not in self._records and source.addr[0] not in self.trusted and \
+                    not self.auth.carries_credentials(req, proxy=True):
+                # It is challenged, whatever Redis holds: no call starts without
+                # credentials (but a trusted gateway's), so none has this request's
+                # Call-ID but a merged copy's (482 once it comes with credentials), and
+                # answers are kept only past the authentication.  Nothing to read.
+                self._new_call(tag, req, source, stored_key, None)
+                return
+            if tag not in self._records:
+                # ... and the caller's record, when its credentials will need it.
+                user = (None if source.addr[0] in self.trusted
+                        else self.auth.user_to_read(req, proxy=True))
+                loaded, stored, session, record = self.store.load_call_and_answer(
+                    tag, stored_key, self.media.mode == "relay",
+                    None if user is None else (user, self.config.realm))
+                if user is not None:
+                    self.auth.read_user(user, record)
+            if (tag in self._records or loaded is not None) and self._with_call(
+                    tag, event, req, source, inbound=req, loaded=loaded):
+                return
+            with self.media.session_read(tag, session):
+                self._new_call(tag, req, source, stored_key, stored)
+            return
+        if req.method == "ACK" and self.answers.acks_stateless(req):
+            # The ACK of a final answer given outside any call (a challenge): nothing to load.
+            self.trace(tag, [self._entry("in", req, _leg_name(req.call_id), source.addr)],
+                       brief=True)
+            return
+        if self._with_call(tag, event, req, source, inbound=req):
+            return
+        if req.method == "ACK":  # the ACK of a challenge or failure answered statelessly
             self.trace(tag, [self._entry("in", req, _leg_name(req.call_id), source.addr)],
                        brief=True)
         else:
@@ -152,10 +189,10 @@ class B2BUA:
             cause or ADMIN_HANGUP, side, ctx), None, None)
 
     # ---------------------------------------------------------------- a new call
-    def _new_call(self, tag: str, req: Request, source) -> None:
+    def _new_call(self, tag: str, req: Request, source, stored_key: str,
+                  stored: bytes | None) -> None:
+        """``stored``: the answer kept under ``stored_key`` (read with the call's record)."""
         clog = call_log(log, req.call_id)
-        stored_key = tx_key(tag, server_key(req))
-        stored = self.store.stored_answer(stored_key)
         if stored:
             self.transport.send(stored, source.addr, sock_index=source.sock_index)
             return
@@ -163,7 +200,9 @@ class B2BUA:
         # so unauthenticated INVITEs cost little memory.
         arrived = [self._entry("in", req, "a", source.addr)]
         gateway = source.addr[0] in self.trusted
-        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source, arrived)
+        known: dict = {}  # what the authentication read of the callee on its way
+        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source,
+                                                                            arrived, known)
         if caller is None:
             return
         self.trace(tag, arrived)
@@ -175,7 +214,7 @@ class B2BUA:
             if req.method == "INVITE":
                 self._unrouted_cdr(req, source, caller, callee, 488)
             return
-        targets, failure = self._targets(callee, local_only=gateway)
+        targets, failure = self._targets(callee, local_only=gateway, known=known.get(callee))
         if failure is not None:
             clog.info("call from %s to %s: %d", caller, callee, failure)
             self._fail_statelessly(req, source, failure, stored_key)
@@ -198,14 +237,17 @@ class B2BUA:
                 self._with_call_locked(tag, lambda c, ctx: c.on_request(req, source.addr, ctx),
                                        req, source, None)
 
-    def _targets(self, callee: str | None, local_only: bool) -> tuple[list[Target], int | None]:
+    def _targets(self, callee: str | None, local_only: bool,
+                 known: tuple[dict | None, list] | None = None
+                 ) -> tuple[list[Target], int | None]:
         """Where to ring ``callee``: every registered contact of a local user (404 when
         unknown, 480 when not registered), else the first matching route (not for calls
-        from a gateway: no open relay)."""
+        from a gateway: no open relay).  ``known``: the user's record and bindings, when
+        already read."""
         if callee is None:
             return [], 404
-        if self.store.get_user(callee, self.config.realm) is not None:
-            bindings = self.store.bindings(aor_of(callee, self.config.realm))
+        user, bindings = known or self.store.user_and_bindings(callee, self.config.realm)
+        if user is not None:
             reachable = [(b, t) for b in bindings if (t := self._target_of(b)) is not None]
             # RFC 5626 5.3: one flow per instance, the newest of those still open.
             newest: dict[str, float] = {}
@@ -282,8 +324,11 @@ class B2BUA:
         self.counters["bindings_connection_closed"] += 1
         return False
 
-    def _authenticate(self, req: Request, source, arrived: list[dict]) -> str | None:
-        """The caller's user name, or None when the request was answered (407/403)."""
+    def _authenticate(self, req: Request, source, arrived: list[dict],
+                      known: dict) -> str | None:
+        """The caller's user name, or None when the request was answered (407/403).
+        The nonce-count check reads the callee's record and bindings in its round trip,
+        into ``known`` (callee -> (record, bindings))."""
         auth = self.auth
         result = auth.check(req, source.addr, proxy=True)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
@@ -295,9 +340,7 @@ class B2BUA:
             return None
         creds = result.credentials
         aor = aor_of(result.username, self.config.realm)
-        if creds.nc and not self.store.accept_nonce_count(
-                aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime,
-                server_key(req)):
+        if creds.nc and not self._accept_nonce_count(req, aor, creds, known):
             auth.refused(req, source.addr, result.username, "replayed-nonce-count")
             self._reply(req, source, 407, headers=auth.challenge_headers(proxy=True),
                         prior=arrived, brief=True)
@@ -310,6 +353,19 @@ class B2BUA:
             return None
         self.scanners.note_trusted(source.addr[0])  # a proven source (cluster/limits.py)
         return result.username
+
+    def _accept_nonce_count(self, req: Request, aor: str, creds, known: dict) -> bool:
+        try:
+            callee = _callee_of(req)
+        except SipError:
+            callee = None  # answered 400 once the caller is known, as before
+        ttl, tx = self.config.auth.nonce_lifetime, server_key(req)
+        if callee is None:
+            return self.store.accept_nonce_count(aor, creds.nonce, creds.nonce_count, ttl, tx)
+        accepted, user, bindings = self.store.nonce_count_and_user(
+            aor, creds.nonce, creds.nonce_count, ttl, tx, callee, self.config.realm)
+        known[callee] = (user, bindings)
+        return accepted
 
     def _fail_statelessly(self, req: Request, source, status: int, stored_key: str,
                           headers=()) -> None:
@@ -352,17 +408,22 @@ class B2BUA:
                 del self._locks[tag]
 
     def _with_call(self, tag: str, event, req: Request | None, source,
-                   inbound: Request | Response | None = None) -> bool:
+                   inbound: Request | Response | None = None,
+                   loaded: tuple[int, dict] | None = None) -> bool:
         """Run ``event(call, ctx)`` on call ``tag`` until its write wins; False when there is
-        no call."""
+        no call.  ``loaded``: the record just read from Redis, if the caller read it."""
         with self._serialized(tag):
-            return self._with_call_locked(tag, event, req, source, inbound)
+            return self._with_call_locked(tag, event, req, source, inbound, loaded)
 
     def _with_call_locked(self, tag: str, event, req: Request | None, source,
-                          inbound: Request | Response | None) -> bool:
+                          inbound: Request | Response | None,
+                          loaded: tuple[int, dict] | None = None) -> bool:
         for attempt in range(CAS_ATTEMPTS):
             cached = self._records.get(tag) if attempt == 0 else None
-            if cached is None:
+            if cached is None and attempt == 0 and loaded is not None:
+                self._remember(tag, *loaded)
+                cached, fresh = loaded, True
+            elif cached is None:
                 loaded = self.store.load_call(tag)
                 if loaded is None:
                     self._records.pop(tag, None)
@@ -412,7 +473,8 @@ class B2BUA:
         arm = [(tag, name, due) for name, due in timers.items() if before.get(name) != due]
         ttl = LIVE_TTL if call.live else ENDED_TTL
         try:
-            version = self.store.save_call(tag, version, record, ttl, arm=arm)
+            version = self.store.save_call(tag, version, record, ttl, arm=arm,
+                                           disarm=self._take_disarm())
         except StoreUnavailable:
             self._note_unsure(tag, call, actions)
             raise
@@ -481,8 +543,14 @@ class B2BUA:
             self._disarm_pending = True
             gevent.spawn_later(DISARM_BATCH_SECONDS, self._write_disarm)
 
-    def _write_disarm(self) -> None:
+    def _take_disarm(self) -> list[tuple[str, str, float]]:
+        """The removals waiting for their batch, to send with a call's write instead (lost
+        with it if that write fails, as a failed batch is: see ``_write_disarm``)."""
         entries, self._disarm = list(self._disarm), {}
+        return entries
+
+    def _write_disarm(self) -> None:
+        entries = self._take_disarm()
         self._disarm_pending = False
         try:
             self.store.remove_timers(entries)
@@ -530,9 +598,9 @@ class B2BUA:
         record["codec"] = ""
         if self.config.calls.trace:
             try:
-                self.traces.flush(tag)  # the offer and answer may still wait in the buffer
-                heads = trace_heads(self.store, [tag], ladder.CODEC_HEAD)
-                record["codec"] = ladder.codec_of(heads.get(tag, []))
+                # The offer and answer may still wait in the buffer: written, then read.
+                heads = self.traces.flush(tag, heads=ladder.CODEC_HEAD)
+                record["codec"] = ladder.codec_of(heads or [])
             except StoreUnavailable:
                 pass  # the CDR matters more than its codec
 

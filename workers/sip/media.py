@@ -11,6 +11,7 @@ session when the call ends, for any reason, and returns its final figures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -49,6 +50,10 @@ class Bypass:
     def end(self, tag: str) -> dict | None:
         return None
 
+    @contextlib.contextmanager
+    def session_read(self, tag: str, session: dict | None):
+        yield
+
 
 class Relayed:
     """Every stream through a relay; the relay latches on the phone's SIP source IP."""
@@ -85,6 +90,16 @@ class Relayed:
         return StreamSpec(media=media.media, addr=address, port=media.port,
                           rtcp_port=rtcp.port if rtcp else None, rtcp_mux=media.rtcp_mux,
                           latch_ip=peer_ip)
+
+    @contextlib.contextmanager
+    def session_read(self, tag: str, session: dict | None):
+        """Within: the call's session record (None: none) was read with the call, so its
+        first offer needs no read of its own."""
+        self.client.read_owner(tag, session["relay"] if session else None)
+        try:
+            yield
+        finally:
+            self.client.forget_read(tag)
 
     def end(self, tag: str) -> dict | None:
         try:
