@@ -43,7 +43,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from . import ladder
+from . import envelope, ladder
 from .config import (
     OVERRIDES_FILE,
     RUN_DIR,
@@ -259,11 +259,24 @@ def call_summary(tag: str, record: dict, now: float) -> dict:
             "ended": record.get("ended") or None, "hangup": record.get("hangup") or None}
 
 
+def _leg_transport(sock_index: int) -> str:
+    if sock_index == envelope.DIAL_TCP:  # a connection still to be opened by the dispatcher
+        return "tcp"
+    return envelope.stream_transport(sock_index).lower() if envelope.is_stream(sock_index) \
+        else "udp"
+
+
 def leg_summary(leg: dict) -> dict:
     dialog = leg.get("dialog") or {}
     peer = leg.get("peer") or ["", 0]
+    sock = int(leg.get("sock_index", 0))
     return {"name": leg["name"], "call_id": _text(leg["call_id"]), "state": leg.get("state", ""),
             "peer": f"{peer[0]}:{peer[1]}", "user": leg.get("user", ""),
+            # Whose SIP socket or connection the leg's messages leave by: the host (its
+            # dispatcher holds the connections) and, over a stream, the connection's id
+            # (a field of streams:<host>).
+            "host": leg.get("host", ""), "transport": _leg_transport(sock),
+            "conn": sock if envelope.is_stream(sock) else None,
             "target": _text(leg.get("target", b"")), "final": leg.get("final") or None,
             "dialog": {"state": dialog.get("state", ""), "local_tag": dialog.get("local_tag", ""),
                        "remote_tag": dialog.get("remote_tag", ""),
@@ -348,13 +361,14 @@ def _print_call(summary: dict, codec: str, relay_id: str, session: dict | None) 
     for leg in summary["legs"]:
         dialog = leg["dialog"] or {}
         rows.append({"leg": leg["name"], "state": leg["state"], "peer": leg["peer"],
+                     "transport": leg["transport"], "host": leg["host"] or "-",
                      "dialog": dialog.get("state", "-"),
                      "cseq": f"{_dash(dialog.get('local_cseq'))}/"
                              f"{_dash(dialog.get('remote_cseq'))}",
                      "local_tag": dialog.get("local_tag", ""),
                      "remote_tag": dialog.get("remote_tag", ""), "call_id": leg["call_id"]})
-    _print_rows(rows, ["leg", "state", "peer", "dialog", "cseq", "local_tag", "remote_tag",
-                       "call_id"], False)
+    _print_rows(rows, ["leg", "state", "peer", "transport", "host", "dialog", "cseq",
+                       "local_tag", "remote_tag", "call_id"], False)
     if session:
         print()
         _print_media(session)

@@ -129,12 +129,16 @@ def test_sipp_registers_over_tcp(cluster, tmp_path):
                   port=free_sip_port(), users=[("3001", PASSWORD)], timeout=15).run()
     assert result.returncode == 0 and result.successful == 1, result.summary()
     assert the_binding(cluster, "3001").transport == "tcp"
+    (reg,) = sipctl_json(cluster, "regs", "3001")
+    assert reg["transport"] == "tcp"
+
+
+def sipctl_json(cluster, *args: str):
     done = subprocess.run([sys.executable, "-m", "cluster.cli", "--config",
-                           str(cluster.config_path), "regs", "3001", "--json"], cwd=ROOT,
+                           str(cluster.config_path), *args, "--json"], cwd=ROOT,
                           capture_output=True, text=True, env=cluster.env, timeout=30)
     assert done.returncode == 0, done.stderr
-    (reg,) = json.loads(done.stdout)
-    assert reg["transport"] == "tcp"
+    return json.loads(done.stdout)
 
 
 def test_tls_register_and_a_call_reaches_it(cluster, tmp_path):
@@ -271,6 +275,14 @@ def test_a_worker_killed_during_a_tcp_call(cluster, tmp_path):
                         None)
         record = wait_for(answered, 10)
         assert record, "the call was not answered"
+        # sipctl names each leg's transport, and the host (and connection) it leaves by.
+        call_id = record["a"]["call_id"]
+        legs = sipctl_json(cluster, "call", call_id.decode() if isinstance(call_id, bytes)
+                           else call_id)["legs"]
+        assert [(leg["name"], leg["transport"], leg["host"]) for leg in legs] == [
+            ("a", "tcp", "test-host"), ("b0", "udp", "test-host")], legs
+        assert legs[0]["conn"] in {int(c) for c in cluster.store.redis.hkeys(
+            st.streams_key("test-host"))} and legs[1]["conn"] is None
         cluster.kill9(f"worker:{record['worker']}")
         uac.result = uac.sipp.wait()
         uas.result = uas.sipp.wait()
