@@ -302,7 +302,8 @@ class Connection:
         # beside the AOR's or call's own keys: on a Redis Cluster they sit in another slot,
         # which a script may not touch, so there the counts and listings are surveyed
         # (SCAN over every primary) instead.
-        self.indexed = not redisclient.is_cluster_url(url)
+        self.on_cluster = redisclient.is_cluster_url(url)  # keys spread over several nodes
+        self.indexed = not self.on_cluster
         self.redis = redisclient.connect(url, timeout, max_connections)  # or via Sentinel
         self._register = self.redis.register_script(_REGISTER_LUA)
         self._nc = self.redis.register_script(_NC_LUA)
