@@ -58,20 +58,7 @@ from .redisclient import redacted
 from .sip import digest
 from .sip.ids import call_tag
 from .sip.rtp import StreamStats
-from .store import (
-    Store,
-    StoreUnavailable,
-    aor_of,
-    bindings_of,
-    call_records,
-    cdrs_after,
-    live_call_records,
-    live_counts,
-    post_hangup,
-    relay_nodes,
-    relay_session,
-    trace_heads,
-)
+from .store import Store, StoreUnavailable, aor_of
 
 DEMO_USERS = [str(n) for n in range(1000, 1020)]
 DEMO_PASSWORD = "1234"
@@ -203,7 +190,7 @@ def cmd_regs(args, config: Config, store: Store) -> int:
     else:
         aors = store.registered_aors()
     rows = []
-    for aor, bindings in bindings_of(store, aors, now).items():
+    for aor, bindings in store.bindings_of(aors, now).items():
         for b in bindings:
             rows.append({"aor": aor, "contact": b.contact.decode("latin-1"),
                          "source": f"{b.source[0]}:{b.source[1]}", "transport": b.transport,
@@ -224,12 +211,12 @@ CALL_STATES = ("trying", "ringing", "early", "answered")
 
 def cmd_calls(args, config: Config, store: Store) -> int:
     now = time.time()
-    found = call_records(store) if args.all else live_call_records(store)  # --all: a SCAN
+    found = store.call_records() if args.all else store.live_call_records()  # --all: a SCAN
     records = [(tag, r) for tag, r in found
                if r.get("method", "INVITE") == "INVITE" and (args.all or r["state"] != "ended")]
     records.sort(key=lambda item: item[1].get("created", 0))
-    heads = trace_heads(store, [tag for tag, _ in records], ladder.CODEC_HEAD)
-    with_relays = bool(relay_nodes(store))
+    heads = store.trace_heads([tag for tag, _ in records], ladder.CODEC_HEAD)
+    with_relays = bool(store.relay_nodes())
     rows = []
     for tag, record in records:
         row = call_summary(tag, record, now)
@@ -289,7 +276,7 @@ def leg_summary(leg: dict) -> dict:
 def _relay_of(store: Store, tag: str, record: dict) -> tuple[str, dict | None]:
     """(relay id, session record) of a call's media, if a relay carries it."""
     for key in (tag, _text(record["a"]["call_id"])):
-        session = relay_session(store, key)
+        session = store.relay_session(key)
         if session is not None:
             return str(session.get("relay", "")), session
     return "", None
@@ -403,7 +390,7 @@ def cmd_hangup(args, config: Config, store: Store) -> int:
     if not store.processes("worker"):
         print("sipctl: no live worker: the request waits until one starts (for a minute)",
               file=sys.stderr)
-    post_hangup(store, tag, _text(record["a"]["call_id"]), f"sipctl@{socket.gethostname()}")
+    store.post_hangup(tag, _text(record["a"]["call_id"]), f"sipctl@{socket.gethostname()}")
     if args.wait <= 0:
         print(f"call {tag}: hangup requested")
         return 0
@@ -463,7 +450,7 @@ def gather_stats(store: Store, now: float | None = None) -> dict:
     for proc in processes:
         by_role.setdefault(proc.get("role", "?"), []).append(proc)
     workers = _sum_counters(by_role.get("worker", []))
-    counts = live_counts(store, now)  # the counting indexes: no SCAN of calls or bindings
+    counts = store.live_counts(now)  # the counting indexes: no SCAN of calls or bindings
     states = {state: counts["calls"].get(state, 0) for state in CALL_STATES}
     created = counts["calls_last_minute"]
     aors, contacts = counts["aors"], counts["contacts"]
@@ -600,9 +587,9 @@ def read_cdrs(store: Store, since: float = 0.0) -> list[dict]:
     # The last id a CDR of the millisecond before ``since`` could have: the read starts
     # right after it (stream ids are "<ms>-<sequence>", the sequence 64-bit).
     after = f"{since_ms - 1}-{2**64 - 1}" if since_ms > 0 else "0-0"
-    records = page = cdrs_after(store, after, CDR_PAGE)
+    records = page = store.cdrs_after(after, CDR_PAGE)
     while len(page) == CDR_PAGE:
-        page = cdrs_after(store, page[-1]["id"], CDR_PAGE)
+        page = store.cdrs_after(page[-1]["id"], CDR_PAGE)
         records += page
     return records
 

@@ -696,7 +696,7 @@ def wait_for_relays(config: Config, watch: Watch, timeout: float = RELAY_WAIT) -
     """Until every relay of this host has announced itself in Redis since it was started:
     before that a call gets 503 "no live relay".  How many are live."""
     from cluster.relayctl import RELAY_DEAD_AFTER
-    from cluster.store import Store, StoreUnavailable, relay_nodes
+    from cluster.store import Store, StoreUnavailable
 
     host = config.sip.effective_host_id
     store = Store(config.redis.url, timeout=1.0, max_connections=1)
@@ -705,7 +705,7 @@ def wait_for_relays(config: Config, watch: Watch, timeout: float = RELAY_WAIT) -
         while True:
             started = {i["name"]: i["start"] for i in watch.processes() if i["group"] == "relay"}
             try:
-                nodes = relay_nodes(store)
+                nodes = store.relay_nodes()
             except StoreUnavailable:
                 nodes = []
             wall = time.time()

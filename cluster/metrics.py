@@ -38,7 +38,7 @@ from prometheus_client.core import (
 )
 
 from .config import Config
-from .store import COUNTED_CALL_STATES, Store, StoreUnavailable, live_counts
+from .store import COUNTED_CALL_STATES, Store, StoreUnavailable
 
 log = logging.getLogger("metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -459,7 +459,7 @@ class ClusterCollector:
         processes = [p for p in self.store.processes() if p.get("host") == self.host]
         yield from process_metrics(processes, now)
         yield from os_process_metrics(processes, self.proc_root)
-        yield from cluster_metrics(live_counts(self.store, now))
+        yield from cluster_metrics(self.store.live_counts(now))
 
 
 def exposition(collector: ClusterCollector) -> bytes:

@@ -51,7 +51,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from cluster import clusterauth
-from cluster import store as store_module
 from cluster.bounded import BoundedCache
 from cluster.store import Store, pack, unpack
 
@@ -295,7 +294,7 @@ class RelayClient:
             reply = self._to_owner(owner, call_id, message)
         except RelayUnavailable:
             # The relay is gone: drop the record so a restart does not bring the session back.
-            store_module.relay_drop_sessions(self.store, owner, [call_id])
+            self.store.relay_drop_sessions(owner, [call_id])
             raise
         return reply if reply.get("found") else None
 
@@ -327,7 +326,7 @@ class RelayClient:
         """Live relays (on ``host`` when set), least loaded first."""
         now = time.monotonic()
         if now - self._nodes_read >= NODES_REFRESH:
-            records = store_module.relay_nodes(self.store)
+            records = self.store.relay_nodes()
             self._nodes = {r["id"]: RelayInfo.from_record(r) for r in records}
             self._nodes_read = now
             self._picked.clear()
@@ -353,7 +352,7 @@ class RelayClient:
         return fresh + [r for r in live if r not in fresh] + silent
 
     def _owner(self, call_id: str) -> str | None:
-        record = store_module.relay_session(self.store, call_id)
+        record = self.store.relay_session(call_id)
         return None if record is None else record["relay"]
 
     def _to_owner(self, relay_id: str, call_id: str, message: dict) -> dict:
@@ -366,7 +365,7 @@ class RelayClient:
         self.relays()  # refreshes the cache when due
         if relay_id in self._nodes:
             return self._nodes[relay_id].control
-        record = store_module.relay_session(self.store, call_id)
+        record = self.store.relay_session(call_id)
         if record is not None and record.get("relay") == relay_id:
             return tuple(record["control"])
         raise RelayUnavailable(f"relay {relay_id} is unknown")

@@ -44,7 +44,6 @@ from sentinels import require_sentinel
 from sip_probe import OptionsProbe
 from sipp import Sipp
 
-from cluster import store as store_module
 from conftest import REDIS_SERVER, require_redis_server
 
 RATE = 10  # calls per second
@@ -99,7 +98,7 @@ def kill_program(program: str):
 
 
 def kill_probe_relay(world: World) -> None:
-    record = store_module.relay_session(world.cluster.store, world.notes["probe_tag"])
+    record = world.cluster.store.relay_session(world.notes["probe_tag"])
     program = "relay:" + record["relay"].rsplit("/", 1)[1]
     world.notes["killed"] = f"{program} pid {world.cluster.kill9(program)}"
 
@@ -281,7 +280,7 @@ def run_cell(tmp: Path, backend, fault, name: str) -> dict:
         a_call_ids = {m.header("Call-ID") for m in uac.messages}
         cdrs = [c for c in cluster.store.cdrs_after() if c.get("a_call_id") in a_call_ids]
         per_call = Counter(c["a_call_id"] for c in cdrs)
-        live = [tag for tag, rec in store_module.call_records(cluster.store)
+        live = [tag for tag, rec in cluster.store.call_records()
                 if rec.get("caller") in CALLERS and rec.get("state") != "ended"]
         states = cluster.processes()
         row = {
@@ -313,7 +312,7 @@ def run_cell(tmp: Path, backend, fault, name: str) -> dict:
         assert len(cdrs) == CALLS and len(per_call) == CALLS, detail
         assert set(row["causes"]) == {"NORMAL_CLEARING"}, detail
         assert live == [] or wait_for(lambda: not [
-            t for t, r in store_module.call_records(cluster.store)
+            t for t, r in cluster.store.call_records()
             if r.get("caller") in CALLERS and r.get("state") != "ended"], 5.0), detail
         assert probe_bye is not None and probe_bye.status == 200, detail
         assert all(state == "RUNNING" for state, _ in states.values()), (states, detail)

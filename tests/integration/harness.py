@@ -22,7 +22,7 @@ from pathlib import Path
 from cluster.cli import ha1_hashes
 from cluster.config import load
 from cluster.launch import render_supervisord, supervisord_command
-from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key, registration_index_keys
+from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key
 from conftest import ROOT, free_tcp_port, free_udp_port
 
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
@@ -145,7 +145,7 @@ class Cluster:
         client = self.store.redis
         for aor in self.store.registered_aors():
             client.delete(reg_key(aor))
-        indexes = registration_index_keys(self.store)
+        indexes = self.store.registration_index_keys()
         if indexes:
             client.delete(*indexes)
         for pattern in ("nc:*", f"{TX_PREFIX}:*", "authfail:*", "authuser:*", "authlock:*"):

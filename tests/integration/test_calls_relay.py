@@ -23,7 +23,6 @@ import pytest
 from harness import Cluster, running_cluster
 from rtp_phone import Call, Media, Phone, SipMessage, in_order_without_loss
 
-from cluster import store as store_module
 from cluster.relayctl import RelayClient, control_key
 
 DB = 14  # this module's Redis database on the session's redis-server
@@ -290,7 +289,7 @@ def test_silent_media_hangs_the_call_up_with_bye_on_both_legs(cluster, relays):
         assert cdr["hangup_cause"] == "MEDIA_TIMEOUT" and cdr["q850"] == "102", cdr
         assert int(cdr["media_a_packets"]) == caller.media.sent
         assert relays.query(call.tag) is None
-        assert store_module.relay_session(cluster.store, call.tag) is None
+        assert cluster.store.relay_session(call.tag) is None
 
 
 # ------------------------------------------------------------------ 5. relay killed mid-call
@@ -298,7 +297,7 @@ def test_a_relay_killed_mid_call_is_restarted_and_media_resumes(cluster, relays)
     with call_between(cluster, 2108, 2109) as call:
         caller, callee = call.caller, call.callee
         time.sleep(1.0)
-        record = store_module.relay_session(cluster.store, call.tag)
+        record = cluster.store.relay_session(call.tag)
         assert record is not None
         program = "relay:" + record["relay"].rsplit("/", 1)[1]  # "test-host/relay-1"
         before = relays.query(call.tag)

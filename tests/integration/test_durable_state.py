@@ -57,7 +57,7 @@ from sipp import SIPP
 from cluster import launch
 from cluster.config import load
 from cluster.relayctl import RelayClient, control_key
-from cluster.store import Store, relay_session
+from cluster.store import Store
 from conftest import ROOT, RedisServer, free_tcp_port, require_redis_server
 
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
@@ -164,7 +164,7 @@ def snapshot(cluster: Cluster, calls: Calls) -> dict:
         "bindings": {user: sorted(b.contact for b in store.bindings(f"{user}@{realm}"))
                      for user in (UP[1], RINGING[1], LATER[1], UNANSWERED[1])},
         "calls": {tag: store.load_call(tag) for tag in (calls.up_tag, calls.ringing_tag)},
-        "sessions": {tag: (relay_session(store, tag) or {}).get("relay")
+        "sessions": {tag: (store.relay_session(tag) or {}).get("relay")
                      for tag in (calls.up_tag, calls.ringing_tag)},
         "cdrs": store.cdrs_after(),
     }
@@ -430,7 +430,7 @@ def test_a_relay_started_before_redis_answers_restores_its_sessions_later(redis_
         to_a, to_b = call(client, a, b, call_id="early-start")
         a.rtp.sendto(rtp(1), ("127.0.0.1", to_a.port))
         assert receive(b.rtp) is not None
-        assert wait_for(lambda: relay_session(store, "early-start"), 5.0)
+        assert wait_for(lambda: store.relay_session("early-start"), 5.0)
         relays.kill(0)
         # Every command waits while Redis is paused, as while it loads: the relay's first
         # read of its sessions times out.
@@ -529,6 +529,6 @@ def relay_failed_just_now(port: int, timeout: float = 5.0) -> None:
 
 def _session_or_none(store, call_id: str):
     try:
-        return relay_session(store, call_id)
+        return store.relay_session(call_id)
     except Exception:  # Redis still starting
         return None

@@ -28,7 +28,6 @@ from hostbed import host_bed
 from netns import LAN_ADDRESS, Topology, _ip, require_netns
 from rtp_phone import Call, Phone, RtpPacket
 
-from cluster import store as st
 from cluster.store import Store
 from conftest import require_redis_server
 
@@ -85,7 +84,7 @@ def hosts(tmp_path_factory) -> Iterator[Hosts]:
             clusters[0].add_user(user, PASSWORD)
 
         def ready() -> bool:
-            live = [n for n in st.relay_nodes(store) if time.time() - n["seen"] < 2.0]
+            live = [n for n in store.relay_nodes() if time.time() - n["seen"] < 2.0]
             return len(live) == 4 and {"h1", "h2"} <= set(store.hosts())
         assert wait_for(ready, 20.0, step=0.1), clusters[0].log_tail()
         time.sleep(1.5)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
@@ -157,7 +156,7 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
         assert len(calls) == CALLS
         before = {}
         for call in calls:
-            owner = st.relay_session(store, call.tag)["relay"]
+            owner = store.relay_session(call.tag)["relay"]
             assert owner.startswith("h1/"), owner
             before[call.tag] = (relay_of(call.ok.sdp), relay_of(call.invite.sdp))
             assert call.ok.sdp.address() == call.invite.sdp.address() == floating(1)
@@ -180,7 +179,7 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
 
         def adopted() -> bool:
             info = store.host_info("h1")
-            owners = [(st.relay_session(store, c.tag) or {}).get("relay", "") for c in calls]
+            owners = [(store.relay_session(c.tag) or {}).get("relay", "") for c in calls]
             return bool(info and info.get("by") == "h2"
                         and all(o.startswith("h2/") for o in owners))
         assert wait_for(adopted, 10.0, step=0.05), hosts.clusters[1].log_tail()
@@ -197,7 +196,7 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
         gaps = [longest_gap(p.media.packets(), killed - 0.5, now)
                 for c in calls for p in (c.caller, c.callee)]
         assert max(gaps) <= MAX_MEDIA_GAP, gaps
-        kept = sum(1 for c in calls if st.relay_session(store, c.tag)["relay"].startswith("h2/"))
+        kept = sum(1 for c in calls if store.relay_session(c.tag)["relay"].startswith("h2/"))
         assert kept == CALLS
 
         # ---- a re-INVITE from each side: answered from host 1's address, same relay ports
@@ -226,7 +225,7 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
         # ---- a new call to the phone registered through host 1: from host 1's address
         late = place_call(USERS[2 * CALLS + 1], idle, via_host=2)
         assert late.invite.source == (floating(1), SIP_PORT)
-        assert st.relay_session(store, late.tag)["relay"].startswith("h2/")
+        assert store.relay_session(late.tag)["relay"].startswith("h2/")
         assert wait_for(lambda: flowing(late.callee, late.caller, relay_of(late.invite.sdp),
                                         time.monotonic() - 0.5) >= 15, 5.0)
         calls.append(late)
@@ -261,7 +260,7 @@ def test_calls_of_a_dead_host_go_on_on_the_host_its_address_moved_to(hosts):
         causes = [cdrs_of(store, c.caller.call_id)[0]["hangup_cause"] for c in calls]
         assert counts == [1] * (CALLS + 2), counts
         assert causes == ["NORMAL_CLEARING"] * (CALLS + 2), causes
-        assert all(st.relay_session(store, c.tag) is None for c in calls)
+        assert all(store.relay_session(c.tag) is None for c in calls)
         print(f"host 1 killed: adopted by host 2 after {took_over:.2f} s; {CALLS} of {CALLS} "
               f"calls kept; longest media gap {max(gaps):.2f} s")
     finally:

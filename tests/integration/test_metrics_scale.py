@@ -48,18 +48,18 @@ def test_counts_are_exact_and_a_scrape_is_cheap_at_50k_registrations(tmp_path, r
     with running_cluster(tmp_path, redis_url, workers=1) as cluster:
         store, now = cluster.store, time.time()
         started = time.monotonic()
-        written = st.provision_bindings(store, (
-            (f"u{n}@127.0.0.1", _binding(n, now + 3600.0)) for n in range(SHORT, AORS)))
+        written = store.provision_bindings(
+            (f"u{n}@127.0.0.1", _binding(n, now + 3600.0)) for n in range(SHORT, AORS))
         provisioned = time.monotonic() - started
         soon = time.time() + 5.0  # long enough for the checks below on a loaded machine
-        written += st.provision_bindings(store, (
-            (f"u{n}@127.0.0.1", _binding(n, soon)) for n in range(SHORT)))
+        written += store.provision_bindings(
+            (f"u{n}@127.0.0.1", _binding(n, soon)) for n in range(SHORT))
         assert written == AORS
         # A second binding for one AOR: contacts count it, AORs do not.
-        st.provision_bindings(store, [("u100@127.0.0.1", Binding(
+        store.provision_bindings([("u100@127.0.0.1", Binding(
             key="sip:other@192.0.2.2", contact=b"sip:other@192.0.2.2", expires_at=now + 3600,
             call_id="reg-other", cseq=1, source=("192.0.2.2", 5060), host="test-host"))])
-        counts = st.live_counts(store)
+        counts = store.live_counts()
         assert (counts["aors"], counts["contacts"]) == (AORS, AORS + 1), counts
 
         port = cluster.config.metrics.port
@@ -81,8 +81,8 @@ def test_counts_are_exact_and_a_scrape_is_cheap_at_50k_registrations(tmp_path, r
 
         # The short bindings expire by TTL alone (no REGISTER, no process watching): the
         # counts follow at once, since the indexes are scored by expiry.
-        assert wait_for(lambda: st.live_counts(store)["aors"] == AORS - SHORT, 8.0, 0.2)
-        assert st.live_counts(store)["contacts"] == AORS + 1 - SHORT
+        assert wait_for(lambda: store.live_counts()["aors"] == AORS - SHORT, 8.0, 0.2)
+        assert store.live_counts()["contacts"] == AORS + 1 - SHORT
         assert wait_for(lambda: _value(_scrape(port), "sipcluster_registered_aors")
                         == AORS - SHORT, 3.0, 0.2)
         print(f"provisioned {AORS} AORs in {provisioned:.1f} s; "
@@ -102,7 +102,7 @@ def test_every_path_that_changes_a_binding_or_a_call_keeps_the_counts(redis_url)
     now = time.time()
 
     def counts():
-        found = st.live_counts(store)
+        found = store.live_counts()
         return found["aors"], found["contacts"]
 
     def ours(n: int, expires_at: float, cseq: int = 1, call_id: str = "r1") -> Binding:
@@ -140,12 +140,12 @@ def test_every_path_that_changes_a_binding_or_a_call_keeps_the_counts(redis_url)
                      cseq=1, call_id="r9").outcome == "ok"
     assert counts() == (1, 2)
     assert wait_for(lambda: counts() == (1, 1), 4.0, 0.1)
-    assert st.indexed_aors(store) == ["u5@r"]
+    assert store.indexed_aors() == ["u5@r"]
 
     # Calls: created, then moved between states by the compare-and-set write; ended ones
     # leave the live counts; a relayed MESSAGE is no call.
     def calls():
-        found = st.live_counts(store)
+        found = store.live_counts()
         return found["calls"], found["calls_last_minute"]
 
     version = store.save_call("t1", 0, {"state": "trying"}, ttl=60)
@@ -157,10 +157,10 @@ def test_every_path_that_changes_a_binding_or_a_call_keeps_the_counts(redis_url)
     assert calls()[0] == {"trying": 1, "ringing": 1, "early": 0, "answered": 0}
     version = store.save_call("t1", version, {"state": "answered"}, ttl=60)
     assert calls()[0] == {"trying": 1, "ringing": 0, "early": 0, "answered": 1}
-    assert sorted(tag for tag, _ in st.live_call_records(store)) == ["t1", "t2"]
+    assert sorted(tag for tag, _ in store.live_call_records()) == ["t1", "t2"]
     store.save_call("t1", version, {"state": "ended"}, ttl=120)
     assert calls() == ({"trying": 1, "ringing": 0, "early": 0, "answered": 0}, 2)
-    assert st.live_call_records(store) == [("t2", {"state": "trying"})]  # what sipctl calls lists
+    assert store.live_call_records() == [("t2", {"state": "trying"})]  # what sipctl calls lists
     # A call record that expires unended (its TTL) leaves the count at its expiry.
     store.save_call("t3", 0, {"state": "early"}, ttl=1.0)
     assert calls()[0]["early"] == 1
@@ -180,5 +180,5 @@ def test_the_scripts_count_nothing_when_given_no_index_keys(redis_url, monkeypat
     assert store.drop_binding("u1@r", key, packed) and store.bindings("u1@r") == []
     version = store.save_call("t1", 0, {"state": "trying"}, ttl=60)
     assert store.save_call("t1", version, {"state": "ended"}, ttl=60) is not None
-    counts = st.live_counts(store)
+    counts = store.live_counts()
     assert (counts["aors"], counts["contacts"], counts["calls_last_minute"]) == (0, 0, 0)

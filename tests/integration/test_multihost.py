@@ -61,7 +61,7 @@ class Hosts:
         return (Topology.host_address(index), SIP_PORT)
 
     def relay_ids(self) -> list[str]:
-        return sorted(n["id"] for n in st.relay_nodes(self.store))
+        return sorted(n["id"] for n in self.store.relay_nodes())
 
     def sessions_of(self, tag: str) -> list[str]:
         """Every relay (of both hosts) that has a session for ``tag``, asked directly."""
@@ -78,7 +78,7 @@ class Hosts:
         return proc
 
     def relay_node(self, relay_id: str) -> dict:
-        return next(n for n in st.relay_nodes(self.store) if n["id"] == relay_id)
+        return next(n for n in self.store.relay_nodes() if n["id"] == relay_id)
 
 
 def host_settings(index: int) -> dict:
@@ -106,10 +106,10 @@ def hosts(tmp_path_factory) -> Iterator[Hosts]:
         running = Hosts(bed.topology, clusters, store, relays)
 
         def ready() -> bool:
-            live = [n for n in st.relay_nodes(store) if time.time() - n["seen"] < 2.0]
+            live = [n for n in store.relay_nodes() if time.time() - n["seen"] < 2.0]
             known = store.hosts()
             return len(live) == 4 and {"h1", "h2"} <= set(known)
-        assert wait_for(ready, 20.0, step=0.1), (st.relay_nodes(store),
+        assert wait_for(ready, 20.0, step=0.1), (store.relay_nodes(),
                                                   clusters[0].log_tail())
         time.sleep(1.5)  # each dispatcher reads the hosts it takes hand-offs from every 1 s
         yield running
@@ -227,7 +227,7 @@ def test_registrations_through_each_host_are_seen_from_every_host(hosts):
 def test_calls_across_hosts_carry_media_both_ways_and_end_from_either_side(
         hosts, caller_host, callee_host, hangs_up):
     with cross_call(hosts, caller_host, callee_host, "1002", "1009") as call:
-        owner = st.relay_session(hosts.store, call.tag)["relay"]
+        owner = hosts.store.relay_session(call.tag)["relay"]
         # The session is on the relays of the host that took the INVITE, and only there.
         assert owner.startswith(f"h{caller_host}/"), owner
         assert hosts.sessions_of(call.tag) == [owner]
@@ -246,7 +246,7 @@ def test_calls_across_hosts_carry_media_both_ways_and_end_from_either_side(
         cdr = wait_cdr(hosts, call.caller.call_id)
         assert cdr is not None and cdr["hangup_cause"] == "NORMAL_CLEARING", cdr
         assert wait_for(lambda: not hosts.sessions_of(call.tag), 3.0), hosts.sessions_of(call.tag)
-        assert st.relay_session(hosts.store, call.tag) is None
+        assert hosts.store.relay_session(call.tag) is None
 
 
 def retarget(target: str, host: int) -> str:
@@ -259,7 +259,7 @@ def retarget(target: str, host: int) -> str:
 
 def test_a_reinvite_and_a_bye_entering_the_other_host_reach_the_session_owner(hosts):
     with cross_call(hosts, 1, 2, "1003", "1008") as call:
-        owner = st.relay_session(hosts.store, call.tag)["relay"]
+        owner = hosts.store.relay_session(call.tag)["relay"]
         assert owner.startswith("h1/") and hosts.sessions_of(call.tag) == [owner]
         before = (relay_of(call.ok.sdp), relay_of(call.invite.sdp))
         listed = [c for c in sipctl(hosts, 2, "calls") if c["call"] == call.tag]
@@ -303,7 +303,7 @@ def test_a_reinvite_and_a_bye_entering_the_other_host_reach_the_session_owner(ho
         cdr = wait_cdr(hosts, call.caller.call_id)
         assert cdr is not None and cdr["hangup_cause"] == "NORMAL_CLEARING", cdr
         assert wait_for(lambda: not hosts.sessions_of(call.tag), 3.0), hosts.sessions_of(call.tag)
-        assert st.relay_session(hosts.store, call.tag) is None
+        assert hosts.store.relay_session(call.tag) is None
 
 
 def test_a_200_whose_answer_the_relay_refuses_is_logged_with_its_call_id(hosts):
@@ -406,7 +406,7 @@ def test_the_calls_of_a_dead_host_end_on_the_surviving_side(hosts):
     1: BYE with cause 38 to the callee registered through host 1, and to the caller (from
     host 1's socket, since host 2 is gone), one CDR with the cause."""
     with cross_call(hosts, 2, 1, "1004", "1007") as call:
-        owner = st.relay_session(hosts.store, call.tag)["relay"]
+        owner = hosts.store.relay_session(call.tag)["relay"]
         assert owner.startswith("h2/")
         since = media_window(call.caller, call.callee, seconds=1.0)
         assert_media_through(call.callee, call.caller, relay_of(call.invite.sdp), since)
@@ -431,7 +431,7 @@ def test_the_calls_of_a_dead_host_end_on_the_surviving_side(hosts):
                                                               SIP_PORT)
         cdr = wait_cdr(hosts, call.caller.call_id)
         assert cdr is not None and cdr["hangup_cause"] == "NETWORK_OUT_OF_ORDER", cdr
-        assert st.relay_session(hosts.store, call.tag) is None
+        assert hosts.store.relay_session(call.tag) is None
         # Relays silent for 10 s (DEAD_HOST_AFTER), looked at every second; their last
         # heartbeat came up to one heartbeat interval before the kill.
         assert DEAD_HOST_AFTER - HEARTBEAT_INTERVAL <= ended <= DEAD_HOST_AFTER + 4.0, ended

@@ -96,7 +96,7 @@ def test_the_store_works_on_the_cluster(redis_cluster):  # noqa: F811
     assert store.stored_answer(tx_key(tag, "z9hG4bK1")) == b"SIP/2.0 200 OK\r\n\r\n"
     store.add_trace(tag, [{"first": "INVITE"}], 10, 60)
     assert store.trace(tag) == [{"first": "INVITE"}]
-    assert any(t == tag for t, _ in store_module.call_records(store))
+    assert any(t == tag for t, _ in store.call_records())
 
     # A REGISTER (one script over reg, nc and tx of one AOR) and the directory.
     store.put_users([(f"cu{i}", "rc.test", {"MD5": "0" * 32}) for i in range(30)])
@@ -115,14 +115,14 @@ def test_the_store_works_on_the_cluster(redis_cluster):  # noqa: F811
     # Relay sessions: refresh scripts pipelined over many slots, and a media event.
     relay = "rc-host/relay-0"
     sessions = [(f"call-{i}", {"relay": relay, "version": 1}, 60) for i in range(12)]
-    store_module.relay_save_sessions(store, relay, sessions)
+    store.relay_save_sessions(relay, sessions)
     refreshed = [(cid, {**rec, "version": 2}, ttl) for cid, rec, ttl in sessions]
-    assert store_module.relay_refresh_sessions(store, relay, refreshed) == [1] * 12
-    assert len(store_module.relay_owned_sessions(store, relay)) == 12
-    event_id = store_module.relay_report_event(store, {"event": "media-timeout",
-                                                       "call_id": "call-3"},
-                                               [refreshed[3]], relay)
-    events = store_module.read_media_events(store, "rc-group", "rc-consumer")
+    assert store.relay_refresh_sessions(relay, refreshed) == [1] * 12
+    assert len(store.relay_owned_sessions(relay)) == 12
+    event_id = store.relay_report_event({"event": "media-timeout",
+                                         "call_id": "call-3"},
+                                        [refreshed[3]], relay)
+    events = store.read_media_events("rc-group", "rc-consumer")
     assert [eid for eid, _ in events] == [event_id]
 
     # Pub/sub reaches a subscriber connected to whichever node.
@@ -187,17 +187,17 @@ def test_cdrs_of_every_shard_and_of_the_old_single_stream_are_read_in_order(any_
     call_ids = [f"new-{n}@192.0.2.7" for n in range(12)]
     for call_id in call_ids:
         store.add_cdr({"a_call_id": call_id, "caller": "2"})
-    cdrs = store_module.cdrs_after(store)
+    cdrs = store.cdrs_after()
     assert [c["id"] for c in cdrs[:2]] == old  # the old ids, unchanged
     assert sorted(c["a_call_id"] for c in cdrs) == sorted(["old-0", "old-1", *call_ids])
     lengths = [store.redis.xlen(key) for key in CDR_STREAMS]
     assert lengths == [[stream_shard(c) for c in call_ids].count(k)
                        for k in range(STREAM_SHARDS)]
     assert min(lengths) >= 1 and sum(lengths) == 12
-    paged, page = [], store_module.cdrs_after(store, "0-0", 5)
+    paged, page = [], store.cdrs_after("0-0", 5)
     while page:
         paged += page
-        page = store_module.cdrs_after(store, page[-1]["id"], 5)
+        page = store.cdrs_after(page[-1]["id"], 5)
     assert paged == cdrs
     assert [cdr_position(c["id"])[2] for c in cdrs[2:]] == \
         [stream_shard(c["a_call_id"]) for c in cdrs[2:]]
@@ -208,33 +208,33 @@ def test_media_events_of_every_shard_reach_the_group_once(any_store):
     consumer, claimed by another once stale, acknowledged; a shard deleted (its group with
     it) gets its group again at the next read."""
     store = any_store
-    store_module.media_events_group(store, "b2bua")
-    store_module.media_events_group(store, "b2bua")  # a second worker: fine
+    store.media_events_group("b2bua")
+    store.media_events_group("b2bua")  # a second worker: fine
     call_ids = [f"event-{n}@192.0.2.7" for n in range(9)]
-    posted = [store_module.relay_report_event(store, {"event": "media-timeout", "call_id": c})
+    posted = [store.relay_report_event({"event": "media-timeout", "call_id": c})
               for c in call_ids]
     assert {stream_shard(c) for c in call_ids} == {0, 1, 2}
     legacy = store.redis.xadd(RELAY_EVENTS_LEGACY, {"event": "media-timeout",
                                                     "call_id": "old"}).decode()
-    read = store_module.read_media_events(store, "b2bua", "w1")
+    read = store.read_media_events("b2bua", "w1")
     assert sorted(eid for eid, _ in read) == sorted([*posted, f"l/{legacy}"])
     assert sorted(e["call_id"] for _, e in read) == sorted([*call_ids, "old"])
-    assert store_module.read_media_events(store, "b2bua", "w1", block_ms=20) == []
+    assert store.read_media_events("b2bua", "w1", block_ms=20) == []
     time.sleep(0.05)
-    claimed = store_module.claim_stale_media_events(store, "b2bua", "w2", min_idle_ms=20)
+    claimed = store.claim_stale_media_events("b2bua", "w2", min_idle_ms=20)
     assert sorted(eid for eid, _ in claimed) == sorted(eid for eid, _ in read)
-    assert store_module.ack_media_events(store, "b2bua", [eid for eid, _ in read]) == 10
-    assert store_module.claim_stale_media_events(store, "b2bua", "w2", min_idle_ms=0) == []
+    assert store.ack_media_events("b2bua", [eid for eid, _ in read]) == 10
+    assert store.claim_stale_media_events("b2bua", "w2", min_idle_ms=0) == []
     # A blocking read waits on one shard per call: an event in any shard is seen by the
     # next read at the latest.
-    late = store_module.relay_report_event(store, {"event": "probe", "call_id": call_ids[2]})
-    found = store_module.read_media_events(store, "b2bua", "w1", block_ms=20)
+    late = store.relay_report_event({"event": "probe", "call_id": call_ids[2]})
+    found = store.read_media_events("b2bua", "w1", block_ms=20)
     assert [eid for eid, _ in found] == [late]
     store.redis.delete(RELAY_EVENTS_STREAMS[1])  # its group goes with it
     in_shard_1 = next(c for c in call_ids if stream_shard(c) == 1)
-    again = store_module.relay_report_event(store, {"event": "probe", "call_id": in_shard_1})
+    again = store.relay_report_event({"event": "probe", "call_id": in_shard_1})
     assert again.startswith("1/")
-    assert [eid for eid, _ in store_module.read_media_events(store, "b2bua", "w1")] == [again]
+    assert [eid for eid, _ in store.read_media_events("b2bua", "w1")] == [again]
 
 
 def test_pipelines_follow_a_slot_migrating_and_then_moved(redis_cluster):  # noqa: F811
@@ -413,7 +413,7 @@ def test_sipctl_listings_and_metrics_read_every_primary(cluster, redis_cluster):
         sorted(dict(CALLING))
     assert "sipcluster_" in scrape(cluster)
     # The call keys of one call share a slot; call records sit on more than one primary.
-    tags = [tag for tag, _ in store_module.call_records(cluster.store)]
+    tags = [tag for tag, _ in cluster.store.call_records()]
     assert len({node_of(redis_cluster, call_key(t)) for t in tags}) >= 2
     # Nothing crashed on the way (MOVED, a script refused in a pipeline...).
     assert {state for state, _pid in cluster.processes().values()} == {"RUNNING"}

@@ -262,7 +262,7 @@ def test_consumer_groups_deleted(cluster, admin):
     admin.delete(store_module.HANGUP_STREAM)
     with call_between(cluster, 3104, 3105) as (caller, callee):
         tag = callee.call_id.split(".")[1]  # B-leg Call-IDs are "sc<slot>.<tag>.<n>"
-        store_module.post_hangup(cluster.store, tag, caller.call_id, "test")
+        cluster.store.post_hangup(tag, caller.call_id, "test")
         assert callee.wait_request("BYE", timeout=8) is not None, cluster.log_tail()
         assert caller.wait_request("BYE", timeout=3) is not None
     assert running_pids(cluster) == pids

@@ -363,7 +363,7 @@ def test_commands_not_sealed_with_the_cluster_key_are_ignored_and_counted(relay,
             sock.sendto(datagram, control)
         assert receive(sock, 0.5) is None
     assert client.query("forged") is None and client.query("owned") is not None
-    node = wait_for(lambda: next((n for n in st.relay_nodes(store)
+    node = wait_for(lambda: next((n for n in store.relay_nodes()
                                   if n.get("control_unauthenticated", 0) >= 4), None), 5.0)
     assert node is not None and node["control_unauthenticated"] == 4
 
@@ -374,25 +374,25 @@ def test_commands_not_sealed_with_the_cluster_key_are_ignored_and_counted(relay,
 def test_sessions_and_heartbeat_in_redis(relay, client, store, phones):
     a, b = phones
     call(client, a, b)
-    record = st.relay_session(store, "call-1")
+    record = store.relay_session("call-1")
     assert record["relay"] == f"{HOST}/relay-0" and record["control"][1] == PORT_MIN
     assert [leg["name"] for leg in record["legs"]] == ["a", "b"]
     ttl = store.redis.pttl(st.relay_session_key("call-1"))
     assert 60_000 < ttl <= 63_000  # media timeout 30 s + grace 30 s + 3 s between saves
-    nodes = {n["id"]: n for n in st.relay_nodes(store)}
+    nodes = {n["id"]: n for n in store.relay_nodes()}
     node = nodes[f"{HOST}/relay-0"]
     assert node["control"] == ["127.0.0.1", PORT_MIN] and node["sessions"] >= 0
     assert node["ports"] == [PORT_MIN + 2, PORT_MIN + 499]
     client.delete("call-1")
-    assert st.relay_session(store, "call-1") is None
+    assert store.relay_session("call-1") is None
     assert store.redis.zcard(st.relay_owned_key(f"{HOST}/relay-0")) == 0
 
 
 def test_media_timeout_is_reported_once_on_the_stream(relays, client, store, phones):
     relays.start(0, media_timeout="1")
     wait_for_relays(client, 1)
-    st.media_events_group(store, "b2bua")
-    st.media_events_group(store, "b2bua")  # a second worker creating it is fine
+    store.media_events_group("b2bua")
+    store.media_events_group("b2bua")  # a second worker creating it is fine
     a, b = phones
     to_a, _ = call(client, a, b, call_id="silent")
     call(client, Phone(), Phone(), call_id="talking")
@@ -406,23 +406,23 @@ def test_media_timeout_is_reported_once_on_the_stream(relays, client, store, pho
         while time.monotonic() < deadline and not events:
             seq += 1
             talker.rtp.sendto(rtp(seq), ("127.0.0.1", talking))
-            events = st.read_media_events(store, "b2bua", "worker-1", block_ms=50)
+            events = store.read_media_events("b2bua", "worker-1", block_ms=50)
         assert len(events) == 1
         entry_id, event = events[0]
         assert event["event"] == "media-timeout" and event["call_id"] == "silent"
         assert event["relay"] == f"{HOST}/relay-0" and float(event["idle"]) >= 1.0
         assert client.query("silent")["timeout_reported"]
-        assert st.relay_session(store, "silent")["timeout_reported"]
+        assert store.relay_session("silent")["timeout_reported"]
         # unacknowledged: another consumer can claim it once it is stale
         time.sleep(0.1)
-        claimed = st.claim_stale_media_events(store, "b2bua", "worker-2", min_idle_ms=50)
+        claimed = store.claim_stale_media_events("b2bua", "worker-2", min_idle_ms=50)
         assert [e[0] for e in claimed] == [entry_id]
-        assert st.ack_media_events(store, "b2bua", [entry_id]) == 1
+        assert store.ack_media_events("b2bua", [entry_id]) == 1
         until = time.monotonic() + 1.5  # the same silence is not reported twice
         while time.monotonic() < until:
             seq += 1
             talker.rtp.sendto(rtp(seq), ("127.0.0.1", talking))
-            assert st.read_media_events(store, "b2bua", "worker-1", block_ms=50) == []
+            assert store.read_media_events("b2bua", "worker-1", block_ms=50) == []
     finally:
         talker.close()
 
@@ -437,7 +437,7 @@ def test_hard_ttl_frees_a_session_whose_delete_was_lost(relays, client, store, p
     while time.monotonic() < deadline and client.query("lost-delete") is not None:
         time.sleep(0.2)
     assert client.query("lost-delete") is None  # gone from the relay
-    assert st.relay_session(store, "lost-delete") is None  # and from Redis
+    assert store.relay_session("lost-delete") is None  # and from Redis
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", port))  # the port is free again
 
@@ -456,7 +456,7 @@ def test_kill_9_restart_resumes_media_within_2_s(relays, client, store, phones):
         assert receive(natted.rtp) is not None
         deadline = time.monotonic() + 5.0  # figures are saved every couple of seconds
         while time.monotonic() < deadline:
-            saved = st.relay_session(store, "call-1")["legs"][0]["sides"][0]
+            saved = store.relay_session("call-1")["legs"][0]["sides"][0]
             if saved["stats"]["packets"] == 50 and saved["latched"]:
                 break
             time.sleep(0.1)
@@ -513,10 +513,10 @@ def test_a_session_made_while_redis_refused_writes_is_kept(relay, client, store,
         time.sleep(0.7)  # a heartbeat has timed out: the relay backs off from Redis
         offered = client.offer("made-in-outage", "a", [a.spec()])
         client.answer("made-in-outage", "b", [b.spec()], relay=offered.relay)
-        assert st.relay_session(store, "made-in-outage") is None  # nothing written yet
+        assert store.relay_session("made-in-outage") is None  # nothing written yet
     finally:
         store.redis.execute_command("CLIENT", "UNPAUSE")
-    assert wait_for(lambda: st.relay_session(store, "made-in-outage"), 5.0, step=0.1)
+    assert wait_for(lambda: store.relay_session("made-in-outage"), 5.0, step=0.1)
     time.sleep(2.0)  # flushes and heartbeats after the outage
     assert client.query("made-in-outage", relay=offered.relay) is not None
-    assert st.relay_session(store, "made-in-outage")["relay"] == offered.relay
+    assert store.relay_session("made-in-outage")["relay"] == offered.relay

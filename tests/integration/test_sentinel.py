@@ -314,7 +314,7 @@ def test_store_follows_a_demoted_primary(sentinel_set):
     store = Store(sentinel_set.url, timeout=1.0, max_connections=8)
     store.put_user("4000", "example", {"MD5": "x"})
     assert store.get_user("4000", "example")["user"] == "4000"
-    store_module.hangup_group(store)
+    store.hangup_group()
     messages: list[tuple[str, float]] = []
 
     def follow_blocks():
@@ -352,8 +352,8 @@ def test_store_follows_a_demoted_primary(sentinel_set):
         print("errors before the store followed:", errors)
         assert len(errors) <= 3, errors  # rediscovered at once, not after a crash loop
         assert store.get_user("4001", "example")["user"] == "4001"
-        store_module.post_hangup(store, "tag", "call@x", "test")
-        assert wait_for(lambda: store_module.read_hangups(store, "c", block_ms=100), 10.0,
+        store.post_hangup("tag", "call@x", "test")
+        assert wait_for(lambda: store.read_hangups("c", block_ms=100), 10.0,
                         step=0.2)
         assert wait_for(lambda: _published(store, "192.0.2.2", messages), 10.0, step=0.2)
     finally:

@@ -270,7 +270,7 @@ def test_a_worker_killed_during_a_tcp_call(cluster, tmp_path):
     uac.sipp.start()
     try:
         def answered():
-            return next((rec for _, rec in st.call_records(cluster.store)
+            return next((rec for _, rec in cluster.store.call_records()
                          if rec.get("caller") == "3013" and rec.get("state") == "answered"),
                         None)
         record = wait_for(answered, 10)

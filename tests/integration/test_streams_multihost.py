@@ -18,8 +18,6 @@ from netns import LAN_ADDRESS, Topology
 from streamua import StreamUA, header_of, tag
 from test_multihost import NORMAL_CLEARING, PASSWORD, REALM, SIP_PORT, phone, wait_cdr
 
-from cluster import store as st
-
 hosts = test_multihost.hosts  # the two hosts and their Redis, this module's own (module scope)
 
 
@@ -115,7 +113,7 @@ def test_a_call_entering_host_2_reaches_a_phone_connected_to_host_1(hosts, hangs
         cdr = wait_cdr(hosts, caller.call_id)
         assert cdr is not None and cdr["hangup_cause"] == "NORMAL_CLEARING", cdr
         call_tag = header_of(invite, "Call-ID").split(".")[1]
-        assert wait_for(lambda: st.relay_session(hosts.store, call_tag) is None, 3.0)
+        assert wait_for(lambda: hosts.store.relay_session(call_tag) is None, 3.0)
     finally:
         caller.close()
         callee.sock.close()

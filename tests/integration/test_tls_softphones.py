@@ -38,7 +38,6 @@ from baresip import Softphone, analyse_tone, make_tone, require_softphone_tools
 from harness import Cluster, wait_for
 from streamua import self_signed
 
-from cluster import store as st
 from conftest import ROOT, free_tcp_port
 from workers.sip.b2bua import call_tag
 
@@ -221,7 +220,7 @@ def wait_running(cluster: Cluster, name: str, old_pid: int, timeout: float = 15.
 
 def answered_record(cluster: Cluster) -> tuple[str, dict] | None:
     """The tag and record of the caller's answered call (there is one at a time here)."""
-    for tag, record in st.call_records(cluster.store):
+    for tag, record in cluster.store.call_records():
         if record.get("state") == "answered" and record.get("caller") == CALLER:
             return tag, record
     return None

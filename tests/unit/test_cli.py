@@ -222,23 +222,23 @@ def test_cdr_since_is_passed_on(cdr_output):
     assert cdr_output.seen["since"] == 1795600000.0
 
 
-def test_cdrs_are_read_page_after_page(monkeypatch):
+def test_cdrs_are_read_page_after_page():
     pages = {"0-0": [{"id": f"1-{i}"} for i in range(cli.CDR_PAGE)],
              f"1-{cli.CDR_PAGE - 1}": [{"id": "2-0"}]}
-    monkeypatch.setattr(cli, "cdrs_after", lambda store, after, count: pages[after])
-    records = cli.read_cdrs(SimpleNamespace(), 0.0)
+    store = SimpleNamespace(cdrs_after=lambda after, count: pages[after])
+    records = cli.read_cdrs(store, 0.0)
     assert len(records) == cli.CDR_PAGE + 1 and records[-1] == {"id": "2-0"}
 
 
-def test_cdrs_since_start_at_the_first_id_of_that_millisecond(monkeypatch):
+def test_cdrs_since_start_at_the_first_id_of_that_millisecond():
     seen = []
-    monkeypatch.setattr(cli, "cdrs_after", lambda store, after, count: seen.append(after) or [])
-    assert cli.read_cdrs(SimpleNamespace(), 1795600000.5) == []
+    store = SimpleNamespace(cdrs_after=lambda after, count: seen.append(after) or [])
+    assert cli.read_cdrs(store, 1795600000.5) == []
     assert seen == ["1795600000499-18446744073709551615"]
 
 
 # --------------------------------------------------------------------------- stats
-def test_stats_add_up_the_live_processes_and_the_shared_state(monkeypatch):
+def test_stats_add_up_the_live_processes_and_the_shared_state():
     processes = [
         {"role": "worker", "pid": 1, "seen": NOW, "started": NOW - 9, "requests_INVITE": 3,
          "responses_200": 4, "received_180": 1, "auth_forbidden": 2, "calls": 2,
@@ -253,8 +253,7 @@ def test_stats_add_up_the_live_processes_and_the_shared_state(monkeypatch):
     ]
     counts = {"aors": 3, "contacts": 4, "calls_last_minute": 2,
               "calls": {"trying": 0, "ringing": 1, "early": 0, "answered": 1}}
-    monkeypatch.setattr(cli, "live_counts", lambda store, now: counts)
-    store = SimpleNamespace(processes=lambda: processes)
+    store = SimpleNamespace(processes=lambda: processes, live_counts=lambda now: counts)
     stats = cli.gather_stats(store, NOW)
     assert stats["processes"] == {"dispatcher": 1, "relay": 1, "worker": 2}
     assert stats["calls_created_last_minute"] == 2 and stats["calls_per_second"] == 0.033
@@ -301,34 +300,34 @@ class FakeB2BUA:
         return self.outcome
 
 
-def carried_out(monkeypatch, outcome, age: float = 1.0):
+def carried_out(outcome, age: float = 1.0):
     acked = []
-    monkeypatch.setattr(operator, "ack_hangups", lambda store, ids: acked.extend(ids))
-    worker = SimpleNamespace(b2bua=FakeB2BUA(outcome), counters=Counter(), store=None)
+    store = SimpleNamespace(ack_hangups=lambda ids: acked.extend(ids))
+    worker = SimpleNamespace(b2bua=FakeB2BUA(outcome), counters=Counter(), store=store)
     request = {"tag": TAG, "call_id": "a@x", "by": "sipctl@ops",
                "at": f"{operator.time.time() - age:.3f}"}
     operator.carry_out(worker.b2bua, worker.store, worker.counters, "1-0", request)
     return worker, acked
 
 
-def test_a_worker_ends_the_call_as_the_operator_and_acknowledges(monkeypatch):
-    worker, acked = carried_out(monkeypatch, True)
+def test_a_worker_ends_the_call_as_the_operator_and_acknowledges():
+    worker, acked = carried_out(True)
     assert worker.b2bua.asked == [(TAG, "operator")]
     assert acked == ["1-0"] and worker.counters["operator_hangups"] == 1
 
 
-def test_a_request_for_a_call_already_gone_is_acknowledged(monkeypatch):
-    worker, acked = carried_out(monkeypatch, False)
+def test_a_request_for_a_call_already_gone_is_acknowledged():
+    worker, acked = carried_out(False)
     assert acked == ["1-0"] and worker.counters["operator_hangups"] == 0
 
 
-def test_a_stale_request_is_dropped(monkeypatch):
-    worker, acked = carried_out(monkeypatch, True, age=operator.MAX_AGE + 5)
+def test_a_stale_request_is_dropped():
+    worker, acked = carried_out(True, age=operator.MAX_AGE + 5)
     assert worker.b2bua.asked == [] and acked == ["1-0"]
 
 
-def test_redis_trouble_leaves_the_request_pending_for_another_try(monkeypatch):
-    worker, acked = carried_out(monkeypatch, StoreUnavailable("gone"))
+def test_redis_trouble_leaves_the_request_pending_for_another_try():
+    worker, acked = carried_out(StoreUnavailable("gone"))
     assert worker.b2bua.asked == [(TAG, "operator")] and acked == []
 
 

@@ -125,11 +125,11 @@ def exercise(store: Store) -> None:
         tag = call_tag(a_call_id)
         arm = [(tag, "B", now), (tag, "timeout", now + 30)]
         store.save_call(tag, 0, {"state": "trying"}, 60, arm=arm)
-        store_module.relay_refresh_sessions(store, "h/relay-0",
-                                            [(tag, {"relay": "h/relay-0", "version": 1}, 60)])
-        store_module.relay_report_event(store, {"event": "media-timeout", "call_id": tag},
-                                        [(tag, {"relay": "h/relay-0", "version": 2}, 60)],
-                                        "h/relay-0")
+        store.relay_refresh_sessions("h/relay-0",
+                                     [(tag, {"relay": "h/relay-0", "version": 1}, 60)])
+        store.relay_report_event({"event": "media-timeout", "call_id": tag},
+                                 [(tag, {"relay": "h/relay-0", "version": 2}, 60)],
+                                 "h/relay-0")
     store.claim_due_timers(now)
 
 

@@ -40,24 +40,24 @@ COUNTS = {"calls": {"trying": 1, "answered": 2}, "aors": 3, "contacts": 4,
 
 
 class FakeStore:
-    def __init__(self, processes, fail=False):
+    def __init__(self, processes, fail=False, counts=COUNTS):
         self._processes = processes
         self.fail = fail
+        self.counts = counts
 
     def processes(self):
         if self.fail:
             raise StoreUnavailable("gone")
         return self._processes
 
+    def live_counts(self, now):
+        return self.counts
+
 
 def scrape(processes, counts=COUNTS) -> str:
-    collector = metrics.ClusterCollector(FakeStore(processes), "h1", clock=lambda: NOW)
-    original = metrics.live_counts
-    metrics.live_counts = lambda store, now: counts
-    try:
-        return metrics.exposition(collector).decode()
-    finally:
-        metrics.live_counts = original
+    collector = metrics.ClusterCollector(FakeStore(processes, counts=counts), "h1",
+                                         clock=lambda: NOW)
+    return metrics.exposition(collector).decode()
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -257,8 +257,7 @@ def serve(collector) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def test_the_http_endpoint(monkeypatch):
-    monkeypatch.setattr(metrics, "live_counts", lambda store, now: COUNTS)
+def test_the_http_endpoint():
     server, base = serve(metrics.ClusterCollector(FakeStore([WORKER]), "h1"))
     try:
         with urllib.request.urlopen(base + "/metrics", timeout=5) as reply:

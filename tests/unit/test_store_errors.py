@@ -182,7 +182,7 @@ def test_nogroup_makes_the_group_anew_and_reads_again():
         return [[b"hangup", [(b"1-0", {b"tag": b"t1", b"call_id": b"c"})]]]
 
     stub.xgroup_create, stub.xreadgroup = xgroup_create, xreadgroup
-    requests = st.read_hangups(store, "w1")
+    requests = store.read_hangups("w1")
     assert made == [("hangup", "workers", "0", True)]
     assert requests == [("1-0", {"tag": "t1", "call_id": "c"})]
     assert st.is_nogroup(in_pipeline(reply_error("NOGROUP No such key 'hangup'")))

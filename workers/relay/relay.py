@@ -28,7 +28,6 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from cluster import adoption, clusterauth
-from cluster import store as st
 from cluster.relayctl import decode, encode
 from cluster.sip.rtp import clock_rate_for
 from cluster.store import Store, StoreUnavailable
@@ -157,7 +156,7 @@ class Relay:
         After a host restart Redis may still be loading its data when the relay starts:
         then housekeeping asks again, every REDIS_BACKOFF, until Redis answers."""
         try:
-            records = st.relay_owned_sessions(self.store, self.settings.relay_id)
+            records = self.store.relay_owned_sessions(self.settings.relay_id)
         except StoreUnavailable as exc:
             self._redis_failed(exc)  # logged; read again after the back-off
             return 0
@@ -587,8 +586,8 @@ class Relay:
         sessions = [self.sessions[c] for c in to_save if c in self.sessions]
         if (sessions or to_drop) and self._redis_ok():
             try:
-                st.relay_save_sessions(self.store, self.settings.relay_id,
-                                       [self._record(s) for s in sessions], drop=to_drop)
+                self.store.relay_save_sessions(self.settings.relay_id,
+                                               [self._record(s) for s in sessions], drop=to_drop)
                 now = time.monotonic()
                 for session in sessions:
                     session.last_flush = now
@@ -618,15 +617,15 @@ class Relay:
 
         def job() -> None:
             if first:
-                st.relay_create_sessions(self.store, relay_id, first)
+                self.store.relay_create_sessions(relay_id, first)
                 self.followups.put(lambda: self.unsaved.difference_update(created))
-            results = st.relay_refresh_sessions(self.store, relay_id, records)
+            results = self.store.relay_refresh_sessions(relay_id, records)
             gone = [(record[0], result) for record, result in zip(records, results, strict=True)
                     if result <= 0]
             if gone:
                 self.followups.put(lambda: self._let_go(gone))
-                st.relay_drop_sessions(self.store, relay_id, [c for c, _ in gone],
-                                       delete_records=False)
+                self.store.relay_drop_sessions(relay_id, [c for c, _ in gone],
+                                               delete_records=False)
 
         self.jobs.put(job)
 
@@ -643,8 +642,8 @@ class Relay:
 
     def _save_all(self) -> None:
         records = [self._record(s) for s in self.sessions.values()]
-        self.jobs.put(lambda: st.relay_refresh_sessions(self.store, self.settings.relay_id,
-                                                        records))
+        self.jobs.put(lambda: self.store.relay_refresh_sessions(self.settings.relay_id,
+                                                                records))
 
     # ---------------------------------------------------------------- timers
     def _idle_limit(self, session: Session) -> float:
@@ -695,7 +694,7 @@ class Relay:
             self._close_session(session)
             call_id, relay_id = session.call_id, self.settings.relay_id
             # (if Redis is away, the record's own TTL ends it)
-            self.jobs.put(lambda: st.relay_drop_sessions(self.store, relay_id, [call_id]))
+            self.jobs.put(lambda: self.store.relay_drop_sessions(relay_id, [call_id]))
             return True
         if session.answered_at is None or session.timeout_reported:
             return False
@@ -713,7 +712,7 @@ class Relay:
 
         def job() -> None:
             try:
-                st.relay_report_event(self.store, event, [record], self.settings.relay_id)
+                self.store.relay_report_event(event, [record], self.settings.relay_id)
             except StoreUnavailable:
                 self.followups.put(lambda: setattr(session, "timeout_reported", False))
                 raise
@@ -729,14 +728,14 @@ class Relay:
         here): read them, for the loop to bind on that address with the same ports, so
         their media goes on (cluster/adoption.py has the signalling's side of it)."""
         now = time.time()
-        for node in st.relay_nodes(self.store):
+        for node in self.store.relay_nodes():
             if (node.get("host") == self.settings.host
                     or now - float(node.get("seen", 0)) < ADOPT_AFTER):
                 continue
             address = (node.get("addresses") or {}).get("4", "")
             if not adoption.adoptable_address(address) or not adoption.is_local(address):
                 continue
-            records = st.relay_owned_sessions(self.store, node["id"])
+            records = self.store.relay_owned_sessions(node["id"])
             if records:
                 self.followups.put(lambda n=node["id"], a=address, r=records:
                                    self.adopt(n, a, r))
@@ -772,8 +771,8 @@ class Relay:
         relay_id = self.settings.relay_id
 
         def job() -> None:
-            st.relay_save_sessions(self.store, relay_id, records_now)
-            st.relay_drop_sessions(self.store, dead, ids, delete_records=False)
+            self.store.relay_save_sessions(relay_id, records_now)
+            self.store.relay_drop_sessions(dead, ids, delete_records=False)
 
         self.jobs.put(job)
         self.counters["adopted"] += len(adopted)
@@ -801,11 +800,11 @@ class Relay:
             self._next_prune = now + 60.0
 
         def job() -> None:
-            st.relay_heartbeat(self.store, s.relay_id, info, HEARTBEAT_TTL)
+            self.store.relay_heartbeat(s.relay_id, info, HEARTBEAT_TTL)
             if prune:
-                stale = [n["id"] for n in st.relay_nodes(self.store)
+                stale = [n["id"] for n in self.store.relay_nodes()
                          if time.time() - n.get("seen", 0) > NODE_FORGET_AFTER]
-                st.relay_forget(self.store, stale)
+                self.store.relay_forget(stale)
 
         self.jobs.put(job)
 

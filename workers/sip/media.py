@@ -18,7 +18,6 @@ import time
 import gevent
 
 from cluster import relayctl
-from cluster import store as store_module
 from cluster.backoff import Backoff
 from cluster.relayctl import RelayClient, RelayError, StreamSpec
 from cluster.sip import sdp
@@ -129,15 +128,15 @@ def follow_media_timeouts(b2bua, store, consumer: str) -> None:
     while getattr(b2bua, "running", True):
         try:
             if not grouped:
-                store_module.media_events_group(store, EVENTS_GROUP)
+                store.media_events_group(EVENTS_GROUP)
                 grouped = True
-            events = store_module.claim_stale_media_events(store, EVENTS_GROUP, consumer,
-                                                           CLAIM_AFTER_MS)
-            events += store_module.read_media_events(store, EVENTS_GROUP, consumer, block_ms=100)
+            events = store.claim_stale_media_events(EVENTS_GROUP, consumer,
+                                                    CLAIM_AFTER_MS)
+            events += store.read_media_events(EVENTS_GROUP, consumer, block_ms=100)
             for event_id, event in events:
                 if event.get("event") == "media-timeout":
                     b2bua.media_timeout(event["call_id"])
-                store_module.ack_media_events(store, EVENTS_GROUP, [event_id])
+                store.ack_media_events(EVENTS_GROUP, [event_id])
         except Exception as exc:  # whatever it is, media timeouts go on being followed
             gevent.sleep(backoff.failed(exc))
             continue
@@ -160,7 +159,7 @@ def follow_dead_hosts(b2bua, store, host: str) -> None:
             now, mono = time.time(), time.monotonic()
             silent: dict[str, list[str]] = {}
             others: set[str] = set()
-            for node in store_module.relay_nodes(store):
+            for node in store.relay_nodes():
                 if node.get("host") and node["host"] != host:
                     others.add(node["host"])
                     if now - float(node.get("seen", 0)) > DEAD_HOST_AFTER:
@@ -180,11 +179,11 @@ def follow_dead_hosts(b2bua, store, host: str) -> None:
                     if mono - since >= DEAD_HOST_CONFIRM and h in silent}
             media.client.dead_hosts = dead
             for relay_id in (r for h in dead for r in silent[h]):
-                for record in store_module.relay_owned_sessions(store, relay_id):
+                for record in store.relay_owned_sessions(relay_id):
                     b2bua.host_down(record["call_id"], relay_id)
                     # The session dies with its relay; its record would keep the call
                     # pointing at it.
-                    store_module.relay_drop_sessions(store, relay_id, [record["call_id"]])
+                    store.relay_drop_sessions(relay_id, [record["call_id"]])
         except Exception as exc:  # whatever it is, the watch goes on
             missing_since.clear()  # what was missed meanwhile says nothing of the hosts
             gevent.sleep(backoff.failed(exc))

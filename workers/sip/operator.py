@@ -18,13 +18,7 @@ import gevent
 
 from cluster.backoff import Backoff
 from cluster.logsetup import call_log
-from cluster.store import (
-    StoreUnavailable,
-    ack_hangups,
-    claim_stale_hangups,
-    hangup_group,
-    read_hangups,
-)
+from cluster.store import StoreUnavailable
 
 log = logging.getLogger("operator")
 BLOCK_SECONDS = 0.1  # a blocking read; kept well under the workers' Redis timeout
@@ -43,12 +37,12 @@ def hangup_loop(b2bua, store, consumer: str, timeout: float, spawn, counters) ->
     while b2bua.running:
         try:
             if not grouped:  # (the store makes it anew too, should Redis lose it later)
-                hangup_group(store)
+                store.hangup_group()
                 grouped = True
-            requests = read_hangups(store, consumer, block_ms=block_ms)
+            requests = store.read_hangups(consumer, block_ms=block_ms)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + CLAIM_AFTER
-                requests += claim_stale_hangups(store, consumer, int(CLAIM_AFTER * 1000))
+                requests += store.claim_stale_hangups(consumer, int(CLAIM_AFTER * 1000))
         except Exception as exc:  # whatever it is, hangup requests go on being read
             gevent.sleep(backoff.failed(exc))
             continue
@@ -73,10 +67,10 @@ def carry_out(b2bua, store, counters, entry_id: str, request: dict) -> None:
         else:
             clog.info("call %s: hangup requested by %s, but the call is gone", tag,
                       request.get("by", "?"))
-        ack_hangups(store, [entry_id])
+        store.ack_hangups([entry_id])
     except StoreUnavailable as exc:  # left pending: claimed again after CLAIM_AFTER
         clog.warning("call %s: hangup request not carried out yet: %s", tag, exc)
     except Exception:
         clog.exception("call %s: hangup request %s failed", tag, entry_id)
         with contextlib.suppress(StoreUnavailable):
-            ack_hangups(store, [entry_id])  # a request that fails would fail again
+            store.ack_hangups([entry_id])  # a request that fails would fail again
