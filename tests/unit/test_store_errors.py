@@ -203,3 +203,37 @@ def test_backoff_logs_once_per_streak_and_is_bounded(caplog):
     assert sum("Redis unavailable" in m for m in messages) == 2
     assert sum("failed; retrying" in m for m in messages) == 1
     assert sum("resumed after 11 failed" in m for m in messages) == 1
+
+
+class ShardDown:
+    """A client whose XADD to one stream fails as a dead node's would."""
+
+    def __init__(self, dead_stream: str) -> None:
+        self.dead_stream = dead_stream
+        self.added: list[str] = []
+
+    def xadd(self, stream, fields, **kwargs):
+        if stream == self.dead_stream:
+            raise rx.ConnectionError("Error 111 connecting to 127.0.0.1:7002. Connection refused.")
+        self.added.append(stream)
+        return b"1-0"
+
+
+@pytest.mark.parametrize("on_cluster", [True, False], ids=["cluster", "one-redis"])
+def test_a_cdr_whose_shard_is_down_goes_to_the_next_shard_on_a_cluster(on_cluster):
+    store = Store("redis://127.0.0.1:1/0")  # connects lazily: nothing is reached
+    store.on_cluster = on_cluster
+    call_id = "a-call@example.com"
+    own = st.stream_shard(call_id)
+    store.redis = client = ShardDown(st.cdr_key(own))
+    record = {"a_call_id": call_id, "caller": "1002", "callee": "1009"}
+    if not on_cluster:  # one server holds every shard: there is no other to try
+        with pytest.raises(StoreUnavailable):
+            store.add_cdr(record)
+        assert client.added == []
+        return
+    store.add_cdr(record)
+    assert client.added == [st.cdr_key((own + 1) % st.STREAM_SHARDS)]
+    client.dead_stream = "none"
+    store.add_cdr(record)  # its own shard again once it answers
+    assert client.added[-1] == st.cdr_key(own)
