@@ -883,6 +883,35 @@ def test_reinvite_hold_from_the_caller(rig):
     assert rig.call.state == "answered"
 
 
+def test_a_reinvite_from_the_caller_stands_for_its_lost_ack(rig):
+    """The caller's ACK was lost (a host restart's outage) and it went on to a re-INVITE,
+    which RFC 3261 14.1 allows only after the 200: that 200 is not repeated any more, and
+    the re-INVITE goes on to the callee as usual."""
+    flow = begin(rig)
+    flow.caller.learn(flow.from_callee(flow.callee.respond(180)).one(CALLER_ADDR))
+    flow.caller.learn(flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP)).one(
+        CALLER_ADDR))
+    name = rig.timer("|2xx", rig.call.a.invite_key)
+    assert [o.dest for o in rig.fire(name).outs] == [CALLER_ADDR]  # no ACK yet: repeated
+    acts = flow.from_caller(flow.caller.request("INVITE", body=hold_sdp(b"sendonly")))
+    assert acts.one(flow.callee.addr).method == "INVITE"
+    assert rig.fire(name) == []  # the 200 is not repeated any more
+    rig.advance(60)
+    assert rig.fire(rig.timer("|L", rig.call.a.invite_key)).cdrs == []  # no BYE, no end
+    assert rig.call.state == "answered"
+
+
+def test_a_reinvite_does_not_stand_for_an_ack_that_carries_the_answer(rig):
+    """Delayed offer: the caller's ACK carries the answer the callee waits for, so a
+    re-INVITE cannot replace it; our 200 is still repeated."""
+    flow = begin(rig, invite=invite_without_sdp())
+    flow.caller.learn(flow.from_callee(flow.callee.respond(200, body=ANSWER_SDP)).one(
+        CALLER_ADDR))
+    flow.from_caller(flow.caller.request("INVITE", body=hold_sdp(b"sendonly")))
+    name = rig.timer("|2xx", rig.call.a.invite_key)
+    assert [o.dest for o in rig.fire(name).outs] == [CALLER_ADDR]
+
+
 def test_a_repeated_2xx_to_a_relayed_reinvite_gets_the_same_ack_again(rig):
     """RFC 3261 13.2.2.4: the callee repeats its 2xx (our ACK was lost or crossed it, as
     when the cluster was restarting): the very same ACK again, not a new request."""

@@ -69,6 +69,8 @@ class Inbound:
             return [Reply(500, "CSeq out of order")]
         dialog.update_from_request(req)
         leg.dialog = dialog.to_record()
+        if req.method == "INVITE":
+            self._implied_ack(leg, req, ctx)
         if req.method == "BYE":
             out = self._answer_locally(leg, req, 200, ctx)
             event = Event.CALLER_BYE if leg.name == "a" else Event.CALLEE_BYE
@@ -109,6 +111,23 @@ class Inbound:
                     tx.ack_received(ctx.now)
                     self._save_tx(key, tx)
         return self._acked(leg, req, ctx)
+
+    def _implied_ack(self: Call, leg: Leg, req: Request, ctx: Ctx) -> None:
+        """A re-INVITE from ``leg`` while our 2xx to its earlier INVITE still waits for the
+        ACK: the ACK was lost (as in a host restart's outage), since RFC 3261 14.1 lets a
+        UAC start a new INVITE only once its last one has its final answer.  Repeating that
+        2xx any longer only reaches a phone busy with the new INVITE (a SIPp caller aborts
+        the call on it), so it stops here.  Not when the ACK was to carry the answer to a
+        delayed offer, nor when a BYE waits for it: those need the ACK itself."""
+        if leg.name in self.pending_ack or (leg is self.a and self.bye_caller_after_ack):
+            return
+        for key, entry in list(self.txs.items()):
+            if entry["leg"] == leg.name and entry["role"] in ("invite", "reinvite") \
+                    and entry["tx"]["kind"] == "ist" and entry["tx"]["state"] == "Accepted":
+                tx = transaction_from_record(entry["tx"])
+                if tx.request_msg.cseq.number < req.cseq.number:
+                    tx.ack_received(ctx.now)
+                    self._save_tx(key, tx)
 
     def _acked(self: Call, leg: Leg, req: Request, ctx: Ctx) -> Actions:
         """Our 2xx was ACKed: pass on a delayed ACK (with the answer SDP) to the other leg,
