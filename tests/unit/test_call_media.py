@@ -18,6 +18,7 @@ from callkit import (
     START,
     TAG,
     Callee,
+    Caller,
     CountingIds,
     seed_invite,
     targets,
@@ -85,7 +86,7 @@ class Shell:
 
 
 def sent(actions, dest):
-    return [parse(a.data) for a in actions if a.dest == dest]
+    return [parse(a.data) for a in actions if getattr(a, "dest", None) == dest]
 
 
 def test_a_relayed_call_asks_the_relay_only_from_the_shell():
@@ -147,3 +148,48 @@ def test_a_relay_error_surfaces_from_the_shell_step():
 
     with pytest.raises(RuntimeError, match="relay unavailable"):
         Shell(Failing()).start()
+
+
+class VanishingRelay(GuardedRelay):
+    """A relay whose session is gone once ``gone`` is set (the call ended)."""
+
+    gone = False
+
+    def rewrite(self, tag: str, leg: str, body: bytes, *, offer: bool, peer_ip: str) -> bytes:
+        if self.gone:
+            raise RuntimeError(f"no relay session for call {tag}")
+        return super().rewrite(tag, leg, body, offer=offer, peer_ip=peer_ip)
+
+
+def test_a_2xx_to_a_reinvite_after_the_call_ended_is_acked_without_the_relay():
+    """The caller sent a re-INVITE, then BYE before the callee answered it (a host restart
+    seen in the fault matrix): the re-INVITE gets 487; the callee's 200 still gets its ACK,
+    with no SDP and without asking the relay, whose session went with the call; the
+    caller gets nothing more."""
+    port = VanishingRelay()
+    shell = Shell(port)
+    callee_addr = targets(1)[0].peer
+    [invite] = sent(shell.start(), callee_addr)
+    callee, caller = Callee(invite, callee_addr, "calleetag0"), Caller()
+    [ok] = sent(shell.event(lambda call, ctx: call.on_response(
+        callee.respond(200, body=ANSWER_SDP), callee_addr, ctx)), CALLER_ADDR)
+    caller.learn(ok)
+    shell.event(lambda call, ctx: call.on_request(caller.ack(), CALLER_ADDR, ctx))
+    reinvite = caller.request("INVITE", body=seed_invite().body)
+    [relayed] = [m for m in sent(shell.event(lambda call, ctx: call.on_request(
+        reinvite, CALLER_ADDR, ctx)), callee_addr) if m.method == "INVITE"]
+    bye = caller.request("BYE")
+    ended = shell.event(lambda call, ctx: call.on_request(bye, CALLER_ADDR, ctx))
+    # RFC 3261 15.1.2: the re-INVITE still pending gets 487.
+    assert sorted((m.status, m.cseq.method) for m in sent(ended, CALLER_ADDR)) == [
+        (200, "BYE"), (487, "INVITE")]
+    assert Call.from_record(shell.record).state == "ended"
+    port.gone = True
+
+    late = shell.event(lambda call, ctx: call.on_response(
+        callee.answer(relayed, body=ANSWER_SDP), callee_addr, ctx))
+    [ack] = sent(late, callee_addr)
+    assert ack.method == "ACK" and (ack.cseq.number, ack.cseq.method) == (
+        relayed.cseq.number, "ACK")
+    assert ack.body == b""
+    assert sent(late, CALLER_ADDR) == []

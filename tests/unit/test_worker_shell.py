@@ -23,7 +23,7 @@ from cluster.sip import digest
 from cluster.sip.ids import call_tag
 from cluster.sip.message import Request, Response, parse
 from cluster.store import StoreUnavailable, aor_of
-from workers.sip.worker import Worker
+from workers.sip.worker import WARM_UP, Worker
 
 REALM = ADDRESS = "192.168.31.109"
 CALLER = ("192.168.31.142", 55747)
@@ -478,14 +478,29 @@ def test_below_half_the_limit_nothing_is_shed(worker, busy):
 
 
 def test_a_request_that_waited_past_the_queue_limit_is_shed(worker, monkeypatch):
-    data = register("1002", CALLER)
-    worker.on_datagram(data, CALLER, 0)  # queued in the pool, not yet handled
-    late = time.monotonic() + worker.queue_limit + 0.1
+    worker.on_datagram(register("1001", CALLER), CALLER, 0)  # the first: warm-up begins
+    worker.pool.join()
+    worker.transport.take()
+    arrived = time.monotonic() + WARM_UP
+    monkeypatch.setattr(time, "monotonic", lambda: arrived)
+    worker.on_datagram(register("1002", CALLER), CALLER, 0)  # queued, not yet handled
+    late = arrived + worker.queue_limit + 0.1
     monkeypatch.setattr(time, "monotonic", lambda: late)
     worker.pool.join()
     [refused] = shed(worker.transport.take())
     assert refused.header("retry-after") == b"5" and worker.counters["shed"] == 1
-    assert worker.counters["requests_REGISTER"] == 0 and worker.answers.working == set()
+    assert worker.counters["requests_REGISTER"] == 1 and worker.answers.working == set()
+
+
+def test_in_the_warm_up_a_request_that_waited_is_still_worked_on(worker, monkeypatch):
+    """What a worker gets first is the backlog of an outage (every phone's retransmissions
+    at once): a request of it that waited past the queue limit is answered, not shed."""
+    worker.on_datagram(register("1002", CALLER), CALLER, 0)
+    late = time.monotonic() + worker.queue_limit + 0.1
+    monkeypatch.setattr(time, "monotonic", lambda: late)
+    worker.pool.join()
+    assert only(worker.transport.take()).status == 401
+    assert worker.counters["shed"] == 0
 
 
 # --------------------------------------------------------------------------- Redis trouble

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cluster.sip.message import Request, Response, build_response
+from cluster.sip.transaction import transaction_from_record
 
 from .actions import Actions
 from .legs import Leg, LegState
@@ -105,13 +106,25 @@ class Handlers:
         """BYE from one side of an answered call: BYE to the other side."""
         side = "caller" if leg.name == "a" else "callee"
         other = self.other(leg)
-        out = self._end(NORMAL_CLEARING, side, ctx.now, status=200)
+        out = self._end(NORMAL_CLEARING, side, ctx.now, status=200) + self._terminate_pending(
+            leg, ctx)
         if other is self.a and self._caller_unacked():
             # RFC 3261 15: no BYE before the ACK of our 2xx; it goes with the ACK,
             # or when the 2xx is given up on (Timer L).
             self.bye_caller_after_ack = list(NORMAL_CLEARING)
         else:
             out += self._send_bye(other, NORMAL_CLEARING, ctx)
+        return out
+
+    def _terminate_pending(self: Call, leg: Leg, ctx: Ctx) -> Actions:
+        """RFC 3261 15.1.2: requests ``leg`` sent before its BYE that are still unanswered
+        (a re-INVITE the other side has not answered yet) get 487."""
+        out: Actions = []
+        for key, entry in list(self.txs.items()):
+            if entry["leg"] == leg.name and entry["role"] in ("reinvite", "relayed") \
+                    and entry["tx"]["state"] in ("Trying", "Proceeding"):
+                request = transaction_from_record(entry["tx"]).request_msg
+                out += self._respond(key, build_response(request, 487), ctx.now)
         return out
 
     def _relay_request(self: Call, ctx: Ctx, leg: Leg, req: Request) -> Actions:

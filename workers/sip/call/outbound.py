@@ -94,6 +94,8 @@ class Outbound:
             return []
         requester = self.leg(server["leg"])
         request = transaction_from_record(server["tx"]).request_msg
+        if self.state == CallState.ENDED:
+            return self._answered_after_the_end(leg, resp, ctx)
         out: Actions = []
         if resp.cseq.method == "INVITE" and 200 <= resp.status < 300:
             dialog = Dialog.from_record(leg.dialog)
@@ -113,6 +115,18 @@ class Outbound:
         answer = build_response(request, resp.status, resp.reason.decode("utf-8", "replace"),
                                 headers=headers, body=body)
         return out + self._respond(entry["server"], answer, ctx.now)
+
+    def _answered_after_the_end(self: Call, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
+        """A relayed request answered after the call ended (a BYE crossed it, as when a
+        caller whose ACK was lost gave up): a 2xx to a re-INVITE still gets its ACK (RFC
+        3261 13.2.2.4; unACKed, the phone repeats it for 32 s), with no SDP, since the
+        relay session went with the call; nothing goes on to the requester, who hung up."""
+        if resp.cseq.method != "INVITE" or not 200 <= resp.status < 300:
+            return []
+        dialog = Dialog.from_record(leg.dialog)
+        dialog.update_from_response(resp)
+        leg.dialog = dialog.to_record()
+        return self._send_ack(leg, resp.cseq.number, b"", None, ctx)
 
     # ---------------------------------------------------------------- towards the caller
     def _to_caller(self: Call, leg: Leg, resp: Response, ctx: Ctx) -> Actions:
