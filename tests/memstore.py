@@ -26,6 +26,7 @@ from cluster.store import (
     Binding,
     RegisterResult,
     Store,
+    TimerClaim,
     aor_of,
     authfail_key,
     authlock_key,
@@ -330,9 +331,10 @@ class MemoryStore:
             self._timers.pop(timer_member(tag, name, due), None)
 
     def claim_due_timers(self, now: float, lease: float = TIMER_LEASE,
-                         limit: int = 100) -> list[tuple[str, str, float]]:
+                         limit: int = 100) -> TimerClaim:
         """Per shard in order, up to ``limit`` due entries, earliest first (ties by
-        member, as a sorted set); each comes due again ``lease`` after ``now``."""
+        member, as a sorted set); each comes due again ``lease`` after ``now``; and the
+        earliest due time left."""
         claimed = []
         for shard in range(TIMER_SHARDS):
             due = sorted((score, member) for member, (score, tag, _, _) in self._timers.items()
@@ -341,7 +343,8 @@ class MemoryStore:
                 _, tag, name, at = self._timers[member]
                 self._timers[member] = (now + lease, tag, name, at)
                 claimed.append((tag, name, at))
-        return claimed
+        left = [score for score, _, _, _ in self._timers.values()]
+        return TimerClaim(claimed, min(left) if left else None)
 
     def add_cdr(self, record: dict) -> None:
         fields = {k: ("" if v is None else str(v)) for k, v in record.items()}

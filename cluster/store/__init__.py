@@ -16,7 +16,7 @@ this package exports the class, its errors, the record types and the schema's ke
 
 from __future__ import annotations
 
-from .calls import Arrival, Calls, counted_state
+from .calls import Arrival, Calls, TimerClaim, counted_state
 from .connection import (
     REDIS_ERRORS,
     VERSION_STEP,
@@ -98,7 +98,8 @@ __all__ = [
     "PERSISTENT_KEYS", "PROCS_INDEX", "REDIS_ERRORS", "REG_AORS_INDEX", "REG_CONTACTS_INDEX",
     "RELAY_EVENTS_LEGACY", "RELAY_EVENTS_STREAMS", "RELAY_NODES_KEY", "STREAM_SHARDS",
     "STREAM_SHARD_TAGS", "TIMER_LEASE", "TIMER_SHARDS", "TRUST_CHANNEL", "TX_PREFIX",
-    "VERSION_STEP", "Binding", "RegisterResult", "Store", "StoreUnavailable", "aor_of",
+    "VERSION_STEP", "Binding", "RegisterResult", "Store", "StoreUnavailable", "TimerClaim",
+    "aor_of",
     "authfail_key", "authlock_key", "authuser_key", "ban_key", "call_key", "cdr_id", "cdr_key",
     "cdr_position", "counted_state", "error_code", "host_key", "is_nogroup", "is_unavailable",
     "nc_key", "pack", "parse_timer_member", "ping_key", "proc_key", "reg_key", "relay_events_key",

@@ -38,6 +38,15 @@ class Arrival(NamedTuple):
     user: dict | None
 
 
+class TimerClaim(NamedTuple):
+    """``claim_due_timers``'s answer: the timers claimed, (call tag, timer name, due), and
+    the earliest due time left in any shard after the claim (None: no timer at all), so
+    that the claimant can sleep until then instead of polling."""
+
+    due: list[tuple[str, str, float]]
+    next_due: float | None
+
+
 def counted_state(record: dict) -> str:
     """The state a call counts under; '' for a relayed MESSAGE, which is no call."""
     if record.get("method", "INVITE") != "INVITE":
@@ -112,13 +121,17 @@ class Calls:
         self._call(pipe.execute)
 
     def claim_due_timers(self, now: float, lease: float = TIMER_LEASE,
-                         limit: int = 100) -> list[tuple[str, str, float]]:
-        """Claim the due timers of every shard: (call tag, timer name, due).  Each comes
-        due again ``lease`` seconds after ``now`` unless ``remove_timers`` takes it out."""
+                         limit: int = 100) -> TimerClaim:
+        """Claim the due timers of every shard, and learn the next due time.  Each timer
+        claimed comes due again ``lease`` seconds after ``now`` unless ``remove_timers``
+        takes it out."""
         def build(pipe):
             for shard in range(TIMER_SHARDS):
                 self._evalsha(pipe, self._pop_timers, [timer_key(shard)], [now, limit, lease])
-        return [parse_timer_member(m) for members in self._pipelined(build) for m in members]
+        replies = self._pipelined(build)
+        due = [parse_timer_member(m) for members, _ in replies for m in members]
+        after = [float(first) for _, first in replies if first]
+        return TimerClaim(due, min(after) if after else None)
 
     def call_index_keys(self) -> list[str]:
         if not self.indexed:

@@ -228,12 +228,14 @@ VERSION_STEP = 1 << 20
 # an entry whose claimant never did comes due again.  A claim sent to a paused Redis runs
 # when it resumes, after the worker's read timed out; removing there lost the timer (the
 # only BYE retransmission of a call whose end was written in that pause: one CI run).
-# KEYS: timers shard.
+# KEYS: timers shard.  Returns the members claimed and the earliest score left (false when
+# the shard is empty): the claimant sleeps until then.
 _POP_TIMERS_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local again = tonumber(ARGV[1]) + tonumber(ARGV[3])
 for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', again, member) end
-return due
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {due, first[2] or false}
 """
 
 # Remove a binding only if it is still the one the caller looked at (a REGISTER may have

@@ -81,11 +81,11 @@ def test_the_store_works_on_the_cluster(redis_cluster):  # noqa: F811
     version = store.save_call(tag, 0, {"state": "trying"}, 60, arm=arm)
     assert version and store.load_call(tag) == (version, {"state": "trying"})
     assert store.save_call(tag, 0, {"state": "lost"}, 60) is None  # compare-and-set lost
-    popped = store.claim_due_timers(time.time())
+    popped = store.claim_due_timers(time.time()).due
     assert sorted((t, n) for t, n, _ in popped) == sorted((t, n) for t, n, _ in arm)
-    assert store.claim_due_timers(time.time()) == []  # claimed: leased, not due again yet
+    assert store.claim_due_timers(time.time()).due == []  # claimed: leased, not due again yet
     store.remove_timers(popped)  # seen by their calls: gone from every shard's node
-    assert store.claim_due_timers(time.time() + 400) == []
+    assert store.claim_due_timers(time.time() + 400) == ([], None)
     store.replica_wait, store.wait_counters = (1, 500), {"replica_wait_short": 0}
     newer = store.save_call(tag, version, {"state": "answered"}, 60)
     assert newer and store.wait_counters == {"replica_wait_short": 0}
@@ -273,7 +273,7 @@ def test_pipelines_follow_a_slot_migrating_and_then_moved(redis_cluster):  # noq
     assert newer and store.load_call(tag) == (newer, {"n": 3})
     assert store.redis.get_node_from_key(call_key(tag)).port == target_port
     assert node_of(redis_cluster, call_key(tag)) == target_port
-    armed = {(t, n) for t, n, _ in store.claim_due_timers(time.time() + 400)}
+    armed = {(t, n) for t, n, _ in store.claim_due_timers(time.time() + 400).due}
     assert armed == {(tag, "A"), (other, "A"), (tag, "B")}
 
 

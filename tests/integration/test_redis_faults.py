@@ -319,11 +319,11 @@ def test_a_timer_claimed_while_redis_is_paused_is_not_lost(server):
     with paused(server, 1.0), pytest.raises(store_module.StoreUnavailable):
         store.claim_due_timers(now)
     store = store_module.Store(f"redis://127.0.0.1:{server.port}/2", timeout=2.0)
-    assert store.claim_due_timers(now + 1.0) == [], "claimed, yet due again at once"
-    again = store.claim_due_timers(now + store_module.TIMER_LEASE + 0.1)
+    assert store.claim_due_timers(now + 1.0).due == [], "claimed, yet due again at once"
+    again = store.claim_due_timers(now + store_module.TIMER_LEASE + 0.1).due
     assert again == [(tag, "E", now - 0.1)]
     store.remove_timers(again)  # seen by its call: gone for good
-    assert store.claim_due_timers(now + 100) == []
+    assert store.claim_due_timers(now + 100) == ([], None)
 
 
 def test_a_pipeline_meeting_flushed_scripts_runs_its_other_commands_once(server):

@@ -401,17 +401,20 @@ def test_a_call_record_lapses_after_its_ttl(env):
 
 def test_timers_armed_with_a_write_are_claimed_when_due_as_a_lease(env):
     store, now = env.store, env.now()
+    assert store.claim_due_timers(now) == ([], None)  # no timer at all
     version = store.save_call(CALL, 0, RECORD, 60,
                               arm=[(CALL, "B", now - 1.25), (CALL, "A", now + 100.5)])
-    assert store.claim_due_timers(now) == [(CALL, "B", now - 1.25)]
-    assert store.claim_due_timers(now) == []  # claimed: not due again within the lease
-    assert store.claim_due_timers(now + 3.5, lease=3.0) == [(CALL, "B", now - 1.25)]
+    # claimed, and the next due is the claim's own lease end (earlier than A)
+    assert store.claim_due_timers(now) == ([(CALL, "B", now - 1.25)], now + 3.0)
+    assert store.claim_due_timers(now) == ([], now + 3.0)  # not due again within the lease
+    assert store.claim_due_timers(now + 3.5, lease=3.0).due == [(CALL, "B", now - 1.25)]
     store.remove_timers([(CALL, "B", now - 1.25), (CALL, "missing", now)])
-    assert store.claim_due_timers(now + 60) == []
+    assert store.claim_due_timers(now + 60) == ([], now + 100.5)  # A is the only one left
     # Armed before the compare-and-set, so armed even when the write loses.
     assert store.save_call(CALL, version + 1, RECORD, 60, arm=[(CALL, "C", now - 2.0)]) is None
-    assert store.claim_due_timers(now) == [(CALL, "C", now - 2.0)]
-    assert store.claim_due_timers(now + 200) == [(CALL, "C", now - 2.0), (CALL, "A", now + 100.5)]
+    assert store.claim_due_timers(now).due == [(CALL, "C", now - 2.0)]
+    assert store.claim_due_timers(now + 200).due == [(CALL, "C", now - 2.0),
+                                                     (CALL, "A", now + 100.5)]
 
 
 def test_timers_disarmed_with_a_write_are_gone_whether_it_wins_or_not(env):
@@ -424,7 +427,7 @@ def test_timers_disarmed_with_a_write_are_gone_whether_it_wins_or_not(env):
     lost = store.save_call(CALL, version, RECORD, 60, disarm=[("other", "C", now - 0.5),
                                                               (CALL, "missing", now)])
     assert lost is None and store.load_call(CALL) == (won, RECORD)
-    assert store.claim_due_timers(now) == [(CALL, "B", now - 1.0)]
+    assert store.claim_due_timers(now).due == [(CALL, "B", now - 1.0)]
 
 
 def test_a_call_and_its_kept_answer_are_read_together(env):

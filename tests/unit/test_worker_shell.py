@@ -23,6 +23,7 @@ from cluster.sip import digest
 from cluster.sip.ids import call_tag
 from cluster.sip.message import Request, Response, parse
 from cluster.store import StoreUnavailable, aor_of
+from workers.sip.b2bua import TIMER_IDLE_TICK, TIMER_TICK
 from workers.sip.worker import WARM_UP, Worker
 
 REALM = ADDRESS = "192.168.31.109"
@@ -528,3 +529,56 @@ def test_redis_trouble_never_answers_a_hang_up_and_keeps_it(store, monkeypatch):
     data = in_dialog("BYE", "some-call")
     assert deliver(worker, data, CALLER) == []
     assert worker.counters["hangups_deferred"] == 1 and len(worker._deferred) == 1
+
+
+# --------------------------------------------------------------------------- timer loop
+
+
+class CountedClaims:
+    """The store's timer claims, counted, and the timers they gave out."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.claim, self.times, self.fired = store.claim_due_timers, [], []
+        store.claim_due_timers = self
+
+    def __call__(self, now: float, *args, **kwargs):
+        claim = self.claim(now, *args, **kwargs)
+        self.times.append(now)
+        self.fired += [(name, now) for _, name, _ in claim.due]
+        return claim
+
+
+def test_an_idle_worker_claims_timers_once_per_idle_tick(store):
+    claims = CountedClaims(store)
+    worker = make_worker(store)
+    loop = gevent.spawn(worker.b2bua.timer_loop)
+    gevent.sleep(1.2)
+    worker.b2bua.stop()
+    loop.join(timeout=1.0)
+    assert loop.dead
+    # at 0.05 s (the first claim), then every TIMER_IDLE_TICK: not every TIMER_TICK
+    assert 2 <= len(claims.times) <= 1 + 1.2 / TIMER_IDLE_TICK + 1, claims.times
+
+
+def test_a_timer_armed_here_wakes_the_loop_and_one_armed_elsewhere_is_claimed_when_due(store):
+    claims = CountedClaims(store)
+    worker = make_worker(store)
+    loop = gevent.spawn(worker.b2bua.timer_loop)
+    gevent.sleep(0.1)  # the first claim is made: the loop sleeps for TIMER_IDLE_TICK
+    due = time.time() + 0.1
+    store.save_call("other", 0, {"state": "ended"}, 60, arm=[("other", "X", due)])
+    worker.b2bua._claim_by(due)  # as a write of this worker arming it does
+    gevent.sleep(0.3)
+    assert [name for name, _ in claims.fired] == ["X"]
+    fired_at = claims.fired[0][1]
+    assert due <= fired_at < due + TIMER_TICK + 0.03
+    # another worker's timer, armed after this one's last claim: the next claim is due at
+    # the lease end of X at the latest, or TIMER_IDLE_TICK later, and finds it
+    store.remove_timers([("other", "X", due)])
+    other_due = time.time() + 0.05
+    store.save_call("third", 0, {"state": "ended"}, 60, arm=[("third", "Y", other_due)])
+    gevent.sleep(TIMER_IDLE_TICK + 0.1)
+    worker.b2bua.stop()
+    loop.join(timeout=1.0)
+    assert [name for name, _ in claims.fired] == ["X", "Y"]
+    assert claims.fired[1][1] <= other_due + TIMER_IDLE_TICK + 0.03

@@ -26,6 +26,11 @@ from cluster.sip.errors import SipError
 log = logging.getLogger("media")
 EVENTS_GROUP = "b2bua"
 CLAIM_AFTER_MS = 30_000  # an event read but not acknowledged this long is taken over
+CLAIM_EVERY = 5.0  # seconds between looks for such events
+# Seconds between reads of the media events when none came: a media timeout is acted on at
+# most this much later (timeouts are tens of seconds).  A blocking read is capped at half
+# the Redis timeout (0.25 s), so reading that way kept an idle worker at ~7 reads a second.
+EVENTS_POLL = 0.5
 # A host is dead when its dispatcher's announcement has lapsed (3 s after its last one)
 # and its relays have been silent this long: a relay that supervisord restarts, or a
 # host restarted quickly (supervisord stopped and started again), is back well within it
@@ -124,15 +129,18 @@ def follow_media_timeouts(b2bua, store, consumer: str) -> None:
     failed is not acknowledged, so it is claimed again after ``CLAIM_AFTER_MS``.
     ``consumer``: this worker's name in the group, one per worker of the cluster."""
     backoff = Backoff(log, "media events")
-    grouped = False
+    grouped, next_claim = False, 0.0
     while getattr(b2bua, "running", True):
         try:
             if not grouped:
                 store.media_events_group(EVENTS_GROUP)
                 grouped = True
-            events = store.claim_stale_media_events(EVENTS_GROUP, consumer,
-                                                    CLAIM_AFTER_MS)
-            events += store.read_media_events(EVENTS_GROUP, consumer, block_ms=100)
+            events = []
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + CLAIM_EVERY
+                events += store.claim_stale_media_events(EVENTS_GROUP, consumer,
+                                                         CLAIM_AFTER_MS)
+            events += store.read_media_events(EVENTS_GROUP, consumer)
             for event_id, event in events:
                 if event.get("event") == "media-timeout":
                     b2bua.media_timeout(event["call_id"])
@@ -142,7 +150,7 @@ def follow_media_timeouts(b2bua, store, consumer: str) -> None:
             continue
         backoff.ok()
         if not events:
-            gevent.sleep(0.05)  # never spin, should a read come back empty at once
+            gevent.sleep(EVENTS_POLL)
 
 
 def follow_dead_hosts(b2bua, store, host: str) -> None:

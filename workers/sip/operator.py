@@ -21,17 +21,18 @@ from cluster.logsetup import call_log
 from cluster.store import StoreUnavailable
 
 log = logging.getLogger("operator")
-BLOCK_SECONDS = 0.1  # a blocking read; kept well under the workers' Redis timeout
+# Seconds between reads of the requests when none came: a `sipctl hangup` is carried out
+# at most this much later.  A blocking read, capped at half the Redis timeout, kept an idle
+# worker at ~7 reads a second.
+POLL_SECONDS = 0.25
 CLAIM_AFTER = 5.0  # seconds a request may stay read but unacknowledged before others take it
 MAX_AGE = 60.0
 SIDE = "operator"  # the CDR's hangup side
 
 
-def hangup_loop(b2bua, store, consumer: str, timeout: float, spawn, counters) -> None:
+def hangup_loop(b2bua, store, consumer: str, spawn, counters) -> None:
     """Read hangup requests and carry them out (run in its own greenlet) as ``consumer``
-    of the stream's group; ``timeout``: the store's, which a blocking read stays under;
-    ``spawn``: runs each request in the worker's pool."""
-    block_ms = max(1, int(min(BLOCK_SECONDS, timeout / 2) * 1000))
+    of the stream's group; ``spawn``: runs each request in the worker's pool."""
     grouped, next_claim = False, 0.0
     backoff = Backoff(log, "hangup requests")
     while b2bua.running:
@@ -39,7 +40,7 @@ def hangup_loop(b2bua, store, consumer: str, timeout: float, spawn, counters) ->
             if not grouped:  # (the store makes it anew too, should Redis lose it later)
                 store.hangup_group()
                 grouped = True
-            requests = store.read_hangups(consumer, block_ms=block_ms)
+            requests = store.read_hangups(consumer)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + CLAIM_AFTER
                 requests += store.claim_stale_hangups(consumer, int(CLAIM_AFTER * 1000))
@@ -50,7 +51,7 @@ def hangup_loop(b2bua, store, consumer: str, timeout: float, spawn, counters) ->
         for entry_id, request in requests:
             spawn(carry_out, b2bua, store, counters, entry_id, request)
         if not requests:
-            gevent.sleep(0.05)  # never spin, should a read come back empty at once
+            gevent.sleep(POLL_SECONDS)
 
 
 def carry_out(b2bua, store, counters, entry_id: str, request: dict) -> None:

@@ -163,8 +163,7 @@ class Worker:
         greenlets.append(gevent.spawn(self.b2bua.traces.loop))
         consumer = f"{self.host}/{self.name}"  # one per worker of the cluster
         greenlets.append(gevent.spawn(hangup_loop, self.b2bua, self.store, consumer,
-                                      self.config.workers.redis_timeout, self.pool.spawn,
-                                      self.counters))
+                                      self.pool.spawn, self.counters))
         greenlets.append(gevent.spawn(self.auth.follow_blocks))
         greenlets.append(gevent.spawn(self.pinger.loop))
         greenlets.append(gevent.spawn(self.scanners.loop))
