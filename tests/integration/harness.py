@@ -8,6 +8,7 @@ the test made, as one host of several (tests/integration/netns.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,6 +27,9 @@ from cluster.store import TX_PREFIX, Store, StoreUnavailable, reg_key
 from conftest import ROOT, free_tcp_port, free_udp_port
 
 SUPERVISORCTL = str(Path(sys.executable).parent / "supervisorctl")
+# sipctl as ``python -m cluster.cli`` from this checkout, the package the cluster runs (an
+# installed ``sipctl`` script may import another checkout's).
+SIPCTL = (sys.executable, "-m", "cluster.cli")
 SECRET = "integration-test-secret"
 
 
@@ -134,6 +138,20 @@ class Cluster:
         pid = self.pid_of(program)
         os.kill(pid, signal.SIGKILL)
         return pid
+
+    def sipctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``sipctl --config <this cluster's> ARGS``; with ``check`` a non-zero exit fails
+        the test, showing what it printed."""
+        done = subprocess.run([*SIPCTL, "--config", str(self.config_path), *args],
+                              capture_output=True, text=True, cwd=ROOT, env=self.env,
+                              timeout=30)
+        if check:
+            assert done.returncode == 0, f"sipctl {' '.join(args)}: {done.stderr}{done.stdout}"
+        return done
+
+    def sipctl_json(self, *args: str):
+        """``sipctl ARGS --json``, decoded."""
+        return json.loads(self.sipctl(*args, "--json").stdout)
 
     # ---------------------------------------------------------------- data
     def add_user(self, user: str, password: str) -> None:

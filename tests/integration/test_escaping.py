@@ -14,8 +14,6 @@ import csv
 import dataclasses
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -27,9 +25,6 @@ from sipua import UA
 
 DB = 2  # this module's Redis database on the session's redis-server
 ROOT = Path(__file__).resolve().parents[2]
-# sipctl as ``python -m cluster.cli`` from this checkout: the one the workers run (the
-# installed ``sipctl`` script may import another checkout's package).
-SIPCTL = [sys.executable, "-m", "cluster.cli"]
 FORGED = "2026-01-01 00:00:00,000 CRITICAL worker-0[1] b2bua: FORGED-LOG-LINE"
 CALL_ID = "esc\x1b[2J\x00\x08id@test"
 CALL_ID_SHOWN = "esc\\x1b[2J\\x00\\x08id@test"
@@ -44,13 +39,6 @@ def cluster(tmp_path_factory, redis_server):
     with running_cluster(tmp_path_factory.mktemp("escaping"), url, workers=2) as running:
         provision(running, ["1002", "1003", "1004"])
         yield running
-
-
-def sipctl(cluster, *args: str) -> str:
-    done = subprocess.run([*SIPCTL, "--config", str(cluster.config_path), *args], cwd=ROOT,
-                          capture_output=True, text=True, env=cluster.env, timeout=30)
-    assert done.returncode == 0, f"sipctl {' '.join(args)}: {done.stderr}{done.stdout}"
-    return done.stdout
 
 
 def raw_controls(text: str) -> set[str]:
@@ -108,16 +96,16 @@ def test_a_call_id_with_esc_nul_and_backspace_is_shown_escaped(cluster):
     assert line and "1003" in line
     assert not raw_controls(all_logs(cluster))
 
-    text = sipctl(cluster, "cdr", "--format", "csv")
+    text = cluster.sipctl("cdr", "--format", "csv").stdout
     assert not raw_controls(text) and "\r" not in text
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["callee"] for r in rows if r["a_call_id"] == CALL_ID_SHOWN] == ["1003"]
     assert len(text.splitlines()) == len(rows) + 1  # one line per record
 
-    table = sipctl(cluster, "cdr")
+    table = cluster.sipctl("cdr").stdout
     assert CALL_ID_SHOWN in table and not raw_controls(table)
 
-    as_json = sipctl(cluster, "cdr", "--format", "json")
+    as_json = cluster.sipctl("cdr", "--format", "json").stdout
     assert not raw_controls(as_json) and "\\u001b" in as_json
     assert CALL_ID in [c["a_call_id"] for c in json.loads(as_json)]
 
@@ -126,9 +114,9 @@ def test_a_user_agent_that_clears_the_terminal_is_listed_escaped(cluster):
     with UA(cluster.address, user="1004") as ua:
         reply = ua.register(PASSWORD, extra=[f"User-Agent: {USER_AGENT}"])
     assert reply is not None and reply.status == 200
-    listing = sipctl(cluster, "regs")
+    listing = cluster.sipctl("regs").stdout
     assert "x\\x1b[2Jy" in listing and not raw_controls(listing)
-    as_json = sipctl(cluster, "regs", "--json")
+    as_json = cluster.sipctl("regs", "--json").stdout
     assert not raw_controls(as_json)
     assert [r["user_agent"] for r in json.loads(as_json) if "1004" in r["aor"]] == [USER_AGENT]
 

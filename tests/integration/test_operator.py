@@ -18,11 +18,9 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from calls_helpers import (
@@ -42,7 +40,6 @@ from conftest import documented_metrics
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
 
 DB = 11  # this module's Redis database on the session's redis-server
-SIPCTL = str(Path(sys.executable).parent / "sipctl")
 CALLER, CALLEE = "1002", "1009"
 HOLD = 2.0  # seconds the call stays answered before the operator hangs it up
 RELAY = "test-host/relay-0"
@@ -60,18 +57,6 @@ def cluster(tmp_path_factory, redis_server):
         for user in (CALLER, CALLEE):
             running.add_user(user, PASSWORD)
         yield running
-
-
-def sipctl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([SIPCTL, "--config", str(cluster.config_path), *args],
-                          capture_output=True, text=True, env=cluster.env, timeout=30)
-    if check:
-        assert done.returncode == 0, f"sipctl {' '.join(args)}: {done.stderr}{done.stdout}"
-    return done
-
-
-def sipctl_json(cluster, *args: str):
-    return json.loads(sipctl(cluster, *args, "--json").stdout)
 
 
 # ------------------------------------------------------------------ metrics
@@ -200,7 +185,7 @@ def call_id_of(messages: list[SipMessage], direction: str, method: str) -> str:
 # ------------------------------------------------------------------ the tests
 def test_unknown_calls_are_refused_with_an_error(cluster):
     for command in ("call", "hangup"):
-        done = sipctl(cluster, command, "no-such-call@nowhere", check=False)
+        done = cluster.sipctl(command, "no-such-call@nowhere", check=False)
         assert done.returncode == 1
         assert "no" in done.stderr and "call" in done.stderr
 
@@ -214,7 +199,7 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
     registration = Sipp("register_md5.xml", cluster.address, tmp_path / "register", calls=1,
                         users=[(CALLEE, PASSWORD)], timeout=10, port=uas.sipp.port).run()
     assert registration.returncode == 0, registration.summary()
-    regs = sipctl_json(cluster, "regs", CALLEE)
+    regs = cluster.sipctl_json("regs", CALLEE)
     assert [r["contact"] for r in regs] == [f"sip:{CALLEE}@127.0.0.1:{uas.port}"]
     assert 3590 <= regs[0]["expires_in"] <= 3600
     assert regs[0]["source"] == f"127.0.0.1:{uas.port}" and regs[0]["user_agent"] == "sipp"
@@ -233,11 +218,11 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
         # trace, which reaches Redis up to one flush tick (workers/sip/tracebuf.py) after
         # the record says answered.
         def answered():
-            listed = [c for c in sipctl_json(cluster, "calls") if c["caller"] == CALLER]
+            listed = [c for c in cluster.sipctl_json("calls") if c["caller"] == CALLER]
             return listed if (listed and listed[0]["state"] == "answered"
                               and listed[0]["codec"]) else None
         listed = wait_for(answered, timeout=10, step=0.2)
-        assert listed, sipctl(cluster, "calls").stdout + cluster.log_tail()
+        assert listed, cluster.sipctl("calls").stdout + cluster.log_tail()
         call = listed[0]
         a_call_id = call_id_of(uac.messages, "sent", "INVITE")
         b_call_id = call_id_of(uas.messages, "received", "INVITE")
@@ -247,13 +232,13 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
             ("a", a_call_id, "answered"), ("b0", b_call_id, "answered")]
         assert [leg["dialog"]["state"] for leg in call["legs"]] == ["confirmed", "confirmed"]
         assert (call["codec"], call["relay"]) == ("PCMU/8000", RELAY)
-        media = sipctl_json(cluster, "call", a_call_id)["media"]
+        media = cluster.sipctl_json("call", a_call_id)["media"]
         assert media["relay"] == RELAY
         assert sorted(leg["name"] for leg in media["legs"]) == ["a", "b"]
         sides = [side for leg in media["legs"] for side in leg["sides"]]
         assert all(side["port"] in range(37000, 37200) for side in sides)
         assert [side["figures"]["packets"] for side in sides] == [0, 0]  # SIPp sends no RTP
-        shown = sipctl(cluster, "call", a_call_id).stdout
+        shown = cluster.sipctl("call", a_call_id).stdout
         assert f"relay {RELAY}" in shown and "PACKETS" in shown
 
         # The ladder so far matches both SIPp logs, whichever leg names the call.
@@ -264,7 +249,7 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
         # The operator hangs up after HOLD seconds: both SIPp sides get a BYE and answer it.
         time.sleep(max(0.0, call["answered"] + HOLD - time.time()))
         hung_up_at = time.time()
-        done = sipctl(cluster, "hangup", a_call_id)
+        done = cluster.sipctl("hangup", a_call_id)
         assert "ended" in done.stdout
         uac.result = uac.sipp.wait()
         uas.result = uas.sipp.wait()
@@ -286,10 +271,10 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
     after_call = wait_for(lambda: _matching_ladder(cluster, a_call_id, uac, uas), timeout=5)
     assert after_call, _ladder_report(cluster, a_call_id, uac, uas)
     assert ("out", "BYE") in after_call["caller"] and ("in", "200") in after_call["callee"]
-    assert not [c for c in sipctl_json(cluster, "calls") if c["caller"] == CALLER]
+    assert not [c for c in cluster.sipctl_json("calls") if c["caller"] == CALLER]
 
     # The CDR: answered when the callee's 200 came, ended by the operator HOLD s later.
-    cdrs = [c for c in json.loads(sipctl(cluster, "cdr", "--since", f"{started:.3f}",
+    cdrs = [c for c in json.loads(cluster.sipctl("cdr", "--since", f"{started:.3f}",
                                          "--format", "json").stdout)
             if c["a_call_id"] == a_call_id]
     assert len(cdrs) == 1, cdrs
@@ -309,7 +294,7 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
     assert cdr["start_time"] == datetime.fromtimestamp(cdr["start"], UTC).isoformat(
         timespec="milliseconds")
     # The CSV a billing system takes: fixed columns, ISO 8601 times, no JSON in a cell.
-    csv_text = sipctl(cluster, "cdr", "--since", f"{started:.3f}", "--format", "csv").stdout
+    csv_text = cluster.sipctl("cdr", "--since", f"{started:.3f}", "--format", "csv").stdout
     rows = [r for r in csv.DictReader(io.StringIO(csv_text)) if r["a_call_id"] == a_call_id]
     assert len(rows) == 1
     row = rows[0]
@@ -335,24 +320,24 @@ def test_an_operator_follows_a_call_ends_it_and_reads_its_cdr(cluster, tmp_path)
                     timeout=8, step=0.5)
 
     # sipctl stats and cluster agree with the endpoint.
-    stats = sipctl_json(cluster, "stats")
+    stats = cluster.sipctl_json("stats")
     assert stats["registrations"] == {"aors": 1, "contacts": 1}
     assert stats["active_calls"] == 0 and stats["calls_ended"] == 1
     assert stats["auth_failures"]["forbidden"] >= 1 and stats["parse_errors"] >= 1
-    processes = sipctl_json(cluster, "cluster")
+    processes = cluster.sipctl_json("cluster")
     assert sorted(p["role"] for p in processes) == ["dispatcher", "relay", "worker", "worker"]
     assert all(p["age"] < 3 for p in processes)
 
 
 def _matching_ladder(cluster, call_id: str, uac, uas):
     """The ladder's arrows per side when they equal the SIPp logs' messages, else None."""
-    arrows = ladder_arrows(sipctl(cluster, "call", call_id).stdout)
+    arrows = ladder_arrows(cluster.sipctl("call", call_id).stdout)
     wanted = {"caller": sipp_arrows(uac.messages), "callee": sipp_arrows(uas.messages)}
     return arrows if arrows == wanted else None
 
 
 def _ladder_report(cluster, call_id: str, uac, uas) -> str:
-    return (sipctl(cluster, "call", call_id, check=False).stdout
+    return (cluster.sipctl("call", call_id, check=False).stdout
             + f"\nUAC: {sipp_arrows(uac.messages)}\nUAS: {sipp_arrows(uas.messages)}\n"
             + cluster.log_tail())
 

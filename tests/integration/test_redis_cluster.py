@@ -11,9 +11,6 @@ three primaries.
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -41,7 +38,6 @@ from cluster.store import (
     timer_key,
     tx_key,
 )
-from conftest import ROOT
 
 PASSWORD = "1234"
 REGISTERING = [str(user) for user in range(3100, 3120)]  # 20 REGISTERs
@@ -298,14 +294,6 @@ def cluster(tmp_path_factory, redis_cluster):  # noqa: F811
         yield running
 
 
-def sipctl(cluster, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "--config",
-                           str(cluster.config_path), *args],
-                          capture_output=True, text=True, env=cluster.env, cwd=ROOT, timeout=30)
-    assert done.returncode == 0, f"sipctl {' '.join(args)}: {done.stderr}{done.stdout}"
-    return done.stdout
-
-
 def scrape(cluster) -> str:
     """The dispatcher's metrics page."""
     url = f"http://127.0.0.1:{cluster.config.metrics.port}/metrics"
@@ -322,7 +310,7 @@ def test_twenty_registrations_with_digest(cluster):
     assert answers == [200] * 20, answers
     aors = {aor.split("@")[0] for aor in cluster.store.registered_aors()}
     assert set(REGISTERING) <= aors
-    listed = json.loads(sipctl(cluster, "regs", "--json"))
+    listed = cluster.sipctl_json("regs")
     assert sorted({row["aor"].split("@")[0] for row in listed} & set(REGISTERING)) == \
         sorted(REGISTERING)
 
@@ -350,9 +338,9 @@ def test_six_calls_with_relay_media_bye_and_one_cdr_each(cluster):
 
 def test_sipctl_call_and_hangup_reach_a_worker_through_the_hangup_stream(cluster):
     with call_between(cluster, int(HUNG_UP[0]), int(HUNG_UP[1])) as call:
-        shown = json.loads(sipctl(cluster, "call", call.caller.call_id, "--json"))
+        shown = cluster.sipctl_json("call", call.caller.call_id)
         assert shown["call"] == call.tag and shown["state"] == "answered", shown
-        done = sipctl(cluster, "hangup", call.caller.call_id)
+        done = cluster.sipctl("hangup", call.caller.call_id).stdout
         assert "ended" in done, done
         for phone in (call.caller, call.callee):
             bye = phone.wait_request("BYE")
@@ -368,11 +356,11 @@ def test_plain_sipctl_calls_lists_the_live_calls_and_sipctl_cdr_each_cdr_once(
     CDR of the test cluster once, as many as the shards hold, on more than one primary."""
     with contextlib.ExitStack() as stack:
         calls = [stack.enter_context(call_between(cluster, int(a), int(b))) for a, b in LIVE]
-        listed = json.loads(sipctl(cluster, "calls", "--json"))
+        listed = cluster.sipctl_json("calls")
         assert sorted(row["a_call_id"] for row in listed) == \
             sorted(call.caller.call_id for call in calls), listed
         assert {row["state"] for row in listed} == {"answered"}
-        stats = json.loads(sipctl(cluster, "stats", "--json"))
+        stats = cluster.sipctl_json("stats")
         assert stats["calls_by_state"]["answered"] == 3 and stats["active_calls"] == 3, stats
         assert 'sipcluster_active_calls{state="answered"} 3.0' in scrape(cluster)
         for call in calls:
@@ -380,9 +368,9 @@ def test_plain_sipctl_calls_lists_the_live_calls_and_sipctl_cdr_each_cdr_once(
     live_ids = [call.caller.call_id for call in calls]
     for call_id in live_ids:
         assert wait_cdr(cluster, call_id) is not None, call_id
-    assert json.loads(sipctl(cluster, "calls", "--json")) == []
-    assert json.loads(sipctl(cluster, "stats", "--json"))["active_calls"] == 0
-    cdrs = json.loads(sipctl(cluster, "cdr", "--json"))
+    assert cluster.sipctl_json("calls") == []
+    assert cluster.sipctl_json("stats")["active_calls"] == 0
+    cdrs = cluster.sipctl_json("cdr")
     ids = [c["id"] for c in cdrs]
     assert len(set(ids)) == len(ids)
     a_call_ids = [c["a_call_id"] for c in cdrs]
@@ -398,17 +386,17 @@ def test_plain_sipctl_calls_lists_the_live_calls_and_sipctl_cdr_each_cdr_once(
 
 
 def test_sipctl_listings_and_metrics_read_every_primary(cluster, redis_cluster):  # noqa: F811
-    users = json.loads(sipctl(cluster, "users", "list", "--json"))
+    users = cluster.sipctl_json("users", "list")
     assert len(users) == len(REGISTERING) + 2 * len(CALLING + LIVE) + len(HUNG_UP)
-    listed = json.loads(sipctl(cluster, "cluster", "--json"))
+    listed = cluster.sipctl_json("cluster")
     roles = sorted(p["role"] for p in listed)
     assert roles.count("worker") == 2 and "dispatcher" in roles and "relay" in roles, listed
-    stats = json.loads(sipctl(cluster, "stats", "--json"))
+    stats = cluster.sipctl_json("stats")
     assert stats["registrations"]["aors"] >= len(REGISTERING), stats["registrations"]
-    calls = json.loads(sipctl(cluster, "calls", "--all", "--json"))
+    calls = cluster.sipctl_json("calls", "--all")
     callers = {row["caller"] for row in calls}
     assert {caller for caller, _ in CALLING} <= callers, calls
-    cdrs = json.loads(sipctl(cluster, "cdr", "--json"))
+    cdrs = cluster.sipctl_json("cdr")
     assert sorted(c["caller"] for c in cdrs if c["caller"] in dict(CALLING)) == \
         sorted(dict(CALLING))
     assert "sipcluster_" in scrape(cluster)

@@ -17,8 +17,6 @@ kill (the loss window, in writes and milliseconds).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -44,7 +42,7 @@ from sipua import UA
 from cluster import launch
 from cluster import store as store_module
 from cluster.store import Store
-from conftest import REDIS_SERVER, ROOT
+from conftest import REDIS_SERVER
 
 PROMOTION_LIMIT = 20.0  # seconds: failovers measured here take 3-5 s
 SIP_OUTAGE_LIMIT = 15.0  # seconds of 503 the cluster may show across the failover
@@ -104,12 +102,6 @@ class RegisterProbe:
 
 def _replica_wait_short(cluster) -> int:
     return sum(w.get("replica_wait_short", 0) for w in cluster.store.processes("worker"))
-
-
-def sipctl(cluster, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "--config",
-                           str(cluster.config_path), *args], capture_output=True, text=True,
-                          env=cluster.env, cwd=ROOT, timeout=30, check=False)
 
 
 def record_counts(client: redis.Redis) -> dict[str, int]:
@@ -176,7 +168,7 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
         assert all(state == "RUNNING" for state, _ in pids_before.values()), pids_before
 
         # sipctl reads through the sentinels too.
-        listing = sipctl(cluster, "cluster", "--json")
+        listing = cluster.sipctl("cluster", "--json", check=False)
         assert listing.returncode == 0, listing.stderr
         assert "worker-0" in listing.stdout
 
@@ -242,7 +234,7 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
                 for _, rec in cluster.store.call_records()), 10.0, step=0.05), cluster.log_tail()
             invite = next(m for m in hung.uac.messages
                           if m.direction == "sent" and m.method == "INVITE")
-            done = sipctl(cluster, "hangup", invite.header("Call-ID"))
+            done = cluster.sipctl("hangup", invite.header("Call-ID"), check=False)
             assert done.returncode == 0 and "ended" in done.stdout, done.stdout + done.stderr
             hung.uac.result = hung.uac.sipp.wait()
             hung.uas[0].result = hung.uas[0].sipp.wait()

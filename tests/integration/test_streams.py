@@ -9,11 +9,8 @@ reaches (SIPp cannot take a call over the connection it opened itself).
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,7 +20,7 @@ from sipp import Sipp
 from streamua import SDP, StreamUA, header_of, self_signed, tag
 
 from cluster import store as st
-from conftest import ROOT, free_tcp_port
+from conftest import free_tcp_port
 
 DB = 12
 USERS = range(3000, 3030)
@@ -129,16 +126,8 @@ def test_sipp_registers_over_tcp(cluster, tmp_path):
                   port=free_sip_port(), users=[("3001", PASSWORD)], timeout=15).run()
     assert result.returncode == 0 and result.successful == 1, result.summary()
     assert the_binding(cluster, "3001").transport == "tcp"
-    (reg,) = sipctl_json(cluster, "regs", "3001")
+    (reg,) = cluster.sipctl_json("regs", "3001")
     assert reg["transport"] == "tcp"
-
-
-def sipctl_json(cluster, *args: str):
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "--config",
-                           str(cluster.config_path), *args, "--json"], cwd=ROOT,
-                          capture_output=True, text=True, env=cluster.env, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def test_tls_register_and_a_call_reaches_it(cluster, tmp_path):
@@ -277,7 +266,7 @@ def test_a_worker_killed_during_a_tcp_call(cluster, tmp_path):
         assert record, "the call was not answered"
         # sipctl names each leg's transport, and the host (and connection) it leaves by.
         call_id = record["a"]["call_id"]
-        legs = sipctl_json(cluster, "call", call_id.decode() if isinstance(call_id, bytes)
+        legs = cluster.sipctl_json("call", call_id.decode() if isinstance(call_id, bytes)
                            else call_id)["legs"]
         assert [(leg["name"], leg["transport"], leg["host"]) for leg in legs] == [
             ("a", "tcp", "test-host"), ("b0", "udp", "test-host")], legs

@@ -24,9 +24,6 @@ tests/integration/test_streams.py, which verifies it (chain and address) on ever
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 import wave
 from collections.abc import Iterator
@@ -38,7 +35,7 @@ from baresip import Softphone, analyse_tone, make_tone, require_softphone_tools
 from harness import Cluster, wait_for
 from streamua import self_signed
 
-from conftest import ROOT, free_tcp_port
+from conftest import free_tcp_port
 from workers.sip.b2bua import call_tag
 
 DB = 1  # this module's Redis database on the session's redis-server
@@ -109,11 +106,7 @@ def phones_at_rest(request) -> None:
 
 def sipctl_regs(cluster: Cluster) -> dict[str, dict]:
     """``sipctl regs --json``, by AOR (one binding each here)."""
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "--config",
-                           str(cluster.config_path), "regs", "--json"], cwd=ROOT,
-                          capture_output=True, text=True, env=cluster.env, timeout=30)
-    assert done.returncode == 0, done.stderr
-    rows = json.loads(done.stdout)
+    rows = cluster.sipctl_json("regs")
     assert len({row["aor"] for row in rows}) == len(rows), rows
     return {row["aor"]: row for row in rows}
 
