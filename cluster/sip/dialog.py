@@ -9,7 +9,7 @@ Local means this side (the UA the record belongs to), remote the peer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from .headers import NameAddr, parse_name_addr
 from .ids import via as _via
@@ -188,14 +188,20 @@ class Dialog:
 
     # ---------------------------------------------------------------- records
     def to_record(self) -> dict:
-        """The dialog as msgpack-friendly values."""
-        return asdict(self)
+        """The dialog as msgpack-friendly values.  Built field by field: dataclasses.asdict
+        deep-copies, and took 2.9% of a worker's CPU under load (py-spy, bench_profile)."""
+        record = {f.name: getattr(self, f.name) for f in _FIELDS}
+        record["route_set"] = list(self.route_set)
+        return record
 
     @classmethod
     def from_record(cls, record: dict) -> Dialog:
-        values = {f.name: record[f.name] for f in fields(cls)}
+        values = {f.name: record[f.name] for f in _FIELDS}
         values["route_set"] = list(values["route_set"])
         return cls(**values)
+
+
+_FIELDS = fields(Dialog)
 
 
 def _address(addr: NameAddr) -> bytes:
