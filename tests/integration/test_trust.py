@@ -12,7 +12,6 @@ sides, which must still be banned, are tests/integration/test_flood.py.)
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ from flooder import Flooder
 from harness import Cluster, running_cluster, wait_for
 from sipp import Sipp
 from sipua import UA
-from test_flood import sipctl
 
 from cluster.store import TRUST_CHANNEL
 
@@ -86,10 +84,10 @@ def test_trust_reaches_the_dispatchers_within_milliseconds(redis_url, tmp_path):
         record = next(t for t in cluster.store.trusted() if t["ip"] == PROBE)
         assert 590 < record["left"] <= 600, record
         assert wait_for(lambda: dispatcher_heartbeat(cluster).get("trusted_sources") == 1, 3.0)
-        listed = json.loads(sipctl(cluster, "bans", "--trusted", "--json").stdout)
+        listed = cluster.sipctl_json("bans", "--trusted")
         assert [t["source"] for t in listed] == [PROBE] and 590 < listed[0]["left"] <= 600
         assert listed[0]["by"].startswith("worker-"), listed
-        assert json.loads(sipctl(cluster, "bans", "--json").stdout) == []
+        assert cluster.sipctl_json("bans") == []
 
 
 def run_calls(cluster: Cluster, tmp: Path, rate: int, calls: int) -> tuple[Party, Party]:
