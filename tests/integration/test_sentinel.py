@@ -36,7 +36,14 @@ from calls_helpers import (
     wait_cdrs,
 )
 from harness import running_cluster, wait_for
-from sentinels import FAILOVER_TIMEOUT_MS, SERVICE, SentinelSet, require_sentinel, start_replica
+from sentinels import (
+    FAILOVER_TIMEOUT_MS,
+    SERVICE,
+    SentinelSet,
+    replicating,
+    require_sentinel,
+    start_replica,
+)
 from sipua import UA
 
 from cluster import launch
@@ -255,9 +262,8 @@ def test_sentinel_failover_under_a_call(sentinel_set, tmp_path_factory, tmp_path
         # The old primary comes back, empty, and the sentinels make it a replica.
         sentinel_set.primary = start_replica(tmp_path / "old-primary", 0, port=old_port)
         old = sentinel_set.primary.client()
-        assert wait_for(lambda: old.info("replication").get("role") == "slave"
-                        and old.info("replication").get("master_link_status") == "up",
-                        20.0, step=0.2), "the old primary was not turned into a replica"
+        assert wait_for(lambda: replicating(old), 20.0, step=0.2), \
+            "the old primary was not turned into a replica"
         old.close()
         time.sleep(3.0)  # long enough for a crash loop to show (supervisord restarts in 1 s)
         with UA(cluster.address, user="3008") as ua:
