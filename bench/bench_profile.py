@@ -45,7 +45,7 @@ def frame_name(frame: str) -> str:
             path = path[path.rindex(marker):]
             break
     else:
-        path = path.rsplit("/", 2)[-2] + "/" + path.rsplit("/", 1)[-1] if "/" in path else path
+        path = "/".join(path.rsplit("/", 2)[-2:])  # a library's folder and file
     return f"{name} ({path})"
 
 

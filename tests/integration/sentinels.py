@@ -104,6 +104,10 @@ class SentinelSet:
         """Every sentinel names ``port`` as the primary (a failover has reached them all)."""
         return all(named == port for named in self._named_primaries())
 
+    def other_than(self, port: int) -> RedisServer:
+        """Of the two servers, the one not on ``port``."""
+        return self.replica if port == self.primary.port else self.primary
+
     def settled_primary(self) -> int | None:
         """The primary's port once a failover or demotion is over: every sentinel names it,
         it says it is a primary, and the other server replicates it with its link up; else
@@ -112,18 +116,15 @@ class SentinelSet:
         if None in named or len(set(named)) != 1:
             return None
         port = named[0]
-        other = self.replica.port if port == self.primary.port else self.primary.port
+        other = self.other_than(port).port
         try:
-            with redis.Redis(port=port, socket_timeout=0.5) as head, \
-                    redis.Redis(port=other, socket_timeout=0.5) as follower:
-                mine, theirs = head.info("replication"), follower.info("replication")
+            with redis.Redis(port=port, socket_timeout=0.5) as head:
+                if head.info("replication").get("role") != "master":
+                    return None
         except redis.RedisError:
             return None
-        if mine.get("role") != "master" or theirs.get("role") != "slave":
-            return None
-        if theirs.get("master_port") != port or theirs.get("master_link_status") != "up":
-            return None
-        return port
+        with redis.Redis(port=other, socket_timeout=0.5) as follower:
+            return port if replicating(follower, port) else None
 
     def wait_settled(self, timeout: float = 60.0) -> int:
         """The primary's port, waiting until the set has settled (settled_primary).
@@ -146,7 +147,7 @@ class SentinelSet:
         if None in named or len(set(named)) != 1:
             return
         port = named[0]
-        other = self.replica.port if port == self.primary.port else self.primary.port
+        other = self.other_than(port).port
         try:
             with redis.Redis(port=other, socket_timeout=1.0) as follower:
                 follower.replicaof("127.0.0.1", port)

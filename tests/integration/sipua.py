@@ -81,16 +81,23 @@ class UA:
         self.last_sent = data  # so a test can retransmit the very same bytes
         self.sock.sendto(data, self.server)
 
+    def datagram(self, deadline: float) -> bytes | None:
+        """The next datagram to arrive before ``deadline`` (time.monotonic()), or None."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        self.sock.settimeout(left)
+        try:
+            data, _ = self.sock.recvfrom(65535)
+        except TimeoutError:
+            return None
+        return data
+
     def receive(self, timeout: float = 2.0) -> Reply | None:
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                data, _ = self.sock.recvfrom(65535)
-            except TimeoutError:
+            data = self.datagram(deadline)
+            if data is None:
                 return None
             if data.startswith(b"SIP/2.0 "):
                 reply = parse_reply(data)

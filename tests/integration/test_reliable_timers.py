@@ -41,25 +41,15 @@ class DatagramPhone(UA):
     transport: str = field(default="UDP", init=False)
     inbox: list[bytes] = field(default_factory=list, init=False)
 
-    def next_message(self, match, timeout: float = 3.0) -> bytes | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, data in enumerate(self.inbox):
-                if match(data):
-                    return self.inbox.pop(i)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                data, _ = self.sock.recvfrom(65535)
-            except TimeoutError:
-                return None
+    def _read(self, deadline: float) -> bool:
+        """Read one datagram within the deadline into the inbox; False when none came."""
+        data = self.datagram(deadline)
+        if data is not None:
             self.inbox.append(data)
+        return data is not None
 
-    def next_request(self, method: str, timeout: float = 5.0) -> bytes | None:
-        return self.next_message(lambda d: d.startswith(method.encode() + b" "), timeout)
-
+    next_message = StreamUA.next_message
+    next_request = StreamUA.next_request
     answer = StreamUA.answer
 
 

@@ -328,8 +328,7 @@ def test_store_follows_a_demoted_primary(sentinel_set):
     listener.start()
     assert wait_for(lambda: _published(store, "192.0.2.1", messages), 5.0, step=0.2)
 
-    other = (sentinel_set.replica if primary_port == sentinel_set.primary.port
-             else sentinel_set.primary)
+    other = sentinel_set.other_than(primary_port)
     sentinels = [redis.Redis(port=p, socket_timeout=1.0) for p in sentinel_set.sentinel_ports]
     try:
         # Sentinel's own manual failover: the primary is demoted, not killed, so the
@@ -410,8 +409,7 @@ def test_readonly_from_a_replica_taken_for_the_primary_means_rediscover(sentinel
     the next command asks the sentinels again; never a ReadOnlyError escaping (the crash
     loop of a plain redis:// URL)."""
     primary_port = sentinel_set.wait_settled()  # after the last test's demotion
-    replica_port = (sentinel_set.replica.port if primary_port == sentinel_set.primary.port
-                    else sentinel_set.primary.port)
+    replica_port = sentinel_set.other_than(primary_port).port
     store = Store(sentinel_set.url, timeout=1.0, max_connections=4)
     stale = StaleSentinels([("127.0.0.1", replica_port), ("127.0.0.1", primary_port)])
     # The pool asks its proxy's manager for the primary before each new connection.

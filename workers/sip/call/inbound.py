@@ -103,13 +103,7 @@ class Inbound:
         if leg.dialog is None or req.to.tag != leg.local_tag \
                 or (req.from_.tag or "") != Dialog.from_record(leg.dialog).remote_tag:
             return []  # the ACK of a failure answered statelessly (or of no dialog of ours)
-        for key, entry in list(self.txs.items()):
-            if entry["leg"] == leg.name and entry["role"] in ("invite", "reinvite") \
-                    and entry["tx"]["kind"] == "ist" and entry["tx"]["state"] == "Accepted":
-                tx = transaction_from_record(entry["tx"])
-                if tx.request_msg.cseq.number == req.cseq.number:
-                    tx.ack_received(ctx.now)
-                    self._save_tx(key, tx)
+        self._stop_2xx(leg, lambda number: number == req.cseq.number, ctx)
         return self._acked(leg, req, ctx)
 
     def _implied_ack(self: Call, leg: Leg, req: Request, ctx: Ctx) -> None:
@@ -121,11 +115,16 @@ class Inbound:
         delayed offer, nor when a BYE waits for it: those need the ACK itself."""
         if leg.name in self.pending_ack or (leg is self.a and self.bye_caller_after_ack):
             return
+        self._stop_2xx(leg, lambda number: number < req.cseq.number, ctx)
+
+    def _stop_2xx(self: Call, leg: Leg, acked, ctx: Ctx) -> None:
+        """Our INVITE server transactions of ``leg`` that repeat their 2xx (Accepted) and
+        whose INVITE's CSeq number ``acked`` accepts: their 2xx is ACKed, no more repeats."""
         for key, entry in list(self.txs.items()):
             if entry["leg"] == leg.name and entry["role"] in ("invite", "reinvite") \
                     and entry["tx"]["kind"] == "ist" and entry["tx"]["state"] == "Accepted":
                 tx = transaction_from_record(entry["tx"])
-                if tx.request_msg.cseq.number < req.cseq.number:
+                if acked(tx.request_msg.cseq.number):
                     tx.ack_received(ctx.now)
                     self._save_tx(key, tx)
 
