@@ -15,7 +15,7 @@ from itertools import count
 import gevent
 import gevent.event
 import pytest
-from callkit import seed_sdp, text
+from callkit import ANSWER_SDP, Callee, Caller, seed_sdp, text
 from memstore import MemoryStore
 
 from cluster.config import AuthConfig, CallsConfig, Config, MediaConfig, SipConfig, WorkersConfig
@@ -23,7 +23,7 @@ from cluster.sip import digest
 from cluster.sip.ids import call_tag
 from cluster.sip.message import Request, Response, parse
 from cluster.store import StoreUnavailable, aor_of
-from workers.sip.b2bua import TIMER_IDLE_TICK, TIMER_TICK
+from workers.sip.b2bua import TIMER_IDLE_TICK, TIMER_TICK, UNSURE_EVERY
 from workers.sip.worker import WARM_UP, Worker
 
 REALM = ADDRESS = "192.168.31.109"
@@ -582,3 +582,79 @@ def test_a_timer_armed_here_wakes_the_loop_and_one_armed_elsewhere_is_claimed_wh
     loop.join(timeout=1.0)
     assert [name for name, _ in claims.fired] == ["X", "Y"]
     assert claims.fired[1][1] <= other_due + TIMER_IDLE_TICK + 0.03
+
+
+# --------------------------------------------------------------------------- unsure ends
+
+
+def answered_call(worker: Worker) -> tuple[Caller, Callee]:
+    """A call placed through the worker, answered by the callee and ACKed by the caller."""
+    registered_callee(worker)
+    ours, second = placed_call(worker)
+    caller, callee = Caller(parse(second)), Callee(ours, CALLEE, "calleetag")
+    sent = deliver(worker, callee.respond(200, body=ANSWER_SDP).to_bytes(), CALLEE)
+    caller.learn(only(sent, CALLER))
+    deliver(worker, caller.ack().to_bytes(), CALLER)
+    return caller, callee
+
+
+def lands_then_fails(store, monkeypatch, *, timers: bool = True):
+    """The next call write reaches the store, yet its reply is lost (a read timeout); with
+    ``timers`` False its timer entries were refused and only the record was taken (the
+    pipeline's ZADDs refused for memory, the compare-and-set after them taken)."""
+    real = store.save_call
+
+    def save_call(tag, version, record, ttl, arm=(), disarm=()):
+        monkeypatch.setattr(store, "save_call", real)
+        real(tag, version, record, ttl, arm=arm if timers else (), disarm=disarm)
+        raise StoreUnavailable("Timeout reading from socket")
+    monkeypatch.setattr(store, "save_call", save_call)
+
+
+def run_timers(worker: Worker, seconds: float) -> list[tuple[Request | Response, tuple]]:
+    """The worker's timer loop for ``seconds``; what it sent meanwhile."""
+    loop = gevent.spawn(worker.b2bua.timer_loop)
+    gevent.sleep(seconds)
+    worker.b2bua.stop()
+    loop.join(timeout=1.0)
+    assert loop.dead
+    return worker.transport.take()
+
+
+def requests_to(sent, dest, method: str) -> list[Request]:
+    return [msg for msg, where in sent
+            if where == dest and isinstance(msg, Request) and msg.method == method]
+
+
+@pytest.mark.parametrize("timers", [True, False], ids=["timers armed", "timers refused"])
+def test_an_end_whose_write_landed_unseen_reaches_the_callee_with_one_cdr(store, monkeypatch,
+                                                                          timers):
+    worker = make_worker(store)
+    caller, _ = answered_call(worker)
+    lands_then_fails(store, monkeypatch, timers=timers)
+    assert deliver(worker, caller.request("BYE").to_bytes(), CALLER) == []
+    sent = run_timers(worker, TIMER_IDLE_TICK + 0.3)
+    byes = requests_to(sent, CALLEE, "BYE")
+    assert byes and len({bye.via.branch for bye in byes}) == 1, sent
+    assert len(store.cdrs_after()) == 1
+    # and its retransmission timer is armed: the BYE is repeated until it is answered
+    assert any(name.endswith("|E") for _, name, _ in store.claim_due_timers(
+        time.time() + 1.0).due)
+
+
+def test_an_invite_whose_write_landed_unseen_without_its_timers_still_rings(store,
+                                                                           monkeypatch):
+    worker = make_worker(store)
+    registered_callee(worker)
+    first = invite(call_id="call-unseen")
+    challenge = only(deliver(worker, first, CALLER), CALLER)
+    deliver(worker, ack_of(first, challenge), CALLER)
+    creds = answer_challenge(challenge, method="INVITE", uri=INVITE_URI, user="1002",
+                             password="1234")
+    lands_then_fails(store, monkeypatch, timers=False)
+    assert deliver(worker, invite(call_id="call-unseen", cseq=2, proxy_authorization=creds),
+                   CALLER) == []
+    sent = run_timers(worker, UNSURE_EVERY + 0.2)
+    invites = requests_to(sent, CALLEE, "INVITE")  # then repeated: its Timer A is past due
+    assert invites and len({msg.via.branch for msg in invites}) == 1, sent
+    assert [msg.status for msg, where in sent if where == CALLER] == [100]

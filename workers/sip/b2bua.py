@@ -35,10 +35,10 @@ from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, tx_key
 
 from .auth import Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
-from .call.state import CallState
 from .mediastep import decide
 from .registrar import Source
 from .tracebuf import TraceBuffer
+from .unsure import UnsureWrites
 
 log = logging.getLogger("b2bua")
 LIVE_TTL = 6 * 3600.0  # a live call's record; refreshed at every change
@@ -64,9 +64,7 @@ RECORD_OBJECT_FACTOR = 2.4
 # removals took a round trip of their own (call writes are ~10 ms apart on a worker at
 # 20 calls/s).
 DISARM_BATCH_SECONDS = 0.05
-UNSURE_KEEP = 600.0  # seconds a failed write that ended a call is watched for
-UNSURE_MAX = 10_000
-UNSURE_EVERY = 0.5  # seconds between two looks at them
+UNSURE_EVERY = 0.5  # seconds between two looks at the writes whose reply was lost
 
 
 # Kept out of the Warning's quoted text and the log: a proto is the offer's, any bytes.
@@ -101,8 +99,7 @@ class B2BUA:
         self._disarm_pending = False
         self._next_claim = 0.0  # when the timer loop claims next (time.time())
         self._claim_now = gevent.event.Event()  # set: a timer armed here is due sooner
-        # call tag -> {the "ended" of a write that may have landed: (its CDRs, keep until)}
-        self._unsure: dict[str, dict[float, tuple[list, float]]] = {}
+        self._unsure = UnsureWrites()  # writes that raised yet may have landed
         self.traces = TraceBuffer(store, config.calls.trace_max, counters)
         cfg = config
         self.settings = Settings(
@@ -484,7 +481,7 @@ class B2BUA:
             version = self.store.save_call(tag, version, record, ttl, arm=arm,
                                            disarm=self._take_disarm())
         except StoreUnavailable:
-            self._note_unsure(tag, call, actions)
+            self._unsure.note(tag, version, record, actions, call.ended, time.monotonic())
             raise
         if version is None:
             self._records.pop(tag, None)
@@ -509,35 +506,32 @@ class B2BUA:
         if before.get("state") == "trying" and after.get("state") in ("ringing", "early"):
             hists["post_dial_delay"].observe(elapsed)
 
-    def _note_unsure(self, tag: str, call: Call, actions: list) -> None:
-        """A write that ends a call failed, but may have reached Redis all the same (a
-        paused Redis runs it when it resumes).  Everything else it implied is done again
-        from the record (the BYE to the other leg by its retransmission timer, the answer
-        to a repeated BYE from the stored transaction); its CDR is not: remember it, and
-        write it once the record shows this very end (``ended`` is this write's clock)."""
-        cdrs = [action for action in actions if isinstance(action, Cdr)]
-        if cdrs and call.ended:
-            # Each repetition of the BYE tries its own write (and its own "ended"): any
-            # one of them may be the one Redis ran.
-            tries = self._unsure.setdefault(tag, {})
-            tries[call.ended] = (cdrs, time.monotonic() + UNSURE_KEEP)
-            while len(self._unsure) > UNSURE_MAX:
-                self._unsure.pop(next(iter(self._unsure)))
-
     def _settle_unsure(self) -> None:
-        """Write the CDRs of ends whose write did reach Redis (see ``_note_unsure``)."""
+        """Carry out the writes that raised yet reached Redis (see unsure.py): a look at
+        the version of each such call, and at its record once that moved."""
         now = time.monotonic()
-        for tag, tries in list(self._unsure.items()):
-            loaded = self.store.load_call(tag)
-            record = loaded[1] if loaded is not None else {}
-            landed = tries.get(record.get("ended"))
-            if landed is not None:
-                self._perform(tag, landed[0], None, None)
-                self._call_log(tag).info("call %s: its end reached Redis after all", tag)
-            elif record.get("state", CallState.ENDED) != CallState.ENDED and any(
-                    now < until for _, until in tries.values()):
-                continue  # not written (yet): a retransmission ends it, with its own CDR
-            del self._unsure[tag]
+        for tag in self._unsure.tags():
+            version = self.store.call_version(tag)
+            if self._unsure.waiting(tag, version, now):
+                continue
+            loaded = self.store.load_call(tag) if version else None
+            version, record = loaded if loaded is not None else (0, None)
+            outcome = self._unsure.look(tag, version, record, now)
+            if outcome.rearm:
+                # Its timer entries went in the same pipeline as the record, and may have
+                # been refused while the record was taken (memory refused for a moment,
+                # a cluster node gone): arm them again (a no-op write of the record).
+                call = Call.from_record(record)
+                arm = [(tag, name, due) for name, due in call.timer_entries().items()]
+                new = self.store.save_call(tag, version, record,
+                                           LIVE_TTL if call.live else ENDED_TTL, arm=arm)
+                if new is not None:
+                    self._remember(tag, new, record)
+            if outcome.actions:
+                self._call_log(tag).info("call %s: a write whose reply was lost reached "
+                                         "Redis: carried out now", tag)
+                self._perform(tag, outcome.actions, None, None)
+            self._unsure.keep(tag, outcome.left)
 
     def _remember(self, tag: str, version: int, record: dict) -> None:
         """Keep the call's last record: with affinity the next event of the call comes here
