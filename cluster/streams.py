@@ -313,11 +313,24 @@ class Streams:
                                  f"complete within {whole:g} s (streams.message_timeout)")
             elif now - conn.last_message > idle:
                 self._count("closed_idle")
-                self.close(conn, f"idle for {idle:g} s (streams.idle_timeout)", quiet=True)
+                self.close(conn, f"idle for {idle:g} s (streams.idle_timeout)", quiet=True,
+                           going_away="idle")
 
-    def close(self, conn: Connection, why: str, *, quiet: bool = False) -> None:
+    def close(self, conn: Connection, why: str, *, quiet: bool = False,
+              going_away: str | None = None) -> None:
+        """``going_away``: the server closes on its own, for this reason; a WebSocket is
+        told so in a close frame first, if it can take one without waiting (best effort:
+        the connection closes either way)."""
         if self.connections.pop(conn.id, None) is None:
             return
+        if going_away is not None and isinstance(conn.framer, WebSocket) and not conn.out \
+                and not conn.handshaking:
+            goodbye = conn.framer.goodbye(going_away)
+            if goodbye is not None:
+                try:
+                    conn.sock.send(goodbye)
+                except (OSError, ValueError):
+                    pass
         (log.info if quiet else log.warning)("%s connection %x from %s:%d closed: %s",
                                              conn.transport, conn.id, *conn.peer, why)
         left = self.per_source.get(conn.peer[0], 1) - 1
@@ -336,7 +349,7 @@ class Streams:
 
     def close_all(self) -> None:
         for conn in list(self.connections.values()):
-            self.close(conn, "dispatcher stopping", quiet=True)
+            self.close(conn, "dispatcher stopping", quiet=True, going_away="shutting down")
         for sock, _ in self.listeners:
             sock.close()
 

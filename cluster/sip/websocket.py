@@ -49,7 +49,8 @@ SUBPROTOCOL = b"sip"
 # Opcodes
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 # Close codes (RFC 6455 section 7.4.1)
-NORMAL, PROTOCOL_ERROR, INVALID_DATA, POLICY, TOO_BIG = 1000, 1002, 1007, 1008, 1009
+NORMAL, GOING_AWAY, PROTOCOL_ERROR, INVALID_DATA, POLICY, TOO_BIG = (
+    1000, 1001, 1002, 1007, 1008, 1009)
 
 
 class WebSocketError(FramingError):
@@ -131,6 +132,14 @@ class WebSocket:
         self._tokens = 2 * frame_rate
         self._refilled: float | None = None
         self.frames = 0
+
+    def goodbye(self, why: str) -> bytes | None:
+        """The close frame (1001, going away) for a connection the server closes on its own
+        (idle, shutting down), if it is open and no close was sent yet (RFC 6455 7.1.2)."""
+        if not self.open or self.closed:
+            return None
+        self.closed = True
+        return close_frame(GOING_AWAY, why)
 
     @property
     def partial(self) -> bool:

@@ -228,3 +228,10 @@ def test_connection_ids_say_the_transport():
     for transport, code in envelope.TRANSPORT_CODES.items():
         conn = (7 << 32) | (5 << 2) | code
         assert envelope.stream_transport(conn) == transport
+
+
+def test_going_away_is_said_once_and_only_on_an_open_connection():
+    assert WebSocket("/").goodbye("idle") is None  # no handshake yet: nothing to close
+    session = opened()
+    assert server_frames(bytearray(session.goodbye("idle"))) == [(ws.CLOSE, b"\x03\xe9idle")]
+    assert session.goodbye("idle") is None and session.feed(b"more") == []
