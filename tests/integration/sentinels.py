@@ -157,15 +157,7 @@ class SentinelSet:
     def _diagnosis(self) -> str:
         """What each sentinel names and whether it is in TILT, and each server's role."""
         tilt = self._ask_each(lambda c: c.info().get("sentinel_tilt"))
-        servers = {}
-        for server in (self.primary, self.replica):
-            try:
-                with redis.Redis(port=server.port, socket_timeout=0.5) as client:
-                    info = client.info("replication")
-                servers[server.port] = (info.get("role"), info.get("master_port"),
-                                        info.get("master_link_status"))
-            except redis.RedisError as exc:
-                servers[server.port] = repr(exc)
+        servers = "; ".join(_replication(s.port) for s in (self.primary, self.replica))
         return f"named {self._named_primaries()}, tilt {tilt}, servers {servers}"
 
     def master_port(self) -> int | None:
@@ -203,12 +195,34 @@ def start_replica(directory: Path, primary_port: int, port: int = 0) -> RedisSer
     if primary_port:
         client = server.client()
         try:
-            client.replicaof("127.0.0.1", primary_port)
-            assert wait_for(lambda: replicating(client, primary_port), 10.0, step=0.1), \
-                "the replica did not sync"
+            for _ in range(SYNC_TRIES):
+                # Asked again after a while: a sentinel may have reconfigured it meanwhile,
+                # and the primary's fork for the full sync waits for a rewrite of its own
+                # on a loaded machine (10 s were not enough once in CI, under the matrix).
+                client.replicaof("127.0.0.1", primary_port)
+                if wait_for(lambda: replicating(client, primary_port), SYNC_WAIT, step=0.1):
+                    break
+            else:
+                raise AssertionError(f"the replica did not sync: {_replication(server.port)}"
+                                     f", its primary: {_replication(primary_port)}")
         finally:
             client.close()
     return server
+
+
+SYNC_TRIES, SYNC_WAIT = 3, 10.0
+
+
+def _replication(port: int) -> str:
+    """A server's replication state, for a failure message."""
+    try:
+        with redis.Redis(port=port, socket_timeout=0.5) as client:
+            info = client.info("replication")
+    except redis.RedisError as exc:
+        return f"{port}: {exc!r}"
+    keys = ("role", "master_port", "master_link_status", "master_sync_in_progress",
+            "connected_slaves", "slave0")
+    return f"{port}: " + ", ".join(f"{k}={info[k]}" for k in keys if k in info)
 
 
 def _pings(client: redis.Redis) -> bool:
