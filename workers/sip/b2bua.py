@@ -520,13 +520,10 @@ class B2BUA:
             if outcome.rearm:
                 # Its timer entries went in the same pipeline as the record, and may have
                 # been refused while the record was taken (memory refused for a moment,
-                # a cluster node gone): arm them again (a no-op write of the record).
-                call = Call.from_record(record)
-                arm = [(tag, name, due) for name, due in call.timer_entries().items()]
-                new = self.store.save_call(tag, version, record,
-                                           LIVE_TTL if call.live else ENDED_TTL, arm=arm)
-                if new is not None:
-                    self._remember(tag, new, record)
+                # a cluster node gone): the record written again, with every timer it
+                # waits for armed (none taken as armed before).
+                self._commit(tag, version, Call.from_record(record), [], None, None, record,
+                             timers_before={})
             if outcome.actions:
                 self._call_log(tag).info("call %s: a write whose reply was lost reached "
                                          "Redis: carried out now", tag)

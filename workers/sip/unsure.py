@@ -54,9 +54,6 @@ class UnsureWrites:
     def __bool__(self) -> bool:
         return bool(self._calls)
 
-    def __len__(self) -> int:
-        return len(self._calls)
-
     def tags(self) -> list[str]:
         return list(self._calls)
 
