@@ -158,12 +158,17 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     ConnectionError after disconnecting, so the next command rediscovers the primary
     instead of failing for ever.
 
+    One server, direct or through Sentinel, gets a ``LeanRedis`` (cluster/leanclient.py):
+    redis-py's client with a shorter path from a command or pipeline to its reply.
+
     redis-py is imported here, not with the module: the configuration (which checks URLs
     with the parser above) is loaded by every process, and the dispatcher takes its SIP
     socket back after a crash before it needs Redis (redis-py takes ~80 ms to import).
     """
     import redis
     from redis.sentinel import Sentinel
+
+    from .leanclient import LeanRedis
 
     if is_cluster_url(url):
         return _cluster_client(parse_cluster_url(url), timeout, max_connections)
@@ -173,7 +178,7 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
         pool = redis.ConnectionPool.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             max_connections=max_connections)
-        return redis.Redis(connection_pool=pool)
+        return LeanRedis(connection_pool=pool)
     parsed = parse_sentinel_url(url)
     sockets = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     sentinel_kwargs = dict(sockets)
@@ -184,7 +189,8 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs,
                         min_other_sentinels=1 if len(parsed.sentinels) > 1 else 0)
     return sentinel.master_for(
-        parsed.service, db=parsed.db, username=parsed.username, password=parsed.password,
+        parsed.service, redis_class=LeanRedis, db=parsed.db, username=parsed.username,
+        password=parsed.password,
         max_connections=max_connections, **sockets)
 
 

@@ -336,6 +336,9 @@ class Connection:
             pool = getattr(self.redis, "connection_pool", None)
             if pool is not None:
                 pool.disconnect(inuse_connections=False)
+            lane = getattr(self.redis, "lane", None)  # the connections it keeps
+            if lane is not None:
+                lane.drop_idle()
         elif isinstance(exc, redis.exceptions.NoScriptError):
             # Redis restarted or SCRIPT FLUSH: load them again; the caller retries.
             self._reload_scripts()

@@ -1,0 +1,157 @@
+"""The client every process gets for one Redis server (cluster/leanclient.py) on a real
+redis-server: what it sends is what redis-py would send, replies keep redis-py's types and
+error classes, and a connection that went bad is never read from again."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from cluster import redisclient
+from cluster.leanclient import Batch, LeanRedis, pack_commands
+
+PACKED = [
+    ("SET", "k", b"v\x00\xff\r\n", "é", 1, -3, 2.5, 1e20, float("inf"), 1796642117.38792),
+    ("ZADD", "timers:{1}", 0.1, "member|x"),
+    ("PING",),
+    ("SCRIPT LOAD", "return 1"),  # a command name of two words
+    (b"XGROUP CREATE", "s", "g", "$", "MKSTREAM"),
+]
+
+
+def test_commands_are_packed_as_redis_py_packs_them():
+    assert pack_commands(PACKED) == b"".join(redis.Connection().pack_commands(PACKED))
+
+
+@pytest.mark.parametrize("value", [True, None, [1], {"a": 1}])
+def test_what_redis_py_refuses_to_send_is_refused(value):
+    with pytest.raises(redis.DataError):
+        redis.Connection().pack_commands([("SET", "k", value)])
+    with pytest.raises(redis.DataError):
+        pack_commands([("SET", "k", value)])
+
+
+@pytest.fixture
+def client(redis_url):
+    made = redisclient.connect(redis_url, timeout=0.25)
+    assert isinstance(made, LeanRedis)
+    yield made
+    made.close()
+
+
+# Each row: a command method and its arguments, run in this order on both clients.
+ROWS = [
+    ("set", ("k", b"v")), ("get", ("k",)), ("get", ("nothing",)), ("expire", ("k", 100)),
+    ("ttl", ("k",)), ("exists", ("k", "nothing")), ("hset", ("h",), {"mapping": {"a": "1"}}),
+    ("hgetall", ("h",)), ("hmget", ("h", "a", "b")), ("zadd", ("z", {"m": 1.5})),
+    ("zrange", ("z", 0, -1), {"withscores": True}), ("zrangebyscore", ("z", "-inf", "+inf")),
+    ("rpush", ("l", "a", "b")), ("lrange", ("l", 0, -1)), ("delete", ("l",)),
+    ("xadd", ("s", {"f": "v"}), {"id": "1-1"}), ("xrange", ("s",)), ("incrby", ("n", 5)),
+    ("set", ("k", "v"), {"nx": True}), ("publish", ("channel", "hello")),
+    ("script_load", ("return 1",)), ("xgroup_create", ("s", "g"), {"id": "0"}),
+    ("xinfo_groups", ("s",)), ("config_get", ("maxmemory",)),
+]
+
+
+def replies_of(made) -> list:
+    made.flushall()
+    out = []
+    for row in ROWS:
+        name, args, options = (*row, {}) if len(row) == 2 else row
+        out.append((name, getattr(made, name)(*args, **options)))
+    return out
+
+
+def test_replies_are_the_ones_redis_py_gives(client, redis_url):
+    lean = replies_of(client)
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        assert lean == replies_of(plain)
+    finally:
+        plain.close()
+    assert ("get", None) in lean and ("set", True) in lean  # not all alike by accident
+
+
+def batch_replies_of(made) -> list:
+    made.flushall()
+    pipe = made.pipeline(transaction=False)
+    for row in ROWS:
+        name, args, options = (*row, {}) if len(row) == 2 else row
+        getattr(pipe, name)(*args, **options)
+    return pipe.execute()
+
+
+def test_a_batch_replies_as_redis_pys_pipeline(client, redis_url):
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        assert batch_replies_of(client) == batch_replies_of(plain)
+    finally:
+        plain.close()
+    assert batch_replies_of(client) == [reply for _, reply in replies_of(client)]
+
+
+def test_a_batch_answers_every_command_in_order(client):
+    pipe = client.pipeline(transaction=False)
+    assert isinstance(pipe, Batch)
+    pipe.set("a", "1")
+    pipe.incr("a")
+    pipe.lpush("a", "x")  # wrong type: an error reply, in its place
+    pipe.get("a")
+    assert len(pipe) == 4
+    replies = pipe.execute(raise_on_error=False)
+    assert replies[:2] == [True, 2]
+    assert isinstance(replies[2], redis.ResponseError) and "WRONGTYPE" in str(replies[2])
+    assert replies[3] == b"2"
+    assert len(pipe) == 0  # emptied, as a pipeline is
+    pipe.lpush("a", "x")
+    with pytest.raises(redis.ResponseError):
+        pipe.execute()
+    assert client.get("a") == b"2"  # the connection is still in step
+
+
+def test_a_transaction_is_still_redis_pys(client):
+    with client.pipeline() as pipe:
+        assert not isinstance(pipe, Batch)
+        pipe.set("t", "1").incr("t")
+        assert pipe.execute() == [True, 2]
+
+
+def test_a_script_error_keeps_its_class(client):
+    with pytest.raises(redis.exceptions.NoScriptError):
+        client.evalsha("0" * 40, 0)
+    assert client.ping() is True
+
+
+def test_a_connection_the_server_closed_is_replaced_before_it_is_used(client, redis_url):
+    assert client.ping() is True
+    assert len(client.lane._idle) == 1  # kept for the next command
+    killer = redis.Redis.from_url(redis_url)
+    try:
+        assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        killer.close()
+    time.sleep(0.05)
+    # No error: the closed connection is found out before the command is written.
+    assert client.set("after", "kill") is True
+    assert client.get("after") == b"kill"
+
+
+# A script that holds the server for 600 ms, then answers "late".
+BUSY_600_MS = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start >= 600000
+return 'late'
+"""
+
+
+def test_a_timed_out_reply_is_never_read_as_the_next_one(client):
+    with pytest.raises(redis.TimeoutError):
+        client.eval(BUSY_600_MS, 0)
+    assert client.lane._idle == []  # the connection in doubt was not kept
+    time.sleep(0.7)
+    assert client.set("x", "1") is True  # not the late "OK" of the sleep
+    assert client.incr("x") == 2
+    assert client.get("x") == b"2"
