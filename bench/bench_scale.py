@@ -79,7 +79,7 @@ SHIPPED = {"log": {"level": "INFO"}, "calls": {"trace": True},
                      "rtp_port_max": RTP_MAX}}
 LEAN = {"log": {"level": "WARNING"}, "calls": {"trace": False}, "media": {"mode": "bypass"}}
 OWN_COMMANDS = ("info", "config")  # what the benchmark itself sends to redis-server
-ROLES = ("dispatcher", "worker", "relay", "redis")
+ROLES = ("dispatcher", "worker", "relay", "redis", "supervisord")  # all in the CPU sum
 # SIPp's error for a call whose 200 OK arrived before its 180: with several workers the
 # two responses can be forwarded by different processes and cross on the way.
 OVERTAKEN = "while expecting '180' (index 6), received 'SIP/2.0 200 OK"
@@ -243,7 +243,8 @@ def net_figures(idle: Window, busy: Window, ok: int) -> dict:
 
 
 HEADER = (f"  {'config':8} {'wrk':>3} {'ok':>4} {'fail':>4} {'180>':>4} {'CPU ms/call':>11} "
-          f"{'disp':>5} {'worker':>6} {'relay':>5} {'redis':>5} {'idle%':>5} {'cmd/call':>8} "
+          f"{'disp':>5} {'worker':>6} {'relay':>5} {'redis':>5} {'sup':>4} {'idle%':>5} "
+          f"{'cmd/call':>8} "
           f"{'rt/call':>7} {'best/s':>6}  load 1/5/15 min")
 
 
@@ -258,6 +259,7 @@ def show(label: str, row: dict) -> None:
     print(f"  {label:8} {row['workers']:>3} {row['ok']:>4} {row['failed']:>4} "
           f"{row['overtaken']:>4} {row['cpu_ms']:>11.2f} {role['dispatcher']:>5.2f} "
           f"{role['worker']:>6.2f} {role['relay']:>5.2f} {role['redis']:>5.2f} "
+          f"{role['supervisord']:>4.2f} "
           f"{row['idle_cpu_pct']:>5.1f} {row['commands']:>8.1f} {row['reads']:>7.1f} "
           f"{best:>6}  {row['load']} / {row['load_after']}", flush=True)
 

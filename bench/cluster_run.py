@@ -70,8 +70,13 @@ class BenchCluster:
         self.redis.stop()
 
     def pids(self) -> dict[str, int]:
-        """The processes whose CPU counts: dispatcher, workers, redis-server."""
+        """The processes whose CPU counts: supervisord, dispatcher, workers, relays and
+        redis-server."""
         pids = {"redis": self.redis.process.pid}
+        try:
+            pids["supervisord"] = int((self.cluster.run_dir / "supervisord.pid").read_text())
+        except (OSError, ValueError):
+            pass  # not up yet, or gone: its CPU is not counted
         for line in self.cluster.ctl("status").splitlines():
             parts = line.split()
             if len(parts) >= 4 and parts[1] == "RUNNING" and parts[2] == "pid":

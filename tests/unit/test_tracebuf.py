@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import gevent
 import pytest
 
 from cluster.store import StoreUnavailable
@@ -89,3 +90,23 @@ def test_close_writes_what_is_pending_and_stops_the_loop():
     buf.close()
     assert store.batches == [{"a": ([entry(1)], 60.0)}] and not buf.running
     buf.loop()  # returns at once
+
+
+def test_an_idle_buffer_sleeps_until_an_entry_comes():
+    store = Recorder()
+    buf = TraceBuffer(store, 200, Counter())
+    flushes = []
+    flush = buf.flush
+    buf.flush = lambda *args, **kwargs: flushes.append(1) or flush(*args, **kwargs)
+    loop = gevent.spawn(buf.loop)
+    gevent.sleep(10 * tracebuf.FLUSH_EVERY)
+    assert flushes == []  # no tick while nothing waits
+    buf.add("a", [entry(1)], 60.0)
+    gevent.sleep(4 * tracebuf.FLUSH_EVERY)
+    assert store.batches == [{"a": ([entry(1)], 60.0)}] and len(flushes) == 1
+    buf.add("b", [entry(2)], 60.0)  # and again after a flush
+    gevent.sleep(4 * tracebuf.FLUSH_EVERY)
+    assert store.batches[1:] == [{"b": ([entry(2)], 60.0)}] and len(flushes) == 2
+    buf.close()
+    loop.join(1.0)
+    assert loop.dead

@@ -30,7 +30,7 @@ CLAIM_EVERY = 5.0  # seconds between looks for such events
 # Seconds between reads of the media events when none came: a media timeout is acted on at
 # most this much later (timeouts are tens of seconds).  A blocking read is capped at half
 # the Redis timeout (0.25 s), so reading that way kept an idle worker at ~7 reads a second.
-EVENTS_POLL = 0.5
+EVENTS_POLL = 1.0
 # A host is dead when its dispatcher's announcement has lapsed (3 s after its last one)
 # and its relays have been silent this long: a relay that supervisord restarts, or a
 # host restarted quickly (supervisord stopped and started again), is back well within it
