@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, fields
-from functools import cached_property
+from functools import cache, cached_property
 from typing import ClassVar
 
 from .ids import MAGIC_COOKIE
@@ -280,8 +280,8 @@ class Transaction:
     def to_record(self) -> dict:
         """The transaction as msgpack-friendly values (see ``transaction_from_record``)."""
         record: dict = {"kind": self.KIND}
-        for f in fields(self):
-            record[f.name] = getattr(self, f.name)
+        for name in _field_names(type(self)):
+            record[name] = getattr(self, name)
         c = self.config
         record.update(dest=list(self.dest), config=[c.t1, c.t2, c.t4, c.d],
                       timers=dict(self.timers))
@@ -294,10 +294,17 @@ class Transaction:
     @classmethod
     def from_record(cls, record: dict) -> Transaction:
         # A record without "reliable" (UDP, or written before the field existed) is UDP.
-        values = {f.name: record[f.name] for f in fields(cls) if f.name != "reliable"}
+        values = {name: record[name] for name in _field_names(cls) if name != "reliable"}
         values.update(dest=tuple(values["dest"]), config=TimerConfig(*values["config"]),
                       timers=dict(values["timers"]), reliable=bool(record.get("reliable")))
         return cls(**values)
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A transaction class's fields, in order (``fields`` walks them anew on every call:
+    1.5% of a loaded worker's CPU went to it for records)."""
+    return tuple(f.name for f in fields(cls))
 
 
 # --------------------------------------------------------------------------- client side

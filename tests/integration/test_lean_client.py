@@ -12,10 +12,20 @@ import redis
 from cluster import redisclient
 from cluster.leanclient import Batch, LeanRedis, pack_commands
 
+
+class Text(str):
+    pass
+
+
+class Count(int):
+    pass
+
+
 PACKED = [
     ("SET", "k", b"v\x00\xff\r\n", "é", 1, -3, 2.5, 1e20, float("inf"), 1796642117.38792),
     ("ZADD", "timers:{1}", 0.1, "member|x"),
     ("PING",),
+    ("SET", Text("k"), Count(7), memoryview(b"view"), bytearray(b"array")),  # and views
     ("SCRIPT LOAD", "return 1"),  # a command name of two words
     (b"XGROUP CREATE", "s", "g", "$", "MKSTREAM"),
 ]
@@ -25,7 +35,7 @@ def test_commands_are_packed_as_redis_py_packs_them():
     assert pack_commands(PACKED) == b"".join(redis.Connection().pack_commands(PACKED))
 
 
-@pytest.mark.parametrize("value", [True, None, [1], {"a": 1}])
+@pytest.mark.parametrize("value", [True, None, [1], {"a": 1}, 2j])
 def test_what_redis_py_refuses_to_send_is_refused(value):
     with pytest.raises(redis.DataError):
         redis.Connection().pack_commands([("SET", "k", value)])
