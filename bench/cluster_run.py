@@ -97,6 +97,15 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> float:
     return sum(after.get(name, 0.0) - value for name, value in before.items())
 
 
+def cpu_by_program(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per program kind ("worker" for worker:worker-0 and worker:worker-1)."""
+    kinds: dict[str, float] = {}
+    for name, value in before.items():
+        kind = name.split(":", 1)[0]
+        kinds[kind] = kinds.get(kind, 0.0) + after.get(name, value) - value
+    return kinds
+
+
 def rtt_values(workdir: Path) -> list[float]:
     """Response times (ms) SIPp wrote with -trace_rtt (every rtd, every call)."""
     values = []
@@ -115,17 +124,34 @@ def wait_quiet(seconds: float = 1.0) -> None:
     time.sleep(seconds)
 
 
-def step_figures(rate: int, calls: int, result, elapsed: float, cpu: float,
+def step_figures(rate: int, calls: int, result, elapsed: float, cpu: dict[str, float],
                  rtts: list[float]) -> dict:
     """One rate step of a SIPp run: what passed, what it cost, how fast it was answered.
-    ``cpu_ms``: CPU milliseconds of all cluster processes per successful SIPp call."""
+    ``cpu``: CPU seconds per program kind (``cpu_by_program``); ``cpu_ms``: CPU
+    milliseconds of all cluster processes per successful SIPp call, ``cpu_ms_by``: the
+    same per program kind."""
     done = max(result.successful, 1)
     return {"rate": rate, "seconds": round(elapsed, 1), "ok": result.successful,
             "failed": calls - result.successful,
             "achieved_per_s": round(result.successful / max(elapsed, 1e-9)),
-            "cpu_ms": round(cpu / done * 1000, 3),
+            "cpu_ms": round(sum(cpu.values()) / done * 1000, 3),
+            "cpu_ms_by": {kind: round(seconds / done * 1000, 3)
+                          for kind, seconds in sorted(cpu.items())},
             "p50_ms": round(percentile(rtts, 0.50), 2), "p99_ms": round(percentile(rtts, 0.99), 2),
             "retransmissions": result.retransmissions}
+
+
+def overload_and_recovery(run, best: int, seconds: int, show) -> tuple[dict, dict, float]:
+    """Twice the passing rate for ``seconds`` s, then, 5 s after, half of it for 5 s:
+    (overload row, recovery row, the overload's completions as a share of what the
+    passing rate completes in ``seconds``).  Targets (issue): at least 80%, and no failure
+    in the recovery run."""
+    overload = run(2 * best, seconds, "overload")
+    show("overload", overload)
+    time.sleep(5)
+    after = run(best // 2 or 1, 5, "recovery")
+    show("after +5 s", after)
+    return overload, after, overload["ok"] / (best * seconds)
 
 
 def sustained_rate(run, rates, step_seconds: int, confirm_seconds: int, show):
