@@ -110,9 +110,10 @@ class Lane:
         return replies
 
     def _take(self):
-        if not self._idle:
+        try:
+            conn = self._idle.pop()  # atomic: a relay's writer thread shares the lane
+        except IndexError:
             return self._pool.get_connection()  # connected and checked by the pool
-        conn = self._idle.pop()
         try:
             # Data waiting before a command was sent, or end of file: the server closed
             # it (a restart, a demoted primary dropping its clients).

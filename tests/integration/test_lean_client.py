@@ -4,6 +4,7 @@ error classes, and a connection that went bad is never read from again."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -165,3 +166,26 @@ def test_a_timed_out_reply_is_never_read_as_the_next_one(client):
     assert client.set("x", "1") is True  # not the late "OK" of the sleep
     assert client.incr("x") == 2
     assert client.get("x") == b"2"
+
+
+def test_threads_share_one_client(client):
+    """A relay's loop and its writer thread use one store: no connection is used by two
+    at once, and none is lost."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(300):
+                pipe = client.pipeline(transaction=False)
+                pipe.incr("shared").incr("shared")
+                pipe.execute()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and client.get("shared") == b"2400"
+    assert len(client.lane._idle) <= 4
