@@ -307,7 +307,8 @@ class MemoryStore:
 
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
                   arm: list[tuple[str, str, float]] = (),
-                  disarm: list[tuple[str, str, float]] = ()) -> int | None:
+                  disarm: list[tuple[str, str, float]] = (),
+                  packed: bytes | None = None) -> int | None:
         """The timers are armed and disarmed first, whether the compare-and-set then wins
         or not (as the real store's pipeline does); the counting indexes are not
         mirrored."""
@@ -318,7 +319,8 @@ class MemoryStore:
         if int(self._hash(key).get("v", b"0")) != version:
             return None
         new = version + random.randrange(1, VERSION_STEP)
-        self._hashes[key] = {"v": str(new).encode(), "d": pack(record),
+        self._hashes[key] = {"v": str(new).encode(),
+                             "d": pack(record) if packed is None else packed,
                              "s": counted_state(record).encode()}
         self._expire(key, int(ttl * 1000) / 1000)
         return new

@@ -85,8 +85,10 @@ class Calls:
 
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
                   arm: list[tuple[str, str, float]] = (),
-                  disarm: list[tuple[str, str, float]] = ()) -> int | None:
+                  disarm: list[tuple[str, str, float]] = (),
+                  packed: bytes | None = None) -> int | None:
         """Write a call record if it is still at ``version``; the new version, or None.
+        ``packed``: the record already packed (``pack(record)``), when the caller has it.
 
         ``arm``: timers (tag, name, due) to add first, in the same round trip (their keys
         are in other slots, so not in the same script: arming first is the safe order).
@@ -100,7 +102,8 @@ class Calls:
             for timer_tag, name, due in disarm:
                 pipe.zrem(timer_key(timer_shard(timer_tag)), timer_member(timer_tag, name, due))
             self._evalsha(pipe, self._call_cas, [call_key(tag), *self.call_index_keys()],
-                          [version, pack(record), int(ttl * 1000),
+                          [version, pack(record) if packed is None else packed,
+                           int(ttl * 1000),
                            version + random.randrange(1, VERSION_STEP), counted_state(record),
                            tag, int(time.time() * 1000)])
             self._wait_replicas(pipe)  # right after the write: on a cluster, at its node

@@ -23,6 +23,7 @@ from cluster.store import (
     Store,
     aor_of,
     cdr_position,
+    pack,
     stream_shard,
     tx_key,
 )
@@ -390,6 +391,13 @@ def test_a_call_is_written_only_at_the_version_it_was_read_at(env):
     assert second not in (None, first) and store.call_version(CALL) == second
     assert store.load_call(CALL) == (second, {**RECORD, "state": "early"})
     assert store.save_call(CALL, first, RECORD, 60) is None  # the version moved on
+
+
+def test_a_call_record_given_packed_is_stored_as_those_bytes(env):
+    """The worker packs a record once, for the write and for its cache's size."""
+    packed = pack({**RECORD, "state": "ringing"})
+    first = env.store.save_call(CALL, 0, RECORD, 60, packed=packed)
+    assert env.store.load_call(CALL) == (first, {**RECORD, "state": "ringing"})
 
 
 def test_a_call_record_lapses_after_its_ttl(env):

@@ -604,9 +604,10 @@ def lands_then_fails(store, monkeypatch, *, timers: bool = True):
     pipeline's ZADDs refused for memory, the compare-and-set after them taken)."""
     real = store.save_call
 
-    def save_call(tag, version, record, ttl, arm=(), disarm=()):
+    def save_call(tag, version, record, ttl, arm=(), disarm=(), packed=None):
         monkeypatch.setattr(store, "save_call", real)
-        real(tag, version, record, ttl, arm=arm if timers else (), disarm=disarm)
+        real(tag, version, record, ttl, arm=arm if timers else (), disarm=disarm,
+             packed=packed)
         raise StoreUnavailable("Timeout reading from socket")
     monkeypatch.setattr(store, "save_call", save_call)
 

@@ -477,16 +477,17 @@ class B2BUA:
         before = timers_before or {}
         arm = [(tag, name, due) for name, due in timers.items() if before.get(name) != due]
         ttl = LIVE_TTL if call.live else ENDED_TTL
+        packed = pack(record)  # once: the write and the cache's size of it
         try:
             version = self.store.save_call(tag, version, record, ttl, arm=arm,
-                                           disarm=self._take_disarm())
+                                           disarm=self._take_disarm(), packed=packed)
         except StoreUnavailable:
             self._unsure.note(tag, version, record, actions, call.ended, time.monotonic())
             raise
         if version is None:
             self._records.pop(tag, None)
             return False
-        self._remember(tag, version, record)
+        self._remember(tag, version, record, len(packed))
         if arm:
             self._claim_by(min(due for _, _, due in arm))
         self._disarm_soon([(tag, name, due) for name, due in before.items()
@@ -530,11 +531,12 @@ class B2BUA:
                 self._perform(tag, outcome.actions, None, None)
             self._unsure.keep(tag, outcome.left)
 
-    def _remember(self, tag: str, version: int, record: dict) -> None:
+    def _remember(self, tag: str, version: int, record: dict, size: int | None = None) -> None:
         """Keep the call's last record: with affinity the next event of the call comes here
-        too, and the compare-and-set of its write proves the record still current."""
-        self._records.put(tag, (version, record),
-                          int(len(pack(record)) * RECORD_OBJECT_FACTOR))
+        too, and the compare-and-set of its write proves the record still current.
+        ``size``: its packed size, when known (else it is packed to learn it)."""
+        size = len(pack(record)) if size is None else size
+        self._records.put(tag, (version, record), int(size * RECORD_OBJECT_FACTOR))
 
     def _disarm_soon(self, entries: list[tuple[str, str, float]]) -> None:
         """Remove these timer entries in the next batch (a fired timer may be in it twice:
