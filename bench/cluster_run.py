@@ -93,10 +93,6 @@ class BenchCluster:
         return users
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float]) -> float:
-    return sum(after.get(name, 0.0) - value for name, value in before.items())
-
-
 def cpu_by_program(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """CPU seconds per program kind ("worker" for worker:worker-0 and worker:worker-1)."""
     kinds: dict[str, float] = {}

@@ -21,7 +21,6 @@ Sentinel's primary discovery stay redis-py's: the lane only skips its bookkeepin
 from __future__ import annotations
 
 import redis
-from redis.client import EMPTY_RESPONSE, NEVER_DECODE
 from redis.commands import CoreCommands
 from redis.exceptions import DataError, ResponseError
 
@@ -76,11 +75,12 @@ def _encoded(arg) -> bytes:
 
 
 class Lane:
-    """Connections of one redis-py pool kept for this client's commands."""
+    """Connections of one client's pool, kept for its commands; replies are parsed by the
+    client's own ``parse_response`` (its callbacks, its error classes)."""
 
-    def __init__(self, pool, callbacks) -> None:
-        self._pool = pool
-        self._callbacks = callbacks
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._parse = client.parse_response
         self._idle: list = []
 
     def run(self, stack: list[tuple[tuple, dict]]) -> list:
@@ -95,12 +95,11 @@ class Lane:
             replies = []
             for args, options in stack:
                 try:
-                    replies.append(self._reply(conn, args[0], options))
+                    replies.append(self._parse(conn, args[0], **options))
                 except ResponseError as exc:
                     replies.append(exc)
         except BaseException:
-            conn.disconnect()
-            self._pool.release(conn)
+            self._discard(conn)
             raise
         # A Sentinel's pool owns no connection to a primary it has learnt was replaced.
         if len(self._idle) < KEEP_IDLE and self._pool.owns_connection(conn):
@@ -127,35 +126,20 @@ class Lane:
             conn.disconnect()
             conn.connect()
         except BaseException:
-            conn.disconnect()
-            self._pool.release(conn)
+            self._discard(conn)
             raise
         return conn
 
-    def _reply(self, conn, command: str, options: dict):
-        """One reply, as ``redis.Redis.parse_response`` gives it."""
-        try:
-            if NEVER_DECODE in options:
-                response = conn.read_response(disable_decoding=True)
-            else:
-                response = conn.read_response()
-        except ResponseError:
-            if EMPTY_RESPONSE in options:
-                return options[EMPTY_RESPONSE]
-            raise
-        callback = self._callbacks.get(command)
-        if callback is None:
-            return response
-        extra = {k: v for k, v in options.items()
-                 if k not in (NEVER_DECODE, EMPTY_RESPONSE, "keys")}
-        return callback(response, **extra)
+    def _discard(self, conn) -> None:
+        """Close ``conn`` and give it back to the pool, which connects it anew if reused."""
+        conn.disconnect()
+        self._pool.release(conn)
 
     def drop_idle(self) -> None:
         """Close every kept connection (a primary was demoted: find the new one)."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            conn.disconnect()
-            self._pool.release(conn)
+            self._discard(conn)
 
 
 class Batch(CoreCommands):
@@ -191,7 +175,7 @@ class LeanRedis(redis.Redis):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.lane = Lane(self.connection_pool, self.response_callbacks)
+        self.lane = Lane(self)
 
     def execute_command(self, *args, **options):
         reply = self.lane.run([(args, options)])[0]
