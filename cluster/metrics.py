@@ -496,6 +496,9 @@ def _handler(collector: ClusterCollector):
     return Handler
 
 
+SERVE_POLL = 60.0
+
+
 class _IPv6Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
@@ -513,6 +516,9 @@ def start(config: Config, host: str | None = None) -> ThreadingHTTPServer | None
         log.warning("metrics endpoint not started on %s:%d: %s", *address, exc)
         return None
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    # serve_forever wakes every poll_interval (0.5 s by default) only to look for a
+    # shutdown(), which this process never asks: it ends with the process.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL},
+                     name="metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", *address)
     return server

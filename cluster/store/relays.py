@@ -24,15 +24,19 @@ from .surveys import index_process
 
 
 class Relays:
-    def relay_heartbeat(self, relay_id: str, info: dict, ttl: float) -> None:
-        """Announce a relay and its load: in relay:nodes for workers, proc:relay:* for operators."""
+    def relay_heartbeat(self, relay_id: str, info: dict, ttl: float) -> list[dict]:
+        """Announce a relay and its load: in relay:nodes for workers, proc:relay:* for
+        operators.  Returns every relay announced (``relay_nodes``), read in the same
+        round trip: a relay looks at the others' heartbeats as often as it beats."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(RELAY_NODES_KEY, relay_id, pack(info))
         pipe.expire(RELAY_NODES_KEY, RELAY_NODES_TTL)
         key = proc_key("relay", info.get("host", ""), info.get("name", relay_id))
         pipe.set(key, pack(info), px=int(ttl * 1000))
         index_process(pipe, key, ttl)
-        self._call(pipe.execute)
+        pipe.hgetall(RELAY_NODES_KEY)
+        raw = self._call(pipe.execute)[-1]
+        return [unpack(value) for value in raw.values()]
 
     def relay_nodes(self) -> list[dict]:
         """Every relay ever announced (live or not): callers judge liveness by its "seen"."""

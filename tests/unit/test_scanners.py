@@ -161,3 +161,57 @@ def test_the_trusted_sources_kept_are_bounded(monkeypatch):
     watch.trusted["192.0.2.0"] = 0.0  # lapsed: its place is taken
     watch.note_trusted("192.0.2.11")
     assert sorted(watch.trusted) == ["192.0.2.1", "192.0.2.11", "192.0.2.2"]
+
+
+def test_a_name_is_sent_again_in_the_next_window(monkeypatch):
+    import workers.sip.scanners as scanners
+
+    clock = [1000.0]
+    monkeypatch.setattr(scanners.time, "monotonic", lambda: clock[0])
+    store = MemoryStore()
+    watch = ScanWatch(store, LimitsConfig(scan_users=5, scan_window=60), by="w")
+    watch.note_request(("192.0.2.1", 5060), "1002")
+    flush(watch)
+    clock[0] += 30
+    watch.note_request(("192.0.2.1", 5060), "1002")  # the same window: nothing to send
+    assert not watch._users
+    clock[0] += 31  # the window is over: counted again (its set in Redis expired)
+    watch.note_request(("192.0.2.1", 5060), "1002")
+    assert watch._users == {"192.0.2.1": {"1002"}}
+
+
+def test_the_loops_sleep_until_something_is_noted_then_flush_it():
+    import gevent
+    import greenlet
+
+    class Counting(MemoryStore):
+        calls = 0
+
+        def note_scan(self, users, errors, window):
+            Counting.calls += 1
+            return super().note_scan(users, errors, window)
+
+        def trust(self, ips, seconds, by):
+            Counting.calls += 1
+            super().trust(ips, seconds, by)
+
+    store = Counting()
+    watch = ScanWatch(store, LIMITS, by="w")
+    loops = [gevent.spawn(watch.loop), gevent.spawn(watch.trust_loop)]
+    woken = []
+    gevent.sleep(0.01)  # both loops started and waiting
+    previous = greenlet.settrace(
+        lambda event, args: woken.append(1) if event == "switch" and args[1] in loops else None)
+    try:
+        gevent.sleep(0.5)  # past two flush periods: nothing noted
+        assert not woken and Counting.calls == 0
+        watch.note_request(("192.0.2.9", 5070), "u1")
+        watch.note_answer(b"SIP/2.0 404 Not Found\r\n\r\n", ("192.0.2.9", 5070))
+        watch.note_trusted("192.0.2.40")
+        gevent.sleep(0.35)
+        assert store.users == {"192.0.2.9": {"u1"}} and store.errors["192.0.2.9"] == 1
+        assert store.trust_writes == [(["192.0.2.40"], LIMITS.trust_seconds)]
+        assert Counting.calls == 2
+    finally:
+        greenlet.settrace(previous)
+        gevent.killall(loops)

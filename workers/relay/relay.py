@@ -28,6 +28,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from cluster import adoption, clusterauth
+from cluster.cadence import until_next_tick
 from cluster.relayctl import decode, encode
 from cluster.sip.rtp import clock_rate_for
 from cluster.store import Store, StoreUnavailable
@@ -52,7 +53,7 @@ TICK = 0.05  # seconds between housekeeping passes
 VISIT_PERIOD = 1.0
 FLUSH_INTERVAL = 2.0
 FLUSH_BATCH = 40  # sessions saved per tick at most: bounds how long packets wait
-HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_INTERVAL = 0.5  # on the host's grid (cluster/cadence.py)
 # With no session, housekeeping has only the heartbeat to do: the loop sleeps until then
 # instead of ticking (20 wake-ups a second were most of an idle relay's 0.35% of a core,
 # bench_idle).  A session created wakes it (the control message) and brings TICK back.
@@ -679,10 +680,8 @@ class Relay:
         if due and self._redis_ok():
             self._flush(due[:FLUSH_BATCH], now)
         if now >= self._next_heartbeat:
-            self._next_heartbeat = now + HEARTBEAT_INTERVAL
+            self._next_heartbeat = now + until_next_tick(HEARTBEAT_INTERVAL, now)
             self._heartbeat(now)
-            if self._redis_ok():
-                self.jobs.put(self._look_for_orphans)
 
     def _busy(self) -> bool:
         """Whether housekeeping has more to do than the heartbeat."""
@@ -734,13 +733,14 @@ class Relay:
         log.info("call-id=%s no RTP for %.1f s: media timeout", session.call_id, silent)
 
     # ---------------------------------------------------------------- adoption
-    def _look_for_orphans(self) -> None:
-        """(Writer thread.)  Sessions of another host's relay that died, whose media
-        address is on this host now (keepalived moved the dead host's floating address
-        here): read them, for the loop to bind on that address with the same ports, so
-        their media goes on (cluster/adoption.py has the signalling's side of it)."""
+    def _look_for_orphans(self, nodes: list[dict]) -> None:
+        """(Writer thread, after each heartbeat: ``nodes`` are every relay's.)  Sessions of
+        another host's relay that died, whose media address is on this host now
+        (keepalived moved the dead host's floating address here): read them, for the loop
+        to bind on that address with the same ports, so their media goes on
+        (cluster/adoption.py has the signalling's side of it)."""
         now = time.time()
-        for node in self.store.relay_nodes():
+        for node in nodes:
             if (node.get("host") == self.settings.host
                     or now - float(node.get("seen", 0)) < ADOPT_AFTER):
                 continue
@@ -812,11 +812,14 @@ class Relay:
             self._next_prune = now + 60.0
 
         def job() -> None:
-            self.store.relay_heartbeat(s.relay_id, info, HEARTBEAT_TTL)
+            # The others' heartbeats come back in the same round trip (a look of its own
+            # was half of an idle relay's round trips).
+            nodes = self.store.relay_heartbeat(s.relay_id, info, HEARTBEAT_TTL)
             if prune:
-                stale = [n["id"] for n in self.store.relay_nodes()
+                stale = [n["id"] for n in nodes
                          if time.time() - n.get("seen", 0) > NODE_FORGET_AFTER]
                 self.store.relay_forget(stale)
+            self._look_for_orphans(nodes)
 
         self.jobs.put(job)
 

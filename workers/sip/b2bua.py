@@ -22,6 +22,7 @@ import gevent.lock
 from cluster import ladder
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
+from cluster.cadence import until_next_tick
 from cluster.envelope import DIAL_TCP, affinity_key, is_stream
 from cluster.logsetup import call_log
 from cluster.sip import scan, sdp
@@ -645,7 +646,7 @@ class B2BUA:
         while self.running:
             self._wait_for_claim()
             now = time.time()
-            self._next_claim = now + TIMER_IDLE_TICK
+            self._next_claim = now + until_next_tick(TIMER_IDLE_TICK)
             try:
                 claim = self.store.claim_due_timers(now)
             except Exception as exc:  # whatever it is, timers go on firing
@@ -669,10 +670,12 @@ class B2BUA:
                         settling.ok()
 
     def _wait_for_claim(self) -> None:
-        gevent.sleep(TIMER_TICK)  # claims at least this far apart: due timers come in batches
+        # Claims at least TIMER_TICK apart: due timers come in batches.  One wait, not a
+        # sleep of TIMER_TICK and then another: an idle worker woke twice per claim.
+        earliest = time.time() + TIMER_TICK
         while self.running:
             self._claim_now.clear()  # before reading _next_claim: no wake-up is missed
-            left = self._next_claim - time.time()
+            left = max(self._next_claim, earliest) - time.time()
             if left <= 0:
                 return
             self._claim_now.wait(left)

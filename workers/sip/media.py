@@ -19,6 +19,7 @@ import gevent
 
 from cluster import relayctl
 from cluster.backoff import Backoff
+from cluster.cadence import until_next_tick
 from cluster.relayctl import RelayClient, RelayError, StreamSpec
 from cluster.sip import sdp
 from cluster.sip.errors import SipError
@@ -30,13 +31,13 @@ CLAIM_EVERY = 5.0  # seconds between looks for such events
 # Seconds between reads of the media events when none came: a media timeout is acted on at
 # most this much later (timeouts are tens of seconds).  A blocking read is capped at half
 # the Redis timeout (0.25 s), so reading that way kept an idle worker at ~7 reads a second.
-EVENTS_POLL = 1.0
+EVENTS_POLL = 2.0
 # A host is dead when its dispatcher's announcement has lapsed (3 s after its last one)
 # and its relays have been silent this long: a relay that supervisord restarts, or a
 # host restarted quickly (supervisord stopped and started again), is back well within it
 # and its calls carry on (invariant 13).  Past it no media can flow through its relays.
 DEAD_HOST_AFTER = 10.0
-DEAD_HOST_CHECK = 1.0  # seconds between looks at the relays' heartbeats
+DEAD_HOST_CHECK = 2.0  # seconds between looks at the relays' heartbeats (a death takes >= 10 s)
 # ...and its announcement must have been missing at every look for this long: right after
 # Redis comes back from an outage every heartbeat looks old until the next one (1 s), and
 # a live host must not be taken for dead then.
@@ -150,7 +151,7 @@ def follow_media_timeouts(b2bua, store, consumer: str) -> None:
             continue
         backoff.ok()
         if not events:
-            gevent.sleep(EVENTS_POLL)
+            gevent.sleep(until_next_tick(EVENTS_POLL))
 
 
 def follow_dead_hosts(b2bua, store, host: str) -> None:
@@ -162,7 +163,7 @@ def follow_dead_hosts(b2bua, store, host: str) -> None:
     backoff = Backoff(log, "dead hosts")
     missing_since: dict[str, float] = {}  # host -> when its announcement was first missed
     while getattr(b2bua, "running", True):
-        gevent.sleep(DEAD_HOST_CHECK)
+        gevent.sleep(until_next_tick(DEAD_HOST_CHECK))
         try:
             now, mono = time.time(), time.monotonic()
             silent: dict[str, list[str]] = {}

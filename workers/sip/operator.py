@@ -17,6 +17,7 @@ import time
 import gevent
 
 from cluster.backoff import Backoff
+from cluster.cadence import until_next_tick
 from cluster.logsetup import call_log
 from cluster.store import StoreUnavailable
 
@@ -52,7 +53,7 @@ def hangup_loop(b2bua, store, consumer: str, spawn, counters) -> None:
         for entry_id, request in requests:
             spawn(carry_out, b2bua, store, counters, entry_id, request)
         if not requests:
-            gevent.sleep(POLL_SECONDS)
+            gevent.sleep(until_next_tick(POLL_SECONDS))
 
 
 def carry_out(b2bua, store, counters, entry_id: str, request: dict) -> None:

@@ -37,6 +37,7 @@ import msgpack
 from cluster import clusterauth, envelope
 from cluster.adoption import ADOPTED_BASE, SOCKETS_PER_HOST, virtual_base
 from cluster.backoff import Backoff
+from cluster.cadence import until_next_tick
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.errors import SipError
@@ -224,7 +225,7 @@ class Transport:
     def _heartbeat_loop(self) -> None:
         backoff = Backoff(log, "dispatcher heartbeat")
         while not self.leaving:
-            gevent.sleep(self.heartbeat_interval)
+            gevent.sleep(until_next_tick(self.heartbeat_interval))
             conn = self.control
             if self.leaving or conn is None:
                 continue

@@ -19,12 +19,14 @@ import time
 from collections import Counter
 
 import gevent
+import gevent.event
 import gevent.pool
 
 from cluster import clusterauth, metrics
 from cluster.adoption import ADOPTED_BASE
 from cluster.backoff import Backoff
 from cluster.bounded import BoundedCache
+from cluster.cadence import until_next_tick
 from cluster.config import Config
 from cluster.envelope import STREAM_BASE
 from cluster.escape import escape_controls
@@ -50,6 +52,7 @@ from .transport import Transport
 log = logging.getLogger("worker")
 RETRY_AFTER = b"Retry-After: 5"
 DRAIN_SECONDS = 5.0
+HEARTBEAT_SECONDS = 1.0  # on the host's grid (cluster/cadence.py)
 # For this long after its first datagram a worker does not shed requests that waited past
 # queue_limit: what it gets first is the backlog of the outage it replaces (every phone's
 # retransmissions at once), bounded, not overload.  A whole host restart under the fault
@@ -154,6 +157,7 @@ class Worker:
         self._held = BoundedCache(HELD_MAX, HELD_BYTES)
         # Hang-ups Redis could not take: mark -> (keep until, datagram, source, socket).
         self._deferred = BoundedCache(DEFERRED_MAX, DEFERRED_BYTES)
+        self._deferred_waiting = gevent.event.Event()  # set: _deferred may hold hang-ups
 
     # ---------------------------------------------------------------- entry
     def run(self) -> None:
@@ -357,13 +361,17 @@ class Worker:
             return
         self._deferred.put(mark, (source.keep_until or time.monotonic() + DEFERRED_KEEP, data,
                                   source.addr, source.sock_index), len(mark) + len(data))
+        self._deferred_waiting.set()
 
     def _retry_hangups(self) -> None:
-        """Carry out the deferred hang-ups once Redis answers again (own greenlet)."""
+        """Carry out the deferred hang-ups once Redis answers again (own greenlet); with
+        none deferred it sleeps until one is."""
         backoff = Backoff(log, "deferred hang-ups", first=1.0, limit=2.0)
         while True:
+            self._deferred_waiting.wait()
             gevent.sleep(1.0)
             if not self._deferred:
+                self._deferred_waiting.clear()
                 continue
             try:
                 self.store.ping()
@@ -454,7 +462,7 @@ class Worker:
                 gevent.sleep(backoff.failed(exc))
                 continue
             backoff.ok()
-            gevent.sleep(1.0)
+            gevent.sleep(until_next_tick(HEARTBEAT_SECONDS))
 
 
 def _has_credentials(data: bytes) -> bool:

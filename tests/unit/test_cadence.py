@@ -1,0 +1,40 @@
+"""The shared grid of periodic work (cluster/cadence.py)."""
+
+import pytest
+
+from cluster.cadence import EARLY, next_tick, until_next_tick
+
+
+@pytest.mark.parametrize("now, period, expected", [
+    (100.0, 0.5, 100.5),      # on a point: the next one
+    (100.2, 0.5, 100.5),
+    (100.49, 0.5, 101.0),     # woke EARLY before 100.5: that point counts as reached
+    (100.51, 0.5, 101.0),
+    (101.3, 1.0, 102.0),
+    (103.0, 2.0, 104.0),
+    (104.999, 5.0, 110.0),
+])
+def test_the_next_point_of_the_grid(now, period, expected):
+    assert next_tick(now, period) == pytest.approx(expected)
+
+
+def test_never_sooner_than_early_and_never_later_than_a_period_and_early():
+    for step in range(2000):
+        now = 1000.0 + step * 0.0137
+        for period in (0.25, 0.5, 1.0, 2.0, 5.0):
+            wait = until_next_tick(period, now)
+            assert EARLY <= wait + 1e-9 and wait <= period + EARLY + 1e-9, (now, period, wait)
+
+
+def test_loops_of_different_periods_meet_on_the_longer_ones_points():
+    """A 0.5 s loop and a 2 s loop started at different moments wake together every 2 s."""
+    def wakes(start, period, until):
+        at, out = start, set()
+        while True:
+            at = next_tick(at, period)
+            if at > until:
+                return out
+            out.add(round(at, 6))
+
+    half, two = wakes(10.13, 0.5, 30.0), wakes(11.71, 2.0, 30.0)
+    assert two and two <= half

@@ -1,0 +1,35 @@
+"""How long supervisord's loop may sleep (cluster/supervise.py ``Pace``)."""
+
+from supervisor.states import ProcessStates
+
+from cluster.supervise import BUSY_POLL_SECONDS, Pace
+
+
+def paced(states):
+    pace = Pace()
+    pace.states = lambda: iter(states)
+    return pace
+
+
+def test_steady_programs_let_the_loop_sleep_as_long_as_asked():
+    pace = paced([ProcessStates.RUNNING, ProcessStates.STOPPED, ProcessStates.EXITED,
+                  ProcessStates.FATAL])
+    assert pace.timeout(1.0) == 1.0
+
+
+def test_a_program_starting_backing_off_or_stopping_keeps_sleeps_short():
+    for state in (ProcessStates.STARTING, ProcessStates.BACKOFF, ProcessStates.STOPPING):
+        pace = paced([ProcessStates.RUNNING, state])
+        assert pace.timeout(1.0) == BUSY_POLL_SECONDS, state
+        assert pace.timeout(0.05) == 0.05  # never longer than asked
+
+
+def test_the_pass_after_a_reap_does_not_sleep_and_only_that_one():
+    pace = paced([ProcessStates.RUNNING])
+    pace.reaped = True
+    assert pace.timeout(1.0) == 0.0
+    assert pace.timeout(1.0) == 1.0
+
+
+def test_before_supervisord_runs_there_are_no_states():
+    assert Pace().timeout(1.0) == 1.0
