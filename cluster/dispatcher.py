@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import adoption, clusterauth, envelope
+from . import adoption, cadence, clusterauth, envelope
 from .adoption import ADOPTED_BASE, Adopted
 from .cadence import until_next_tick
 from .config import Config, load_or_exit
@@ -905,6 +905,7 @@ def _hostport(host: str, port: int) -> str:
 def main() -> None:
     config = load_or_exit()
     setup_logging(config, "dispatcher")
+    cadence.set_phase(cadence.phase_of(f"{config.sip.effective_host_id}/dispatcher"))
     try:
         dispatcher = Dispatcher(config)
     except BindError as exc:

@@ -13,7 +13,8 @@ core with six idle programs (bench_idle), a tenth of an idle cluster's CPU.  Ins
 loop is paced (``Pace``):
 - a SIGCHLD wakes the sleeping ``poll`` at once: the signal's byte lands on a pipe that
   the poll watches (``signal.set_wakeup_fd``), so the child is reaped in that pass;
-- the pass after a reap does not sleep, so an unexpected exit is restarted right away;
+- the pass after a reap or any change of a program's state does not sleep, so an
+  unexpected exit is restarted right away and the programs are started at once;
 - while a program is starting, backing off or stopping, sleeps are at most
   ``BUSY_POLL_SECONDS`` (the startsecs, backoff and stopwaitsecs clocks stay sharp);
 - otherwise the loop sleeps as long as supervisord asks (1 s).
@@ -45,12 +46,18 @@ class Pace:
         self.reaped = False  # a child was reaped since the last poll
         # the programs' states, once supervisord runs
         self.states: Callable[[], Iterable[int]] = tuple
+        self._last: tuple[int, ...] | None = None  # the states at the last poll
 
     def timeout(self, asked: float) -> float:
-        if self.reaped:
+        states = tuple(self.states())
+        changed, self._last = states != self._last, states
+        if self.reaped or changed:
+            # The pass that follows a change acts on it at once: the first one starts
+            # the programs (stock supervisord slept 1 s before it spawned anything), the
+            # one after a reap restarts what died.
             self.reaped = False
             return 0.0
-        if any(state in BUSY_STATES for state in self.states()):
+        if any(state in BUSY_STATES for state in states):
             return min(asked, BUSY_POLL_SECONDS)
         return asked
 

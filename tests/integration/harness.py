@@ -86,16 +86,24 @@ class Cluster:
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        """Until every worker has joined the dispatcher and OPTIONS is answered."""
+        """Until every worker has joined the dispatcher, OPTIONS is answered and every
+        program is RUNNING (past its startsecs: a test may read the processes' pids)."""
         from sipua import UA
         deadline = time.monotonic() + timeout
         with UA(self.address, bind=self.client_bind) as ua:
             while time.monotonic() < deadline:
                 if self.joined_workers() >= self.config.workers.count:
                     if ua.options(timeout=0.5) is not None:
-                        return
+                        break
                 time.sleep(0.1)
-        raise RuntimeError("cluster did not come up:\n" + self.log_tail())
+            else:
+                raise RuntimeError("cluster did not come up:\n" + self.log_tail())
+        while time.monotonic() < deadline:
+            states = [state for state, _ in self.processes().values()]
+            if states and all(state == "RUNNING" for state in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"cluster did not come up: {self.processes()}\n" + self.log_tail())
 
     def joined_workers(self) -> int:
         """Workers the dispatcher routes to, from its heartbeat in Redis (any log level);

@@ -100,3 +100,20 @@ def test_an_idle_supervisord_sleeps(supervisord, tmp_path):
     woke = wakeups(supervisord.pid) - before
     # One pass a second (supervisord's own 1 s poll), not ten.
     assert woke <= IDLE_SECONDS + 2, f"{woke} wake-ups in {IDLE_SECONDS} s"
+
+
+def test_programs_are_started_at_once(supervisord, tmp_path):
+    """Stock supervisord's loop slept its 1 s before the first pass spawned anything."""
+    assert wait_for(lambda: running(tmp_path), 10.0), "sleeper never ran"
+    log = (tmp_path / "supervisord.log").read_text().splitlines()
+    started = next(line for line in log if "supervisord started" in line)
+    spawned = next(line for line in log if "spawned: 'sleeper'" in line)
+    gap = stamp(spawned) - stamp(started)
+    assert gap < RESTART_WITHIN, f"spawned {gap:.2f} s after supervisord started"
+
+
+def stamp(line: str) -> float:
+    """Seconds of a supervisord log line's time stamp ("2026-12-07 15:03:46,734 ...")."""
+    clock = line.split()[1]
+    hours, minutes, seconds = clock.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds.replace(",", "."))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.cadence import EARLY, next_tick, until_next_tick
+from cluster.cadence import EARLY, PHASE_SPAN, next_tick, phase_of, set_phase, until_next_tick
 
 
 @pytest.mark.parametrize("now, period, expected", [
@@ -38,3 +38,19 @@ def test_loops_of_different_periods_meet_on_the_longer_ones_points():
 
     half, two = wakes(10.13, 0.5, 30.0), wakes(11.71, 2.0, 30.0)
     assert two and two <= half
+
+
+def test_a_phase_shifts_the_grid_and_stays_within_its_span():
+    assert next_tick(100.2, 0.5, phase=0.1) == pytest.approx(100.6)
+    assert next_tick(100.55, 1.0, phase=0.1) == pytest.approx(101.1)
+    phases = {phase_of(f"h1/worker-{i}") for i in range(8)}
+    assert len(phases) == 8 and all(0 <= p < PHASE_SPAN for p in phases)
+
+
+def test_a_process_phase_applies_to_every_wait():
+    try:
+        set_phase(0.2)
+        assert until_next_tick(0.5, now=100.0) == pytest.approx(0.2)
+        assert until_next_tick(1.0, now=100.3) == pytest.approx(0.9)
+    finally:
+        set_phase(0.0)

@@ -8,6 +8,7 @@ from cluster.supervise import BUSY_POLL_SECONDS, Pace
 def paced(states):
     pace = Pace()
     pace.states = lambda: iter(states)
+    assert pace.timeout(1.0) == 0.0  # the first pass: the states are news
     return pace
 
 
@@ -31,5 +32,14 @@ def test_the_pass_after_a_reap_does_not_sleep_and_only_that_one():
     assert pace.timeout(1.0) == 1.0
 
 
-def test_before_supervisord_runs_there_are_no_states():
-    assert Pace().timeout(1.0) == 1.0
+def test_a_change_of_state_is_acted_on_at_once():
+    states = [ProcessStates.STOPPED]
+    pace = Pace()
+    pace.states = lambda: iter(states)
+    assert pace.timeout(1.0) == 0.0  # supervisord's first pass: start the programs
+    states[0] = ProcessStates.STARTING
+    assert pace.timeout(1.0) == 0.0
+    assert pace.timeout(1.0) == BUSY_POLL_SECONDS
+    states[0] = ProcessStates.RUNNING
+    assert pace.timeout(1.0) == 0.0
+    assert pace.timeout(1.0) == 1.0

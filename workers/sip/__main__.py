@@ -6,6 +6,7 @@ monkey.patch_all()
 
 import os  # noqa: E402
 
+from cluster import cadence  # noqa: E402
 from cluster.config import load_or_exit  # noqa: E402
 from cluster.logsetup import setup_logging  # noqa: E402
 
@@ -16,6 +17,7 @@ def main() -> None:
     config = load_or_exit()
     name = f"worker-{os.environ.get('SIPCLUSTER_WORKER_INDEX', os.getpid())}"
     setup_logging(config, name)
+    cadence.set_phase(cadence.phase_of(f"{config.sip.effective_host_id}/{name}"))
     Worker(config, name).run()
 
 
