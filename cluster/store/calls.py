@@ -128,9 +128,12 @@ class Calls:
         """Claim the due timers of every shard, and learn the next due time.  Each timer
         claimed comes due again ``lease`` seconds after ``now`` unless ``remove_timers``
         takes it out."""
+        keys = [timer_key(shard) for shard in range(TIMER_SHARDS)]
+
         def build(pipe):
-            for shard in range(TIMER_SHARDS):
-                self._evalsha(pipe, self._pop_timers, [timer_key(shard)], [now, limit, lease])
+            # One run over every shard, but one per shard on a Redis Cluster (their slots).
+            for group in ([[key] for key in keys] if self.on_cluster else [keys]):
+                self._evalsha(pipe, self._pop_timers, group, [now, limit, lease])
         replies = self._pipelined(build)
         due = [parse_timer_member(m) for members, _ in replies for m in members]
         after = [float(first) for _, first in replies if first]

@@ -228,14 +228,24 @@ VERSION_STEP = 1 << 20
 # an entry whose claimant never did comes due again.  A claim sent to a paused Redis runs
 # when it resumes, after the worker's read timed out; removing there lost the timer (the
 # only BYE retransmission of a call whose end was written in that pause: one CI run).
-# KEYS: timers shard.  Returns the members claimed and the earliest score left (false when
-# the shard is empty): the claimant sleeps until then.
+# KEYS: timer shards (all of them in one run on one server; one per run on a Redis
+# Cluster, where they live in different slots: four runs cost a worker's claim ~3 times
+# the packing and parsing of one).  Returns the members claimed (up to ARGV[2] per shard)
+# and the earliest score left in them (false when they are empty): the claimant sleeps
+# until then.
 _POP_TIMERS_LUA = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local again = tonumber(ARGV[1]) + tonumber(ARGV[3])
-for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', again, member) end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {due, first[2] or false}
+local claimed, first = {}, false
+for _, key in ipairs(KEYS) do
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+  for _, member in ipairs(due) do
+    redis.call('ZADD', key, 'XX', again, member)
+    claimed[#claimed + 1] = member
+  end
+  local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
+  if head and (not first or tonumber(head) < tonumber(first)) then first = head end
+end
+return {claimed, first}
 """
 
 # Remove a binding only if it is still the one the caller looked at (a REGISTER may have

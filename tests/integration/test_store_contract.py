@@ -425,6 +425,29 @@ def test_timers_armed_with_a_write_are_claimed_when_due_as_a_lease(env):
                                                      (CALL, "A", now + 100.5)]
 
 
+def test_one_claim_takes_the_due_timers_of_every_shard_and_tells_the_earliest_left(env):
+    from cluster.store.schema import TIMER_SHARDS, timer_shard
+
+    store, now = env.store, env.now()
+    tags: dict[int, str] = {}  # a call in every shard
+    for n in range(200):
+        tags.setdefault(timer_shard(f"call-{n}"), f"call-{n}")
+        if len(tags) == TIMER_SHARDS:
+            break
+    assert len(tags) == TIMER_SHARDS
+    for shard, tag in tags.items():
+        store.save_call(tag, 0, RECORD, 60, arm=[(tag, "due", now - 1.0 - shard),
+                                                 (tag, "later", now + 50.0 + shard)])
+    claim = store.claim_due_timers(now, lease=100.0)
+    assert sorted(claim.due) == sorted((tag, "due", now - 1.0 - shard)
+                                       for shard, tag in tags.items())
+    assert claim.next_due == now + 50.0  # the earliest of all shards (shard 0's "later")
+    claim = store.claim_due_timers(now + 60.0, lease=100.0)
+    assert sorted(claim.due) == sorted((tag, "later", now + 50.0 + shard)
+                                       for shard, tag in tags.items())
+    assert claim.next_due == now + 100.0  # the first claim's leases end first
+
+
 def test_timers_disarmed_with_a_write_are_gone_whether_it_wins_or_not(env):
     store, now = env.store, env.now()
     version = store.save_call(CALL, 0, RECORD, 60,

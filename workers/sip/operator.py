@@ -24,9 +24,11 @@ from cluster.store import StoreUnavailable
 log = logging.getLogger("operator")
 # Seconds between reads of the requests when none came: a `sipctl hangup` is carried out
 # at most this much later.  A blocking read, capped at half the Redis timeout, kept an idle
-# worker at ~7 reads a second; at 0.25 s these reads were 4 of an idle worker's 10 round
-# trips a second (bench_idle).
-POLL_SECONDS = 1.0
+# worker at ~7 reads a second.  The reads run on the worker's 0.5 s grid
+# (cluster/cadence.py), in the wake-up of its timer claim: a round trip more, no wake-up
+# more.  At 1 s the workers of a host, whose phases may lie close together, picked a
+# request up as late as 1.1 s after it was made (test_operator).
+POLL_SECONDS = 0.5
 CLAIM_AFTER = 5.0  # seconds a request may stay read but unacknowledged before others take it
 MAX_AGE = 60.0
 SIDE = "operator"  # the CDR's hangup side
