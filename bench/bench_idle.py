@@ -14,30 +14,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+
+from procstat import cpu_and_wakeups  # noqa: E402  (tests/integration, on the path via bench.cluster_run)
 
 from bench.bench_scale import SHIPPED, BenchCluster, Meter
 
 IDLE_SECONDS = 30.0
 SHOWN_COMMANDS = 8
-
-
-def threads_total(pid: int) -> tuple[float, int]:
-    """(seconds on a CPU, voluntary context switches) of every thread of ``pid``."""
-    seconds, switches = 0.0, 0
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return 0.0, 0
-    for task in tasks:
-        try:
-            seconds += int((task / "schedstat").read_text().split()[0]) / 1e9
-            for line in (task / "status").read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    switches += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-    return seconds, switches
 
 
 def main() -> dict:
@@ -47,10 +30,10 @@ def main() -> dict:
         load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
         pids = bench.pids()
         meter = Meter(bench)
-        before = {name: threads_total(pid) for name, pid in pids.items()}
+        before = {name: cpu_and_wakeups(pid) for name, pid in pids.items()}
         meter.start()
         time.sleep(IDLE_SECONDS)
-        after = {name: threads_total(pid) for name, pid in pids.items()}
+        after = {name: cpu_and_wakeups(pid) for name, pid in pids.items()}
         window = meter.stop()
     seconds = window.seconds
     per_process = {name: 100 * (after[name][0] - used) / seconds

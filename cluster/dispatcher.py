@@ -905,7 +905,7 @@ def _hostport(host: str, port: int) -> str:
 def main() -> None:
     config = load_or_exit()
     setup_logging(config, "dispatcher")
-    cadence.set_phase(cadence.phase_of(f"{config.sip.effective_host_id}/dispatcher"))
+    cadence.set_phase_for(f"{config.sip.effective_host_id}/dispatcher")
     try:
         dispatcher = Dispatcher(config)
     except BindError as exc:

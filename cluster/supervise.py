@@ -26,7 +26,6 @@ Run as ``python -m cluster.supervise -c run/supervisord.conf``: the same argumen
 from __future__ import annotations
 
 import os
-import select
 import signal
 import sys
 from collections.abc import Callable, Iterable
@@ -90,33 +89,24 @@ def install(pace: Pace) -> None:
             pace.reaped = True
         return pid, sts
 
-    poll = poller.PollPoller.poll
+    # The poller supervisord picked for this platform (poll on Linux, kqueue, select): the
+    # pipe is registered through its own API, so every one of them wakes for a signal.
+    poll = poller.Poller.poll
 
     def paced_poll(self, timeout):
         if not getattr(self, "_wake_watched", False):
-            self._poller.register(wake_r, select.POLLIN)
+            self.register_readable(wake_r)
             self._wake_watched = True
         readables, writables = poll(self, pace.timeout(timeout))
         if wake_r in readables:
+            # Not supervisord's: it would unregister a readable fd it does not know.
             readables.remove(wake_r)
             _drain(wake_r)
         return readables, writables
 
     supervisord.Supervisor.runforever = paced_runforever
     options.ServerOptions.waitpid = noting_waitpid
-    poller.PollPoller.poll = paced_poll
-    # The pipe is watched by PollPoller only (Linux, where the cluster runs); another
-    # poller keeps the plain cap.
-    for name in ("SelectPoller", "KQueuePoller"):
-        cls = getattr(poller, name, None)
-        if cls is not None and poller.Poller is cls:
-            cls.poll = _capped(cls.poll)
-
-
-def _capped(poll):
-    def capped_poll(self, timeout):
-        return poll(self, min(timeout, BUSY_POLL_SECONDS))
-    return capped_poll
+    poller.Poller.poll = paced_poll
 
 
 def _drain(fd: int) -> None:

@@ -9,28 +9,16 @@ then does.  The counts are the voluntary context switches of all of a process's 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from harness import running_cluster
+from procstat import wakeups
 
 from conftest import RedisServer
 
 IDLE_SECONDS = 6.0
 WORKER_MAX = 4.0  # wake-ups a second: the 0.5 s grid and the replies read on it
 SUPERVISORD_MAX = 3.0  # its 1 s poll
-
-
-def wakeups(pid: int) -> int:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            for line in (task / "status").read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue  # a thread that ended meanwhile
-    return total
 
 
 @pytest.fixture(scope="module")

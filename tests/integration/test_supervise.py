@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procstat import wakeups
 
 ROOT = Path(__file__).resolve().parents[2]
 # A restart within this of the kill: the SIGCHLD wakes the loop, the next pass spawns.
@@ -33,13 +34,6 @@ def wait_for(predicate, timeout: float):
             return value
         time.sleep(0.01)
     return predicate()
-
-
-def wakeups(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches")
 
 
 @pytest.fixture

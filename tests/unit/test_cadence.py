@@ -54,3 +54,19 @@ def test_a_process_phase_applies_to_every_wait():
         assert until_next_tick(1.0, now=100.3) == pytest.approx(0.9)
     finally:
         set_phase(0.0)
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 8])
+def test_processes_of_one_kind_are_spread_by_their_index(count):
+    """The first ``count`` workers of a host sit at least SPAN/(2*count) apart on the
+    circle of phases, whatever the host is called: a hash alone put two 45 ms apart."""
+    for host in ("h1", "edge-a", "10.0.0.7"):
+        phases = sorted(phase_of(f"{host}/worker-{i}") for i in range(count))
+        gaps = [b - a for a, b in zip(phases, phases[1:], strict=False)]
+        gaps.append(PHASE_SPAN - phases[-1] + phases[0])  # around the circle
+        assert min(gaps) >= PHASE_SPAN / (2 * count)
+
+
+def test_a_name_without_an_index_keeps_a_phase_of_its_own():
+    assert phase_of("h1/dispatcher") != phase_of("h2/dispatcher")
+    assert 0 <= phase_of("h1/dispatcher") < PHASE_SPAN

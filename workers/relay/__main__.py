@@ -64,7 +64,7 @@ def main() -> int:
             "other hosts cannot reach this relay; set dispatcher.inter_host_address or "
             "media.control_address", settings.control_host)
     store = Store(config.redis.url, timeout=REDIS_TIMEOUT, max_connections=4)
-    cadence.set_phase(cadence.phase_of(settings.relay_id))
+    cadence.set_phase_for(settings.relay_id)
     relay = Relay(settings, store)
     signal.signal(signal.SIGTERM, relay.stop)
     signal.signal(signal.SIGINT, relay.stop)

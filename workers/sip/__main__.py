@@ -17,7 +17,7 @@ def main() -> None:
     config = load_or_exit()
     name = f"worker-{os.environ.get('SIPCLUSTER_WORKER_INDEX', os.getpid())}"
     setup_logging(config, name)
-    cadence.set_phase(cadence.phase_of(f"{config.sip.effective_host_id}/{name}"))
+    cadence.set_phase_for(f"{config.sip.effective_host_id}/{name}")
     Worker(config, name).run()
 
 
