@@ -215,12 +215,15 @@ def cmd_calls(args, config: Config, store: Store) -> int:
     records = [(tag, r) for tag, r in found
                if r.get("method", "INVITE") == "INVITE" and (args.all or r["state"] != "ended")]
     records.sort(key=lambda item: item[1].get("created", 0))
-    heads = store.trace_heads([tag for tag, _ in records], ladder.CODEC_HEAD)
+    # A call notes its codec once an answer reached the caller; before that (or a call
+    # of an older worker) the codec is the offer's, read from the head of its trace.
+    unnoted = [tag for tag, record in records if not record.get("codec")]
+    heads = store.trace_heads(unnoted, ladder.CODEC_HEAD) if unnoted else {}
     with_relays = bool(store.relay_nodes())
     rows = []
     for tag, record in records:
         row = call_summary(tag, record, now)
-        row["codec"] = ladder.codec_of(heads.get(tag, []))
+        row["codec"] = record.get("codec") or ladder.codec_of(heads.get(tag, []))
         row["relay"] = _relay_of(store, tag, record)[0] if with_relays else ""
         rows.append(row)
     _print_rows(rows, ["caller", "callee", "state", "age", "host", "worker", "relay", "codec",
@@ -307,18 +310,19 @@ def cmd_call(args, config: Config, store: Store) -> int:
     now = time.time()
     summary = call_summary(tag, record, now) if record else {"call": tag}
     relay_id, session = _relay_of(store, tag, record) if record else ("", None)
+    codec = (record or {}).get("codec") or ladder.codec_of(entries)
     if args.json:
         summary["relay"] = relay_id
         summary["media"] = session
         for side in (s for leg in (session or {}).get("legs", []) for s in leg.get("sides", [])):
             side["figures"] = stream_figures(side)
-        summary["codec"] = ladder.codec_of(entries)
+        summary["codec"] = codec
         summary["ladder"] = [a.to_json() | ({"message": a.data.decode("utf-8", "replace")}
                                             if args.full else {}) for a in ladder.arrows(entries)]
         print(json.dumps(summary, indent=2, default=_json_default))
         return 0
     if record:
-        _print_call(summary, ladder.codec_of(entries), relay_id, session)
+        _print_call(summary, codec, relay_id, session)
     else:
         print(f"call {tag}: no call record left (ended, or an attempt that never became a call)")
     print()

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from .escape import escape_controls
 from .sip import sdp
-from .sip.errors import SipError
 
 LANE = 30  # characters between two column bars
 TIME_WIDTH = 9
@@ -206,22 +205,7 @@ def codec_of(entries: list[dict]) -> str:
         elif entry.get("dir") == "in" and offer is None:
             offer = body
     for body in (answer, offer):
-        codec = _first_audio_codec(body)
+        codec = sdp.first_audio_codec(body)
         if codec:
             return codec
-    return ""
-
-
-def _first_audio_codec(body: bytes | None) -> str:
-    if not body:
-        return ""
-    try:
-        description = sdp.parse(body)
-    except SipError:
-        return ""
-    for media, codecs in description.codecs():
-        if media == "audio" and codecs:
-            codec = codecs[0]
-            name = codec.name or str(codec.pt)
-            return f"{name}/{codec.clock}" if codec.clock else name
     return ""

@@ -193,6 +193,24 @@ class SessionDescription(_Level):
         return [(media.media, media.codecs()) for media in self.media]
 
 
+def first_audio_codec(body: bytes | None) -> str:
+    """The first format of the first audio stream ("PCMA/8000", or its payload type when
+    neither an rtpmap nor the static table names it); "" for no body or no SDP.  In an
+    answer it is the codec in use (RFC 3264 6.1)."""
+    if not body:
+        return ""
+    try:
+        description = parse(body)
+    except SipError:
+        return ""
+    for media, codecs in description.codecs():
+        if media == "audio" and codecs:
+            codec = codecs[0]
+            name = codec.name or str(codec.pt)
+            return f"{name}/{codec.clock}" if codec.clock else name
+    return ""
+
+
 # What the relay carries: it forwards each UDP datagram as it is, so RTP and RTCP, plain
 # or SRTP keyed in the SDP (SDES), and T.38 over UDPTL.  DTLS-SRTP (UDP/TLS/RTP/SAVP(F),
 # all a browser offers) would need ICE and the DTLS handshake at the relay; TCP media

@@ -148,12 +148,9 @@ class Calls:
     def add_trace(self, tag: str, entries: list[dict], limit: int, ttl: float) -> None:
         self.add_traces({tag: (entries, ttl)}, limit)
 
-    def add_traces(self, pending: dict[str, tuple[list[dict], float]], limit: int,
-                   heads: tuple[str, int] | None = None) -> list[dict] | None:
+    def add_traces(self, pending: dict[str, tuple[list[dict], float]], limit: int) -> None:
         """Append the entries of several calls' traces (tag -> (entries in order, TTL))
-        in one pipeline: per call one RPUSH, one LTRIM and the two EXPIREs below.
-        ``heads``: (tag, count): also read that call's first ``count`` entries, after the
-        writes, in the same round trip (``trace_heads`` of one call); returned."""
+        in one pipeline: per call one RPUSH, one LTRIM and the two EXPIREs below."""
         pipe = self.redis.pipeline(transaction=False)
         for tag, (entries, ttl) in pending.items():
             if not entries:
@@ -166,13 +163,8 @@ class Calls:
             # key without a TTL alone, hence NX first).
             pipe.expire(key, int(ttl), nx=True)
             pipe.expire(key, int(ttl), gt=True)
-        if heads is not None:
-            pipe.lrange(trace_key(heads[0]), 0, heads[1] - 1)
         if len(pipe):
-            replies = self._call(pipe.execute)
-            if heads is not None:
-                return [unpack(e) for e in replies[-1]]
-        return None
+            self._call(pipe.execute)
 
     def trace(self, tag: str) -> list[dict]:
         return [unpack(e) for e in self._call(self.redis.lrange, trace_key(tag), 0, -1)]

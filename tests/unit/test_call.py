@@ -303,7 +303,8 @@ def test_bye_from_the_caller(rig):
         "b_call_id": f"sc{SLOT}.{TAG}.0", "start": START, "answer": START,
         "end": START + 30, "duration": 30.0, "billsec": 30.0,
         "caller_source": "{}:{}".format(*CALLER_ADDR), "hangup_cause": "NORMAL_CLEARING",
-        "q850": 16, "hangup_side": "caller", "sip_status": 200}
+        "q850": 16, "hangup_side": "caller", "sip_status": 200,
+        "codec": "PCMA/8000"}  # the answer's first format (the caller offered GSM first)
     assert rig.call.state == "ended"
     done = flow.from_callee(flow.callee.answer(bye))
     assert done.outs == [] and done.cdrs == []
@@ -651,6 +652,7 @@ def test_all_forks_fail_the_caller_gets_the_best_final(rig, statuses, status, ca
     [cdr] = acts.cdrs
     assert (cdr["hangup_cause"], cdr["q850"]) == cause
     assert (cdr["hangup_side"], cdr["sip_status"], cdr["b_call_id"]) == ("callee", status, "")
+    assert cdr["codec"] == "GSM/8000"  # no answer reached the caller: its offer's first
     assert rig.call.state == "ended"
     ack = flow.caller.ack_failure(final)
     assert flow.from_caller(ack).outs == []  # the caller's ACK ends the retransmissions

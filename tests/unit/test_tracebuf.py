@@ -53,18 +53,6 @@ def test_brief_entries_alone_keep_the_brief_ttl():
     assert store.batches == [{"a": ([entry(1)], 32.0)}]
 
 
-def test_flushing_one_call_leaves_the_others_pending():
-    store = Recorder()
-    buf = TraceBuffer(store, 200, Counter())
-    buf.add("a", [entry(1)], 60.0)
-    buf.add("b", [entry(2)], 60.0)
-    buf.flush("a")
-    buf.flush("zzz")  # nothing pending for it
-    assert store.batches == [{"a": ([entry(1)], 60.0)}]
-    buf.flush()
-    assert store.batches[1] == {"b": ([entry(2)], 60.0)}
-
-
 def test_a_failed_flush_counts_its_entries_lost_and_a_full_buffer_drops(monkeypatch):
     monkeypatch.setattr(tracebuf, "MAX_PENDING", 3)
     store, counters = Recorder(), Counter()

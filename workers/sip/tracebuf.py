@@ -64,27 +64,18 @@ class TraceBuffer:
         if self._count >= FLUSH_AT:
             self._wake.set()
 
-    def flush(self, tag: str | None = None, heads: int = 0) -> list[dict] | None:
-        """Write what is pending (only ``tag``'s when given: a CDR reading the call's
-        trace); raises what the store raised (StoreUnavailable) after counting the entries
-        lost.  ``heads``: then read the first that many entries of ``tag``'s trace, in the
-        same round trip, and return them."""
+    def flush(self) -> None:
+        """Write what is pending; raises what the store raised (StoreUnavailable) after
+        counting the entries lost."""
         with self._lock:  # after any flush in flight, so a call's entries keep their order
-            if tag is None:
-                batch, self._pending = self._pending, {}
-            else:
-                slot = self._pending.pop(tag, None)
-                batch = {} if slot is None else {tag: slot}
+            batch, self._pending = self._pending, {}
             lost = sum(len(entries) for entries, _ in batch.values())
             self._count -= lost
-            read = (tag, heads) if tag is not None and heads > 0 else None
-            if not batch and read is None:
-                return None
-            pending = {t: (e, ttl) for t, (e, ttl) in batch.items()}
+            if not batch:
+                return
             try:
-                if read is None:
-                    return self.store.add_traces(pending, self.limit)
-                return self.store.add_traces(pending, self.limit, heads=read)
+                self.store.add_traces({t: (e, ttl) for t, (e, ttl) in batch.items()},
+                                      self.limit)
             except Exception:  # the trace is for people; a call never waits on it
                 self.counters["trace_lost"] += lost
                 raise

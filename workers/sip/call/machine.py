@@ -62,6 +62,7 @@ class Call(Inbound, Handlers, Outbound):
     session_interval: int = 0
     method: str = "INVITE"  # or MESSAGE: a page relayed to the callee's contacts
     bye_caller_after_ack: list | None = None  # a BYE for the caller held until its ACK
+    codec: str = ""  # the first format of the last SDP answer sent to the caller (the CDR's)
 
     # ---------------------------------------------------------------- records
     def to_record(self) -> dict:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from cluster.sip.dialog import Dialog
 from cluster.sip.message import Request, Response, build_request, build_response, parse
+from cluster.sip.sdp import first_audio_codec
 from cluster.sip.transaction import response_dest, server_transaction, transaction_from_record
 from cluster.sip.uri import hostport
 
@@ -135,6 +136,9 @@ class Outbound:
         if invite is None:
             return []
         body = self._sdp(ctx, leg, resp.body, resp.content_type, offer=not self.a_offer)
+        if body and resp.content_type == b"application/sdp":
+            # The CDR's codec: the last answer the caller got (it replaces an early one).
+            self.codec = first_audio_codec(body) or self.codec
         request = invite.request_msg
         headers = [(b"Contact", contact(self.callee, ctx.cfg)), (b"Allow", ctx.cfg.allow),
                    (b"Supported", ctx.cfg.supported), (b"Server", ctx.cfg.user_agent),
@@ -256,5 +260,16 @@ class Outbound:
             "billsec": round(now - self.answered, 3) if self.answered else 0,
             "caller_source": hostport(*self.a.peer),
             "hangup_cause": cause[0], "q850": cause[1], "hangup_side": side,
-            "sip_status": status}
+            "sip_status": status, "codec": self.codec or self._offered_codec()}
         return [Cdr(record)]
+
+    def _offered_codec(self: Call) -> str:
+        """No answer reached the caller: the first format the caller offered, if its
+        INVITE is still at hand."""
+        invite = self._tx(self.a.invite_key) if self.a_offer else None
+        if invite is None:
+            return ""
+        request = invite.request_msg
+        if request.content_type != b"application/sdp":
+            return ""
+        return first_audio_codec(request.body)
