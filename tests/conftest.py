@@ -8,6 +8,7 @@ where a missing redis-server must fail the run instead of hiding it.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -33,18 +34,50 @@ NO_REDIS_REASON = (
 )
 
 
+# Ports for child processes (SIPp, redis-server, a cluster's SIP port) come from a range
+# below the kernel's ephemeral ports (ip_local_port_range, 32768-60999 on Debian) and above
+# the well-known ones, and none is handed out twice in one test run.  A port picked with
+# bind(0) is an ephemeral one: between the pick and the child's own bind any socket that
+# binds or connects without a port can be given it (a SIPp run lost its port that way:
+# errno 98 in its errors.log), and so can a later bind(0) pick.  The relays' RTP ranges in
+# the tests are 20000 and up.  Only even ports are handed out: the odd one above each stays
+# for what takes port + 1 by itself (baresip's TLS listener, RTCP).  The start is random so
+# that two runs on one machine rarely walk the same ports at once.
+PICK_RANGE = (10000, 19998)
+_picked: set[int] = set()
+_next_pick = [PICK_RANGE[0] + 2 * random.randrange((PICK_RANGE[1] - PICK_RANGE[0]) // 2 + 1)]
+
+
+def _bindable(port: int, kind: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_port(*kinds: int) -> int:
+    low, high = PICK_RANGE
+    for _ in range((high - low) // 2 + 1):
+        port = _next_pick[0]
+        _next_pick[0] = low if port >= high else port + 2
+        if port not in _picked and all(_bindable(port, kind) for kind in kinds):
+            _picked.add(port)
+            return port
+    _picked.clear()  # every port handed out once: start over
+    return _pick_port(*kinds)
+
+
 def free_udp_port() -> int:
-    """A UDP port on 127.0.0.1 that nothing was bound to a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A UDP port on 127.0.0.1 that is free, that the kernel does not give out by itself,
+    and that no other test of this run was given."""
+    return _pick_port(socket.SOCK_DGRAM)
 
 
 def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing was bound to a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1, as ``free_udp_port`` picks it."""
+    return _pick_port(socket.SOCK_STREAM)
 
 
 @dataclass
