@@ -11,6 +11,7 @@ original bytes, so an untouched message goes out byte for byte as it came.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import SipError
@@ -36,6 +37,11 @@ COMPACT_FORMS = {
     "y": "identity",
 }
 # Headers that may appear once only (RFC 3261 7.3.1 / 20).
+# Requests kept parsed by ``parse_shared``: a call's transactions hold two or three (its
+# INVITEs, a BYE), read at each of its events, which come within seconds of each other;
+# 2,048 cover the calls being set up or torn down at once on one worker at several hundred
+# calls a second, at a few kB each.
+SHARED_PARSES = 2048
 SINGLE_VALUED = ("call-id", "cseq", "from", "to", "max-forwards", "content-type")
 KNOWN_METHODS = frozenset({
     "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE", "NOTIFY",
@@ -94,7 +100,7 @@ class Header:
 class Message:
     """What requests and responses share: headers, body and their typed views."""
 
-    __slots__ = ("headers", "body", "_head", "_eol", "_cache", "_index")
+    __slots__ = ("headers", "body", "_head", "_eol", "_cache", "_index", "_shared")
 
     def __init__(self, headers: list[Header], body: bytes = b"", head: bytes | None = None,
                  eol: bytes = b"\r\n"):
@@ -104,6 +110,7 @@ class Message:
         self._eol = eol
         self._cache: dict[str, object] = {}
         self._index: dict[str, list[Header]] | None = None
+        self._shared = False  # handed out by ``parse_shared``: read-only
 
     # ---------------------------------------------------------------- raw access
     def _lines(self, key: str) -> list[Header]:
@@ -133,6 +140,10 @@ class Message:
         return bool(self._lines(key))
 
     # ---------------------------------------------------------------- changes
+    def _writable(self) -> None:
+        if self._shared:
+            raise TypeError("a message from parse_shared is shared: parse() a copy to change")
+
     def _changed(self, key: str) -> None:
         """Header ``key`` (or the Request-URI, "ruri") changed: only its view is stale."""
         self._head = None
@@ -140,6 +151,7 @@ class Message:
         self._index = None
 
     def add_header(self, name: bytes, value: bytes, first: bool = False) -> None:
+        self._writable()
         header = Header(header_key(name), name, value)
         if first:
             self.headers.insert(0, header)
@@ -149,6 +161,7 @@ class Message:
 
     def set_header(self, name: bytes, value: bytes) -> None:
         """Replace every line of a header by one, where the first one stood."""
+        self._writable()
         key = header_key(name)
         for i, h in enumerate(self.headers):
             if h.key == key:
@@ -160,11 +173,13 @@ class Message:
 
     def remove_header(self, name: bytes | str) -> None:
         """Remove every line of a header, named as written (bytes) or by its key (str)."""
+        self._writable()
         key = header_key(name) if isinstance(name, bytes) else header_key(name.encode())
         self.headers = [h for h in self.headers if h.key != key]
         self._changed(key)
 
     def set_body(self, body: bytes, content_type: bytes | None = None) -> None:
+        self._writable()
         self.body = body
         if content_type is not None:
             self.set_header(b"Content-Type", content_type)
@@ -174,6 +189,7 @@ class Message:
 
     def replace_top_via(self, via: Via) -> None:
         """Put a changed top Via in place, keeping the other values of its line."""
+        self._writable()
         for i, h in enumerate(self.headers):
             if h.key == "via":
                 values = split_values(h.value)
@@ -336,6 +352,7 @@ class Request(Message):
         super().validate()
 
     def set_uri(self, uri_raw: bytes) -> None:
+        self._writable()
         self.uri_raw = uri_raw
         self._changed("ruri")
 
@@ -395,6 +412,18 @@ def parse(data: bytes) -> Request | Response:
     msg._check_framing()
     if isinstance(msg, Request):
         _check_method(msg)
+    return msg
+
+
+@functools.lru_cache(maxsize=SHARED_PARSES)
+def parse_shared(data: bytes) -> Request | Response:
+    """``parse(data)``, read-only, and the same object for the same bytes while it is among
+    the last SHARED_PARSES parsed: what a call keeps as bytes in its record (its
+    transactions' requests) is parsed once per worker, not at every event of the call, and
+    so are the views read from it (Via, From, To, CSeq, the Request-URI).  Changing it
+    raises TypeError."""
+    msg = parse(data)
+    msg._shared = True
     return msg
 
 

@@ -38,7 +38,7 @@ from functools import cache, cached_property
 from typing import ClassVar
 
 from .ids import MAGIC_COOKIE
-from .message import Request, Response, build_request, parse
+from .message import Request, Response, build_request, parse, parse_shared
 
 RFC2543_PREFIX = "s|2543|"
 TERMINATED = "Terminated"
@@ -231,7 +231,9 @@ class Transaction:
 
     @cached_property
     def request_msg(self) -> Request:
-        return parse(self.request)
+        """The request, parsed (read-only: shared with every other transaction object of
+        the same request in this process)."""
+        return parse_shared(self.request)
 
     def on_timer(self, name: str, now: float, due: float | None = None) -> list[Action]:
         """Timer ``name`` fired at ``now``.  ``due``, when the timer store gives it, is the

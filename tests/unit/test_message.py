@@ -18,6 +18,7 @@ from cluster.sip.message import (
     build_response,
     header_key,
     parse,
+    parse_shared,
 )
 
 SEED_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "seed"
@@ -881,3 +882,22 @@ def test_an_lf_only_message_is_framed_at_its_own_empty_line():
                 b"Content-Length: %d" % len(body), body=body, eol=b"\n")
     msg = parse(data)
     assert msg.body == body
+
+
+# --------------------------------------------------------------------------- parse_shared
+
+
+def test_parse_shared_gives_one_read_only_parse_per_bytes():
+    data = wire(*BASE_HEADERS)
+    shared = parse_shared(data)
+    assert parse_shared(bytes(bytearray(data))) is shared  # equal bytes, another object
+    assert shared.via.branch == "z9hG4bK776asdhds" and shared.to_bytes() == data
+    for change in (lambda m: m.add_header(b"X-A", b"1"), lambda m: m.set_header(b"To", b"<x>"),
+                   lambda m: m.remove_header("to"), lambda m: m.set_body(b"x"),
+                   lambda m: m.replace_top_via(m.via), lambda m: m.set_uri(b"sip:x@y")):
+        with pytest.raises(TypeError):
+            change(shared)
+    assert shared.to_bytes() == data and shared.header("x-a") is None
+    own = parse(data)  # a copy of one's own stays changeable
+    own.set_header(b"To", b"<sip:carol@example.com>")
+    assert own is not shared and shared.header("to") == b"<sip:bob@example.com>"
