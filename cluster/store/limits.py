@@ -30,15 +30,29 @@ class Limits:
     def _messages(self, channels: tuple[str, ...], errors: tuple):
         """Yield None once subscribed to ``channels``, then (channel, text) of every message
         published on them (blocking)."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        # Confirmations are not ignored: an ignored one reads as None, which is silence.
+        pubsub = self.redis.pubsub()
         try:
             pubsub.subscribe(*channels)
             yield None
+            pinged = False
             while True:
                 # Not listen(): its reads end at the socket timeout, which is short, and
                 # every resubscription would miss what is published meanwhile.
                 message = pubsub.get_message(timeout=BLOCKS_POLL)
-                if message is None or message.get("type") != "message":
+                if message is None:
+                    # Silence for BLOCKS_POLL: ask.  A Redis host that vanished without a
+                    # FIN (powered off, cut off) leaves a connection that only a write can
+                    # find dead, and a subscriber that only reads would wait on it forever,
+                    # deaf to every announcement: no answer by the next poll ends it.
+                    if pinged:
+                        raise redis.ConnectionError(
+                            f"no answer to a PING on the subscription in {BLOCKS_POLL} s")
+                    pubsub.ping()
+                    pinged = True
+                    continue
+                pinged = False  # anything that arrives proves the connection
+                if message.get("type") != "message":
                     continue
                 yield as_text(message["channel"]), message["data"].decode("utf-8", "replace")
         except errors as exc:

@@ -274,7 +274,8 @@ TRUST_ANNOUNCE_MAX = 500  # addresses per trust message
 # Seconds one wait for a published message (bans, trust, auth blocks) lasts before it
 # starts again.  A message wakes the wait at once whatever this is; the wait only bounds
 # how often an idle subscriber wakes for nothing (at 1 s: 2 of an idle worker's ~25
-# wake-ups a second, one of the dispatcher's).
+# wake-ups a second, one of the dispatcher's).  A poll that ends in silence sends a PING
+# on the subscription; one more without an answer gives the connection up (limits.py).
 BLOCKS_POLL = 30.0
 
 # --------------------------------------------------------------------------- processes, hosts

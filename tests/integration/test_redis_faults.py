@@ -326,6 +326,33 @@ def test_a_timer_claimed_while_redis_is_paused_is_not_lost(server):
     assert store.claim_due_timers(now + 100) == ([], None)
 
 
+def test_a_subscription_that_stops_answering_is_given_up(server, monkeypatch):
+    """A subscriber only reads, so a connection to a Redis that vanished without a FIN
+    (powered off, cut off: a paused redis-server answers nothing either) would leave it
+    deaf to bans and auth blocks for ever.  After a poll of silence it sends a PING; no
+    answer by the next poll ends the subscription (the followers subscribe again).  A
+    quiet Redis that answers is not given up."""
+    monkeypatch.setattr(store_module.limits, "BLOCKS_POLL", 0.3)
+    store = store_module.Store(f"redis://127.0.0.1:{server.port}/4", timeout=2.0)
+    heard, failed = [], []
+
+    def listen():
+        try:
+            for event in store.auth_events():
+                heard.append(event)
+        except store_module.StoreUnavailable as exc:
+            failed.append(exc)
+
+    threading.Thread(target=listen, daemon=True).start()
+    time.sleep(1.5)  # five polls of silence, each answered
+    store.announce_block("192.0.2.7", 5)
+    assert wait_for(lambda: heard, 2.0) and heard == [("source", "192.0.2.7", 5.0)]
+    assert not failed
+    with paused(server, 2.0):
+        assert wait_for(lambda: failed, 1.8), "still waiting on a Redis that answers nothing"
+    assert "PING" in str(failed[0])
+
+
 def test_a_pipeline_meeting_flushed_scripts_runs_its_other_commands_once(server):
     """A relay's media event goes in one pipeline with the script that saves its session:
     after SCRIPT FLUSH only the script is sent again, the event is written once."""
