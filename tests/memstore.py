@@ -24,6 +24,7 @@ from cluster.store import (
     VERSION_STEP,
     Arrival,
     Binding,
+    NonceAsk,
     RegisterResult,
     Store,
     TimerClaim,
@@ -300,10 +301,12 @@ class MemoryStore:
         return int(fields["v"]), unpack(fields["d"])
 
     def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False,
-                             user: tuple[str, str] | None = None) -> Arrival:
+                             user: tuple[str, str] | None = None,
+                             nonce: NonceAsk | None = None) -> Arrival:
         """Relay sessions are not mirrored: never one."""
         return Arrival(self.load_call(tag), self.stored_answer(tx), None,
-                       None if user is None else self.get_user(*user))
+                       None if user is None else self.get_user(*user),
+                       None if nonce is None else self.nonce_count_and_user(*nonce))
 
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
                   arm: list[tuple[str, str, float]] = (),

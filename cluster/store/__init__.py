@@ -29,7 +29,7 @@ from .connection import (
     unpack,
 )
 from .limits import Limits
-from .registrations import Binding, RegisterResult, Registrations
+from .registrations import Binding, NonceAsk, RegisterResult, Registrations
 from .relays import Relays
 from .schema import (
     AUTHBLOCK_CHANNEL,
@@ -98,8 +98,8 @@ __all__ = [
     "PERSISTENT_KEYS", "PROCS_INDEX", "REDIS_ERRORS", "REG_AORS_INDEX", "REG_CONTACTS_INDEX",
     "RELAY_EVENTS_LEGACY", "RELAY_EVENTS_STREAMS", "RELAY_NODES_KEY", "STREAM_SHARDS",
     "STREAM_SHARD_TAGS", "TIMER_LEASE", "TIMER_SHARDS", "TRUST_CHANNEL", "TX_PREFIX",
-    "VERSION_STEP", "Binding", "RegisterResult", "Store", "StoreUnavailable", "TimerClaim",
-    "aor_of",
+    "VERSION_STEP", "Binding", "NonceAsk", "RegisterResult", "Store", "StoreUnavailable",
+    "TimerClaim", "aor_of",
     "authfail_key", "authlock_key", "authuser_key", "ban_key", "call_key", "cdr_id", "cdr_key",
     "cdr_position", "counted_state", "error_code", "host_key", "is_nogroup", "is_unavailable",
     "nc_key", "pack", "parse_timer_member", "ping_key", "proc_key", "reg_key", "relay_events_key",

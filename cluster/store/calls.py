@@ -8,6 +8,7 @@ import time
 from typing import NamedTuple
 
 from .connection import PIPELINE_BATCH, VERSION_STEP, StoreUnavailable, batches, pack, unpack
+from .registrations import NonceAsk
 from .schema import (
     CALLS_INDEX,
     CDR_MAXLEN,
@@ -36,6 +37,8 @@ class Arrival(NamedTuple):
     answer: bytes | None
     session: dict | None
     user: dict | None
+    # (accepted, callee's record, callee's live bindings) when a NonceAsk was given
+    nonce: tuple | None = None
 
 
 class TimerClaim(NamedTuple):
@@ -64,24 +67,31 @@ class Calls:
         return int(version), unpack(data)
 
     def load_call_and_answer(self, tag: str, tx: str, relayed: bool = False,
-                             user: tuple[str, str] | None = None) -> Arrival:
+                             user: tuple[str, str] | None = None,
+                             nonce: NonceAsk | None = None) -> Arrival:
         """What a request that may start a call needs first, in one round trip: the call
         (``load_call``), the answer kept under ``tx`` (``stored_answer``), when ``relayed``
         its relay session (``relay_session``), and the record of ``user`` (user, realm),
-        when given (``get_user``)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(call_key(tag), "v", "d")
-        pipe.get(tx)
-        if relayed:
-            pipe.get(relay_session_key(tag))
-        if user is not None:
-            pipe.get(user_key(aor_of(*user)))
-        replies = self._call(pipe.execute)
+        when given (``get_user``); with ``nonce``, what ``nonce_count_and_user`` answers
+        for it too (a caller whose credentials the worker could check before any read)."""
+        def build(pipe):
+            pipe.hmget(call_key(tag), "v", "d")
+            pipe.get(tx)
+            if relayed:
+                pipe.get(relay_session_key(tag))
+            if user is not None:
+                pipe.get(user_key(aor_of(*user)))
+            if nonce is not None:
+                self._queue_nonce(pipe, nonce)
+        replies = self._pipelined(build)
+        counted = None
+        if nonce is not None:
+            counted, replies = self._nonce_replies(replies[-3:]), replies[:-3]
         (version, data), answer = replies[0], replies[1]
         session = unpack(replies[2]) if relayed and replies[2] is not None else None
         record = replies[-1] if user is not None else None
         return Arrival(None if data is None else (int(version), unpack(data)), answer or None,
-                       session, None if record is None else unpack(record))
+                       session, None if record is None else unpack(record), counted)
 
     def save_call(self, tag: str, version: int, record: dict, ttl: float,
                   arm: list[tuple[str, str, float]] = (),

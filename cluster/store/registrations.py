@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 from ..sip.uri import SipURI, parse_uri
 from .connection import PIPELINE_BATCH, batches, pack, unpack
@@ -20,6 +21,19 @@ from .schema import (
     user_key,
 )
 
+
+class NonceAsk(NamedTuple):
+    """A nonce count to check (``accept_nonce_count``: the caller's AOR, the nonce, its
+    count, the nonce's lifetime, the request's transaction key) with the callee (user,
+    realm) whose record and bindings the call needs next (``nonce_count_and_user``)."""
+
+    aor: str
+    nonce: str
+    nc: int
+    ttl: float
+    tx: str
+    user: str
+    realm: str
 
 @dataclass
 class Binding:
@@ -206,17 +220,26 @@ class Registrations:
                              ) -> tuple[bool, dict | None, list[Binding]]:
         """``accept_nonce_count`` and ``user_and_bindings(user, realm)`` in one round trip
         (an INVITE's caller's count and its callee: what the call needs next)."""
-        now = time.time() if now is None else now
-        callee = aor_of(user, realm)
+        ask = NonceAsk(aor, nonce, nc, ttl, tx, user, realm)
+        return self._nonce_replies(self._pipelined(lambda pipe: self._queue_nonce(pipe, ask)),
+                                   now)
 
-        def build(pipe):
-            self._evalsha(pipe, self._nc, [nc_key(aor, nonce)], [nc, int(ttl * 1000), tx])
-            pipe.get(user_key(callee))
-            pipe.hgetall(reg_key(callee))
-        accepted, data, raw = self._pipelined(build)
+    def _queue_nonce(self, pipe, ask: NonceAsk) -> None:
+        """Queue ``nonce_count_and_user``'s commands (three) in ``pipe``."""
+        self._evalsha(pipe, self._nc, [nc_key(ask.aor, ask.nonce)],
+                      [ask.nc, int(ask.ttl * 1000), ask.tx])
+        callee = aor_of(ask.user, ask.realm)
+        pipe.get(user_key(callee))
+        pipe.hgetall(reg_key(callee))
+
+    @staticmethod
+    def _nonce_replies(replies: list, now: float | None = None
+                       ) -> tuple[bool, dict | None, list[Binding]]:
+        accepted, data, raw = replies
         if data is None:
             return bool(accepted), None, []
-        return bool(accepted), unpack(data), _live(raw.values(), now)
+        return bool(accepted), unpack(data), _live(raw.values(), time.time() if now is None
+                                                   else now)
 
     # ---------------------------------------------------------------- transactions
     def store_answers(self, answers: list[tuple[str, bytes, float]]) -> None:

@@ -20,6 +20,7 @@ from memstore import MemoryStore
 from cluster.store import (
     STREAM_SHARDS,
     Binding,
+    NonceAsk,
     Store,
     aor_of,
     cdr_position,
@@ -464,11 +465,11 @@ def test_timers_disarmed_with_a_write_are_gone_whether_it_wins_or_not(env):
 def test_a_call_and_its_kept_answer_are_read_together(env):
     store = env.store
     kept, other = tx_key(CALL, "s|b1|INVITE"), tx_key(CALL, "s|b2|INVITE")
-    assert store.load_call_and_answer(CALL, kept) == (None, None, None, None)
+    assert store.load_call_and_answer(CALL, kept) == (None, None, None, None, None)
     store.store_answers([(kept, b"SIP/2.0 100 Trying", 30)])
     version = store.save_call(CALL, 0, RECORD, 60)
     assert store.load_call_and_answer(CALL, kept) == ((version, RECORD), b"SIP/2.0 100 Trying",
-                                                      None, None)
+                                                      None, None, None)
     assert store.load_call_and_answer(CALL, other)[1] is None
     assert store.load_call_and_answer(CALL, other, user=("1002", REALM)).user is None
     store.put_user("1002", REALM, {"MD5": "ha1"})
@@ -503,6 +504,25 @@ def test_a_nonce_count_is_checked_with_the_callee_read_in_its_round_trip(env):
                                                           "1002", REALM, now)
     assert not accepted and user is not None and keys(bindings) == ["k1"]
     assert store.nonce_count_and_user(caller, "n1", 2, 300, "tx2", "1002", REALM, now)[0]
+
+
+def test_a_nonce_count_and_its_callee_ride_with_the_call_read(env):
+    """A caller whose credentials the worker checked on its own cache: the count and the
+    callee come in the round trip that reads the call, as ``nonce_count_and_user``."""
+    store, now = env.store, env.now()
+    kept = tx_key(CALL, "s|b1|INVITE")
+    store.put_user("1002", REALM, {"MD5": "ha1"})
+    register(env, now, set_bindings=[binding("k1", now)])
+    ask = NonceAsk(aor_of("1001", REALM), "n7", 1, 300, "tx1", "1002", REALM)
+    arrival = store.load_call_and_answer(CALL, kept, nonce=ask)
+    accepted, user, bindings = arrival.nonce
+    assert arrival.call is None and arrival.answer is None
+    assert accepted and user["ha1"] == {"MD5": "ha1"} and keys(bindings) == ["k1"]
+    assert store.load_call_and_answer(CALL, kept, nonce=ask).nonce[0]  # its retransmission
+    assert not store.load_call_and_answer(CALL, kept, nonce=ask._replace(tx="tx2")).nonce[0]
+    assert store.load_call_and_answer(CALL, kept, user=("1002", REALM),
+                                      nonce=ask._replace(nc=2)).user["ha1"] == {"MD5": "ha1"}
+    assert store.load_call_and_answer(CALL, kept).nonce is None
 
 
 def test_cdrs_are_appended_as_text_in_order(env):

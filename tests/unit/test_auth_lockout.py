@@ -144,3 +144,34 @@ def test_a_digest_for_another_uri_is_a_bad_request_and_no_guess(auth, store, cap
     assert err.value.status == 400
     assert reasons(caplog) == ["uri-mismatch"]
     assert store.fails == {} and store.user_fails == {}
+
+
+# --------------------------------------------------------------------------- precheck
+
+
+def test_precheck_passes_good_credentials_of_a_cached_user_and_reads_nothing(auth, store,
+                                                                               monkeypatch):
+    source = ("192.0.2.7", 5060)
+    good = register(auth, "1002", "right")
+    assert auth.precheck(good, source, proxy=False) is None  # HA1 not cached: check decides
+    assert auth.check(good, source, proxy=False).verdict is Verdict.OK  # caches it
+    monkeypatch.setattr(store, "get_user", lambda *a: pytest.fail("precheck read the store"))
+    passed = auth.precheck(good, source, proxy=False)
+    assert passed.verdict is Verdict.OK and passed.username == "1002"
+
+
+def test_precheck_leaves_every_refusal_to_check_and_records_none(auth, store, caplog):
+    source = ("192.0.2.7", 5060)
+    auth.check(register(auth, "1002", "right"), source, proxy=False)  # 1002's HA1 cached
+    wrong = register(auth, "1002", "wrong")
+    other_uri = register(auth, "1002", "right", uri="sip:other.example.com")
+    with caplog.at_level(logging.WARNING):
+        assert auth.precheck(wrong, source, proxy=False) is None
+        assert auth.precheck(other_uri, source, proxy=False) is None
+    assert not caplog.records and not store.fails and not store.user_fails
+    assert auth.counters == Counter()
+    # A locked-out user is not passed, even with the right password.
+    for _ in range(LIMIT):
+        auth.check(wrong, ("198.51.100.1", 5060), proxy=False)
+    assert auth.precheck(register(auth, "1002", "right"), ("198.51.100.2", 5060),
+                         proxy=False) is None

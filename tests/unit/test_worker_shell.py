@@ -331,6 +331,37 @@ def test_a_call_is_placed_with_one_read_per_step(worker, store, monkeypatch):
     assert reads.calls == ["load_call_and_answer", "nonce_count_and_user"]
 
 
+def test_a_caller_seen_lately_places_a_call_with_one_read(worker, store, monkeypatch):
+    """Its HA1 is in the worker's cache, so its credentials are checked before any read:
+    the nonce count and the callee come with the call's record, in one round trip."""
+    registered_callee(worker)
+    placed_call(worker)  # reads 1002's HA1
+    reads = Reads(store, monkeypatch)
+    first = invite(call_id="call-2")
+    challenge = only(deliver(worker, first, CALLER), CALLER)
+    creds = answer_challenge(challenge, method="INVITE", uri=INVITE_URI, user="1002",
+                             password="1234")
+    sent = deliver(worker, invite(call_id="call-2", cseq=2, proxy_authorization=creds), CALLER)
+    assert only(sent, CALLER).status == 100 and only(sent, CALLEE).method == "INVITE"
+    assert reads.calls == ["load_call_and_answer"]
+    # The same count again, from another transaction (a replay): refused, 407, as before.
+    replayed = invite(call_id="call-3", cseq=2, proxy_authorization=creds)
+    assert only(deliver(worker, replayed, CALLER), CALLER).status == 407
+    assert reads.calls == ["load_call_and_answer"] * 2
+
+
+def test_wrong_credentials_of_a_caller_seen_lately_are_still_refused(worker, store):
+    registered_callee(worker)
+    placed_call(worker)
+    first = invite(call_id="call-2")
+    challenge = only(deliver(worker, first, CALLER), CALLER)
+    creds = answer_challenge(challenge, method="INVITE", uri=INVITE_URI, user="1002",
+                             password="wrong")
+    refused = only(deliver(worker, invite(call_id="call-2", cseq=2, proxy_authorization=creds),
+                           CALLER), CALLER)
+    assert refused.status == 403
+
+
 def test_an_initial_invite_without_credentials_of_a_call_held_here_reaches_it(worker):
     """A merged copy (same Call-ID, another branch, no To tag) of a call this worker holds
     gets the call's answer (482), not a challenge."""

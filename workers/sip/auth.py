@@ -107,15 +107,8 @@ class Authenticator:
             self.counters["auth_locked"] += 1
             self.refused(req, source, creds.username, "locked-user")
             return AuthResult(Verdict.LOCKED, creds.username, creds)
-        state = digest.check_nonce(self.secret, creds.nonce, time.time(), self.nonce_lifetime)
-        algorithm = digest.ha1_algorithm(creds.algorithm)
-        if (state is digest.NonceState.INVALID or algorithm is None
-                or algorithm not in self.algorithms or creds.qop is None
-                or creds.qop.lower() not in ("auth", "auth-int")):
-            # Our challenges always ask for qop=auth: credentials without it carry no
-            # nonce-count, so they could be replayed for the nonce's lifetime.  (nc and
-            # cnonce with a qop, and nc's format, are checked when the header is parsed;
-            # we send no opaque, so there is none to compare.)
+        state, algorithm = self._usable(creds)
+        if algorithm is None:
             return AuthResult(Verdict.CHALLENGE, creds.username, creds)
         ha1, known = self._ha1_of(creds.username, algorithm)
         if not digest.verify(creds, req.method, ha1, body=req.body):
@@ -127,6 +120,43 @@ class Authenticator:
         if state is digest.NonceState.STALE:  # RFC 7616 3.3: stale only for a right digest
             return AuthResult(Verdict.STALE, creds.username, creds)
         return AuthResult(Verdict.OK, creds.username, creds)
+
+    def precheck(self, req: Request, source: tuple[str, int], *, proxy: bool
+                 ) -> AuthResult | None:
+        """``check``'s verdict when it is OK on what this worker already holds (the user's
+        HA1 cached, nothing throttled or locked), with none of ``check``'s reads or
+        records; None when ``check`` has to decide.  The caller may then read what comes
+        after a pass (the nonce count) with its first reads."""
+        creds = self._credentials(req, proxy)
+        if creds is None or not creds.username or not digest.uri_matches(creds.uri,
+                                                                         req.uri_raw):
+            return None
+        ip, now = source[0], time.monotonic()
+        if ip in self._throttled or aor_of(creds.username, self.realm) in self._locked:
+            return None
+        state, algorithm = self._usable(creds)
+        cached = self._ha1.get(creds.username)
+        if (algorithm is None or state is not digest.NonceState.VALID or cached is None
+                or cached[0] < now or not cached[1] or algorithm not in cached[1]):
+            return None
+        if not digest.verify(creds, req.method, cached[1][algorithm], body=req.body):
+            return None
+        return AuthResult(Verdict.OK, creds.username, creds)
+
+    def _usable(self, creds: digest.Credentials) -> tuple[digest.NonceState, str | None]:
+        """The nonce's state and the HA1 algorithm to check ``creds`` with; no algorithm
+        when they are to be challenged whatever the digest."""
+        state = digest.check_nonce(self.secret, creds.nonce, time.time(), self.nonce_lifetime)
+        algorithm = digest.ha1_algorithm(creds.algorithm)
+        if (state is digest.NonceState.INVALID or algorithm is None
+                or algorithm not in self.algorithms or creds.qop is None
+                or creds.qop.lower() not in ("auth", "auth-int")):
+            # Our challenges always ask for qop=auth: credentials without it carry no
+            # nonce-count, so they could be replayed for the nonce's lifetime.  (nc and
+            # cnonce with a qop, and nc's format, are checked when the header is parsed;
+            # we send no opaque, so there is none to compare.)
+            return state, None
+        return state, algorithm
 
     def refused(self, req: Request, source: tuple[str, int], user: str, reason: str) -> None:
         """The security log line of a refused authentication, in the one format the

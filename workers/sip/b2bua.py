@@ -31,9 +31,9 @@ from cluster.sip.ids import leg_name as _leg_name
 from cluster.sip.message import Request, Response
 from cluster.sip.transaction import TimerConfig, response_dest, server_key
 from cluster.sip.uri import SipURI, hostport, parse_uri
-from cluster.store import TIMER_LEASE, StoreUnavailable, aor_of, pack, tx_key
+from cluster.store import TIMER_LEASE, NonceAsk, StoreUnavailable, aor_of, pack, tx_key
 
-from .auth import Verdict
+from .auth import AuthResult, Verdict
 from .call import MEDIA_TIMEOUT, STATUS_CAUSES, Call, Cdr, Ctx, Out, Reply, Settings, Target
 from .mediastep import decide
 from .registrar import Source
@@ -140,20 +140,28 @@ class B2BUA:
                 # answers are kept only past the authentication.  Nothing to read.
                 self._new_call(tag, req, source, stored_key, None)
                 return
+            passed = counted = None
             if tag not in self._records:
-                # ... and the caller's record, when its credentials will need it.
-                user = (None if source.addr[0] in self.trusted
-                        else self.auth.user_to_read(req, proxy=True))
-                loaded, stored, session, record = self.store.load_call_and_answer(
+                # ... and the caller's record, when its credentials will need it; or,
+                # when they pass on what this worker holds, the nonce count and callee
+                # that come after (one round trip less for a caller seen lately).
+                gateway = source.addr[0] in self.trusted
+                user = None if gateway else self.auth.user_to_read(req, proxy=True)
+                passed = None if gateway or user is not None else self.auth.precheck(
+                    req, source.addr, proxy=True)
+                ask = None if passed is None else self._nonce_ask(req, passed)
+                arrival = self.store.load_call_and_answer(
                     tag, stored_key, self.media.mode == "relay",
-                    None if user is None else (user, self.config.realm))
+                    None if user is None else (user, self.config.realm), ask)
+                loaded, stored, session = arrival.call, arrival.answer, arrival.session
                 if user is not None:
-                    self.auth.read_user(user, record)
+                    self.auth.read_user(user, arrival.user)
+                counted = None if ask is None else (ask, arrival.nonce)
             if (tag in self._records or loaded is not None) and self._with_call(
                     tag, event, req, source, inbound=req, loaded=loaded):
                 return
             with self.media.session_read(tag, session):
-                self._new_call(tag, req, source, stored_key, stored)
+                self._new_call(tag, req, source, stored_key, stored, passed, counted)
             return
         if req.method == "ACK" and self.answers.acks_stateless(req):
             # The ACK of a final answer given outside any call (a challenge): nothing to load.
@@ -195,8 +203,11 @@ class B2BUA:
 
     # ---------------------------------------------------------------- a new call
     def _new_call(self, tag: str, req: Request, source, stored_key: str,
-                  stored: bytes | None) -> None:
-        """``stored``: the answer kept under ``stored_key`` (read with the call's record)."""
+                  stored: bytes | None, passed: AuthResult | None = None,
+                  counted: tuple[NonceAsk, tuple] | None = None) -> None:
+        """``stored``: the answer kept under ``stored_key`` (read with the call's record).
+        ``passed``: the caller's credentials already found good (``Authenticator.precheck``);
+        ``counted``: the nonce count asked with the first reads, and its answer."""
         clog = call_log(log, req.call_id)
         if stored:
             self.transport.send(stored, source.addr, sock_index=source.sock_index)
@@ -206,8 +217,8 @@ class B2BUA:
         arrived = [self._entry("in", req, "a", source.addr)]
         gateway = source.addr[0] in self.trusted
         known: dict = {}  # what the authentication read of the callee on its way
-        caller = _user_of(req.from_.uri) if gateway else self._authenticate(req, source,
-                                                                            arrived, known)
+        caller = _user_of(req.from_.uri) if gateway else self._authenticate(
+            req, source, arrived, known, passed, counted)
         if caller is None:
             return
         self.trace(tag, arrived)
@@ -329,13 +340,14 @@ class B2BUA:
         self.counters["bindings_connection_closed"] += 1
         return False
 
-    def _authenticate(self, req: Request, source, arrived: list[dict],
-                      known: dict) -> str | None:
+    def _authenticate(self, req: Request, source, arrived: list[dict], known: dict,
+                      passed: AuthResult | None = None,
+                      counted: tuple[NonceAsk, tuple] | None = None) -> str | None:
         """The caller's user name, or None when the request was answered (407/403).
         The nonce-count check reads the callee's record and bindings in its round trip,
         into ``known`` (callee -> (record, bindings))."""
         auth = self.auth
-        result = auth.check(req, source.addr, proxy=True)
+        result = passed if passed is not None else auth.check(req, source.addr, proxy=True)
         if result.verdict in (Verdict.CHALLENGE, Verdict.STALE):
             self._reply(req, source, 407, headers=auth.challenge_headers(
                 proxy=True, stale=result.verdict is Verdict.STALE), prior=arrived, brief=True)
@@ -345,7 +357,7 @@ class B2BUA:
             return None
         creds = result.credentials
         aor = aor_of(result.username, self.config.realm)
-        if creds.nc and not self._accept_nonce_count(req, aor, creds, known):
+        if creds.nc and not self._accept_nonce_count(req, aor, creds, known, counted):
             auth.refused(req, source.addr, result.username, "replayed-nonce-count")
             self._reply(req, source, 407, headers=auth.challenge_headers(proxy=True),
                         prior=arrived, brief=True)
@@ -359,7 +371,8 @@ class B2BUA:
         self.scanners.note_trusted(source.addr[0])  # a proven source (cluster/limits.py)
         return result.username
 
-    def _accept_nonce_count(self, req: Request, aor: str, creds, known: dict) -> bool:
+    def _accept_nonce_count(self, req: Request, aor: str, creds, known: dict,
+                            counted: tuple[NonceAsk, tuple] | None = None) -> bool:
         try:
             callee = _callee_of(req)
         except SipError:
@@ -367,10 +380,27 @@ class B2BUA:
         ttl, tx = self.config.auth.nonce_lifetime, server_key(req)
         if callee is None:
             return self.store.accept_nonce_count(aor, creds.nonce, creds.nonce_count, ttl, tx)
-        accepted, user, bindings = self.store.nonce_count_and_user(
-            aor, creds.nonce, creds.nonce_count, ttl, tx, callee, self.config.realm)
+        ask = NonceAsk(aor, creds.nonce, creds.nonce_count, ttl, tx, callee, self.config.realm)
+        if counted is not None and counted[0] == ask:  # asked with the first reads
+            accepted, user, bindings = counted[1]
+        else:
+            accepted, user, bindings = self.store.nonce_count_and_user(*ask)
         known[callee] = (user, bindings)
         return accepted
+
+    def _nonce_ask(self, req: Request, passed: AuthResult) -> NonceAsk | None:
+        """What ``_accept_nonce_count`` will ask for credentials that passed, when it is
+        to be asked with the callee (a count, a callee that parses)."""
+        creds = passed.credentials
+        try:
+            callee = _callee_of(req)
+        except SipError:
+            return None
+        if not creds.nc or callee is None:
+            return None
+        return NonceAsk(aor_of(passed.username, self.config.realm), creds.nonce,
+                        creds.nonce_count, self.config.auth.nonce_lifetime, server_key(req),
+                        callee, self.config.realm)
 
     def _fail_statelessly(self, req: Request, source, status: int, stored_key: str,
                           headers=()) -> None:
