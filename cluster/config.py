@@ -196,6 +196,7 @@ class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     managed: bool = True
     state_dir: str = "state/redis"
+    maxmemory: str = ""  # the managed Redis's maxmemory ("4gb"); empty: no limit
     wait_replicas: int = 0
     wait_timeout: float = 0.05
 
@@ -710,7 +711,13 @@ def validate(config: Config) -> None:
              "calls.xcid_header must be a header name (a token) or empty")
 
 
+_MAXMEMORY = re.compile(r"[1-9][0-9]*(?:[kmg]b?|b)?", re.IGNORECASE)
+
+
 def _validate_redis(redis: RedisConfig) -> None:
+    _require(not redis.maxmemory or _MAXMEMORY.fullmatch(redis.maxmemory) is not None,
+             f"redis.maxmemory must be a size such as 4gb, 512mb or 1073741824, not "
+             f"{redis.maxmemory!r}")
     # The launcher runs one redis-server, never a replicated set or a cluster.
     for scheme, is_kind, parse_url, runs in (
             ("redis+sentinel", is_sentinel_url, parse_sentinel_url, "Sentinel"),

@@ -163,6 +163,8 @@ def _redis_program(config: Config, log_dir: Path) -> str:
     # which `sipcluster up` recognises a Redis that a killed supervisord left running.
     command = [server, *first, "--port", str(managed_redis_port(config)), "--bind", "127.0.0.1",
                *REDIS_PERSISTENCE, "--dir", config.redis.state_dir, "--set-proc-title", "no"]
+    if config.redis.maxmemory:  # a full Redis refuses writes (noeviction): 503s, no OOM kill
+        command += ["--maxmemory", config.redis.maxmemory]
     return _program("redis", command, config, log_dir, env={})
 
 

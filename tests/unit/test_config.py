@@ -334,3 +334,15 @@ def test_relay_control_address_follows_the_inter_host_address(tmp_path):
     # An inter-host address without the hand-off port is a single host still.
     assert load_env(tmp_path, {"SIPCLUSTER_DISPATCHER_INTER_HOST_ADDRESS": "10.0.0.11"}
                     ).relay_control_address == "127.0.0.1"
+
+
+@pytest.mark.parametrize("value, good", [
+    ("4gb", True), ("512mb", True), ("1073741824", True), ("2G", True), ("", True),
+    ("4 gb", False), ("-1", False), ("0", False), ("lots", False), ("4tb", False),
+])
+def test_the_managed_redis_memory_limit_is_a_size(tmp_path, value, good):
+    if good:
+        assert load_env(tmp_path, {"SIPCLUSTER_REDIS_MAXMEMORY": value}).redis.maxmemory == value
+    else:
+        with pytest.raises(ConfigError, match="redis.maxmemory"):
+            load_env(tmp_path, {"SIPCLUSTER_REDIS_MAXMEMORY": value})

@@ -104,6 +104,14 @@ def test_managed_redis_persists_into_the_state_folder(tmp_path):
     assert ROOT / "run" not in Path(config.redis.state_dir).parents
 
 
+def test_the_managed_redis_memory_limit_is_a_setting(tmp_path):
+    _, conf = render(tmp_path, {})
+    assert "--maxmemory " not in supervisord_view(conf)["redis"][0].command + " "
+    _, conf = render(tmp_path, {"SIPCLUSTER_REDIS_MAXMEMORY": "4gb"})
+    argv = supervisord_view(conf)["redis"][0].command.split()
+    assert argv[argv.index("--maxmemory") + 1] == "4gb"
+
+
 def test_the_state_folder_is_a_setting_and_created_private(tmp_path):
     state = tmp_path / "var" / "redis"
     config, conf = render(tmp_path, {"SIPCLUSTER_REDIS_STATE_DIR": str(state)})
