@@ -36,12 +36,12 @@ COMPACT_FORMS = {
     "s": "subject", "t": "to", "u": "allow-events", "v": "via", "x": "session-expires",
     "y": "identity",
 }
-# Headers that may appear once only (RFC 3261 7.3.1 / 20).
 # Requests kept parsed by ``parse_shared``: a call's transactions hold two or three (its
 # INVITEs, a BYE), read at each of its events, which come within seconds of each other;
 # 2,048 cover the calls being set up or torn down at once on one worker at several hundred
 # calls a second, at a few kB each.
 SHARED_PARSES = 2048
+# Headers that may appear once only (RFC 3261 7.3.1 / 20).
 SINGLE_VALUED = ("call-id", "cseq", "from", "to", "max-forwards", "content-type")
 KNOWN_METHODS = frozenset({
     "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE", "NOTIFY",

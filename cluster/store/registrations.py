@@ -35,6 +35,7 @@ class NonceAsk(NamedTuple):
     user: str
     realm: str
 
+
 @dataclass
 class Binding:
     """One registered contact of an AOR (RFC 3261 section 10)."""

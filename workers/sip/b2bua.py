@@ -149,7 +149,9 @@ class B2BUA:
                 user = None if gateway else self.auth.user_to_read(req, proxy=True)
                 passed = None if gateway or user is not None else self.auth.precheck(
                     req, source.addr, proxy=True)
-                ask = None if passed is None else self._nonce_ask(req, passed)
+                ask = None if passed is None or not passed.credentials.nc else \
+                    self._nonce_ask(req, aor_of(passed.username, self.config.realm),
+                                    passed.credentials)
                 arrival = self.store.load_call_and_answer(
                     tag, stored_key, self.media.mode == "relay",
                     None if user is None else (user, self.config.realm), ask)
@@ -373,34 +375,29 @@ class B2BUA:
 
     def _accept_nonce_count(self, req: Request, aor: str, creds, known: dict,
                             counted: tuple[NonceAsk, tuple] | None = None) -> bool:
-        try:
-            callee = _callee_of(req)
-        except SipError:
-            callee = None  # answered 400 once the caller is known, as before
-        ttl, tx = self.config.auth.nonce_lifetime, server_key(req)
-        if callee is None:
-            return self.store.accept_nonce_count(aor, creds.nonce, creds.nonce_count, ttl, tx)
-        ask = NonceAsk(aor, creds.nonce, creds.nonce_count, ttl, tx, callee, self.config.realm)
+        ask = self._nonce_ask(req, aor, creds)
+        if ask is None:
+            return self.store.accept_nonce_count(aor, creds.nonce, creds.nonce_count,
+                                                 self.config.auth.nonce_lifetime,
+                                                 server_key(req))
         if counted is not None and counted[0] == ask:  # asked with the first reads
             accepted, user, bindings = counted[1]
         else:
             accepted, user, bindings = self.store.nonce_count_and_user(*ask)
-        known[callee] = (user, bindings)
+        known[ask.user] = (user, bindings)
         return accepted
 
-    def _nonce_ask(self, req: Request, passed: AuthResult) -> NonceAsk | None:
-        """What ``_accept_nonce_count`` will ask for credentials that passed, when it is
-        to be asked with the callee (a count, a callee that parses)."""
-        creds = passed.credentials
+    def _nonce_ask(self, req: Request, aor: str, creds) -> NonceAsk | None:
+        """The nonce count of ``creds`` to check with the callee's record and bindings;
+        None when there is no callee to read (it is then checked alone)."""
         try:
             callee = _callee_of(req)
         except SipError:
+            return None  # answered 400 once the caller is known, as before
+        if callee is None:
             return None
-        if not creds.nc or callee is None:
-            return None
-        return NonceAsk(aor_of(passed.username, self.config.realm), creds.nonce,
-                        creds.nonce_count, self.config.auth.nonce_lifetime, server_key(req),
-                        callee, self.config.realm)
+        return NonceAsk(aor, creds.nonce, creds.nonce_count, self.config.auth.nonce_lifetime,
+                        server_key(req), callee, self.config.realm)
 
     def _fail_statelessly(self, req: Request, source, status: int, stored_key: str,
                           headers=()) -> None:
