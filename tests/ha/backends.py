@@ -59,6 +59,8 @@ class SentinelRedis:
 
     def __init__(self, directory: Path):
         self.set = SentinelSet(directory)
+        self.all_named_after: float | None = None  # seconds, of the last fail_over
+        self.tilt: list | None = None  # each sentinel's TILT flag once all named the new one
 
     @property
     def url(self) -> str:
@@ -86,6 +88,8 @@ class SentinelRedis:
         new_port = self.set.replica.port
         if not wait_for(lambda: self.set.all_name(new_port), timeout, step=0.05):
             raise RuntimeError("the sentinels did not all learn of the failover")
+        self.all_named_after = time.monotonic() - killed
+        self.tilt = self.set.tilt()
         self.set.primary, self.set.replica = self.set.replica, start_replica(
             old.directory, new_port, port=old_port)
         return promoted

@@ -130,6 +130,8 @@ def restart_host(world: World) -> None:
 
 def sentinel_failover(world: World) -> None:
     world.notes["promoted_after_s"] = round(world.backend.fail_over(), 2)
+    world.notes["all_sentinels_after_s"] = round(world.backend.all_named_after, 2)
+    world.notes["sentinel_tilt"] = world.backend.tilt
 
 
 RESHARD_SLOTS = 2000  # of the 5461 the first primary has: timer shard 3 (slot 1584) moves
@@ -301,8 +303,10 @@ def run_cell(tmp: Path, backend, fault, name: str) -> dict:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as out:
             out.write(report + "\n")
-        detail = (f"{report}\n{uac.report()}\n{uas.report()}\n{reg_result.summary()}\n"
-                  f"{cluster.log_tail(15)}")
+        # The cluster's own account first: SIPp's reports can run long enough for the
+        # output to be cut before it.
+        detail = (f"{report}\n{cluster.log_troubles()}\n{cluster.log_tail(15)}\n"
+                  f"{uac.report()}\n{uas.report()}\n{reg_result.summary()}")
         for phase in PHASES:
             assert phases.get(phase, 0) >= 1, f"no {phase} at the fault: {detail}"
         assert uac.result.created == CALLS, detail

@@ -189,6 +189,17 @@ class Cluster:
             out.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(out)
 
+    def log_troubles(self, lines: int = 30) -> str:
+        """The first WARNING and ERROR lines of each program's log: what a failing test
+        needs first (the first line of a streak names the error; later ones only count)."""
+        out = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            found = [line for line in path.read_text(errors="replace").splitlines()
+                     if " WARNING " in line or " ERROR " in line][:lines]
+            if found:
+                out.append(f"--- {path.name} (warnings and errors)\n" + "\n".join(found))
+        return "\n".join(out)
+
 
 @contextmanager
 def running_cluster(tmp: Path, redis_url: str, **kwargs) -> Iterator[Cluster]:

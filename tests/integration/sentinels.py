@@ -154,9 +154,13 @@ class SentinelSet:
         except redis.RedisError:
             pass
 
+    def tilt(self) -> list:
+        """Each sentinel's TILT flag (1: its timer stalled, it takes no action for 30 s)."""
+        return self._ask_each(lambda c: c.info().get("sentinel_tilt"))
+
     def _diagnosis(self) -> str:
         """What each sentinel names and whether it is in TILT, and each server's role."""
-        tilt = self._ask_each(lambda c: c.info().get("sentinel_tilt"))
+        tilt = self.tilt()
         servers = "; ".join(_replication(s.port) for s in (self.primary, self.replica))
         return f"named {self._named_primaries()}, tilt {tilt}, servers {servers}"
 
