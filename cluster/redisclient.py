@@ -153,10 +153,11 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     """A client for ``url`` whose commands give up after ``timeout`` seconds.
 
     For a Sentinel URL, redis-py's SentinelConnectionPool asks the sentinels for the
-    primary's address whenever it opens a connection, and drops idle connections when the
-    address changed; its connections turn READONLY (a demoted primary still reached) into a
-    ConnectionError after disconnecting, so the next command rediscovers the primary
-    instead of failing for ever.
+    primary's address whenever it opens a connection (the newest configuration any of
+    them knows: cluster/sentinelclient.py), and drops idle connections when the address
+    changed; a connection is kept only if ROLE says primary, and READONLY (a demoted
+    primary still reached) turns into a ConnectionError after disconnecting, so the next
+    command rediscovers the primary instead of failing for ever.
 
     One server, direct or through Sentinel, gets a ``LeanRedis`` (cluster/leanclient.py):
     redis-py's client with a shorter path from a command or pipeline to its reply.
@@ -166,9 +167,9 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     socket back after a crash before it needs Redis (redis-py takes ~80 ms to import).
     """
     import redis
-    from redis.sentinel import Sentinel
 
     from .leanclient import LeanRedis
+    from .sentinelclient import EpochSentinel, PrimaryConnection, no_retries
 
     if is_cluster_url(url):
         return _cluster_client(parse_cluster_url(url), timeout, max_connections)
@@ -181,16 +182,17 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
         return LeanRedis(connection_pool=pool)
     parsed = parse_sentinel_url(url)
     sockets = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    sentinel_kwargs = dict(sockets)
+    sentinel_kwargs = {**sockets, "retry": no_retries()}
     if parsed.sentinel_password:
         sentinel_kwargs["password"] = parsed.sentinel_password
     # With several sentinels named, one that sees none of the others is cut off from them
     # (a partition) and may still name a primary the majority has replaced: not believed.
-    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs,
-                        min_other_sentinels=1 if len(parsed.sentinels) > 1 else 0)
+    # Of the others, the newest configuration wins (cluster/sentinelclient.py).
+    sentinel = EpochSentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs,
+                             min_other_sentinels=1 if len(parsed.sentinels) > 1 else 0)
     return sentinel.master_for(
-        parsed.service, redis_class=LeanRedis, db=parsed.db, username=parsed.username,
-        password=parsed.password,
+        parsed.service, redis_class=LeanRedis, connection_class=PrimaryConnection,
+        db=parsed.db, username=parsed.username, password=parsed.password,
         max_connections=max_connections, **sockets)
 
 

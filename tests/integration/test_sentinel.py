@@ -467,3 +467,56 @@ def test_the_launcher_waits_for_the_primary_through_the_sentinels(sentinel_set):
     unknown = sentinel_set.url.replace(f"/{SERVICE}/", "/no-such-master/")
     with pytest.raises(launch.LaunchError, match="No master found for 'no-such-master'"):
         launch.wait_for_redis(unknown, timeout=0.5)
+
+
+def _config_epoch(sentinel_set: SentinelSet) -> int:
+    with redis.Redis(port=sentinel_set.sentinel_ports[0], socket_timeout=1.0) as sentinel:
+        return int(sentinel.sentinel_master(SERVICE)["config-epoch"])
+
+
+def test_the_newest_configuration_wins_over_sentinels_left_behind(sentinel_set,
+                                                                   tmp_path_factory):
+    """Sentinels that still hold an older configuration of the service (epoch 0: here a
+    second, separate set whose primary is up and whose sentinels see each other, as a
+    partition's far side would) are named first in the URL.  redis-py's own discovery
+    believes the first sentinel that answers; the store takes the configuration of the
+    newest failover any sentinel knows and writes to the real primary."""
+    from redis.sentinel import Sentinel
+    primary_port = sentinel_set.wait_settled()
+    if _config_epoch(sentinel_set) == 0:  # no failover yet in this module: make one
+        other = sentinel_set.other_than(primary_port)
+        with redis.Redis(port=sentinel_set.sentinel_ports[0], socket_timeout=1.0) as first:
+            assert _promote(sentinel_set, first, other.port), "no failover"
+        primary_port = sentinel_set.wait_settled()
+    assert _config_epoch(sentinel_set) >= 1
+    behind = SentinelSet(tmp_path_factory.mktemp("sentinels-behind")).start()
+    try:
+        assert _config_epoch(behind) == 0
+        ports = behind.sentinel_ports + sentinel_set.sentinel_ports
+        url = f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in ports)}/{SERVICE}/0"
+        stock = Sentinel([("127.0.0.1", p) for p in ports], min_other_sentinels=1,
+                         sentinel_kwargs={"socket_timeout": 1.0})
+        assert stock.discover_master(SERVICE)[1] == behind.primary.port  # the trap is set
+        store = Store(url, timeout=1.0, max_connections=2)
+        store.put_user("4200", "example", {"MD5": "w"})
+        with redis.Redis(port=primary_port, socket_timeout=1.0) as real, \
+                redis.Redis(port=behind.primary.port, socket_timeout=1.0) as old:
+            assert real.exists("user:{4200@example}") == 1
+            assert old.exists("user:{4200@example}") == 0
+    finally:
+        behind.stop()
+
+
+def test_a_replica_named_the_primary_is_refused_at_connect(sentinel_set):
+    """The connection checks ROLE before any command: a replica named the primary (by a
+    sentinel not yet told of a failover) is refused at once, before a write could be
+    tried on it, and the next connection asks the sentinels again."""
+    primary_port = sentinel_set.wait_settled()
+    replica_port = sentinel_set.other_than(primary_port).port
+    store = Store(sentinel_set.url, timeout=1.0, max_connections=4)
+    stale = StaleSentinels([("127.0.0.1", replica_port), ("127.0.0.1", primary_port)])
+    store.redis.connection_pool.proxy.sentinel_manager = stale
+    with pytest.raises(store_module.StoreUnavailable, match=f"{replica_port}.* is a slave"):
+        store.get_user("4300", "example")  # a read: a replica would have answered it
+    assert store.get_user("4300", "example") is None
+    assert stale.asked == 2
