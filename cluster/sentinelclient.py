@@ -17,7 +17,8 @@ it up and see at least ``min_other_sentinels`` peers, the one with the highest
 
 Then, as Sentinel's client guidelines ask, a connection to the named primary checks with
 ROLE that the server is a primary before any command goes through it; a replica refuses
-the connection (ConnectionError), so the next attempt discovers again.
+the connection (ConnectionError), so the next attempt discovers again.  (A user whose ACL
+denies ROLE is not checked: READONLY at the first write tells the same, later.)
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ class PrimaryConnection(SentinelManagedConnection):
         try:
             self.send_command("ROLE", check_health=False)
             reply = self.read_response()
-        except ResponseError as exc:  # a server without ROLE (none since Redis 2.8.12)
-            self.disconnect()
-            raise ConnectionError(f"ROLE refused by {address[0]}:{address[1]}: {exc}") from exc
+        except ResponseError:
+            # An ACL user without ROLE (it is in @admin and @dangerous): not checked here;
+            # a replica still shows itself with READONLY at the first write.
+            return
         except BaseException:
             self.disconnect()
             raise

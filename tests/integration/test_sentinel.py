@@ -520,3 +520,23 @@ def test_a_replica_named_the_primary_is_refused_at_connect(sentinel_set):
         store.get_user("4300", "example")  # a read: a replica would have answered it
     assert store.get_user("4300", "example") is None
     assert stale.asked == 2
+
+
+def test_a_user_denied_role_still_connects(sentinel_set):
+    """An operator's ACL may deny ROLE (it is in @admin and @dangerous): the connection is
+    then taken unchecked, as before the check, not refused for ever."""
+    primary_port = sentinel_set.wait_settled()
+    with redis.Redis(port=primary_port, socket_timeout=1.0) as admin:
+        admin.acl_setuser("norole", enabled=True, passwords=["+pw"], keys=["*"],
+                          channels=["*"], commands=["+@all", "-role"])
+        try:
+            hosts = ",".join(f"127.0.0.1:{p}" for p in sentinel_set.sentinel_ports)
+            store = Store(f"redis+sentinel://norole:pw@{hosts}/{SERVICE}/0", timeout=1.0,
+                          max_connections=2)
+            with redis.Redis(port=primary_port, username="norole", password="pw") as limited:
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    limited.role()  # the trap is set
+            store.put_user("4400", "example", {"MD5": "v"})
+            assert store.get_user("4400", "example")["ha1"] == {"MD5": "v"}
+        finally:
+            admin.acl_deluser("norole")
