@@ -6,8 +6,8 @@ TILT (its timer stalled for 2 s on a loaded host) stops judging instances for 30
 keeps calling the primary that died healthy, and one cut off from the others keeps the
 primary it knew.  Believed, it sends every new connection to a dead port, or to a server
 that is now a replica.  Its sentinel clients also retry a command ten times with backoff
-(about 4 s of sleeps) before the next sentinel is asked, so a sentinel that is down or
-slow holds every discovery up.
+(up to about 4 s of sleeps) before the next sentinel is asked, so a sentinel that is down or
+slow holds a discovery up for seconds.
 
 Here the rule is the sentinels' own: each configuration carries the epoch of the
 failover that made it, and the highest epoch wins.  Every sentinel is asked once (no
