@@ -123,24 +123,31 @@ def closed_by_server(sock: socket.socket, timeout: float) -> tuple[float | None,
     return None, received
 
 
-def stream_figures(cluster) -> dict:
-    """The dispatcher's stream counters, from its heartbeat (cluster/streams.py figures)."""
+def stream_figures(cluster) -> tuple[float, dict]:
+    """When the dispatcher's heartbeat was written, and its stream counters
+    (cluster/streams.py figures)."""
     (proc,) = cluster.store.processes("dispatcher")
-    return {k: v for k, v in proc.items() if k.startswith("streams_")}
+    return (float(proc.get("seen", 0)),
+            {k: v for k, v in proc.items() if k.startswith("streams_")})
 
 
 def settled_figures(cluster) -> dict:
-    """The counters once two heartbeats in a row (one a second) agree and no TLS
-    connection is open."""
-    last: dict = {}
+    """The counters once two heartbeats written after this call (one a second) agree and
+    no TLS connection is open.  Two reads of one heartbeat are not two heartbeats: on a
+    loaded machine a late heartbeat read twice gave a baseline from before the fixture's
+    warm-up (CI: 6 connections counted for 4)."""
+    since = time.time()
+    last: dict | None = None
+    last_seen = since
 
     def settled():
-        nonlocal last
-        now = stream_figures(cluster)
+        nonlocal last, last_seen
+        seen, now = stream_figures(cluster)
+        if seen <= last_seen:  # no new heartbeat since the last look
+            time.sleep(0.2)
+            return False
         same = now == last and now.get("streams_open_tls", 0) == 0
-        last = now
-        if not same:
-            time.sleep(1.1)
+        last, last_seen = now, seen
         return same
     assert wait_for(settled, 15), last
     return last
