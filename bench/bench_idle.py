@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 import time
 
-from procstat import cpu_and_wakeups  # noqa: E402  (tests/integration, on the path via bench.cluster_run)
-
-from bench.bench_scale import SHIPPED, BenchCluster, Meter
+from bench.bench_scale import SHIPPED, BenchCluster, Meter  # first: puts tests/integration on the path
+from procstat import cpu_and_wakeups  # noqa: E402  (tests/integration)
 
 IDLE_SECONDS = 30.0
 SHOWN_COMMANDS = 8

@@ -162,6 +162,95 @@ class Lane:
             self._discard(conn)
 
 
+# What holds its connection until an event, a replica or a timeout: sent on its own, so
+# that no other command waits behind it.
+_BLOCKING = frozenset({"WAIT", "WAITAOF", "BLPOP", "BRPOP", "BLMOVE", "BRPOPLPUSH",
+                       "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP"})
+
+
+def _blocking(stack: list[tuple[tuple, dict]]) -> bool:
+    for args, _options in stack:
+        name = args[0]
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        name = name.upper()
+        if name in _BLOCKING or (name in ("XREAD", "XREADGROUP")
+                                 and any(a in ("BLOCK", b"BLOCK") for a in args)):
+            return True
+    return False
+
+
+class Coalescing:
+    """A lane whose callers in one turn of a cooperative scheduler share a write.
+
+    The first caller of a turn opens a batch and yields once (``yield_turn``); every
+    caller that runs before it is back adds its commands and waits.  Then the batch goes
+    out in one write on one connection, each caller's commands together and in the order
+    they came, and each gets its own replies (or the batch's trouble, raised).  A process's
+    periodic loops wake on one grid (cluster/cadence.py), so an idle worker's timer claim,
+    heartbeat and stream polls share a round trip; under load, concurrent calls' writes do.
+    Blocking commands (WAIT, XREADGROUP ... BLOCK) go alone.
+
+    ``yield_turn``: lets every runnable task run once (``gevent.sleep``; called with 0);
+    ``make_result``: a one-shot slot a task waits on (``gevent.event.AsyncResult``: set,
+    set_exception, get).  Given, not imported, so that this module stays free of any
+    scheduler; only one scheduler's tasks may share a ``Coalescing`` (not threads)."""
+
+    def __init__(self, lane: Lane, yield_turn, make_result) -> None:
+        self._lane = lane
+        self._yield = yield_turn
+        self._result = make_result
+        self._open: list | None = None  # [(stack, slot or None for the opener)]
+        self.batches = 0  # writes sent, and the callers they carried: for the benchmarks
+        self.callers = 0
+
+    def run(self, stack: list[tuple[tuple, dict]]) -> list:
+        if _blocking(stack):
+            return self._lane.run(stack)
+        if self._open is not None:  # a batch of this turn is gathering: join it
+            slot = self._result()
+            self._open.append((stack, slot))
+            return slot.get()
+        batch = self._open = [(stack, None)]
+        try:
+            self._yield(0)
+        except BaseException:  # the opener was killed or timed out: the others still go
+            self._open = None
+            self._send(batch[1:])
+            raise
+        self._open = None
+        return self._send(batch)
+
+    def _send(self, batch: list) -> list:
+        if not batch:
+            return []
+        flat = [command for stack, _slot in batch for command in stack]
+        self.batches += 1
+        self.callers += len(batch)
+        try:
+            replies = self._lane.run(flat)
+        except BaseException as exc:
+            for _stack, slot in batch:
+                if slot is not None:
+                    slot.set_exception(exc)
+            if batch[0][1] is None:
+                raise
+            return []
+        mine: list = []
+        start = 0
+        for stack, slot in batch:
+            part = replies[start:start + len(stack)]
+            start += len(stack)
+            if slot is None:
+                mine = part
+            else:
+                slot.set(part)
+        return mine
+
+    def drop_idle(self) -> None:
+        self._lane.drop_idle()
+
+
 class Batch(CoreCommands):
     """Commands queued with redis-py's command methods and sent in one write: what a
     non-transactional ``Pipeline`` is to the store (``command_stack``, ``execute``,

@@ -149,7 +149,8 @@ def _address(item: str, what: str, default_port: int) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
+def connect(url: str, timeout: float, max_connections: int = 64,
+            wrap_lane=None) -> redis.Redis:
     """A client for ``url`` whose commands give up after ``timeout`` seconds.
 
     For a Sentinel URL, redis-py's SentinelConnectionPool asks the sentinels for the
@@ -160,7 +161,9 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     command rediscovers the primary instead of failing for ever.
 
     One server, direct or through Sentinel, gets a ``LeanRedis`` (cluster/leanclient.py):
-    redis-py's client with a shorter path from a command or pipeline to its reply.
+    redis-py's client with a shorter path from a command or pipeline to its reply;
+    ``wrap_lane``, when given, wraps that path (the workers' ``leanclient.Coalescing``).
+    A Redis Cluster client is redis-py's own and takes no wrapper.
 
     redis-py is imported here, not with the module: the configuration (which checks URLs
     with the parser above) is loaded by every process, and the dispatcher takes its SIP
@@ -179,7 +182,7 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
         pool = redis.ConnectionPool.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             max_connections=max_connections)
-        return LeanRedis(connection_pool=pool)
+        return _wrapped(LeanRedis(connection_pool=pool), wrap_lane)
     parsed = parse_sentinel_url(url)
     sockets = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     sentinel_kwargs = {**sockets, "retry": no_retries()}
@@ -190,10 +193,16 @@ def connect(url: str, timeout: float, max_connections: int = 64) -> redis.Redis:
     # Of the others, the newest configuration wins (cluster/sentinelclient.py).
     sentinel = EpochSentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs,
                              min_other_sentinels=1 if len(parsed.sentinels) > 1 else 0)
-    return sentinel.master_for(
+    return _wrapped(sentinel.master_for(
         parsed.service, redis_class=LeanRedis, connection_class=PrimaryConnection,
         db=parsed.db, username=parsed.username, password=parsed.password,
-        max_connections=max_connections, **sockets)
+        max_connections=max_connections, **sockets), wrap_lane)
+
+
+def _wrapped(client, wrap_lane):
+    if wrap_lane is not None:
+        client.lane = wrap_lane(client.lane)
+    return client
 
 
 def _cluster_client(parsed: ClusterURL, timeout: float, max_connections: int):

@@ -308,7 +308,8 @@ class Connection:
     replica_wait: tuple[int, int] = (0, 0)
     wait_counters: dict | None = None
 
-    def __init__(self, url: str, timeout: float = 0.25, max_connections: int = 64):
+    def __init__(self, url: str, timeout: float = 0.25, max_connections: int = 64,
+                 wrap_lane=None):
         self.url = url
         # The counting indexes are single keys the registrar's and the call's scripts update
         # beside the AOR's or call's own keys: on a Redis Cluster they sit in another slot,
@@ -316,7 +317,8 @@ class Connection:
         # (SCAN over every primary) instead.
         self.on_cluster = redisclient.is_cluster_url(url)  # keys spread over several nodes
         self.indexed = not self.on_cluster
-        self.redis = redisclient.connect(url, timeout, max_connections)  # or via Sentinel
+        # (or via Sentinel; ``wrap_lane``: see redisclient.connect)
+        self.redis = redisclient.connect(url, timeout, max_connections, wrap_lane)
         self._register = self.redis.register_script(_REGISTER_LUA)
         self._nc = self.redis.register_script(_NC_LUA)
         self._call_cas = self.redis.register_script(_CALL_CAS_LUA)

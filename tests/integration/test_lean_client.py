@@ -7,11 +7,13 @@ from __future__ import annotations
 import threading
 import time
 
+import gevent
 import pytest
 import redis
 
 from cluster import redisclient
 from cluster.leanclient import Batch, LeanRedis, pack_commands
+from workers.sip.worker import coalescing
 
 
 class Text(str):
@@ -189,3 +191,46 @@ def test_threads_share_one_client(client):
         thread.join(30)
     assert errors == [] and client.get("shared") == b"2400"
     assert len(client.lane._idle) <= 4
+
+
+@pytest.fixture
+def shared(redis_url):
+    """A client as the workers make it: greenlets of one turn share a write."""
+    made = redisclient.connect(redis_url, timeout=0.25, wrap_lane=coalescing)
+    yield made
+    made.close()
+
+
+def test_greenlets_of_one_turn_share_a_write_with_redis_pys_replies(shared, redis_url):
+    shared.flushall()
+    before = shared.info("stats")["total_reads_processed"]
+
+    def work(n: int):
+        pipe = shared.pipeline(transaction=False)
+        pipe.set(f"k{n}", n).incr(f"k{n}").lpush(f"k{n}", "x").get(f"k{n}")
+        return pipe.execute(raise_on_error=False), shared.incrby("sum", n)
+
+    done = [gevent.spawn(work, n) for n in range(8)]
+    gevent.joinall(done, raise_error=True)
+    after = shared.info("stats")["total_reads_processed"]
+    for n, greenlet in enumerate(done):
+        replies, _total = greenlet.value
+        assert replies[:2] == [True, n + 1] and replies[3] == str(n + 1).encode()
+        assert isinstance(replies[2], redis.ResponseError) and "WRONGTYPE" in str(replies[2])
+    assert sorted(total for _, total in (g.value for g in done))[-1] == sum(range(8))
+    # 8 pipelines in one write, 8 INCRBYs in the next, and the INFO that read the figure:
+    # reads of the server, so round trips (one more for the INFO before).
+    assert after - before == 3
+    assert (shared.lane.batches, shared.lane.callers) == (5, 19)  # with FLUSHALL, 2 INFO
+
+
+def test_a_timed_out_batch_fails_every_caller_and_the_next_is_in_step(shared):
+    shared.set("x", "1")
+    slow = gevent.spawn(shared.eval, BUSY_600_MS, 0)
+    quick = gevent.spawn(shared.get, "x")  # in the same write, behind the slow script
+    gevent.joinall([slow, quick])
+    assert isinstance(slow.exception, redis.TimeoutError)
+    assert isinstance(quick.exception, redis.TimeoutError)
+    time.sleep(0.7)
+    assert shared.incr("x") == 2  # not the late replies of the batch in doubt
+    assert shared.get("x") == b"2"

@@ -30,6 +30,7 @@ from cluster.cadence import until_next_tick
 from cluster.config import Config
 from cluster.envelope import STREAM_BASE
 from cluster.escape import escape_controls
+from cluster.leanclient import Coalescing
 from cluster.logsetup import call_log
 from cluster.sip import scan
 from cluster.sip.errors import SipError
@@ -79,6 +80,11 @@ def new_tag() -> str:
     return IDS.tag()
 
 
+def coalescing(lane) -> Coalescing:
+    """The worker's greenlets share round trips to Redis (cluster/leanclient.py)."""
+    return Coalescing(lane, gevent.sleep, gevent.event.AsyncResult)
+
+
 class Worker:
     """The composition root of a worker process (it builds the parts and hands each what
     it uses) and its admission control (what is taken, shed or absorbed as a copy).
@@ -92,7 +98,8 @@ class Worker:
         self.host = host = config.sip.effective_host_id
         if store is None:
             store = Store(config.redis.url, timeout=config.workers.redis_timeout,
-                          max_connections=2 * config.workers.max_inflight)
+                          max_connections=2 * config.workers.max_inflight,
+                          wrap_lane=coalescing)
             store.replica_wait = (config.redis.wait_replicas,
                                   int(config.redis.wait_timeout * 1000))
         self.store = store
