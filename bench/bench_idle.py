@@ -15,15 +15,18 @@ from __future__ import annotations
 import os
 import time
 
-from bench.bench_scale import SHIPPED, BenchCluster, Meter  # first: puts tests/integration on the path
-from procstat import cpu_and_wakeups  # noqa: E402  (tests/integration)
+# First: bench.cluster_run puts tests/integration on the path, where procstat is.
+from bench.bench_scale import SHIPPED, BenchCluster, Meter
+
+# isort: split
+from procstat import cpu_and_wakeups
 
 IDLE_SECONDS = 30.0
 SHOWN_COMMANDS = 8
 
 
 def main() -> dict:
-    with BenchCluster(workers=2, settings=SHIPPED) as bench:
+    with BenchCluster(workers=2, settings=SHIPPED, appendonly=True) as bench:  # as `make run`
         bench.add_users(1000, 5)
         time.sleep(3.0)  # past start-up: relays and workers announced, first heartbeats
         load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
