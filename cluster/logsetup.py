@@ -41,8 +41,59 @@ def _indented(text: str) -> str:
     return "\n".join("  | " + escape_controls(line) for line in text.split("\n"))
 
 
-def setup_logging(config: Config, name: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class BatchedStream(logging.StreamHandler):
+    """Lines below ``urgent`` are held up to ``delay`` seconds and written together.
+
+    supervisord reads each program's output and writes it to the program's log: every
+    write a program makes wakes it.  A loaded worker wrote two INFO lines a call, one write
+    each, and supervisord spent 0.25-0.43 ms of CPU a call on them (bench_scale, 40-110
+    calls/s).  So the first line held arms one flush ``delay`` later (``schedule(delay,
+    fn)``, the process's own timer: given, so that this module stays free of any
+    scheduler); a line at ``urgent`` or above, or ``limit`` lines held, write at once, the
+    held ones first (a warning is never held, and the order is kept).  At exit
+    ``logging.shutdown`` flushes what is held; a process killed outright loses at most
+    ``delay`` seconds of lines below ``urgent``."""
+
+    def __init__(self, stream, schedule, delay: float = 0.2, urgent: int = logging.WARNING,
+                 limit: int = 256) -> None:
+        super().__init__(stream)
+        self._schedule = schedule
+        self._delay = delay
+        self._urgent = urgent
+        self._limit = limit
+        self._held: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # logging's rule: a bad record is reported, never raised
+            self.handleError(record)
+            return
+        self._held.append(line)
+        if record.levelno >= self._urgent or len(self._held) >= self._limit:
+            self.flush()
+        elif len(self._held) == 1:
+            self._schedule(self._delay, self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            held, self._held = self._held, []
+            if held:
+                self.stream.write("\n".join(held) + "\n")
+            super().flush()
+        except Exception:  # noqa: BLE001 - a log that cannot be written must not stop work
+            pass
+        finally:
+            self.release()
+
+
+def setup_logging(config: Config, name: str, schedule=None) -> None:
+    """The root logger writes escaped lines to stderr (supervisord's log of the program);
+    with ``schedule`` (``schedule(delay, fn)``: the process's timer) lines below WARNING
+    are written in batches (``BatchedStream``)."""
+    handler = (logging.StreamHandler(sys.stderr) if schedule is None
+               else BatchedStream(sys.stderr, schedule))
     handler.setFormatter(EscapingFormatter(
         f"%(asctime)s %(levelname)s {escape_controls(name)}[{os.getpid()}] %(name)s: "
         "%(message)s"))

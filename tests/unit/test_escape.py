@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cluster import cli, ladder
 from cluster.escape import escape_controls, escape_lines
-from cluster.logsetup import EscapingFormatter, call_log, setup_logging
+from cluster.logsetup import BatchedStream, EscapingFormatter, call_log, setup_logging
 from cluster.sip.errors import SipError
 from cluster.sip.uri import parse_uri
 
@@ -217,3 +217,84 @@ def test_a_user_part_is_read_as_a_name(user, name):
 
 def test_a_uri_without_a_user_has_no_name():
     assert parse_uri(b"sip:example.com").user_name is None
+
+
+# --------------------------------------------------------------------------- held lines
+class Timers:
+    """``schedule(delay, fn)`` that runs nothing until told."""
+
+    def __init__(self) -> None:
+        self.armed: list[tuple[float, object]] = []
+
+    def __call__(self, delay, fn) -> None:
+        self.armed.append((delay, fn))
+
+    def fire(self) -> None:
+        armed, self.armed = self.armed, []
+        for _delay, fn in armed:
+            fn()
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def batched_logger(limit: int = 256) -> tuple[logging.Logger, CountingStream, Timers]:
+    stream, timers = CountingStream(), Timers()
+    handler = BatchedStream(stream, timers, delay=0.2, limit=limit)
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(f"batched-{id(stream)}")
+    logger.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    return logger, stream, timers
+
+
+def test_info_lines_are_held_and_written_in_one_write_by_the_flush_they_armed():
+    logger, stream, timers = batched_logger()
+    logger.info("one")
+    logger.info("two\r\nWARNING forged")
+    assert stream.getvalue() == "" and [d for d, _ in timers.armed] == [0.2]  # one flush armed
+    timers.fire()
+    assert stream.getvalue() == "INFO one\nINFO two\\r\\nWARNING forged\n"
+    assert stream.writes == 1
+    logger.info("three")  # held again: a new flush is armed
+    assert len(timers.armed) == 1
+
+
+def test_a_warning_is_written_at_once_after_the_lines_held_before_it():
+    logger, stream, timers = batched_logger()
+    logger.info("before")
+    logger.warning("trouble")
+    assert stream.getvalue() == "INFO before\nWARNING trouble\n"
+    timers.fire()  # the armed flush finds nothing held
+    assert stream.getvalue() == "INFO before\nWARNING trouble\n"
+
+
+def test_held_lines_are_written_when_the_limit_is_reached_and_at_shutdown():
+    logger, stream, timers = batched_logger(limit=3)
+    for n in range(4):
+        logger.info("line %d", n)
+    assert stream.getvalue() == "INFO line 0\nINFO line 1\nINFO line 2\n"
+    logger.handlers[0].flush()  # what logging.shutdown does at exit
+    assert stream.getvalue().endswith("INFO line 3\n")
+
+
+def test_setup_logging_with_a_timer_holds_lines():
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(SimpleNamespace(log=SimpleNamespace(level="info")), "worker-0",
+                      schedule=Timers())
+        (handler,) = root.handlers
+        assert isinstance(handler, BatchedStream)
+        assert isinstance(handler.formatter, EscapingFormatter)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
