@@ -207,6 +207,7 @@ class Worker:
             gevent.sleep(0.05)
         self.b2bua.traces.close()  # the last calls' messages
         log.info("drained; exiting")
+        logging.shutdown()  # the lines held for a batched write (os._exit skips it)
         os._exit(0)
 
     def on_datagram(self, data: bytes, addr: tuple[str, int], sock_index: int) -> None:
