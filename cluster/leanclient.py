@@ -205,7 +205,8 @@ class Coalescing:
         self._yield = yield_turn
         self._result = make_result
         self._open: list | None = None  # [(stack, slot or None for the opener)]
-        self.batches = 0  # writes sent, and the callers they carried: for the benchmarks
+        self.batches = 0  # writes sent, and the callers they carried (read by the tests;
+        # not yet in the heartbeat or the metrics)
         self.callers = 0
 
     def run(self, stack: list[tuple[tuple, dict]]) -> list:
